@@ -1,0 +1,93 @@
+"""Shared by the benchmarks: timing, the machine's description, and writing tables into docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
+
+
+def command() -> str:
+    return "python " + " ".join([Path(sys.argv[0]).as_posix().split("/work/main/")[-1], *sys.argv[1:]])
+
+
+def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1, min_seconds: float = 0.0) -> float:
+    """Median wall time of ``fn`` in seconds (after warm-up)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    started = time.perf_counter()
+    while len(samples) < repeats or time.perf_counter() - started < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 1) -> list[float]:
+    """Median wall time of each function, run in turn each repeat so machine noise hits all alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, samples, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(s) for s in samples]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def fmt(v: object) -> str:
+        return f"{v:,.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, title: str, body: str) -> None:
+    """Replace (or append) the section ``name`` of docs/benchmarks.md."""
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    block = f"{start}\n## {title}\n\n{body.strip()}\n{end}"
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\nEvery table here is written by a script in `bench/`.\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    DOCS.write_text(text)
+    print(f"wrote section '{name}' of {DOCS}", file=sys.stderr)
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,142 @@
+"""``moe-cluster init-demo DIR``: a small Mixtral-architecture checkpoint in the real Hugging Face format,
+made offline: config.json, sharded safetensors with an index, a Mistral-style tokenizer (BPE with byte
+fallback, trained here on a built-in text), tokenizer_config.json with a chat template, generation_config.json.
+
+The weights are random (seeded), so the model's text is word salad, but every byte of the format is real:
+``transformers`` loads it as a MixtralForCausalLM, and so does this project.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from cluster.checkpoint import INDEX_FILE, coordinator_shapes, expert_shapes
+from cluster.config import ModelConfig
+from cluster.tokenizer import DEFAULT_CHAT_TEMPLATE
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+
+CORPUS = """\
+A mixture of experts replaces the single feed forward block of a transformer layer with several experts and a
+small router. For every token the router scores each expert, keeps the best two, and mixes their outputs with
+weights that sum to one. Only two experts run for each token, so the model holds many parameters but spends
+little compute on each step. The experts of one layer can live on different machines. A coordinator embeds
+the tokens, runs attention and the router, and sends each token to the workers that host its experts. The
+workers compute and send the results back, and the coordinator adds them up in the order of the experts.
+This cluster serves such models. It batches many requests together, keeps their keys and values in a paged
+cache, and streams the text back to the client as it is written. When a worker fails the cluster starts a new
+one, loads the same experts, and runs the requests again from what they had already written.
+The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore. How much wood would a
+woodchuck chuck if a woodchuck could chuck wood? Once upon a time there was a small model that wanted to speak.
+It read every sentence it could find, counted the words, and learned which ones came together. Then it began to
+write stories of its own: about rivers and mountains, about cities at night, about the sound of rain on a roof.
+Numbers too: one, two, three, four, five, six, seven, eight, nine, ten. Colors: red, green, blue, yellow, white.
+Questions and answers. What is the capital of France? Paris. What is two plus two? Four. Who wrote this? A model.
+Café, naïve, résumé, 東京, 世界, emoji like 🙂 and 🚀 fall back to bytes when the vocabulary lacks them.
+"""
+
+
+def demo_config(vocab_size: int) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=320, num_layers=4, num_heads=8,
+                       num_kv_heads=2, head_dim=16, num_experts=8, experts_per_token=2, rms_norm_eps=1e-5,
+                       rope_theta=1e6, sliding_window=None, max_position_embeddings=2048,
+                       tie_word_embeddings=False, dtype="float32", bos_token_id=1, eos_token_ids=(2,))
+
+
+def build_tokenizer(vocab_size: int = 1024) -> Tokenizer:
+    """Mistral-style tokenizer: BPE with byte fallback over "\u2581"-joined text, <s> prepended."""
+    base = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(BYTE_TOKENS), special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False)
+    pre = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    draft = Tokenizer(models.BPE(unk_token="<unk>"))
+    draft.pre_tokenizer = pre
+    draft.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    learned = json.loads(draft.to_str())["model"]
+    # Final vocabulary: specials, then the 256 byte tokens (as in Mistral), then the learned pieces.
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + BYTE_TOKENS)}
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        if piece not in vocab:
+            vocab[piece] = len(vocab)
+    merges = [(m.split(" ")[0], m.split(" ")[1]) if isinstance(m, str) else (m[0], m[1]) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    # As in Mixtral's own tokenizer.json: no pre-tokenizer, "▁" normalisation, strip one space on decode.
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    assert tok.token_to_id("<s>") == 1 and tok.token_to_id("</s>") == 2 and len(vocab) > base
+    return tok
+
+
+def random_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Normal(0, 0.02) matrices and unit norms, as a freshly initialised Mixtral."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = coordinator_shapes(cfg, include_lm_head=not cfg.tie_word_embeddings)
+    shapes |= expert_shapes(cfg, range(cfg.num_experts))
+    tensors = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if len(shape) == 1:
+            tensors[name] = torch.ones(shape)
+        else:
+            tensors[name] = torch.randn(shape, generator=gen) * 0.02
+    return tensors
+
+
+def write_checkpoint(directory: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    """Safetensors shards split by layer (non-expert tensors in the first shard) and their index."""
+    if not 1 <= shards <= cfg.num_layers + 1:
+        raise ValueError(f"shards must be in [1, {cfg.num_layers + 1}], got {shards}")
+    dtype = cfg.torch_dtype
+    if shards == 1:
+        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"),
+                  metadata={"format": "pt"})
+        return
+    groups: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
+    for name, tensor in tensors.items():
+        shard = 0
+        if ".experts." in name:
+            layer = int(name.split(".")[2])
+            shard = 1 + layer * (shards - 1) // cfg.num_layers
+        groups[shard][name] = tensor.to(dtype).contiguous()
+    weight_map = {}
+    total = 0
+    for i, group in enumerate(groups):
+        filename = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(group, str(directory / filename), metadata={"format": "pt"})
+        for name, tensor in group.items():
+            weight_map[name] = filename
+            total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def init_demo(directory: str | Path, seed: int = 0, shards: int = 3, overwrite: bool = False) -> Path:
+    """Write the demo checkpoint into ``directory`` (created if needed); returns its path."""
+    directory = Path(directory)
+    if (directory / "config.json").exists() and not overwrite:
+        raise ValueError(f"{directory} already holds a checkpoint (config.json); pass overwrite to replace it")
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    cfg = demo_config(tok.get_vocab_size(with_added_tokens=True))
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": None, "model_max_length": cfg.max_position_embeddings,
+        "tokenizer_class": "LlamaTokenizerFast", "clean_up_tokenization_spaces": False,
+        "chat_template": DEFAULT_CHAT_TEMPLATE}, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    (directory / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids[0]}, indent=2) + "\n")
+    write_checkpoint(directory, cfg, random_weights(cfg, seed), shards)
+    return directory
+

@@ -1,0 +1,238 @@
+"""EngineLoop: runs an LLMEngine on a background thread and offers the engine interface to any number of
+sync or asyncio callers. Requests join the running batch at the next step; the loop sleeps (no spinning)
+when there is no work, waking to heartbeat the MoE backend every ``heartbeat_s``.
+
+``LocalEngine`` is an EngineLoop over the single-process engine; the cluster engine offers the same
+interface from a driver process (cluster/cluster_engine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
+
+from torch import Tensor
+
+from cluster.engine import EngineStats, LLMEngine
+from cluster.engine_config import EngineConfig
+from cluster.loader import build_local_engine
+from cluster.sampling import SamplingParams
+from cluster.sequence import RequestOutput, RequestResult
+
+log = logging.getLogger("moe_cluster.engine")
+T = TypeVar("T")
+Prompt = str | Sequence[int]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed and cannot take requests (HTTP 503, gRPC UNAVAILABLE)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed while the request was running; the message says why."""
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:16]}"
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, heartbeat_s: float = 2.0) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_cfg
+        self.max_model_len = engine.max_model_len
+        self.heartbeat_s = heartbeat_s
+        self._cond = threading.Condition()
+        self._inbox: list[Callable[[], None]] = []
+        self._stopping = False
+        self.dead_reason: str | None = None
+        self._thread = threading.Thread(target=self._run, name="moe-engine-loop", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as err:  # never die silently: mark dead so callers fail instead of hanging
+            self._die(f"engine loop crashed: {type(err).__name__}: {err}")
+        finally:
+            with self._cond:
+                if self.dead_reason is None and not self._stopping:
+                    self.dead_reason = "the engine loop exited"
+                tasks, self._inbox = self._inbox, []
+            for task in tasks:  # calls queued while the loop was ending fail now
+                task()
+
+    def _loop(self) -> None:
+        while True:
+            idle_timeout = False
+            with self._cond:
+                if not self._inbox and not self._stopping and not self.engine.has_work():
+                    idle_timeout = not self._cond.wait(timeout=self.heartbeat_s)
+                tasks, self._inbox = self._inbox, []
+                stopping = self._stopping
+            for task in tasks:
+                task()
+            if stopping:
+                return
+            try:
+                if self.engine.has_work():
+                    self.engine.step()
+                elif idle_timeout:
+                    self.engine.heartbeat()
+            except Exception as err:  # a failed step ends the engine; every request is told why
+                self._die(f"{type(err).__name__}: {err}")
+                return
+
+    def _die(self, reason: str) -> None:
+        log.error("engine failed: %s", reason)
+        with self._cond:
+            if self.dead_reason is None:
+                self.dead_reason = reason
+        self.engine.fail_all(reason)
+
+    def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn`` on the loop thread between steps."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def task() -> None:
+            if self.dead_reason is not None or (self._stopping and not self._thread.is_alive()):
+                future.set_exception(EngineDeadError(f"the engine is down: {self.dead_reason}"))
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as err:
+                future.set_exception(err)
+
+        with self._cond:
+            if self._stopping:
+                raise EngineDeadError("the engine is shutting down")
+            if self.dead_reason is not None:
+                raise EngineDeadError(f"the engine is down: {self.dead_reason}")
+            self._inbox.append(task)
+            self._cond.notify()
+        return future
+
+    # ------------------------------------------------------------------------------------- engine API
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        return list(prompt)
+
+    def _check_alive(self) -> None:
+        if self.dead_reason is not None:
+            raise EngineDeadError(f"the engine is down: {self.dead_reason}")
+
+    def submit(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams],
+               sinks: Sequence[Callable[[RequestOutput], None]],
+               request_ids: Sequence[str] | None = None) -> concurrent.futures.Future[list[str]]:
+        """Validate now (errors raise here), then add all requests together at the next step."""
+        self._check_alive()
+        ids = list(request_ids) if request_ids is not None else [new_request_id() for _ in prompts]
+        encoded = [self.encode(p) for p in prompts]
+        for prompt_ids, p in zip(encoded, params, strict=True):
+            self.engine.validate(prompt_ids, p)
+
+        def add_all() -> list[str]:
+            added: list[str] = []
+            try:
+                for rid, prompt_ids, p, sink in zip(ids, encoded, params, sinks, strict=True):
+                    self.engine.add_request(rid, prompt_ids, p, sink)
+                    added.append(rid)
+            except BaseException:
+                for rid in added:  # all or nothing
+                    self.engine.abort(rid)
+                raise
+            return ids
+
+        return self.call(add_all)
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
+                 ) -> list[RequestResult]:
+        """Run a batch of requests to completion (they share forward steps)."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        outputs: list[list[RequestOutput]] = [[] for _ in prompts]
+        done = [threading.Event() for _ in prompts]
+
+        def sink_for(i: int) -> Callable[[RequestOutput], None]:
+            def sink(out: RequestOutput) -> None:
+                outputs[i].append(out)
+                if out.finished:
+                    done[i].set()
+            return sink
+
+        self.submit(prompts, plist, [sink_for(i) for i in range(len(prompts))]).result()
+        for event in done:
+            event.wait()
+        for outs in outputs:
+            if outs[-1].error is not None:
+                raise RequestFailedError(outs[-1].error)
+        return [RequestResult.fold(outs) for outs in outputs]
+
+    async def stream(self, prompt: Prompt, params: SamplingParams,
+                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Reports of one request as they come; leaving the iteration early aborts the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        rid = request_id or new_request_id()
+
+        def sink(out: RequestOutput) -> None:
+            if not loop.is_closed():  # the consumer may be gone; its request is being aborted
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+
+        await asyncio.wrap_future(self.submit([prompt], [params], [sink], [rid]))
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                if out.error is not None:
+                    raise RequestFailedError(out.error)
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        if self.dead_reason is None and not self._stopping:
+            self.call(lambda: self.engine.abort(request_id))
+
+    def score(self, token_lists: Sequence[Sequence[int]]) -> list[Tensor]:
+        """Full-sequence logits for each token list (for parity checks and prompt scoring)."""
+        self._check_alive()
+        return self.call(lambda: self.engine.score(token_lists)).result()
+
+    def stats(self) -> EngineStats:
+        self._check_alive()
+        return self.call(self.engine.stats).result()
+
+    def health(self) -> dict[str, Any]:
+        return {"alive": self.dead_reason is None and not self._stopping, "reason": self.dead_reason}
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+        close = getattr(self.engine.moe, "close", None)
+        if close is not None:
+            close()
+
+
+class LocalEngine(EngineLoop):
+    """Everything in this process: the reference engine that the cluster engine is tested against."""
+
+    @classmethod
+    def from_config(cls, engine_cfg: EngineConfig) -> LocalEngine:
+        return cls(build_local_engine(engine_cfg))

@@ -1,0 +1,59 @@
+"""Builds engines from a checkpoint directory: the coordinator part is loaded here, the experts by a
+MoE backend factory (all of them in-process for the local engine; on Ray actors for the cluster)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from cluster.checkpoint import Checkpoint, load_coordinator_weights, load_expert_weights
+from cluster.config import ModelConfig, parse_dtype
+from cluster.engine import LLMEngine, kv_cache_blocks, resolve_device, resolve_max_model_len
+from cluster.engine_config import EngineConfig
+from cluster.kv_cache import kv_bytes_per_block
+from cluster.model import MixtralTransformer, MoEBackend
+from cluster.moe import LocalMoE
+from cluster.tokenizer import Tokenizer
+
+log = logging.getLogger("moe_cluster.loader")
+
+# (model config, checkpoint, dtype, device) -> the MoE backend of the engine
+MoEFactory = Callable[[ModelConfig, Checkpoint, torch.dtype, torch.device], MoEBackend]
+
+
+def engine_dtype(model_cfg: ModelConfig, engine_cfg: EngineConfig) -> torch.dtype:
+    return parse_dtype(engine_cfg.dtype or model_cfg.dtype)
+
+
+def build_engine(engine_cfg: EngineConfig, make_moe: MoEFactory) -> LLMEngine:
+    model_cfg = ModelConfig.from_file(engine_cfg.model)
+    tokenizer = Tokenizer(engine_cfg.model)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{model_cfg.vocab_size}")
+    max_model_len = resolve_max_model_len(model_cfg, engine_cfg)
+    device = resolve_device(engine_cfg.device)
+    dtype = engine_dtype(model_cfg, engine_cfg)
+    ckpt = Checkpoint(engine_cfg.model)
+    log.info("loading %s (%d layers, %d experts, hidden %d) as %s on %s", engine_cfg.model, model_cfg.num_layers,
+             model_cfg.num_experts, model_cfg.hidden_size, str(dtype).removeprefix("torch."), device)
+    weights = load_coordinator_weights(ckpt, model_cfg, dtype, device, progress=engine_cfg.progress)
+    moe = make_moe(model_cfg, ckpt, dtype, device)
+    num_blocks = kv_cache_blocks(model_cfg, engine_cfg, dtype, device, max_model_len)
+    log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, engine_cfg.block_size,
+             num_blocks * kv_bytes_per_block(model_cfg, engine_cfg.block_size, dtype) / 2**20)
+    return LLMEngine(model_cfg, engine_cfg, tokenizer, MixtralTransformer(model_cfg, weights), moe, num_blocks)
+
+
+def local_moe(progress: bool = True) -> MoEFactory:
+    def make(model_cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> MoEBackend:
+        experts = load_expert_weights(ckpt, model_cfg, range(model_cfg.num_experts), dtype, device, progress)
+        return LocalMoE(experts, model_cfg.num_experts, model_cfg.experts_per_token)
+
+    return make
+
+
+def build_local_engine(engine_cfg: EngineConfig) -> LLMEngine:
+    return build_engine(engine_cfg, local_moe(engine_cfg.progress))

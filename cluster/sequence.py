@@ -1,0 +1,178 @@
+"""Requests, their sequences (one per parallel sample), and what the engine reports about them."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from cluster.sampling import SamplingParams, TokenLogprob
+from cluster.tokenizer import IncrementalDetokenizer
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+
+
+class SeqStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
+
+
+@dataclass
+class CompletionDelta:
+    """What one sample produced since the last report."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (None for EOS)
+
+
+@dataclass
+class RequestOutput:
+    """One report for a request: deltas of its samples; the last one has ``finished`` set."""
+
+    request_id: str
+    outputs: list[CompletionDelta]
+    finished: bool = False
+    prompt_token_ids: list[int] | None = None  # in the first report only
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with echo + logprobs, first report
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0  # all samples, so far
+    metrics: RequestMetrics | None = None  # in the last report
+    error: str | None = None  # set when the engine failed the request
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class RequestResult:
+    """A finished request, all reports folded together."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    metrics: RequestMetrics | None = None
+
+    @classmethod
+    def fold(cls, outputs: Sequence[RequestOutput]) -> RequestResult:
+        first, last = outputs[0], outputs[-1]
+        result = cls(first.request_id, list(first.prompt_token_ids or []), [],
+                     first.prompt_logprobs, last.num_prompt_tokens, last.num_generated_tokens, last.metrics)
+        by_index: dict[int, Completion] = {}
+        for out in outputs:
+            for d in out.outputs:
+                c = by_index.setdefault(d.index, Completion(d.index))
+                c.text += d.text
+                c.token_ids.extend(d.token_ids)
+                if d.logprobs is not None:
+                    c.logprobs = (c.logprobs or []) + d.logprobs
+                if d.finish_reason is not None:
+                    c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+        result.completions = [by_index[i] for i in sorted(by_index)]
+        return result
+
+
+OutputSink = Callable[[RequestOutput], None]
+_arrival_counter = itertools.count()
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
+                 sink: OutputSink, arrival_time: float | None = None) -> None:
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.max_tokens = max_tokens  # params.max_tokens resolved against the context length
+        self.sink = sink
+        self.arrival_order = next(_arrival_counter)
+        self.metrics = RequestMetrics(arrival_time if arrival_time is not None else time.monotonic())
+        self.seqs: list[Seq] = []
+        self.forked = params.n == 1
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] if params.echo and params.logprobs is not None else None)
+        self.sent_prompt = False
+        self.closed = False  # aborted or failed: no more reports after the final one
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status is SeqStatus.FINISHED for s in self.seqs)
+
+    @property
+    def num_generated(self) -> int:
+        return sum(s.num_generated for s in self.seqs)
+
+
+class Seq:
+    """One sample of a request: its tokens, its KV blocks and its output state."""
+
+    def __init__(self, seq_id: int, request: Request, index: int, token_ids: list[int],
+                 generator: torch.Generator | None, detok: IncrementalDetokenizer) -> None:
+        self.seq_id = seq_id
+        self.request = request
+        self.index = index
+        self.token_ids = token_ids
+        self.num_prompt_tokens = len(request.prompt_ids)
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.status = SeqStatus.WAITING
+        self.generator = generator
+        self.detok = detok
+        self.text = ""  # output text so far (stop strings already cut)
+        self.emitted_chars = 0
+        self.emitted_tokens = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.pending_logprobs: list[TokenLogprob] = []
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """First come, first served: by request arrival, then sample index."""
+        return (self.request.arrival_order, self.index)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed

@@ -1,0 +1,85 @@
+"""Shared fixtures: Hugging Face reference checkpoints built locally, the demo checkpoint, engines."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+# Keep the 2-core CI machine responsive: one intra-op thread per process unless told otherwise.
+torch.set_num_threads(int(os.environ.get("MOE_TEST_THREADS", "1")))
+
+SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=1, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
+             rope_theta=1e6, sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+@dataclass
+class HFCheckpoint:
+    path: Path
+    model: Any  # transformers.MixtralForCausalLM
+    config: dict[str, Any]
+
+
+def _tokenizer_files(directory: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over synthetic words (the parity tests feed token ids directly)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+def make_hf_checkpoint(directory: Path, shards: bool = False, classic: bool = False, seed: int = 0,
+                       **overrides: Any) -> HFCheckpoint:
+    """Build a random transformers Mixtral, save it with save_pretrained (sharded or one file)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    fields = SMALL | overrides
+    torch.manual_seed(seed)
+    config = MixtralConfig(**fields)
+    model = MixtralForCausalLM(config).eval()
+    # Random norms and a wider init, so routing and logits are far from uniform.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(directory, max_shard_size="40KB" if shards else "1GB")
+    if classic:  # rewrite config.json as the Mixtral-8x7B release had it: top-level rope_theta, torch_dtype
+        raw = json.loads((directory / "config.json").read_text())
+        raw["rope_theta"] = raw.pop("rope_parameters")["rope_theta"]
+        raw["torch_dtype"] = raw.pop("dtype", "float32")
+        (directory / "config.json").write_text(json.dumps(raw))
+    _tokenizer_files(directory, fields["vocab_size"])
+    return HFCheckpoint(directory, model, fields)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cluster.demo import init_demo
+
+    return init_demo(tmp_path_factory.mktemp("demo") / "model")
+
+
+@pytest.fixture(scope="session")
+def hf_small(tmp_path_factory: pytest.TempPathFactory) -> HFCheckpoint:
+    """The default small reference model (8 experts, top-2, GQA 4, sharded)."""
+    return make_hf_checkpoint(tmp_path_factory.mktemp("hf-small"), shards=True)
+
+
+@pytest.fixture()
+def fresh_dir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)

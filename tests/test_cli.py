@@ -1,0 +1,88 @@
+"""The moe-cluster command, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.engine_config import EngineConfig
+from cluster.engine_loop import LocalEngine
+from cluster.sampling import SamplingParams
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", "--log-level", "ERROR", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_init_demo_then_generate_json_matches_the_engine(tmp_path: Path) -> None:
+    model = tmp_path / "demo"
+    made = run_cli("init-demo", str(model))
+    assert made.returncode == 0, made.stderr
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"} <= {
+        p.name for p in model.iterdir()}
+    out = run_cli("generate", "--model", str(model), "--prompt", "Once upon a time", "--max-tokens", "9",
+                  "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    engine = LocalEngine.from_config(EngineConfig(model=str(model), progress=False))
+    try:
+        want = engine.generate(["Once upon a time"], SamplingParams(max_tokens=9, temperature=0))[0].completions[0]
+    finally:
+        engine.shutdown()
+    assert got == {"text": want.text, "token_ids": want.token_ids, "finish_reason": want.finish_reason}
+    assert len(got["token_ids"]) <= 9
+
+
+def test_transformers_loads_the_demo_checkpoint(demo_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(demo_dir)
+    engine = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=16))
+    try:
+        ids = engine.tokenizer.encode("The quick brown fox")
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0]
+        assert (engine.score([ids])[0] - expected).abs().max() < 1e-4
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("generate", "--model", "/no/such/dir", "--prompt", "x"), "model directory '/no/such/dir' does not exist"),
+    (("generate", "--prompt", "x"), "--model DIR is required"),
+    (("generate", "--model", ".", "--prompt", "x", "--max-tokens", "0"), "expected a positive integer, got 0"),
+    (("generate", "--model", ".", "--prompt", "x", "--bogus"), "unrecognized arguments: --bogus"),
+    (("frobnicate",), "invalid choice: 'frobnicate'"),
+])
+def test_user_errors_are_one_line_and_non_zero(args: tuple[str, ...], message: str) -> None:
+    out = run_cli(*args)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in out.stderr
+
+
+def test_bad_config_and_bad_sampling_value(tmp_path: Path, demo_dir: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in demo_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    raw = json.loads((broken / "config.json").read_text()) | {"num_key_value_heads": 3}
+    (broken / "config.json").write_text(json.dumps(raw))
+    out = run_cli("generate", "--model", str(broken), "--prompt", "x")
+    assert out.returncode == 1 and "num_attention_heads=8 is not divisible by num_key_value_heads=3" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run_cli("generate", "--model", str(demo_dir), "--prompt", "x", "--temperature", "-1")
+    assert out.returncode == 1 and out.stderr.strip() == "moe-cluster: error: temperature must be >= 0, got -1.0"
+
+
+def test_init_demo_refuses_to_overwrite(tmp_path: Path) -> None:
+    assert run_cli("init-demo", str(tmp_path / "m")).returncode == 0
+    again = run_cli("init-demo", str(tmp_path / "m"))
+    assert again.returncode == 1 and "already holds a checkpoint" in again.stderr
+    assert run_cli("init-demo", str(tmp_path / "m"), "--force").returncode == 0

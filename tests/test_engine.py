@@ -1,0 +1,195 @@
+"""The local engine's behaviour: stopping, seeded sampling, validation, streaming and abort."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cluster.engine_config import EngineConfig
+from cluster.engine_loop import LocalEngine
+from cluster.sampling import SamplingParams
+from cluster.sequence import RequestOutput
+from tests.conftest import HFCheckpoint
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(demo_dir: Path) -> LocalEngine:
+    eng = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=96,
+                                               block_size=8, max_model_len=256))
+    yield eng
+    eng.shutdown()
+
+
+PROMPT = "The workers compute and send the results back"
+
+
+def test_stop_token_ids_end_generation_and_stay_out_of_the_text(engine: LocalEngine) -> None:
+    base = engine.generate([PROMPT], GREEDY)[0].completions[0]
+    stop_id = base.token_ids[5]
+    first = base.token_ids.index(stop_id)
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                   stop_token_ids=[stop_id]))[0].completions[0]
+    assert out.token_ids == base.token_ids[:first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop_id)
+    assert out.text == engine.tokenizer.decode(base.token_ids[:first])
+
+
+def test_stop_string_spanning_tokens_is_cut_and_excluded(engine: LocalEngine) -> None:
+    base = engine.generate([PROMPT], GREEDY)[0].completions[0]
+    tok = engine.tokenizer
+    # A stop string that starts inside one token's text and ends inside the next one's.
+    start_text = tok.decode(base.token_ids[:6])
+    two_tokens = tok.decode(base.token_ids[:8])[len(start_text) - 1:]
+    stop = two_tokens[: max(2, len(two_tokens) - 1)]
+    assert len(stop) >= 2
+    index = base.text.find(stop)
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                   stop=[stop, "never-appears"]))[0].completions[0]
+    assert out.text == base.text[:index]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+
+
+def test_streamed_text_never_shows_part_of_a_stop_string(engine: LocalEngine) -> None:
+    base = engine.generate([PROMPT], GREEDY)[0].completions[0]
+    stop = base.text[len(base.text) // 2: len(base.text) // 2 + 4]
+    deltas: list[str] = []
+
+    async def run() -> None:
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop])
+        async for out in engine.stream(PROMPT, params):
+            deltas.extend(d.text for d in out.outputs)
+
+    asyncio.run(run())
+    streamed = "".join(deltas)
+    assert streamed == base.text[: base.text.find(stop)]
+    assert all(stop not in streamed[: i + len(d)] for i, d in enumerate(deltas))
+
+
+def test_eos_stops_unless_ignored(hf_small: HFCheckpoint, tmp_path: Path) -> None:
+    shutil.copytree(hf_small.path, tmp_path / "m")
+    probe = LocalEngine.from_config(EngineConfig(model=str(tmp_path / "m"), progress=False, num_kv_blocks=64))
+    prompt = [5, 9, 11, 30, 7]
+    base = probe.generate([prompt], GREEDY)[0].completions[0]
+    probe.shutdown()
+    eos = base.token_ids[3]
+    raw = json.loads((tmp_path / "m" / "config.json").read_text()) | {"eos_token_id": eos}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
+    eng = LocalEngine.from_config(EngineConfig(model=str(tmp_path / "m"), progress=False, num_kv_blocks=64))
+    try:
+        stopped = eng.generate([prompt], SamplingParams(max_tokens=24, temperature=0))[0].completions[0]
+        assert stopped.token_ids == base.token_ids[: base.token_ids.index(eos) + 1]
+        assert (stopped.finish_reason, stopped.stop_reason) == ("stop", None)
+        ignored = eng.generate([prompt], GREEDY)[0].completions[0]
+        assert ignored.token_ids == base.token_ids and ignored.finish_reason == "length"
+    finally:
+        eng.shutdown()
+
+
+def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(engine: LocalEngine) -> None:
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    alone = engine.generate([PROMPT], params)[0].completions[0].token_ids
+    busy = engine.generate(["other words", PROMPT, "a third prompt that is longer than the others"],
+                           [SamplingParams(max_tokens=20, temperature=1.0), params, GREEDY])
+    assert busy[1].completions[0].token_ids == alone
+    other_seed = engine.generate([PROMPT], SamplingParams(max_tokens=16, temperature=0.9, seed=99))
+    assert other_seed[0].completions[0].token_ids != alone
+
+
+def test_top_k_one_is_greedy(engine: LocalEngine) -> None:
+    greedy = engine.generate([PROMPT], GREEDY)[0].completions[0].token_ids
+    top1 = engine.generate([PROMPT], SamplingParams(max_tokens=24, temperature=1.5, top_k=1, seed=3,
+                                                    ignore_eos=True))[0].completions[0].token_ids
+    assert top1 == greedy
+
+
+def test_max_tokens_and_usage(engine: LocalEngine) -> None:
+    result = engine.generate([PROMPT], SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))[0]
+    assert len(result.completions[0].token_ids) == 7 and result.completions[0].finish_reason == "length"
+    assert result.num_prompt_tokens == len(engine.tokenizer.encode(PROMPT))
+    assert result.num_generated_tokens == 7
+    assert result.metrics is not None and result.metrics.ttft is not None and result.metrics.e2e is not None
+
+
+@pytest.mark.parametrize(("prompt", "params", "message"), [
+    ([], GREEDY, "prompt must contain at least one token"),
+    ([1, 5000], GREEDY, "prompt token id 5000 at position 1 is outside the vocabulary"),
+    ([1] * 256, GREEDY, "the prompt has 256 tokens but the model's context length is 256"),
+    ([1] * 200, SamplingParams(max_tokens=100), r"plus max_tokens \(100\) exceeds the model's context length"),
+    ([1] * 10, SamplingParams(stop_token_ids=[9999]), "stop_token_ids holds 9999"),
+])
+def test_bad_requests_are_rejected_up_front(engine: LocalEngine, prompt: list[int], params: SamplingParams,
+                                            message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        engine.generate([prompt], params)
+    assert engine.health()["alive"]  # and the engine keeps serving
+    assert engine.generate([PROMPT], SamplingParams(max_tokens=2))[0].completions[0].token_ids
+
+
+def test_request_too_big_for_the_kv_cache(demo_dir: Path) -> None:
+    eng = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=4,
+                                               block_size=8))
+    try:
+        with pytest.raises(ValueError, match="needs 5 KV cache blocks but the cache holds only 4"):
+            eng.generate([[1] * 30], SamplingParams(max_tokens=8))
+    finally:
+        eng.shutdown()
+
+
+def test_stream_reports_deltas_then_finishes(engine: LocalEngine) -> None:
+    outs: list[RequestOutput] = []
+
+    async def run() -> None:
+        async for out in engine.stream(PROMPT, GREEDY):
+            outs.append(out)
+
+    asyncio.run(run())
+    full = engine.generate([PROMPT], GREEDY)[0].completions[0]
+    assert outs[0].prompt_token_ids == engine.tokenizer.encode(PROMPT)
+    assert [t for o in outs for d in o.outputs for t in d.token_ids] == full.token_ids
+    assert "".join(d.text for o in outs for d in o.outputs) == full.text
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+
+
+def test_leaving_a_stream_aborts_and_frees_blocks(engine: LocalEngine) -> None:
+    async def run() -> int:
+        seen = 0
+        params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        async with contextlib.aclosing(engine.stream(PROMPT, params)) as stream:
+            async for _ in stream:
+                seen += 1
+                if seen == 3:
+                    break
+        return seen
+
+    assert asyncio.run(run()) == 3
+    stats = engine.stats()
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0
+
+
+def test_n_samples_and_echo_with_prompt_logprobs(engine: LocalEngine) -> None:
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=5, n=3, logprobs=2, echo=True)
+    result = engine.generate([PROMPT], params)[0]
+    assert [c.index for c in result.completions] == [0, 1, 2]
+    assert all(len(c.token_ids) == 6 and len(c.logprobs or []) == 6 for c in result.completions)
+    assert len({tuple(c.token_ids) for c in result.completions}) > 1
+    prompt_ids = engine.tokenizer.encode(PROMPT)
+    assert result.prompt_logprobs is not None and len(result.prompt_logprobs) == len(prompt_ids)
+    assert result.prompt_logprobs[0] is None
+    assert [lp.token_id for lp in result.prompt_logprobs[1:]] == prompt_ids[1:]  # type: ignore[union-attr]
+
+
+def test_a_failing_consumer_does_not_stop_the_engine(engine: LocalEngine) -> None:
+    def broken_sink(out: RequestOutput) -> None:
+        raise RuntimeError("consumer went away")
+
+    engine.submit([PROMPT], [SamplingParams(max_tokens=50, ignore_eos=True)], [broken_sink]).result()
+    assert engine.generate([PROMPT], SamplingParams(max_tokens=3))[0].completions[0].token_ids
+    stats = engine.stats()
+    assert engine.health()["alive"] and stats.kv_blocks_used == 0 and stats.num_running == 0

@@ -1,0 +1,115 @@
+"""Tokenizer, chat template and incremental detokenisation, checked against transformers' own tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cluster.tokenizer import DEFAULT_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer
+
+TEXTS = ["Hello world", "The experts of one layer can live on different machines.", "  two  spaces",
+         "Café naïve 東京 🙂🚀", "line\nbreak\ttab", "</s> is text here", ""]
+PLAIN_TEXTS = [t for t in TEXTS if t and "</s>" not in t]
+
+
+@pytest.fixture(scope="module")
+def tok(demo_dir: Path) -> Tokenizer:
+    return Tokenizer(demo_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(demo_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(demo_dir / "tokenizer.json"), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", chat_template=DEFAULT_CHAT_TEMPLATE)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_decode_match_transformers(tok: Tokenizer, hf_tok, text: str) -> None:  # type: ignore[no-untyped-def]
+    ids = tok.encode(text)
+    assert ids == hf_tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id == 1
+    assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
+    if "</s>" not in text:  # a special token written in the text is a special token, as in transformers
+        assert tok.decode(ids) == text
+
+
+def test_chat_template_matches_transformers(tok: Tokenizer, hf_tok) -> None:  # type: ignore[no-untyped-def]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a color."}]
+    rendered = tok.render_chat(messages)
+    assert rendered == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == "<s>[INST] Be brief.\n\nHi [/INST] Hello.</s>[INST] Name a color. [/INST]"
+    ids = tok.encode_chat(messages)
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+
+
+def test_default_template_when_config_has_none(tmp_path: Path, demo_dir: Path) -> None:
+    (tmp_path / "tokenizer.json").write_bytes((demo_dir / "tokenizer.json").read_bytes())
+    assert Tokenizer(tmp_path).chat_template == DEFAULT_CHAT_TEMPLATE
+    (tmp_path / "tokenizer_config.json").write_text(
+        '{"chat_template": [{"name": "default", "template": "{{ messages[0].content }}!"}]}')
+    assert Tokenizer(tmp_path).render_chat([{"role": "user", "content": "x"}]) == "x!"
+
+
+@pytest.mark.parametrize(("messages", "message"), [
+    ([], "messages must be a non-empty list"),
+    ([{"role": "wizard", "content": "x"}], r"messages\[0\].role='wizard' is not one of"),
+    ([{"role": "user", "content": 3}], r"messages\[0\].content must be a string"),
+])
+def test_bad_chat_messages(tok: Tokenizer, messages: list, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tok.render_chat(messages)
+
+
+def test_missing_tokenizer(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("text", PLAIN_TEXTS)
+def test_incremental_detokenizer_streams_exact_text(tok: Tokenizer, text: str) -> None:
+    prompt = tok.encode("A prompt:")
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, prompt)
+    deltas = [detok.add(i) for i in ids]
+    assert "".join(deltas) == tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+    assert not any("\ufffd" in d for d in deltas)  # multi-byte characters never split
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_characters="\u2581<>", blacklist_categories=("Cs",)), max_size=40))
+def test_incremental_detokenizer_streams_any_text(text: str) -> None:
+    """Any Unicode text (byte fallback included) streams back exactly, never a broken character."""
+    tok = _demo_tokenizer()
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, [1])
+    deltas = [detok.add(i) for i in ids]
+    assert "".join(deltas) == tok.decode([1, *ids])
+    assert not any("\ufffd" in d for d in deltas)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 873), min_size=1, max_size=30))
+def test_incremental_detokenizer_holds_back_unfinished_bytes(ids: list[int]) -> None:
+    """Arbitrary ids (invalid byte runs included): a delta never ends inside a character."""
+    tok = _demo_tokenizer()
+    detok = IncrementalDetokenizer(tok, [1])
+    assert not any(detok.add(i).endswith("\ufffd") for i in ids)
+
+
+_DEMO: dict[str, Tokenizer] = {}
+
+
+def _demo_tokenizer() -> Tokenizer:
+    if "tok" not in _DEMO:
+        import tempfile
+
+        from cluster.demo import init_demo
+
+        _DEMO["tok"] = Tokenizer(init_demo(Path(tempfile.mkdtemp()) / "m"))
+    return _DEMO["tok"]
