@@ -81,7 +81,8 @@ def write_section(name: str, title: str, body: str) -> None:
     """Replace (or append) the section ``name`` of docs/benchmarks.md."""
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
     block = f"{start}\n## {title}\n\n{body.strip()}\n{end}"
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\nEvery table here is written by a script in `bench/`.\n"
+    header = "# Benchmarks\n\nEvery table here is written by a script in `bench/`.\n"
+    text = DOCS.read_text() if DOCS.exists() else header
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     DOCS.parent.mkdir(parents=True, exist_ok=True)

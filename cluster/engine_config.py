@@ -74,6 +74,10 @@ class ClusterConfig:
     collective_timeout_s: float = 60.0  # a member silent this long is reported stuck
     heartbeat_s: float = 2.0  # idle workers are pinged this often through the process group
     backend: str = "auto"  # "auto" (nccl when all members use CUDA, else gloo), "gloo", "nccl"
+    exchange: str = "auto"  # "auto" (collective on nccl, sparse on gloo), "collective", "sparse"
+    placement_strategy: str = "PACK"  # Ray placement group strategy for the cluster's bundles
+    threads_per_actor: int | None = None  # torch intra-op threads per actor; None: max(1, worker_num_cpus)
+    start_timeout_s: float = 300.0  # loading weights and joining the process group must end within this
 
     def __post_init__(self) -> None:
         _check_positive("experts_per_worker", self.experts_per_worker)
@@ -81,9 +85,21 @@ class ClusterConfig:
             _check_positive(name, getattr(self, name), integer=False)
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"backend must be 'auto', 'gloo' or 'nccl', got {self.backend!r}")
+        if self.exchange not in ("auto", "collective", "sparse"):
+            raise ValueError(f"exchange must be 'auto', 'collective' or 'sparse', got {self.exchange!r}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                             f"got {self.placement_strategy!r}")
+        if self.threads_per_actor is not None:
+            _check_positive("threads_per_actor", self.threads_per_actor)
+        _check_positive("start_timeout_s", self.start_timeout_s, integer=False)
         if self.heartbeat_s >= self.collective_timeout_s:
             raise ValueError(f"heartbeat_s={self.heartbeat_s} must be shorter than "
                              f"collective_timeout_s={self.collective_timeout_s}")
+
+    @property
+    def actor_threads(self) -> int:
+        return self.threads_per_actor or max(1, int(self.worker_num_cpus))
 
     def with_(self, **changes: Any) -> ClusterConfig:
         return replace(self, **changes)

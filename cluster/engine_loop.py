@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 from torch import Tensor
@@ -179,9 +180,10 @@ class EngineLoop:
                 raise RequestFailedError(outs[-1].error)
         return [RequestResult.fold(outs) for outs in outputs]
 
-    async def stream(self, prompt: Prompt, params: SamplingParams,
-                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Reports of one request as they come; leaving the iteration early aborts the request."""
+    async def stream_batches(self, prompt: Prompt, params: SamplingParams,
+                             request_id: str | None = None) -> AsyncGenerator[list[RequestOutput], None]:
+        """Reports of one request as they come, coalesced: each item holds every report that arrived
+        since the last one. Leaving the iteration early aborts the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         rid = request_id or new_request_id()
@@ -194,14 +196,25 @@ class EngineLoop:
         finished = False
         try:
             while not finished:
-                out = await queue.get()
-                if out.error is not None:
-                    raise RequestFailedError(out.error)
-                finished = out.finished
-                yield out
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                for out in batch:
+                    if out.error is not None:
+                        raise RequestFailedError(out.error)
+                finished = batch[-1].finished
+                yield batch
         finally:
             if not finished:
                 self.abort(rid)
+
+    async def stream(self, prompt: Prompt, params: SamplingParams,
+                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Reports of one request as they come; leaving the iteration early aborts the request."""
+        async with contextlib.aclosing(self.stream_batches(prompt, params, request_id)) as batches:
+            async for batch in batches:
+                for out in batch:
+                    yield out
 
     def abort(self, request_id: str) -> None:
         if self.dead_reason is None and not self._stopping:

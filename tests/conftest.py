@@ -83,3 +83,24 @@ def hf_small(tmp_path_factory: pytest.TempPathFactory) -> HFCheckpoint:
 def fresh_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """A local Ray for one test module (16 logical CPUs: idle expert actors are cheap)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def cluster_config(**overrides: Any) -> Any:
+    """Test cluster defaults: short timeouts so failures surface fast, one thread per actor."""
+    from cluster.engine_config import ClusterConfig
+
+    base: dict[str, Any] = {"worker_num_cpus": 1, "threads_per_actor": 1, "placement_timeout_s": 20,
+                            "collective_timeout_s": 20, "heartbeat_s": 1.0, "start_timeout_s": 120}
+    return ClusterConfig(**(base | overrides))

@@ -1,0 +1,96 @@
+"""DistributedMoE: the MoE backend of the cluster engine. Experts live on ExpertWorker actors.
+
+This computes exactly what ``reference_moe`` computes - route, run the chosen experts, combine with the routing
+weights - and shares its routing, dispatch plan and combine with the local path (cluster/moe.py). Only the
+middle differs: instead of running the experts in-process, the rows travel to the workers and back.
+
+Per layer, on the coordinator (rank 0):
+  1. route: top-k softmax gate -> (weights, expert_ids)                          [ops.route]
+  2. group the token rows by destination worker, then local expert             [moe.plan_dispatch]
+  3. exchange counts: each worker learns how many rows each of its experts gets
+  4. send the rows (one uneven all-to-all; only rank 0's splits are non-zero)
+  5. each worker runs its experts on its rows (workers/expert_worker.py)
+  6. receive the results (the reverse all-to-all), in the order the rows were sent
+  7. combine: weight each row, add it to its token                             [ops.combine]
+
+Shape legend: T tokens, H hidden, K top-k, R = T*K rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+from torch import Tensor
+
+from cluster.errors import WorkerFailure
+from cluster.moe import ExpertMap, RoutingStats, plan_dispatch
+from cluster.ops import combine, route
+from cluster.transport import OP_FORWARD, OP_NOOP, OP_SHUTDOWN, CoordinatorLink, leave_group
+
+# Turns an exception raised by a collective into a WorkerFailure naming the member at fault.
+Diagnose = Callable[[BaseException], WorkerFailure]
+
+
+class DistributedMoE:
+    def __init__(self, link: CoordinatorLink, expert_map: ExpertMap, num_layers: int, top_k: int,
+                 diagnose: Diagnose) -> None:
+        self.link = link
+        self.expert_map = expert_map
+        self.num_layers = num_layers
+        self.top_k = top_k
+        self.diagnose = diagnose
+        self.stats = RoutingStats(num_layers, expert_map)
+        self.timings: dict[str, float] = defaultdict(float)  # seconds, accumulated
+        self._step = 0
+        self._closed = False
+
+    def _guarded(self, what: str, fn: Callable[[], Tensor | None]) -> Tensor | None:
+        started = time.perf_counter()
+        try:
+            return fn()
+        except WorkerFailure:
+            raise
+        except Exception as err:  # a collective failed: find out which member, and say so
+            raise self.diagnose(err) from err
+        finally:
+            self.timings[what] += time.perf_counter() - started
+
+    def begin_step(self, num_tokens: int) -> None:
+        self._step += 1
+        self.timings["steps"] += 1
+        self._guarded("control", lambda: self.link.send_control(OP_FORWARD, self.num_layers, self._step))
+
+    def moe(self, layer: int, x: Tensor, gate_weight: Tensor) -> Tensor:
+        started = time.perf_counter()
+        weights, expert_ids = route(x, gate_weight, self.top_k)  # 1
+        plan = plan_dispatch(weights, expert_ids, self.expert_map.dispatch_rank)  # 2
+        self.stats.record(layer, plan.rows_per_expert)
+        rows = x[plan.row_token]  # (R, H), grouped by worker, then local expert
+        counts, rows_per_worker, start = [], [], 0
+        for experts in self.expert_map.workers:
+            counts.append(plan.rows_per_expert[start:start + len(experts)])
+            rows_per_worker.append(sum(counts[-1]))
+            start += len(experts)
+        self.timings["route"] += time.perf_counter() - started
+        self._guarded("dispatch", lambda: self.link.send_counts(counts))  # 3
+        out_rows = self._guarded("exchange", lambda: self.link.exchange_rows(rows, rows_per_worker))  # 4, 5, 6
+        assert out_rows is not None
+        started = time.perf_counter()
+        out = combine(out_rows, plan.row_weight, plan.row_token, x.shape[0])  # 7
+        self.timings["combine"] += time.perf_counter() - started
+        return out
+
+    def heartbeat(self) -> None:
+        self._guarded("control", lambda: self.link.send_control(OP_NOOP))
+
+    def close(self) -> None:
+        """Tell the workers to leave their loops (best effort) and leave the group."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):  # a dead member: the group is going away anyway
+            self.link.send_control(OP_SHUTDOWN)
+        leave_group()
