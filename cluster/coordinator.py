@@ -31,7 +31,7 @@ from cluster.placement import bundle_strategy
 from cluster.sampling import SamplingParams
 from cluster.sequence import RequestOutput, RequestResult
 from cluster.transport import CoordinatorLink, ExchangeError, Rendezvous, create_store, join_group
-from workers.expert_worker import ExpertWorker
+from workers.expert_worker import ExpertWorker, row_layout
 
 log = logging.getLogger("moe_cluster.coordinator")
 PING_TIMEOUT_S = 10.0
@@ -74,9 +74,9 @@ class Coordinator:
         log.info("starting %d expert workers for experts %s", self.expert_map.num_workers,
                  list(self.expert_map.workers))
         self.workers = [self._spawn_worker(i) for i in range(self.expert_map.num_workers)]
-        # The workers load their experts while the coordinator loads its own weights.
-        engine = build_engine(self.engine_cfg, self._connect_workers)
-        self.loop = EngineLoop(engine, self.cluster_cfg.heartbeat_s)
+        # The workers load their experts while the coordinator loads its own weights (on the loop's thread).
+        self.loop = EngineLoop(lambda: build_engine(self.engine_cfg, self._connect_workers),
+                               self.cluster_cfg.heartbeat_s)
         log.info("cluster ready in %.1fs: %s", time.perf_counter() - started, self.describe()["summary"])
         return self.describe()
 
@@ -109,7 +109,7 @@ class Coordinator:
         world = 1 + len(self.workers)
         self._store = create_store(host, world, self.cluster_cfg.collective_timeout_s)
         self.rdv = Rendezvous(host, self._store.port, world, backend, exchange, self.cluster_cfg.collective_timeout_s,
-                              max(len(e) for e in self.expert_map.workers))
+                              max(len(e) for e in self.expert_map.workers), self.cluster_cfg.inline_message_bytes)
         log.info("forming the process group: %d members, backend %s, %s exchange, rendezvous %s:%d", world,
                  backend, exchange, host, self._store.port)
         joins = [w.join.remote(self.rdv, i + 1) for i, w in enumerate(self.workers)]
@@ -117,8 +117,8 @@ class Coordinator:
         self._get(joins, "joining the process group")
         self._get([w.start_loop.remote() for w in self.workers], "starting the worker loops")
         link_device = device if backend == "nccl" else torch.device("cpu")
-        return DistributedMoE(CoordinatorLink(self.rdv, link_device), self.expert_map, model_cfg.num_layers,
-                              model_cfg.experts_per_token, self._diagnose)
+        link = CoordinatorLink(self.rdv, link_device, row_layout(model_cfg, dtype, self.rdv))
+        return DistributedMoE(link, self.expert_map, model_cfg.num_layers, model_cfg.experts_per_token, self._diagnose)
 
     # -------------------------------------------------------------------------------------- failures
 

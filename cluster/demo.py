@@ -9,7 +9,9 @@ The weights are random (seeded), so the model's text is word salad, but every by
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -120,14 +122,18 @@ def write_checkpoint(directory: Path, cfg: ModelConfig, tensors: dict[str, torch
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def init_demo(directory: str | Path, seed: int = 0, shards: int = 3, overwrite: bool = False) -> Path:
-    """Write the demo checkpoint into ``directory`` (created if needed); returns its path."""
+def init_demo(directory: str | Path, seed: int = 0, shards: int = 3, overwrite: bool = False,
+              **architecture: Any) -> Path:
+    """Write the demo checkpoint into ``directory`` (created if needed); returns its path.
+
+    ``architecture`` overrides ModelConfig fields (benchmarks use it for larger models of the same format).
+    """
     directory = Path(directory)
     if (directory / "config.json").exists() and not overwrite:
         raise ValueError(f"{directory} already holds a checkpoint (config.json); pass overwrite to replace it")
     directory.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    cfg = demo_config(tok.get_vocab_size(with_added_tokens=True))
+    cfg = replace(demo_config(tok.get_vocab_size(with_added_tokens=True)), **architecture)
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",

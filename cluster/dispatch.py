@@ -8,7 +8,8 @@ Per layer, on the coordinator (rank 0):
   1. route: top-k softmax gate -> (weights, expert_ids)                          [ops.route]
   2. group the token rows by destination worker, then local expert             [moe.plan_dispatch]
   3. exchange counts: each worker learns how many rows each of its experts gets
-  4. send the rows (one uneven all-to-all; only rank 0's splits are non-zero)
+  4. send the rows (one uneven all-to-all; only rank 0's splits are non-zero; small steps carry the
+     counts and the rows in one message, see transport.RowLayout)
   5. each worker runs its experts on its rows (workers/expert_worker.py)
   6. receive the results (the reverse all-to-all), in the order the rows were sent
   7. combine: weight each row, add it to its token                             [ops.combine]
@@ -61,7 +62,7 @@ class DistributedMoE:
     def begin_step(self, num_tokens: int) -> None:
         self._step += 1
         self.timings["steps"] += 1
-        self._guarded("control", lambda: self.link.send_control(OP_FORWARD, self.num_layers, self._step))
+        self._guarded("control", lambda: self.link.send_control(OP_FORWARD, self.num_layers, self._step, num_tokens))
 
     def moe(self, layer: int, x: Tensor, gate_weight: Tensor) -> Tensor:
         started = time.perf_counter()
@@ -69,14 +70,12 @@ class DistributedMoE:
         plan = plan_dispatch(weights, expert_ids, self.expert_map.dispatch_rank)  # 2
         self.stats.record(layer, plan.rows_per_expert)
         rows = x[plan.row_token]  # (R, H), grouped by worker, then local expert
-        counts, rows_per_worker, start = [], [], 0
+        counts, start = [], 0
         for experts in self.expert_map.workers:
             counts.append(plan.rows_per_expert[start:start + len(experts)])
-            rows_per_worker.append(sum(counts[-1]))
             start += len(experts)
         self.timings["route"] += time.perf_counter() - started
-        self._guarded("dispatch", lambda: self.link.send_counts(counts))  # 3
-        out_rows = self._guarded("exchange", lambda: self.link.exchange_rows(rows, rows_per_worker))  # 4, 5, 6
+        out_rows = self._guarded("exchange", lambda: self.link.exchange(counts, rows, x.shape[0]))  # 3, 4, 5, 6
         assert out_rows is not None
         started = time.perf_counter()
         out = combine(out_rows, plan.row_weight, plan.row_token, x.shape[0])  # 7

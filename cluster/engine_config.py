@@ -75,6 +75,7 @@ class ClusterConfig:
     heartbeat_s: float = 2.0  # idle workers are pinged this often through the process group
     backend: str = "auto"  # "auto" (nccl when all members use CUDA, else gloo), "gloo", "nccl"
     exchange: str = "auto"  # "auto" (collective on nccl, sparse on gloo), "collective", "sparse"
+    inline_message_bytes: int = 256 * 1024  # sparse exchange: steps whose padded messages fit send one per worker
     placement_strategy: str = "PACK"  # Ray placement group strategy for the cluster's bundles
     threads_per_actor: int | None = None  # torch intra-op threads per actor; None: max(1, worker_num_cpus)
     start_timeout_s: float = 300.0  # loading weights and joining the process group must end within this
@@ -90,6 +91,9 @@ class ClusterConfig:
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
                              f"got {self.placement_strategy!r}")
+        if isinstance(self.inline_message_bytes, bool) or not isinstance(self.inline_message_bytes, int) \
+                or self.inline_message_bytes < 0:
+            raise ValueError(f"inline_message_bytes must be an integer >= 0, got {self.inline_message_bytes!r}")
         if self.threads_per_actor is not None:
             _check_positive("threads_per_actor", self.threads_per_actor)
         _check_positive("start_timeout_s", self.start_timeout_s, integer=False)

@@ -43,22 +43,34 @@ def new_request_id() -> str:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, heartbeat_s: float = 2.0) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.model_config = engine.model_cfg
-        self.max_model_len = engine.max_model_len
+    """Owns one engine on one thread. The engine is *built* on that thread too (``build`` runs there), so a
+    single thread issues every torch op of the engine: on CPUs, intra-op parallel regions issued from two
+    threads of one process slow each other down several-fold."""
+
+    def __init__(self, build: Callable[[], LLMEngine], heartbeat_s: float = 2.0) -> None:
         self.heartbeat_s = heartbeat_s
         self._cond = threading.Condition()
         self._inbox: list[Callable[[], None]] = []
         self._stopping = False
         self.dead_reason: str | None = None
-        self._thread = threading.Thread(target=self._run, name="moe-engine-loop", daemon=True)
+        built: concurrent.futures.Future[LLMEngine] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(build, built), name="moe-engine-loop", daemon=True)
         self._thread.start()
+        self.engine = built.result()  # re-raises a failed build (bad checkpoint, missing workers, ...)
+        self.tokenizer = self.engine.tokenizer
+        self.model_config = self.engine.model_cfg
+        self.max_model_len = self.engine.max_model_len
 
     # ------------------------------------------------------------------------------------------ the loop
 
-    def _run(self) -> None:
+    def _run(self, build: Callable[[], LLMEngine], built: concurrent.futures.Future[LLMEngine]) -> None:
+        try:
+            engine = build()
+        except BaseException as err:
+            built.set_exception(err)
+            return
+        self.engine = engine
+        built.set_result(engine)
         try:
             self._loop()
         except BaseException as err:  # never die silently: mark dead so callers fail instead of hanging
@@ -248,4 +260,4 @@ class LocalEngine(EngineLoop):
 
     @classmethod
     def from_config(cls, engine_cfg: EngineConfig) -> LocalEngine:
-        return cls(build_local_engine(engine_cfg))
+        return cls(lambda: build_local_engine(engine_cfg))

@@ -28,7 +28,7 @@ from torch import Tensor
 
 # Control messages: [op, arg0, arg1, arg2] as int64.
 OP_NOOP = 0  # heartbeat while idle
-OP_FORWARD = 1  # run the MoE of every layer once; arg0 = layers, arg1 = step id
+OP_FORWARD = 1  # run the MoE of every layer once; arg0 = layers, arg1 = step id, arg2 = tokens in the step
 OP_SHUTDOWN = 2  # leave the loop
 OP_REJOIN = 3  # leave the loop and wait to join a rebuilt process group
 CONTROL_WIDTH = 4
@@ -44,7 +44,8 @@ class Rendezvous:
     backend: str  # "gloo" | "nccl"
     exchange: str  # "collective" | "sparse"
     timeout_s: float
-    max_local_experts: int  # counts messages are padded to the most experts one worker hosts
+    max_local_experts: int  # the most experts one worker hosts (counts messages are padded to it)
+    inline_limit_bytes: int  # see RowLayout
     epoch: int = 0  # bumped each time the group is rebuilt (failure recovery)
 
     @property
@@ -90,13 +91,35 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
+@dataclass(frozen=True)
+class RowLayout:
+    """What both ends know about a layer's messages, so every receive has its exact size in advance."""
+
+    hidden: int
+    dtype: torch.dtype
+    top_k: int
+    max_local_experts: int
+    inline_limit_bytes: int
+
+    @property
+    def header_bytes(self) -> int:
+        return 8 * self.max_local_experts  # int64 counts
+
+    def inline_rows(self, num_tokens: int) -> int:
+        """Rows a worker can receive in a step of ``num_tokens`` tokens, if small enough to pad every message
+        to that capacity (counts and rows then travel as one message); 0 means two messages."""
+        capacity = num_tokens * min(self.top_k, self.max_local_experts)
+        size = self.header_bytes + capacity * self.hidden * self.dtype.itemsize
+        return capacity if size <= self.inline_limit_bytes else 0
+
+
 class CoordinatorLink:
     """Rank 0's side of the exchanges."""
 
-    def __init__(self, rdv: Rendezvous, device: torch.device) -> None:
+    def __init__(self, rdv: Rendezvous, device: torch.device, layout: RowLayout) -> None:
         self.rdv = rdv
         self.device = device
-        self.max_local = rdv.max_local_experts
+        self.layout = layout
         self.workers = list(range(1, rdv.world_size))
         self.sparse = rdv.exchange == "sparse"
 
@@ -108,47 +131,60 @@ class CoordinatorLink:
         else:
             dist.broadcast(msg, 0)
 
-    def send_counts(self, counts: Sequence[Sequence[int]]) -> None:
-        """counts[w][j]: rows for local expert j of worker w+1 (padded to L_max)."""
-        table = torch.zeros(len(self.workers), self.max_local, dtype=torch.long)
-        for w, row in enumerate(counts):
-            table[w, : len(row)] = torch.tensor(row, dtype=torch.long)
-        table = table.to(self.device)
-        if self.sparse:
-            _wait_all([(w + 1, dist.isend(table[w], w + 1)) for w in range(len(self.workers))])
-        else:
-            send = torch.cat([torch.zeros(1, self.max_local, dtype=torch.long, device=self.device), table])  # (W, L)
-            dist.all_to_all_single(torch.empty_like(send), send)
-
-    def exchange_rows(self, rows: Tensor, rows_per_worker: Sequence[int]) -> Tensor:
-        """Send rows (R, H), grouped by worker, and receive each worker's results (R, H) in the same order."""
+    def exchange(self, counts: Sequence[Sequence[int]], rows: Tensor, num_tokens: int) -> Tensor:
+        """Steps 3-6 of a layer: send counts[w] (rows per local expert of worker w+1) and the rows (R, H),
+        grouped by worker; receive each worker's results (R, H) in the same order."""
         model_device = rows.device
         rows = rows.to(self.device)  # gloo moves CPU tensors only
+        rows_per_worker = [sum(c) for c in counts]
+        table = torch.zeros(len(self.workers), self.layout.max_local_experts, dtype=torch.long)  # (W-1, L_max)
+        for w, row in enumerate(counts):
+            table[w, : len(row)] = torch.tensor(row, dtype=torch.long)
         out = torch.empty_like(rows)
         if self.sparse:
-            sends, recvs, start = [], [], 0
-            for w, n in enumerate(rows_per_worker):
-                if n:
-                    sends.append((w + 1, dist.isend(rows[start:start + n], w + 1)))
-                    recvs.append((w + 1, dist.irecv(out[start:start + n], w + 1)))
-                start += n
-            _wait_all(sends + recvs)
+            self._exchange_sparse(table, rows, rows_per_worker, out, num_tokens)
         else:
+            table = table.to(self.device)
+            send = torch.cat([torch.zeros_like(table[:1]), table])  # (W, L_max): nothing for rank 0 itself
+            dist.all_to_all_single(torch.empty_like(send), send)
             splits = [0, *rows_per_worker]
             empty = rows.new_empty((0, rows.shape[1]))
             dist.all_to_all_single(empty, rows, output_split_sizes=[0] * len(splits), input_split_sizes=splits)
             dist.all_to_all_single(out, empty, output_split_sizes=splits, input_split_sizes=[0] * len(splits))
         return out.to(model_device)
 
+    def _exchange_sparse(self, table: Tensor, rows: Tensor, rows_per_worker: list[int], out: Tensor,
+                         num_tokens: int) -> None:
+        capacity = self.layout.inline_rows(num_tokens)
+        header = self.layout.header_bytes
+        sends: list[tuple[int, Any]] = []
+        recvs: list[tuple[int, Any]] = []
+        start = 0
+        for w, n in enumerate(rows_per_worker):
+            chunk = rows[start:start + n]
+            if capacity:  # one message: counts header, then the rows padded to capacity
+                msg = torch.empty(header + capacity * rows.shape[1] * rows.element_size(), dtype=torch.uint8)
+                msg[:header] = table[w].view(torch.uint8)
+                msg[header:header + chunk.numel() * chunk.element_size()] = chunk.reshape(-1).view(torch.uint8)
+                sends.append((w + 1, dist.isend(msg, w + 1)))
+            else:  # two messages: counts, then exactly the rows
+                sends.append((w + 1, dist.isend(table[w].contiguous(), w + 1)))
+                if n:
+                    sends.append((w + 1, dist.isend(chunk, w + 1)))
+            if n:
+                recvs.append((w + 1, dist.irecv(out[start:start + n], w + 1)))
+            start += n
+        _wait_all(sends + recvs)
+
 
 class WorkerLink:
     """A worker's side of the exchanges (rank >= 1)."""
 
-    def __init__(self, rdv: Rendezvous, rank: int, device: torch.device) -> None:
+    def __init__(self, rdv: Rendezvous, rank: int, device: torch.device, layout: RowLayout) -> None:
         self.rdv = rdv
         self.rank = rank
         self.device = device
-        self.max_local = rdv.max_local_experts
+        self.layout = layout
         self.sparse = rdv.exchange == "sparse"
         self.world = rdv.world_size
 
@@ -160,25 +196,33 @@ class WorkerLink:
             dist.broadcast(msg, 0)
         return [int(v) for v in msg.tolist()]
 
-    def recv_counts(self) -> list[int]:
+    def recv_layer(self, num_tokens: int) -> tuple[list[int], Tensor]:
+        """This worker's counts (rows per local expert) and its rows (R_w, H) for one layer."""
+        hidden, dtype, max_local = self.layout.hidden, self.layout.dtype, self.layout.max_local_experts
         if self.sparse:
-            counts = torch.empty(self.max_local, dtype=torch.long, device=self.device)
-            dist.recv(counts, 0)
-            return [int(v) for v in counts.tolist()]
-        recv = torch.empty(self.world, self.max_local, dtype=torch.long, device=self.device)  # (W, L)
-        dist.all_to_all_single(recv, torch.zeros_like(recv))
-        return [int(v) for v in recv[0].tolist()]
-
-    def recv_rows(self, n: int, hidden: int, dtype: torch.dtype) -> Tensor:
-        rows = torch.empty(n, hidden, dtype=dtype, device=self.device)
-        if self.sparse:
-            if n:
+            capacity = self.layout.inline_rows(num_tokens)
+            if capacity:
+                header = self.layout.header_bytes
+                msg = torch.empty(header + capacity * hidden * dtype.itemsize, dtype=torch.uint8)
+                dist.recv(msg, 0)
+                counts = [int(v) for v in msg[:header].view(torch.long).tolist()]
+                rows = msg[header:].view(dtype).view(capacity, hidden)[: sum(counts)]
+                return counts, rows
+            table = torch.empty(max_local, dtype=torch.long)
+            dist.recv(table, 0)
+            counts = [int(v) for v in table.tolist()]
+            rows = torch.empty(sum(counts), hidden, dtype=dtype)
+            if rows.shape[0]:
                 dist.recv(rows, 0)
-        else:
-            zeros = [0] * self.world
-            dist.all_to_all_single(rows, rows.new_empty((0, hidden)), output_split_sizes=[n, *zeros[1:]],
-                                   input_split_sizes=zeros)
-        return rows
+            return counts, rows
+        recv = torch.empty(self.world, max_local, dtype=torch.long, device=self.device)  # (W, L_max)
+        dist.all_to_all_single(recv, torch.zeros_like(recv))
+        counts = [int(v) for v in recv[0].tolist()]
+        zeros = [0] * self.world
+        rows = torch.empty(sum(counts), hidden, dtype=dtype, device=self.device)
+        dist.all_to_all_single(rows, rows.new_empty((0, hidden)), output_split_sizes=[rows.shape[0], *zeros[1:]],
+                               input_split_sizes=zeros)
+        return counts, rows
 
     def send_results(self, out: Tensor) -> None:
         if self.sparse:

@@ -104,3 +104,13 @@ def cluster_config(**overrides: Any) -> Any:
     base: dict[str, Any] = {"worker_num_cpus": 1, "threads_per_actor": 1, "placement_timeout_s": 20,
                             "collective_timeout_s": 20, "heartbeat_s": 1.0, "start_timeout_s": 120}
     return ClusterConfig(**(base | overrides))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests run only where CUDA is; multi-GPU tests only where two or more devices are."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        if "gpu" in item.keywords and gpus < 1:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+        if "multigpu" in item.keywords and gpus < 2:
+            item.add_marker(pytest.mark.skip(reason=f"needs 2+ CUDA devices, found {gpus}"))

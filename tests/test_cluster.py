@@ -45,18 +45,18 @@ def parity_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[H
         local.shutdown()
 
 
-@pytest.mark.parametrize(("name", "experts_per_worker", "exchange"), [
-    ("e8-top2-gqa4-window8-untied-sharded", 1, "auto"),
-    ("e8-top2-gqa4-window8-untied-sharded", 2, "collective"),
-    ("e8-top2-gqa4-window8-untied-sharded", 8, "auto"),
-    ("e4-top1-gqa1-window16-tied-single", 1, "sparse"),
-    ("e4-top1-gqa1-window16-tied-single", 3, "auto"),
+@pytest.mark.parametrize(("name", "experts_per_worker", "exchange", "inline_bytes"), [
+    ("e8-top2-gqa4-window8-untied-sharded", 1, "auto", 256 * 1024),
+    ("e8-top2-gqa4-window8-untied-sharded", 2, "collective", 256 * 1024),
+    ("e8-top2-gqa4-window8-untied-sharded", 8, "auto", 256 * 1024),
+    ("e4-top1-gqa1-window16-tied-single", 1, "sparse", 0),  # counts and rows always as two messages
+    ("e4-top1-gqa1-window16-tied-single", 3, "auto", 2048),  # decode steps inline, prefill steps not
 ])
 def test_cluster_equals_local_engine(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]], name: str,
-                                     experts_per_worker: int, exchange: str) -> None:
+                                     experts_per_worker: int, exchange: str, inline_bytes: int) -> None:
     ckpt, local = parity_models[name]
-    cluster = ClusterEngine.start(local.engine.engine_cfg, cluster_config(experts_per_worker=experts_per_worker,
-                                                                          exchange=exchange))
+    cluster = ClusterEngine.start(local.engine.engine_cfg, cluster_config(
+        experts_per_worker=experts_per_worker, exchange=exchange, inline_message_bytes=inline_bytes))
     try:
         num_experts = ckpt.config.get("num_local_experts", 8)
         assert len(cluster.info["workers"]) == -(-num_experts // experts_per_worker)

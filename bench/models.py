@@ -1,0 +1,35 @@
+"""Checkpoints the benchmarks run on, written in the real Hugging Face format (cached under /tmp)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cluster.demo import init_demo
+
+CACHE = Path("/tmp/moe-cluster-bench")
+
+SIZES: dict[str, dict[str, Any]] = {
+    # The demo model itself: every step is dominated by per-message overheads.
+    "demo": {},
+    # Wide enough that expert matmuls, not messages, dominate a decode step (1.4 GB of experts in fp32).
+    "mid": dict(hidden_size=1024, intermediate_size=3584, num_layers=4, num_heads=16, num_kv_heads=4, head_dim=64),
+}
+
+
+def describe(size: str) -> str:
+    from cluster.config import ModelConfig
+
+    cfg = ModelConfig.from_file(bench_model(size))
+    return (f"'{size}': {cfg.num_layers} layers, hidden {cfg.hidden_size}, expert intermediate "
+            f"{cfg.intermediate_size}, {cfg.num_experts} experts top-{cfg.experts_per_token}, "
+            f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size}, {cfg.dtype}")
+
+
+def bench_model(size: str) -> Path:
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    path = CACHE / size
+    if not (path / "config.json").exists():
+        init_demo(path, seed=0, shards=4, overwrite=True, **SIZES[size])
+    return path

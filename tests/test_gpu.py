@@ -1,0 +1,62 @@
+"""GPU paths: the local engine on CUDA, and the cluster over NCCL (one GPU per actor). Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.engine_config import EngineConfig
+from cluster.engine_loop import LocalEngine
+from cluster.sampling import SamplingParams
+from tests.conftest import HFCheckpoint, cluster_config
+from tests.test_parity_hf import hf_greedy, prompt_ids
+
+GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_local_engine_on_cuda_matches_transformers(hf_small: HFCheckpoint, dtype: str) -> None:
+    engine = LocalEngine.from_config(EngineConfig(model=str(hf_small.path), device="cuda", dtype=dtype,
+                                                  progress=False, num_kv_blocks=128))
+    try:
+        assert engine.engine.device.type == "cuda"
+        ids = prompt_ids(96, 40, seed=1)
+        model = hf_small.model.to("cuda", getattr(torch, dtype))
+        with torch.no_grad():
+            expected = model(torch.tensor([ids], device="cuda")).logits[0].float()
+        ours = engine.score([ids])[0]
+        tolerance = 1e-4 if dtype == "float32" else 0.05 * expected.abs().max().item()
+        assert (ours - expected).abs().max().item() <= tolerance
+        if dtype == "float32":
+            got = engine.generate([ids], GREEDY)[0].completions[0].token_ids
+            hf_small.model.to("cpu", torch.float32)
+            assert got == hf_greedy(hf_small, ids, 32)
+    finally:
+        hf_small.model.to("cpu", torch.float32)
+        engine.shutdown()
+
+
+@pytest.mark.multigpu
+def test_cluster_over_nccl_equals_local_engine(hf_small: HFCheckpoint) -> None:
+    import ray
+
+    from cluster.cluster_engine import ClusterEngine
+    from tests.test_cluster import assert_same_outputs
+
+    gpus = torch.cuda.device_count()
+    experts_per_worker = -(-8 // (gpus - 1))  # the coordinator takes one GPU, the workers the rest
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=16, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    engine_cfg = EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=128)
+    cluster = ClusterEngine.start(engine_cfg, cluster_config(experts_per_worker=experts_per_worker))
+    local = LocalEngine.from_config(engine_cfg.with_(device="cuda"))
+    try:
+        assert cluster.info["backend"] == "nccl" and cluster.info["exchange"] == "collective"
+        assert all(w["device"].startswith("cuda") for w in cluster.info["workers"])
+        assert_same_outputs(cluster, local, 96)
+    finally:
+        cluster.shutdown()
+        local.shutdown()
+        ray.shutdown()
