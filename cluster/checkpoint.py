@@ -30,12 +30,10 @@ INDEX_FILE = "model.safetensors.index.json"
 
 @dataclass
 class LayerWeights:
-    """Non-expert weights of one decoder layer. Shapes: (H,), (Q*D, H), (KV*D, H) x2, (H, Q*D), (H,), (E, H)."""
+    """Non-expert weights of one decoder layer. Shapes: (H,), ((Q+2KV)*D, H), (H, Q*D), (H,), (E, H)."""
 
     attn_norm: Tensor
-    wq: Tensor
-    wk: Tensor
-    wv: Tensor
+    wqkv: Tensor  # q_proj, k_proj, v_proj stacked: one matmul instead of three
     wo: Tensor
     moe_norm: Tensor
     gate: Tensor
@@ -166,8 +164,8 @@ def load_coordinator_weights(ckpt: Checkpoint, cfg: ModelConfig, dtype: torch.dt
     for layer in range(cfg.num_layers):
         p = layer_prefix(layer)
         layers.append(LayerWeights(
-            attn_norm=t[f"{p}.input_layernorm.weight"], wq=t[f"{p}.self_attn.q_proj.weight"],
-            wk=t[f"{p}.self_attn.k_proj.weight"], wv=t[f"{p}.self_attn.v_proj.weight"],
+            attn_norm=t[f"{p}.input_layernorm.weight"],
+            wqkv=torch.cat([t.pop(f"{p}.self_attn.{n}_proj.weight") for n in ("q", "k", "v")]),
             wo=t[f"{p}.self_attn.o_proj.weight"], moe_norm=t[f"{p}.post_attention_layernorm.weight"],
             gate=t[f"{p}.block_sparse_moe.gate.weight"]))
     embed = t["model.embed_tokens.weight"]

@@ -70,9 +70,10 @@ class DistributedMoE:
         plan = plan_dispatch(weights, expert_ids, self.expert_map.dispatch_rank)  # 2
         self.stats.record(layer, plan.rows_per_expert)
         rows = x[plan.row_token]  # (R, H), grouped by worker, then local expert
+        rows_per_expert = plan.rows_per_expert.tolist()
         counts, start = [], 0
         for experts in self.expert_map.workers:
-            counts.append(plan.rows_per_expert[start:start + len(experts)])
+            counts.append(rows_per_expert[start:start + len(experts)])
             start += len(experts)
         self.timings["route"] += time.perf_counter() - started
         out_rows = self._guarded("exchange", lambda: self.link.exchange(counts, rows, x.shape[0]))  # 3, 4, 5, 6

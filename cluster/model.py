@@ -96,17 +96,15 @@ def build_step_batch(chunks: Sequence[SeqChunk], block_size: int, sliding_window
     decodes = [chunks[i] for i in order if len(chunks[i].token_ids) == 1]
     decode = None
     if decodes:
-        width = max(len(key_range(c)) for c in decodes)
-        slots = torch.zeros(len(decodes), width, dtype=torch.long)
-        k_pos = torch.zeros(len(decodes), width, dtype=torch.long)
-        valid = torch.zeros(len(decodes), width, dtype=torch.bool)
-        for b, c in enumerate(decodes):
-            keys = key_range(c)
-            slots[b, : len(keys)] = torch.tensor(_slots(c.block_table, keys, block_size))
-            k_pos[b, : len(keys)] = torch.tensor(keys)
-            valid[b, : len(keys)] = True
-        q_pos = torch.tensor([[c.start] for c in decodes])  # (Bd, 1)
-        mask = attention_mask(q_pos, k_pos, valid, sliding_window)  # (Bd, 1, S)
+        q_pos = torch.tensor([c.start for c in decodes])  # (Bd,)
+        key_start = (q_pos - sliding_window + 1).clamp(min=0) if sliding_window else torch.zeros_like(q_pos)
+        k_pos = key_start[:, None] + torch.arange(int((q_pos - key_start).max()) + 1)[None, :]  # (Bd, S)
+        valid = k_pos <= q_pos[:, None]
+        k_pos = torch.where(valid, k_pos, 0)  # padding keys read slot of position 0, masked out
+        width = max(len(c.block_table) for c in decodes)
+        tables = torch.tensor([[*c.block_table, *[0] * (width - len(c.block_table))] for c in decodes])
+        slots = tables.gather(1, k_pos // block_size) * block_size + k_pos % block_size  # (Bd, S)
+        mask = attention_mask(q_pos[:, None], k_pos, valid, sliding_window)  # (Bd, 1, S)
         decode = DecodeGroup(rows=len(decodes), key_slots=slots.to(device), mask=mask[:, None].to(device))
     prefills = []
     for i in order[len(decodes):]:
@@ -123,9 +121,10 @@ def build_step_batch(chunks: Sequence[SeqChunk], block_size: int, sliding_window
     chunk_logit_rows: list[list[int]] = []
     for i, c in enumerate(chunks):
         first, n = row_of_chunk[i], len(c.token_ids)
-        rows = {"last": [first + n - 1], "all": list(range(first, first + n)), "none": []}[c.logits]
+        rows = [first + n - 1] if c.logits == "last" else list(range(first, first + n)) if c.logits == "all" else []
         chunk_logit_rows.append(list(range(len(logits_rows), len(logits_rows) + len(rows))))
         logits_rows.extend(rows)
+
     def as_long(values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
@@ -161,10 +160,11 @@ class MixtralTransformer:
     def _attention(self, layer: int, x: Tensor, cos: Tensor, sin: Tensor, batch: StepBatch,
                    cache: PagedKVCache) -> Tensor:
         cfg, lw = self.cfg, self.w.layers[layer]
-        n = x.shape[0]
-        q = apply_rope(F.linear(x, lw.wq).view(n, cfg.num_heads, cfg.head_dim), cos, sin)  # (T, Q, D)
-        k = apply_rope(F.linear(x, lw.wk).view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # (T, KV, D)
-        v = F.linear(x, lw.wv).view(n, cfg.num_kv_heads, cfg.head_dim)  # (T, KV, D)
+        n, q_dim, kv_dim = x.shape[0], cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q, k, v = F.linear(x, lw.wqkv).split([q_dim, kv_dim, kv_dim], dim=-1)  # (T, Q*D), (T, KV*D) x2
+        q = apply_rope(q.view(n, cfg.num_heads, cfg.head_dim), cos, sin)  # (T, Q, D)
+        k = apply_rope(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # (T, KV, D)
+        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)  # (T, KV, D)
         cache.write(layer, batch.slot_mapping, k, v)
         k_cache, v_cache = cache.k[layer], cache.v[layer]  # (slots, KV, D)
         out = torch.empty_like(q)  # (T, Q, D)

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from cluster.ops import combine, expert_swiglu, route
+from cluster.ops import combine, expert_swiglu, grouped_expert_swiglu, route
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class DispatchPlan:
 
     row_token: Tensor  # (R,) token index of each row
     row_weight: Tensor  # (R,) float32 routing weight of each row
-    rows_per_expert: list[int]  # (E,) row count of each expert, in dispatch order
+    rows_per_expert: Tensor  # (E,) int64 row count of each expert, in dispatch order
 
 
 def plan_dispatch(weights: Tensor, expert_ids: Tensor, dispatch_rank: Tensor) -> DispatchPlan:
@@ -78,8 +79,7 @@ def plan_dispatch(weights: Tensor, expert_ids: Tensor, dispatch_rank: Tensor) ->
     slot = dispatch_rank.to(expert_ids.device)[expert_ids.reshape(-1)]  # (R,) dispatch slot per row
     order = torch.argsort(slot, stable=True)  # (R,) rows grouped by slot, token order kept
     counts = torch.bincount(slot, minlength=dispatch_rank.numel())
-    return DispatchPlan(row_token=order // top_k, row_weight=weights.reshape(-1)[order],
-                        rows_per_expert=counts.tolist())
+    return DispatchPlan(row_token=order // top_k, row_weight=weights.reshape(-1)[order], rows_per_expert=counts)
 
 
 @dataclass
@@ -97,11 +97,14 @@ class LocalExperts:
     def n_local_experts(self) -> int:
         return len(self.expert_ids)
 
-    def run_grouped(self, layer: int, rows: Tensor, rows_per_local_expert: Sequence[int]) -> Tensor:
-        """rows (R_w, H) grouped by local expert -> expert outputs (R_w, H), same order."""
+    def run_grouped(self, layer: int, rows: Tensor, rows_per_local_expert: Tensor) -> Tensor:
+        """rows (R_w, H) grouped by local expert, rows_per_local_expert (n_local,) -> outputs (R_w, H)."""
+        if grouped_mm_supported(rows):
+            offsets = rows_per_local_expert.cumsum(0).to(device=rows.device, dtype=torch.int32)
+            return grouped_expert_swiglu(rows, self.w13[layer], self.w2[layer], offsets)
         out = torch.empty_like(rows)
         start = 0
-        for local_id, count in enumerate(rows_per_local_expert):
+        for local_id, count in enumerate(rows_per_local_expert.tolist()):
             if count:
                 end = start + count
                 out[start:end] = expert_swiglu(rows[start:end], self.w13[layer][local_id],
@@ -110,17 +113,33 @@ class LocalExperts:
         return out
 
 
+def grouped_mm_supported(x: Tensor) -> bool:
+    """torch's grouped matmul: on CPUs for every dtype; on CUDA for bfloat16 on Hopper and newer."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
 class RoutingStats:
     """Rows routed to each global expert of each layer, accumulated (for the engine's statistics)."""
 
     def __init__(self, num_layers: int, expert_map: ExpertMap) -> None:
-        self.dispatch_order = expert_map.dispatch_order
-        self.counts = [[0] * expert_map.num_experts for _ in range(num_layers)]
+        self.dispatch_order = torch.tensor(expert_map.dispatch_order)
+        self._counts = torch.zeros(num_layers, expert_map.num_experts, dtype=torch.long)
 
-    def record(self, layer: int, rows_per_expert: Sequence[int]) -> None:
-        row = self.counts[layer]
-        for expert, count in zip(self.dispatch_order, rows_per_expert, strict=True):
-            row[expert] += count
+    def record(self, layer: int, rows_per_expert: Tensor) -> None:
+        """rows_per_expert (E,) in dispatch order; stays on its device until read (no sync per layer)."""
+        if self._counts.device != rows_per_expert.device:
+            self._counts = self._counts.to(rows_per_expert.device)
+            self.dispatch_order = self.dispatch_order.to(rows_per_expert.device)
+        self._counts[layer].index_add_(0, self.dispatch_order, rows_per_expert)
+
+    @property
+    def counts(self) -> list[list[int]]:
+        """[layer][global expert] rows routed so far."""
+        return [[int(v) for v in row] for row in self._counts.tolist()]
 
 
 class LocalMoE:

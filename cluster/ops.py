@@ -80,6 +80,15 @@ def expert_swiglu(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
     return F.linear(F.silu(gate) * up, w2)
 
 
+def grouped_expert_swiglu(x: Tensor, w13: Tensor, w2: Tensor, offsets: Tensor) -> Tensor:
+    """``expert_swiglu`` for E experts at once, each on its own group of rows, as two grouped matmuls.
+
+    x (R, H) grouped by expert, w13 (E, 2I, H), w2 (E, H, I), offsets (E,) int32: end row of each group.
+    """
+    gate, up = F.grouped_mm(x, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # (R, I) each
+    return F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)
+
+
 def combine(expert_out: Tensor, row_weights: Tensor, row_token: Tensor, num_tokens: int) -> Tensor:
     """Weighted sum of expert outputs back onto tokens.
 

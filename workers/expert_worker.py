@@ -144,9 +144,8 @@ class ExpertWorker:
                 if op == OP_FORWARD:
                     for layer in range(layers):
                         counts, rows = link.recv_layer(tokens)
-                        counts = counts[:n_local]
                         started = time.perf_counter()
-                        out = self.experts.run_grouped(layer, rows, counts)
+                        out = self.experts.run_grouped(layer, rows, torch.tensor(counts[:n_local]))
                         if out.is_cuda:
                             torch.cuda.synchronize()
                         self.compute_seconds += time.perf_counter() - started
