@@ -8,8 +8,8 @@ Per layer, on the coordinator (rank 0):
   1. route: top-k softmax gate -> (weights, expert_ids)                          [ops.route]
   2. group the token rows by destination worker, then local expert             [moe.plan_dispatch]
   3. exchange counts: each worker learns how many rows each of its experts gets
-  4. send the rows (one uneven all-to-all; only rank 0's splits are non-zero; small steps carry the
-     counts and the rows in one message, see transport.RowLayout)
+  4. send the rows (one uneven all-to-all; only rank 0's splits are non-zero; in the sparse form the
+     counts and the rows travel in one message, to the workers that have rows only)
   5. each worker runs its experts on its rows (workers/expert_worker.py)
   6. receive the results (the reverse all-to-all), in the order the rows were sent
   7. combine: weight each row, add it to its token                             [ops.combine]
@@ -29,7 +29,7 @@ from torch import Tensor
 from cluster.errors import WorkerFailure
 from cluster.moe import ExpertMap, RoutingStats, plan_dispatch
 from cluster.ops import combine, route
-from cluster.transport import OP_FORWARD, OP_NOOP, OP_SHUTDOWN, CoordinatorLink, leave_group
+from cluster.transport import OP_NOOP, OP_SHUTDOWN, CoordinatorLink, leave_group
 
 # Turns an exception raised by a collective into a WorkerFailure naming the member at fault.
 Diagnose = Callable[[BaseException], WorkerFailure]
@@ -62,7 +62,7 @@ class DistributedMoE:
     def begin_step(self, num_tokens: int) -> None:
         self._step += 1
         self.timings["steps"] += 1
-        self._guarded("control", lambda: self.link.send_control(OP_FORWARD, self.num_layers, self._step, num_tokens))
+        self._guarded("control", lambda: self.link.begin_step(self.num_layers, num_tokens))
 
     def moe(self, layer: int, x: Tensor, gate_weight: Tensor) -> Tensor:
         started = time.perf_counter()
@@ -76,7 +76,7 @@ class DistributedMoE:
             counts.append(rows_per_expert[start:start + len(experts)])
             start += len(experts)
         self.timings["route"] += time.perf_counter() - started
-        out_rows = self._guarded("exchange", lambda: self.link.exchange(counts, rows, x.shape[0]))  # 3, 4, 5, 6
+        out_rows = self._guarded("exchange", lambda: self.link.exchange(layer, counts, rows))  # 3, 4, 5, 6
         assert out_rows is not None
         started = time.perf_counter()
         out = combine(out_rows, plan.row_weight, plan.row_token, x.shape[0])  # 7

@@ -75,7 +75,7 @@ class ClusterConfig:
     heartbeat_s: float = 2.0  # idle workers are pinged this often through the process group
     backend: str = "auto"  # "auto" (nccl when all members use CUDA, else gloo), "gloo", "nccl"
     exchange: str = "auto"  # "auto" (collective on nccl, sparse on gloo), "collective", "sparse"
-    inline_message_bytes: int = 256 * 1024  # sparse exchange: steps whose padded messages fit send one per worker
+    inline_message_bytes: int = 16 * 1024  # sparse exchange: rows up to this size travel inside the work message
     placement_strategy: str = "PACK"  # Ray placement group strategy for the cluster's bundles
     threads_per_actor: int | None = None  # torch intra-op threads per actor; None: max(1, worker_num_cpus)
     start_timeout_s: float = 300.0  # loading weights and joining the process group must end within this

@@ -1,18 +1,21 @@
 """The process group of one expert-parallel cluster and the exchanges that run over it.
 
-Rank 0 is the coordinator, ranks 1..N are the expert workers. Every exchange is coordinator-centric: in an
-all-to-all of MoE rows only rank 0's send and receive splits are non-zero. Two implementations of the same
-exchange, chosen once at start-up and identical in result:
+Rank 0 is the coordinator, ranks 1..N are the expert workers. Every exchange is coordinator-centric: in the
+all-to-all of a layer's MoE rows only rank 0's send and receive splits are non-zero. Two implementations of
+the same exchange, chosen once at start-up, identical in result:
 
-  * ``collective``: ``broadcast`` for control, ``all_to_all_single`` (uneven splits) for counts, rows and
-    results. NCCL runs these as grouped send/recv, so this is the default on GPUs.
-  * ``sparse``: the same all-to-all with its empty splits skipped - point-to-point isend/irecv between rank 0
-    and each worker. gloo's all_to_all_single exchanges a message between every pair of ranks even for
-    empty splits (5.4 ms per call at 9 ranks on a 2-core machine, against 0.9 ms for the sparse form),
-    so this is the default on CPUs.
+  * ``collective``: a broadcast control message per step, then per layer ``all_to_all_single`` (uneven
+    splits) for counts, rows and results; every member takes part in every call. NCCL runs these as grouped
+    send/recv, so this is the default on GPUs.
+  * ``sparse``: the same all-to-all with its empty splits skipped, as point-to-point messages. Each message
+    from rank 0 to a worker has a fixed size and says what it is (a layer's counts and rows, a heartbeat,
+    shutdown), so only workers that have rows in a layer are sent anything and woken. gloo's
+    all_to_all_single sends a message between every pair of ranks even for empty splits (5.4 ms per call at
+    9 ranks on a 2-core machine, against under 1 ms for the sparse form), so this is the default on CPUs.
 
-Shape legend: R rows (token, expert) sent to all workers, H hidden, W world size (1 + workers),
-L_max the most experts one worker hosts.
+Every receive knows its exact size in advance (no reliance on a transport accepting short messages).
+Shape legend: R rows (token, expert) of a layer, H hidden, W world size (1 + workers), L the most experts one
+worker hosts, C the rows that fit inline in a sparse message.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-# Control messages: [op, arg0, arg1, arg2] as int64.
+# Kinds of control (both modes) and of sparse messages.
 OP_NOOP = 0  # heartbeat while idle
-OP_FORWARD = 1  # run the MoE of every layer once; arg0 = layers, arg1 = step id, arg2 = tokens in the step
+OP_FORWARD = 1  # collective: run every layer once (args: layers, tokens); sparse: a layer's work
 OP_SHUTDOWN = 2  # leave the loop
 OP_REJOIN = 3  # leave the loop and wait to join a rebuilt process group
-CONTROL_WIDTH = 4
+CONTROL_WIDTH = 4  # collective control message: [op, layers, tokens, 0]
+HEADER_FIELDS = 4  # sparse header: [op, layer, rows that follow in a second message, 0], then L counts
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,8 @@ class Rendezvous:
     backend: str  # "gloo" | "nccl"
     exchange: str  # "collective" | "sparse"
     timeout_s: float
-    max_local_experts: int  # the most experts one worker hosts (counts messages are padded to it)
-    inline_limit_bytes: int  # see RowLayout
+    max_local_experts: int  # the most experts one worker hosts (counts are padded to it)
+    inline_limit_bytes: int  # sparse messages carry up to this many bytes of rows inline
     epoch: int = 0  # bumped each time the group is rebuilt (failure recovery)
 
     @property
@@ -93,24 +97,46 @@ def leave_group() -> None:
 
 @dataclass(frozen=True)
 class RowLayout:
-    """What both ends know about a layer's messages, so every receive has its exact size in advance."""
+    """What both ends know about messages, so that every receive has its exact size in advance."""
 
     hidden: int
     dtype: torch.dtype
-    top_k: int
     max_local_experts: int
     inline_limit_bytes: int
 
     @property
     def header_bytes(self) -> int:
-        return 8 * self.max_local_experts  # int64 counts
+        return 8 * (HEADER_FIELDS + self.max_local_experts)
 
-    def inline_rows(self, num_tokens: int) -> int:
-        """Rows a worker can receive in a step of ``num_tokens`` tokens, if small enough to pad every message
-        to that capacity (counts and rows then travel as one message); 0 means two messages."""
-        capacity = num_tokens * min(self.top_k, self.max_local_experts)
-        size = self.header_bytes + capacity * self.hidden * self.dtype.itemsize
-        return capacity if size <= self.inline_limit_bytes else 0
+    @property
+    def inline_rows(self) -> int:  # C
+        return self.inline_limit_bytes // (self.hidden * self.dtype.itemsize)
+
+    @property
+    def message_bytes(self) -> int:
+        return self.header_bytes + self.inline_rows * self.hidden * self.dtype.itemsize
+
+    def pack(self, op: int, layer: int, counts: Sequence[int], rows: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """A sparse message (uint8, fixed size), and the rows to send after it when they do not fit inline."""
+        msg = torch.zeros(self.message_bytes, dtype=torch.uint8)
+        n = 0 if rows is None else rows.shape[0]
+        inline = n <= self.inline_rows
+        header = [op, layer, 0 if inline else n, 0, *counts, *[0] * (self.max_local_experts - len(counts))]
+        msg[: self.header_bytes] = torch.tensor(header, dtype=torch.long).view(torch.uint8)
+        if rows is not None and n and inline:
+            msg[self.header_bytes:self.header_bytes + rows.numel() * rows.element_size()] = \
+                rows.contiguous().view(-1).view(torch.uint8)
+        return msg, (None if inline else rows)
+
+
+@dataclass
+class Work:
+    """What a worker is told to do next: ``op``; for OP_FORWARD, a layer with its counts and rows."""
+
+    op: int
+    layer: int = 0
+    counts: list[int] | None = None
+    rows: Tensor | None = None  # (R_w, H), grouped by local expert
 
 
 class CoordinatorLink:
@@ -118,67 +144,59 @@ class CoordinatorLink:
 
     def __init__(self, rdv: Rendezvous, device: torch.device, layout: RowLayout) -> None:
         self.rdv = rdv
-        self.device = device
+        self.device = device  # where the link's tensors live (CPU for gloo)
         self.layout = layout
         self.workers = list(range(1, rdv.world_size))
         self.sparse = rdv.exchange == "sparse"
 
     def send_control(self, op: int, *args: int) -> None:
-        msg = torch.tensor([op, *args, *[0] * (CONTROL_WIDTH - 1 - len(args))], dtype=torch.long,
-                           device=self.device)
+        """To every worker: heartbeat, shutdown, rejoin (and, collective only, the start of a step)."""
         if self.sparse:
+            msg, _ = self.layout.pack(op, 0, [], None)
             _wait_all([(w, dist.isend(msg, w)) for w in self.workers])
         else:
-            dist.broadcast(msg, 0)
+            dist.broadcast(torch.tensor([op, *args, *[0] * (CONTROL_WIDTH - 1 - len(args))], dtype=torch.long,
+                                        device=self.device), 0)
 
-    def exchange(self, counts: Sequence[Sequence[int]], rows: Tensor, num_tokens: int) -> Tensor:
-        """Steps 3-6 of a layer: send counts[w] (rows per local expert of worker w+1) and the rows (R, H),
+    def begin_step(self, num_layers: int, num_tokens: int) -> None:
+        if not self.sparse:  # sparse messages describe themselves: no step announcement needed
+            self.send_control(OP_FORWARD, num_layers, num_tokens)
+
+    def exchange(self, layer: int, counts: Sequence[Sequence[int]], rows: Tensor) -> Tensor:
+        """Steps 3-6 of a layer: give worker w+1 its counts[w] (rows per local expert) and its rows (R, H),
         grouped by worker; receive each worker's results (R, H) in the same order."""
         model_device = rows.device
-        rows = rows.to(self.device)  # gloo moves CPU tensors only
+        rows = rows.to(self.device)
         rows_per_worker = [sum(c) for c in counts]
-        table = torch.zeros(len(self.workers), self.layout.max_local_experts, dtype=torch.long)  # (W-1, L_max)
-        for w, row in enumerate(counts):
-            table[w, : len(row)] = torch.tensor(row, dtype=torch.long)
         out = torch.empty_like(rows)
         if self.sparse:
-            self._exchange_sparse(table, rows, rows_per_worker, out, num_tokens)
+            sends: list[tuple[int, Any]] = []
+            recvs: list[tuple[int, Any]] = []
+            start = 0
+            for w, n in enumerate(rows_per_worker):
+                if n:  # a worker with no rows in this layer is not sent anything, nor woken
+                    msg, extra = self.layout.pack(OP_FORWARD, layer, counts[w], rows[start:start + n])
+                    sends.append((w + 1, dist.isend(msg, w + 1)))
+                    if extra is not None:
+                        sends.append((w + 1, dist.isend(extra.contiguous(), w + 1)))
+                    recvs.append((w + 1, dist.irecv(out[start:start + n], w + 1)))
+                start += n
+            _wait_all(sends + recvs)
         else:
+            table = torch.zeros(len(self.workers) + 1, self.layout.max_local_experts, dtype=torch.long)  # (W, L)
+            for w, row in enumerate(counts):
+                table[w + 1, : len(row)] = torch.tensor(row, dtype=torch.long)
             table = table.to(self.device)
-            send = torch.cat([torch.zeros_like(table[:1]), table])  # (W, L_max): nothing for rank 0 itself
-            dist.all_to_all_single(torch.empty_like(send), send)
+            dist.all_to_all_single(torch.empty_like(table), table)
             splits = [0, *rows_per_worker]
             empty = rows.new_empty((0, rows.shape[1]))
             dist.all_to_all_single(empty, rows, output_split_sizes=[0] * len(splits), input_split_sizes=splits)
             dist.all_to_all_single(out, empty, output_split_sizes=splits, input_split_sizes=[0] * len(splits))
         return out.to(model_device)
 
-    def _exchange_sparse(self, table: Tensor, rows: Tensor, rows_per_worker: list[int], out: Tensor,
-                         num_tokens: int) -> None:
-        capacity = self.layout.inline_rows(num_tokens)
-        header = self.layout.header_bytes
-        sends: list[tuple[int, Any]] = []
-        recvs: list[tuple[int, Any]] = []
-        start = 0
-        for w, n in enumerate(rows_per_worker):
-            chunk = rows[start:start + n]
-            if capacity:  # one message: counts header, then the rows padded to capacity
-                msg = torch.empty(header + capacity * rows.shape[1] * rows.element_size(), dtype=torch.uint8)
-                msg[:header] = table[w].view(torch.uint8)
-                msg[header:header + chunk.numel() * chunk.element_size()] = chunk.reshape(-1).view(torch.uint8)
-                sends.append((w + 1, dist.isend(msg, w + 1)))
-            else:  # two messages: counts, then exactly the rows
-                sends.append((w + 1, dist.isend(table[w].contiguous(), w + 1)))
-                if n:
-                    sends.append((w + 1, dist.isend(chunk, w + 1)))
-            if n:
-                recvs.append((w + 1, dist.irecv(out[start:start + n], w + 1)))
-            start += n
-        _wait_all(sends + recvs)
-
 
 class WorkerLink:
-    """A worker's side of the exchanges (rank >= 1)."""
+    """A worker's side (rank >= 1): ``next_work`` hides which protocol is in use."""
 
     def __init__(self, rdv: Rendezvous, rank: int, device: torch.device, layout: RowLayout) -> None:
         self.rdv = rdv
@@ -187,42 +205,49 @@ class WorkerLink:
         self.layout = layout
         self.sparse = rdv.exchange == "sparse"
         self.world = rdv.world_size
+        self._layers_left = 0  # collective: layers of the current step still to run
+        self._next_layer = 0
 
-    def recv_control(self) -> list[int]:
-        msg = torch.empty(CONTROL_WIDTH, dtype=torch.long, device=self.device)
-        if self.sparse:
-            dist.recv(msg, 0)
+    def next_work(self) -> Work:
+        return self._next_sparse() if self.sparse else self._next_collective()
+
+    def _next_sparse(self) -> Work:
+        layout = self.layout
+        msg = torch.empty(layout.message_bytes, dtype=torch.uint8)
+        dist.recv(msg, 0)
+        header = [int(v) for v in msg[: layout.header_bytes].view(torch.long).tolist()]
+        op, layer, extra = header[0], header[1], header[2]
+        if op != OP_FORWARD:
+            return Work(op)
+        counts = header[HEADER_FIELDS:]
+        n = sum(counts)
+        if extra:
+            rows = torch.empty(n, layout.hidden, dtype=layout.dtype)
+            dist.recv(rows, 0)
         else:
-            dist.broadcast(msg, 0)
-        return [int(v) for v in msg.tolist()]
+            rows = msg[layout.header_bytes:].view(layout.dtype).view(layout.inline_rows, layout.hidden)[:n]
+        return Work(OP_FORWARD, layer, counts, rows)
 
-    def recv_layer(self, num_tokens: int) -> tuple[list[int], Tensor]:
-        """This worker's counts (rows per local expert) and its rows (R_w, H) for one layer."""
-        hidden, dtype, max_local = self.layout.hidden, self.layout.dtype, self.layout.max_local_experts
-        if self.sparse:
-            capacity = self.layout.inline_rows(num_tokens)
-            if capacity:
-                header = self.layout.header_bytes
-                msg = torch.empty(header + capacity * hidden * dtype.itemsize, dtype=torch.uint8)
-                dist.recv(msg, 0)
-                counts = [int(v) for v in msg[:header].view(torch.long).tolist()]
-                rows = msg[header:].view(dtype).view(capacity, hidden)[: sum(counts)]
-                return counts, rows
-            table = torch.empty(max_local, dtype=torch.long)
-            dist.recv(table, 0)
-            counts = [int(v) for v in table.tolist()]
-            rows = torch.empty(sum(counts), hidden, dtype=dtype)
-            if rows.shape[0]:
-                dist.recv(rows, 0)
-            return counts, rows
-        recv = torch.empty(self.world, max_local, dtype=torch.long, device=self.device)  # (W, L_max)
-        dist.all_to_all_single(recv, torch.zeros_like(recv))
-        counts = [int(v) for v in recv[0].tolist()]
+    def _next_collective(self) -> Work:
+        while self._layers_left == 0:
+            control = torch.empty(CONTROL_WIDTH, dtype=torch.long, device=self.device)
+            dist.broadcast(control, 0)
+            op, layers = (int(v) for v in control[:2].tolist())
+            if op != OP_FORWARD:
+                return Work(op)
+            self._layers_left, self._next_layer = layers, 0
+        hidden, max_local = self.layout.hidden, self.layout.max_local_experts
+        table = torch.empty(self.world, max_local, dtype=torch.long, device=self.device)  # (W, L)
+        dist.all_to_all_single(table, torch.zeros_like(table))
+        counts = [int(v) for v in table[0].tolist()]
         zeros = [0] * self.world
-        rows = torch.empty(sum(counts), hidden, dtype=dtype, device=self.device)
+        rows = torch.empty(sum(counts), hidden, dtype=self.layout.dtype, device=self.device)
         dist.all_to_all_single(rows, rows.new_empty((0, hidden)), output_split_sizes=[rows.shape[0], *zeros[1:]],
                                input_split_sizes=zeros)
-        return counts, rows
+        layer = self._next_layer
+        self._layers_left -= 1
+        self._next_layer += 1
+        return Work(OP_FORWARD, layer, counts, rows)
 
     def send_results(self, out: Tensor) -> None:
         if self.sparse:

@@ -46,11 +46,11 @@ def parity_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[H
 
 
 @pytest.mark.parametrize(("name", "experts_per_worker", "exchange", "inline_bytes"), [
-    ("e8-top2-gqa4-window8-untied-sharded", 1, "auto", 256 * 1024),
-    ("e8-top2-gqa4-window8-untied-sharded", 2, "collective", 256 * 1024),
-    ("e8-top2-gqa4-window8-untied-sharded", 8, "auto", 256 * 1024),
+    ("e8-top2-gqa4-window8-untied-sharded", 1, "auto", 16 * 1024),
+    ("e8-top2-gqa4-window8-untied-sharded", 2, "collective", 16 * 1024),
+    ("e8-top2-gqa4-window8-untied-sharded", 8, "auto", 16 * 1024),
     ("e4-top1-gqa1-window16-tied-single", 1, "sparse", 0),  # counts and rows always as two messages
-    ("e4-top1-gqa1-window16-tied-single", 3, "auto", 2048),  # decode steps inline, prefill steps not
+    ("e4-top1-gqa1-window16-tied-single", 3, "auto", 2048),  # 16 rows inline: decodes inline, prefills not
 ])
 def test_cluster_equals_local_engine(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]], name: str,
                                      experts_per_worker: int, exchange: str, inline_bytes: int) -> None:

@@ -41,8 +41,7 @@ log = logging.getLogger("moe_cluster.worker")
 
 
 def row_layout(model_cfg: ModelConfig, dtype: torch.dtype, rdv: Rendezvous) -> RowLayout:
-    return RowLayout(model_cfg.hidden_size, dtype, model_cfg.experts_per_token, rdv.max_local_experts,
-                     rdv.inline_limit_bytes)
+    return RowLayout(model_cfg.hidden_size, dtype, rdv.max_local_experts, rdv.inline_limit_bytes)
 
 
 def actor_device() -> torch.device:
@@ -65,7 +64,7 @@ class ExpertWorker:
         self.rank: int | None = None
         self.loop_error: str | None = None
         self.in_loop = False
-        self.steps = 0
+        self.layers_run = 0
         self.compute_seconds = 0.0
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run_jobs, name=f"expert-worker-{worker_index}", daemon=True)
@@ -140,23 +139,22 @@ class ExpertWorker:
         n_local = self.experts.n_local_experts
         try:
             while True:
-                op, layers, _, tokens = link.recv_control()
-                if op == OP_FORWARD:
-                    for layer in range(layers):
-                        counts, rows = link.recv_layer(tokens)
-                        started = time.perf_counter()
-                        out = self.experts.run_grouped(layer, rows, torch.tensor(counts[:n_local]))
-                        if out.is_cuda:
-                            torch.cuda.synchronize()
-                        self.compute_seconds += time.perf_counter() - started
-                        link.send_results(out)
-                    self.steps += 1
-                elif op == OP_NOOP:
+                work = link.next_work()
+                if work.op == OP_FORWARD:
+                    assert work.counts is not None and work.rows is not None
+                    started = time.perf_counter()
+                    out = self.experts.run_grouped(work.layer, work.rows, torch.tensor(work.counts[:n_local]))
+                    if out.is_cuda:
+                        torch.cuda.synchronize()
+                    self.compute_seconds += time.perf_counter() - started
+                    link.send_results(out)
+                    self.layers_run += 1
+                elif work.op == OP_NOOP:
                     continue
-                elif op in (OP_SHUTDOWN, OP_REJOIN):
+                elif work.op in (OP_SHUTDOWN, OP_REJOIN):
                     break
                 else:
-                    raise RuntimeError(f"unknown control op {op}")
+                    raise RuntimeError(f"unknown control op {work.op}")
         except Exception as err:  # the coordinator learns of it through ping() and the failed collective
             self.loop_error = f"{type(err).__name__}: {err}".splitlines()[0]
             log.warning("expert worker %d left its loop: %s", self.worker_index, self.loop_error)
@@ -166,14 +164,14 @@ class ExpertWorker:
             leave_group()
 
     def ping(self) -> dict[str, Any]:
-        return {"loop_alive": self.in_loop, "error": self.loop_error, "steps": self.steps}
+        return {"loop_alive": self.in_loop, "error": self.loop_error, "layers_run": self.layers_run}
 
     def timings(self) -> dict[str, float]:
-        return {"compute": self.compute_seconds, "steps": float(self.steps)}
+        return {"compute": self.compute_seconds, "layers_run": float(self.layers_run)}
 
     def reset_timings(self) -> None:
         self.compute_seconds = 0.0
-        self.steps = 0
+        self.layers_run = 0
 
     def wait_loop_exit(self, timeout_s: float) -> bool:
         """Wait for the loop to end (after a shutdown or rejoin control message)."""
