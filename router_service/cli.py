@@ -1,0 +1,113 @@
+"""``moe-cluster serve``: deploy the Serve app (defaults from configs/serve.yaml, or --config FILE) on an
+embedded local Ray or an existing cluster, print where it listens, and shut down cleanly on Ctrl-C/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.errors import ClusterStartError
+
+log = logging.getLogger("moe_cluster.serve")
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "serve.yaml"
+DEMO_DIR = Path("~/.cache/moe-cluster/demo").expanduser()
+METRICS_PORT = 8080
+
+
+def load_serve_config(path: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"cannot read Serve config {path}: {err}") from None
+    if not isinstance(config, dict) or not config.get("applications"):
+        raise ValueError(f"Serve config {path} has no applications")
+    return config
+
+
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The Serve config to deploy: the file's, with the command-line flags applied on top."""
+    config = copy.deepcopy(load_serve_config(Path(args.config) if args.config else DEFAULT_CONFIG))
+    app = config["applications"][0]
+    app_args = app.setdefault("args", {})
+    if args.model:
+        app_args["model"] = str(Path(args.model).expanduser().resolve())
+        if not args.config:
+            app_args["served_model_name"] = Path(args.model).name
+    model_dir = Path(str(app_args.get("model", DEMO_DIR))).expanduser()
+    if not (model_dir / "config.json").exists():
+        if args.model or (args.config and model_dir != DEMO_DIR):
+            raise ValueError(f"model directory {str(model_dir)!r} has no config.json")
+        from cluster.demo import init_demo
+
+        log.info("no model given: writing the demo checkpoint to %s", model_dir)
+        init_demo(model_dir)
+    app_args["model"] = str(model_dir)
+    if args.engine:
+        app_args["engine"] = args.engine
+    if args.num_engines:
+        app_args["num_engines"] = args.num_engines
+    if args.experts_per_worker:
+        app_args.setdefault("cluster_options", {})["experts_per_worker"] = args.experts_per_worker
+    if args.api_key:
+        app_args["api_key_env"] = "MOE_CLUSTER_API_KEY"
+    config.setdefault("http_options", {}).update({"host": args.host, "port": args.http_port})
+    config.setdefault("grpc_options", {})["port"] = args.grpc_port
+    return config
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import os
+
+    import ray
+    from ray import serve
+
+    from router_service.app import build_app
+    from router_service.settings import AppSettings
+
+    config = resolve_config(args)
+    app_cfg = config["applications"][0]
+    settings = AppSettings.from_args(app_cfg["args"])  # validate before starting anything
+    if args.api_key:
+        os.environ["MOE_CLUSTER_API_KEY"] = args.api_key  # inherited by the Ray workers this process starts
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        if args.address:
+            ray.init(address=args.address, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False, num_cpus=max(os.cpu_count() or 1, 16),
+                     _metrics_export_port=METRICS_PORT)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        http, grpc = config["http_options"], config.get("grpc_options", {})
+        serve.start(http_options={k: v for k, v in http.items() if k in ("host", "port", "request_timeout_s")},
+                    grpc_options=grpc)
+        log.info("deploying %s (%s engine, %d engine replica(s))", settings.model_name, settings.engine,
+                 settings.num_engines)
+        serve.run(build_app(app_cfg["args"]), name=app_cfg.get("name", "moe-cluster"),
+                  route_prefix=app_cfg.get("route_prefix", "/"), blocking=False)
+        print(f"HTTP (OpenAI API): http://{http['host']}:{http['port']}/v1  (model {settings.model_name!r})")
+        print(f"gRPC (moe_cluster.v1.GenerationService): {http['host']}:{grpc.get('port', 9000)}")
+        if started_ray and not args.address:
+            print(f"metrics (Prometheus): http://127.0.0.1:{METRICS_PORT}/metrics")
+        print("moe-cluster ready; Ctrl-C to stop", flush=True)
+        while not stop.wait(1.0):
+            pass
+        print("shutting down", flush=True)
+    except ClusterStartError:
+        raise
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            if started_ray:
+                ray.shutdown()
+    return 0

@@ -1,0 +1,105 @@
+"""What the ingress and the engine deployment exchange: a request, and chunks ready to be rendered as
+OpenAI JSON, SSE events or protobuf messages (token texts included, so the ingress needs no tokenizer)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.sampling import SamplingParams, TokenLogprob
+from cluster.sequence import RequestOutput
+from cluster.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    params: SamplingParams
+    prompt: str | list[int] | None = None  # text or token ids ...
+    messages: list[dict[str, Any]] | None = None  # ... or chat messages (rendered with the chat template)
+    deadline: float | None = None  # wall-clock time (time.time()) after which the request is aborted
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.time()
+
+
+@dataclass
+class TokenInfo:
+    token_id: int
+    text: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (token id, text, logprob), best first
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenInfo] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # the stop string / token id; None for EOS or length
+
+
+@dataclass
+class GenerateChunk:
+    request_id: str
+    choices: list[ChoiceDelta]
+    finished: bool = False
+    prompt_token_ids: list[int] | None = None  # first chunk only
+    prompt_text: str | None = None  # first chunk, when echo was asked for
+    prompt_logprobs: list[TokenInfo | None] | None = None  # first chunk, with echo + logprobs
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None  # on the last chunk
+    e2e_s: float | None = None
+
+
+@dataclass
+class Accepted:
+    """First item of every stream: the engine took the request (errors before this are request errors)."""
+
+    request_id: str
+    prompt_tokens: int
+
+
+def token_info(tokenizer: Tokenizer, lp: TokenLogprob) -> TokenInfo:
+    return TokenInfo(lp.token_id, tokenizer.token_text(lp.token_id), lp.logprob,
+                     [(t, tokenizer.token_text(t), v) for t, v in lp.top])
+
+
+def to_chunk(tokenizer: Tokenizer, out: RequestOutput) -> GenerateChunk:
+    choices = [ChoiceDelta(d.index, d.text, list(d.token_ids),
+                           None if d.logprobs is None else [token_info(tokenizer, lp) for lp in d.logprobs],
+                           d.finish_reason, d.stop_reason) for d in out.outputs]
+    chunk = GenerateChunk(out.request_id, choices, out.finished, out.prompt_token_ids,
+                          prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_generated_tokens)
+    if out.prompt_logprobs is not None:
+        chunk.prompt_logprobs = [None if lp is None else token_info(tokenizer, lp) for lp in out.prompt_logprobs]
+    if out.metrics is not None:
+        chunk.ttft_s, chunk.e2e_s = out.metrics.ttft, out.metrics.e2e
+    return chunk
+
+
+def merge(chunks: Sequence[GenerateChunk]) -> GenerateChunk:
+    """Fold a stream's chunks into one (for non-streaming responses)."""
+    first, last = chunks[0], chunks[-1]
+    by_index: dict[int, ChoiceDelta] = {}
+    for chunk in chunks:
+        for d in chunk.choices:
+            c = by_index.setdefault(d.index, ChoiceDelta(d.index, "", [], None))
+            c.text += d.text
+            c.token_ids.extend(d.token_ids)
+            if d.logprobs is not None:
+                c.logprobs = (c.logprobs or []) + d.logprobs
+            if d.finish_reason is not None:
+                c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+    return GenerateChunk(first.request_id, [by_index[i] for i in sorted(by_index)], last.finished,
+                         first.prompt_token_ids, first.prompt_text, first.prompt_logprobs, last.prompt_tokens,
+                         last.completion_tokens, last.ttft_s, last.e2e_s)

@@ -1,0 +1,160 @@
+"""EngineDeployment: a Serve deployment whose replica owns one engine - a cluster (coordinator and expert
+workers, gang-scheduled in the replica's own placement group) or a local engine. Replicas are independent
+expert-parallel groups; the ingress reaches them through a DeploymentHandle (least-loaded routing)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import ray
+from ray import serve
+
+from cluster.engine_loop import EngineDeadError, LocalEngine
+from cluster.moe import ExpertMap
+from cluster.placement import cluster_bundles, use_gpus
+from cluster.sequence import RequestOutput
+from router_service.engine_api import Accepted, GenerateChunk, GenerateRequest, to_chunk
+from router_service.metrics import EngineMetrics, stats_dict
+from router_service.settings import AppSettings
+
+log = logging.getLogger("moe_cluster.serve")
+STATS_INTERVAL_S = 1.0
+
+
+class EngineDeployment:
+    def __init__(self, settings: AppSettings) -> None:
+        self.settings = settings
+        self.engine_id = f"engine-{uuid.uuid4().hex[:6]}"
+        engine_cfg = settings.engine_config()
+        if settings.engine == "local":
+            self.engine: Any = LocalEngine.from_config(engine_cfg)
+        else:
+            from cluster.cluster_engine import ClusterEngine
+
+            pg = ray.util.get_current_placement_group()
+            # Bundle 0 holds this replica; the cluster takes the rest: coordinator, then one per worker.
+            self.engine = ClusterEngine.start(engine_cfg, settings.cluster_config(), placement_group=pg,
+                                              first_bundle=1)
+        self.tokenizer = self.engine.tokenizer
+        self.metrics = EngineMetrics(settings.model_name, self.engine_id)
+        self._sampler: asyncio.Task[None] | None = None  # started by the first async call, on Serve's loop
+        log.info("%s ready: %s engine for %s", self.engine_id, settings.engine, settings.model)
+
+    def _ensure_sampler(self) -> None:
+        if self._sampler is None:
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_stats())
+
+    async def _sample_stats(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            with contextlib.suppress(Exception):
+                self.metrics.sample(await asyncio.to_thread(self.engine.stats))
+
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[Accepted | list[GenerateChunk], None]:
+        """Accepted first (or an exception: a bad request, a full queue, a dead engine), then chunks."""
+        self._ensure_sampler()
+        prompt: str | list[int]
+        if request.messages is not None:
+            prompt = self.tokenizer.encode_chat(request.messages)
+        else:
+            assert request.prompt is not None
+            prompt = request.prompt
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        remaining = request.remaining()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError(f"request {request.request_id} reached its deadline before it started")
+        stream = self.engine.stream_batches(prompt_ids, request.params, request.request_id)
+        async with contextlib.aclosing(stream):
+            first: list[RequestOutput] | None = await self._next(stream, remaining)  # raises request errors
+            yield Accepted(request.request_id, len(prompt_ids))
+            batch = first
+            while batch is not None:
+                chunks = [to_chunk(self.tokenizer, out) for out in batch]
+                if request.params.echo and chunks[0].prompt_token_ids is not None:
+                    chunks[0].prompt_text = (request.prompt if isinstance(request.prompt, str)
+                                             else self.tokenizer.decode(prompt_ids, skip_special_tokens=False))
+                yield chunks
+                last = chunks[-1]
+                if last.finished:
+                    self.metrics.observe_request(last.ttft_s, last.e2e_s, last.completion_tokens,
+                                                 [c.finish_reason or "" for c in last.choices])
+                    return
+                batch = await self._next(stream, request.remaining())
+
+    @staticmethod
+    async def _next(stream: Any, timeout: float | None) -> list[RequestOutput] | None:
+        try:
+            return await asyncio.wait_for(anext(stream), timeout=timeout)  # type: ignore[no-any-return]
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            raise TimeoutError("the request's deadline passed") from None
+
+    def model_info(self) -> dict[str, Any]:
+        cfg = self.engine.model_config
+        return {"model": self.settings.model_name, "engine_id": self.engine_id, "engine": self.settings.engine,
+                "max_model_len": self.engine.max_model_len, "vocab_size": cfg.vocab_size,
+                "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
+                "experts_per_token": cfg.experts_per_token, "hidden_size": cfg.hidden_size,
+                "created": int(time.time())}
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    async def tokenize_with_text(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[str]]:
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return ids, [self.tokenizer.token_text(i) for i in ids]
+
+    async def stats(self) -> dict[str, Any]:
+        return stats_dict(await asyncio.to_thread(self.engine.stats)) | {"engine_id": self.engine_id}
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy and Serve replaces it."""
+        self._ensure_sampler()
+        health = await asyncio.to_thread(self.engine.health)
+        if not health["alive"]:
+            raise EngineDeadError(f"{self.engine_id} is down: {health.get('reason')}")
+
+    async def health(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.engine.health) | {"engine_id": self.engine_id}
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._sampler is not None:
+                self._sampler.cancel()
+            self.engine.shutdown()
+
+
+def engine_deployment_options(settings: AppSettings) -> dict[str, Any]:
+    """Serve options: with the cluster engine, one placement group per replica holds the whole group."""
+    options: dict[str, Any] = {
+        "num_replicas": settings.num_engines,
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "health_check_period_s": 5.0,
+        "health_check_timeout_s": 30.0,
+        "graceful_shutdown_timeout_s": 30.0,
+    }
+    if settings.engine == "local":
+        options["ray_actor_options"] = {"num_cpus": 1}
+        return options
+    from cluster.config import ModelConfig
+
+    cluster_cfg = settings.cluster_config()
+    model_cfg = ModelConfig.from_file(settings.model)
+    workers = ExpertMap.contiguous(model_cfg.num_experts, cluster_cfg.experts_per_worker).num_workers
+    gpus = use_gpus(cluster_cfg) if ray.is_initialized() else bool(cluster_cfg.use_gpus)
+    replica = {"CPU": 0.1}
+    options["ray_actor_options"] = {"num_cpus": 0.1}
+    options["placement_group_bundles"] = [replica, *cluster_bundles(cluster_cfg, workers, gpus)]
+    options["placement_group_strategy"] = cluster_cfg.placement_strategy
+    return options
+
+
+def build_engine_deployment(settings: AppSettings) -> Any:
+    return serve.deployment(EngineDeployment, name="EngineDeployment", **engine_deployment_options(settings))

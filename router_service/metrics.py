@@ -1,0 +1,84 @@
+"""Engine metrics through ``ray.util.metrics``: Ray exports them in Prometheus format on each node's metrics
+port (``ray start --metrics-export-port``). docs/observability.md lists them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+from cluster.engine import EngineStats
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+
+
+class EngineMetrics:
+    """One set per engine replica; every series carries the replica's ``engine`` tag."""
+
+    def __init__(self, model: str, engine_id: str) -> None:
+        self.tags = {"model": model, "engine": engine_id}
+        keys = ("model", "engine")
+        self.ttft = Histogram("moe_cluster_time_to_first_token_seconds", "Time from arrival to the first token",
+                              boundaries=LATENCY_BUCKETS, tag_keys=keys)
+        self.tpot = Histogram("moe_cluster_time_per_output_token_seconds",
+                              "Mean time between output tokens of a request", boundaries=TPOT_BUCKETS, tag_keys=keys)
+        self.e2e = Histogram("moe_cluster_e2e_request_latency_seconds", "Time from arrival to the last token",
+                             boundaries=LATENCY_BUCKETS, tag_keys=keys)
+        self.running = Gauge("moe_cluster_requests_running", "Sequences in the running batch", tag_keys=keys)
+        self.waiting = Gauge("moe_cluster_requests_waiting", "Sequences waiting for admission", tag_keys=keys)
+        self.kv_used = Gauge("moe_cluster_kv_blocks_used", "KV cache blocks in use", tag_keys=keys)
+        self.kv_total = Gauge("moe_cluster_kv_blocks_total", "KV cache blocks in the pool", tag_keys=keys)
+        self.preemptions = Counter("moe_cluster_preemptions_total", "Sequences preempted for recompute",
+                                   tag_keys=keys)
+        self.prompt_tokens = Counter("moe_cluster_prompt_tokens_total", "Prompt tokens of finished requests",
+                                     tag_keys=keys)
+        self.generation_tokens = Counter("moe_cluster_generation_tokens_total", "Generated tokens", tag_keys=keys)
+        self.expert_tokens = Counter("moe_cluster_expert_tokens_total", "Token rows routed to each expert",
+                                     tag_keys=(*keys, "layer", "expert"))
+        self.alltoall = Gauge("moe_cluster_alltoall_seconds_per_step",
+                              "Mean all-to-all time (rows out, experts, results back) per forward step, "
+                              "since the last sample", tag_keys=keys)
+        self.requests = Counter("moe_cluster_requests_total", "Finished requests by finish reason",
+                                tag_keys=(*keys, "finish_reason"))
+        self._last: EngineStats | None = None
+
+    def observe_request(self, ttft: float | None, e2e: float | None, completion_tokens: int,
+                        finish_reasons: list[str]) -> None:
+        if ttft is not None:
+            self.ttft.observe(ttft, self.tags)
+        if e2e is not None:
+            self.e2e.observe(e2e, self.tags)
+            if ttft is not None and completion_tokens > 1:
+                self.tpot.observe((e2e - ttft) / (completion_tokens - 1), self.tags)
+        for reason in finish_reasons:
+            self.requests.inc(1, self.tags | {"finish_reason": reason})
+
+    def sample(self, stats: EngineStats) -> None:
+        """Gauges from the latest engine stats, counters by their increase since the last sample."""
+        self.running.set(stats.num_running, self.tags)
+        self.waiting.set(stats.num_waiting, self.tags)
+        self.kv_used.set(stats.kv_blocks_used, self.tags)
+        self.kv_total.set(stats.kv_blocks_total, self.tags)
+        last = self._last
+        self._increase(self.preemptions, stats.num_preemptions, last.num_preemptions if last else 0)
+        self._increase(self.prompt_tokens, stats.prompt_tokens_total, last.prompt_tokens_total if last else 0)
+        self._increase(self.generation_tokens, stats.generation_tokens_total,
+                       last.generation_tokens_total if last else 0)
+        for layer, row in enumerate(stats.tokens_per_expert):
+            for expert, count in enumerate(row):
+                before = last.tokens_per_expert[layer][expert] if last and last.tokens_per_expert else 0
+                self._increase(self.expert_tokens, count, before, {"layer": str(layer), "expert": str(expert)})
+        steps = stats.backend.get("steps", 0.0) - (last.backend.get("steps", 0.0) if last else 0.0)
+        if steps > 0:
+            spent = stats.backend.get("exchange", 0.0) - (last.backend.get("exchange", 0.0) if last else 0.0)
+            self.alltoall.set(spent / steps, self.tags)
+        self._last = stats
+
+    def _increase(self, counter: Counter, now: float, before: float, extra: dict[str, str] | None = None) -> None:
+        if now > before:
+            counter.inc(now - before, self.tags | (extra or {}))
+
+
+def stats_dict(stats: EngineStats) -> dict[str, Any]:
+    return {k: v for k, v in vars(stats).items()}

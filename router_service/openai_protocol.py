@@ -1,0 +1,223 @@
+"""The OpenAI-compatible wire format: request models (strictly typed: a string where a number belongs is an
+error, not a coercion), their translation to SamplingParams, and the JSON of responses and stream chunks."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from cluster.sampling import SamplingParams
+from router_service.engine_api import GenerateChunk, TokenInfo
+
+Number = StrictInt | StrictFloat
+TokenIds = list[StrictInt]
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses Ray processes intact (Serve re-raises it in the proxy)
+        return (ApiError, (self.status, self.message, self.type, self.param, self.code, self.headers))
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+
+
+class _Common(BaseModel):
+    """Fields shared by completions and chat completions. Unknown fields are ignored, as OpenAI's SDKs
+    sometimes send newer ones; fields we cannot honour are refused when set to anything but their default."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    temperature: Annotated[Number, Field()] | None = None
+    top_p: Number | None = None
+    n: StrictInt = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    presence_penalty: Number = 0
+    frequency_penalty: Number = 0
+    logit_bias: dict[str, Number] | None = None
+    user: StrictStr | None = None
+    # Extensions (as in vLLM)
+    top_k: StrictInt | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    timeout: Number | None = None  # seconds: the request's deadline
+
+    def check_unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0:
+                raise ApiError(400, f"{name}={getattr(self, name)!r} is not supported (only 0)", param=name)
+        if self.logit_bias:
+            raise ApiError(400, "logit_bias is not supported", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
+        if self.timeout is not None and not 0 < self.timeout <= 3600:
+            raise ApiError(400, f"timeout must be in (0, 3600] seconds, got {self.timeout!r}", param="timeout")
+
+    def sampling(self, max_tokens: int | None, logprobs: int | None, echo: bool) -> SamplingParams:
+        stop = self.stop if self.stop is not None else ()
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p, top_k=-1 if self.top_k is None else self.top_k,
+                seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()),
+                ignore_eos=self.ignore_eos, n=self.n, logprobs=logprobs, echo=echo,
+                skip_special_tokens=self.skip_special_tokens)
+        except (ValueError, TypeError) as err:
+            param = str(err).split(" ", 1)[0]
+            raise ApiError(400, str(err), param=param) from None
+
+
+class CompletionRequest(_Common):
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    max_tokens: StrictInt | None = 16
+    logprobs: StrictInt | None = None
+    echo: StrictBool = False
+    best_of: StrictInt | None = None
+    suffix: StrictStr | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            out: list[str | list[int]] = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            out = [list(p)]  # type: ignore[arg-type]
+        else:
+            out = list(p)  # type: ignore[arg-type]
+        if not out or any(len(x) == 0 for x in out):
+            raise ApiError(400, "prompt must be a non-empty string, token list, or list of them", param="prompt")
+        return out
+
+    def to_params(self) -> SamplingParams:
+        self.check_unsupported()
+        if self.suffix:
+            raise ApiError(400, "suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ApiError(400, f"best_of={self.best_of} is not supported (only best_of == n)", param="best_of")
+        return self.sampling(self.max_tokens, self.logprobs, self.echo)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: StrictStr
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage]
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def to_messages(self) -> list[dict[str, str]]:
+        if not self.messages:
+            raise ApiError(400, "messages must be a non-empty list", param="messages")
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def to_params(self) -> SamplingParams:
+        self.check_unsupported()
+        if self.tools:
+            raise ApiError(400, "tools are not supported by this model", param="tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ApiError(400, f"response_format {self.response_format.get('type')!r} is not supported",
+                           param="response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling(max_tokens, logprobs, echo=False)
+
+
+def new_id(prefix: str) -> str:
+    import uuid
+
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(tokens: list[TokenInfo | None], offset: int) -> dict[str, Any]:
+    """OpenAI's legacy completions logprobs object; ``None`` entries (the first prompt token) have none."""
+    texts, lps, tops, offsets = [], [], [], []
+    for info in tokens:
+        offsets.append(offset)
+        if info is None:
+            texts.append("")
+            lps.append(None)
+            tops.append(None)
+            continue
+        texts.append(info.text)
+        lps.append(info.logprob)
+        tops.append({text: lp for _, text, lp in info.top} if info.top else None)
+        offset += len(info.text)
+    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
+    def entry(text: str, lp: float) -> dict[str, Any]:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {"content": [entry(t.text, t.logprob) | {"top_logprobs": [entry(text, lp) for _, text, lp in t.top]}
+                        for t in tokens]}
+
+
+def completion_choice(index: int, chunk: GenerateChunk, choice_pos: int, echo_text: str | None,
+                      with_logprobs: bool) -> dict[str, Any]:
+    choice = chunk.choices[choice_pos]
+    text = choice.text if echo_text is None else echo_text + choice.text
+    logprobs = None
+    if with_logprobs:
+        entries: list[TokenInfo | None] = []
+        if echo_text is not None and chunk.prompt_logprobs is not None:
+            entries.extend(chunk.prompt_logprobs)
+        entries.extend(choice.logprobs or [])
+        logprobs = completion_logprobs(entries, 0)
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason,
+            "stop_reason": choice.stop_reason}
+
+
+def stream_event(payload: dict[str, Any] | str) -> str:
+    import json
+
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def created() -> int:
+    return int(time.time())

@@ -1,0 +1,67 @@
+"""AppSettings: everything the Serve app needs, parsed once from the application's ``args`` (the Serve config
+file, which ``moe-cluster serve`` and the Kubernetes manifests share) and passed explicitly to deployments."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from cluster.engine_config import ClusterConfig, EngineConfig
+
+DEMO_MODEL_NAME = "moe-cluster-demo"
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    model: str  # checkpoint directory
+    served_model_name: str = ""  # the name clients pass as "model"; default: the directory's name
+    engine: str = "cluster"  # "cluster" (expert-parallel on Ray actors) or "local" (one process)
+    num_engines: int = 1  # independent engine replicas behind the ingress
+    engine_options: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
+    cluster_options: dict[str, Any] = field(default_factory=dict)  # ClusterConfig fields
+    max_ongoing_requests: int = 256  # per engine replica; more wait in Serve's queue
+    max_queued_requests: int = 512  # per ingress handle: beyond this a request gets 429
+    max_request_bytes: int = 1 << 20  # request bodies above this are refused (413)
+    request_timeout_s: float = 600.0  # default per-request deadline
+    api_key_env: str | None = None  # when set, the API key is read from this environment variable
+    ingress_replicas: int = 1
+    ingress_autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config for the ingress
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("cluster", "local"):
+            raise ValueError(f"engine must be 'cluster' or 'local', got {self.engine!r}")
+        for name in ("num_engines", "max_ongoing_requests", "max_queued_requests", "max_request_bytes",
+                     "ingress_replicas"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.request_timeout_s, (int, float)) or self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be a positive number, got {self.request_timeout_s!r}")
+        self.engine_config()  # validate the nested options now, with their own messages
+        self.cluster_config()
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig.from_dict({"model": self.model, "progress": False} | self.engine_options)
+
+    def cluster_config(self) -> ClusterConfig:
+        return ClusterConfig.from_dict(self.cluster_options)
+
+    def as_args(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> AppSettings:
+        if not isinstance(args, dict):
+            raise ValueError(f"application args must be a mapping, got {args!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown application arg(s) {unknown}; known: {sorted(known)}")
+        if "model" not in args:
+            raise ValueError("application args need 'model' (a checkpoint directory)")
+        return cls(**args)
