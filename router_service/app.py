@@ -20,4 +20,5 @@ def build_app(args: dict[str, Any]) -> Application:
         ingress_options["autoscaling_config"] = settings.ingress_autoscaling
     else:
         ingress_options["num_replicas"] = settings.ingress_replicas
-    return Ingress.options(**ingress_options).bind(engine, settings)
+    ingress: Any = Ingress  # a Serve Deployment (the decorator's type is not visible to mypy)
+    return ingress.options(**ingress_options).bind(engine, settings)

@@ -90,7 +90,8 @@ class EngineDeployment:
     @staticmethod
     async def _next(stream: Any, timeout: float | None) -> list[RequestOutput] | None:
         try:
-            return await asyncio.wait_for(anext(stream), timeout=timeout)  # type: ignore[no-any-return]
+            batch: list[RequestOutput] = await asyncio.wait_for(anext(stream), timeout=timeout)
+            return batch
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -17,9 +17,6 @@ from cluster.sampling import SamplingParams
 from protos.moe_cluster.v1 import generation_pb2 as pb
 from router_service.engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, TokenInfo, merge
 from router_service.openai_protocol import ApiError, new_id
-
-if TYPE_CHECKING:
-    from router_service.ingress import Ingress
 
 log = logging.getLogger("moe_cluster.grpc")
 SERVICE = "moe_cluster.v1.GenerationService"
@@ -88,9 +85,30 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
 
 
 class GrpcMethods:
-    """Mixed into the Ingress deployment."""
+    """Mixed into the Ingress deployment, which provides what is declared here."""
 
-    def grpc_request(self: Ingress, request: pb.GenerateRequest) -> GenerateRequest:
+    engine: Any  # DeploymentHandle of the engine deployment
+    model_name: str
+
+    def check_model(self, model: str) -> None:
+        raise NotImplementedError
+
+    def deadline(self, timeout: float | None) -> float:
+        raise NotImplementedError
+
+    def authorize_grpc(self, context: Any) -> None:
+        raise NotImplementedError
+
+    async def model_info(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def open_all(self, requests: list[GenerateRequest]) -> list[Any]:
+        raise NotImplementedError
+
+    def iterate(self, streams: list[Any]) -> AsyncIterator[tuple[int, GenerateChunk]]:
+        raise NotImplementedError
+
+    def grpc_request(self, request: pb.GenerateRequest) -> GenerateRequest:
         if not request.model:
             raise ApiError(400, "model is required", param="model")
         self.check_model(request.model)
@@ -104,7 +122,7 @@ class GrpcMethods:
         rid = request.request_id or new_id("grpc")
         return GenerateRequest(rid, params, prompt=prompt, deadline=self.deadline(None))
 
-    async def Generate(self: Ingress, request: pb.GenerateRequest,
+    async def Generate(self, request: pb.GenerateRequest,
                        grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
         try:
             self.authorize_grpc(grpc_context)
@@ -117,7 +135,7 @@ class GrpcMethods:
                                    token_ids=choice.token_ids, usage=usage_pb(merged),
                                    logprobs=logprobs_pb(choice.logprobs), **stop_fields(choice))
 
-    async def GenerateStream(self: Ingress, request: pb.GenerateRequest,
+    async def GenerateStream(self, request: pb.GenerateRequest,
                              grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
             self.authorize_grpc(grpc_context)
@@ -134,7 +152,7 @@ class GrpcMethods:
         except ApiError as err:
             fail(grpc_context, err)
 
-    async def Tokenize(self: Ingress, request: pb.TokenizeRequest,
+    async def Tokenize(self, request: pb.TokenizeRequest,
                        grpc_context: RayServegRPCContext) -> pb.TokenizeResponse:
         try:
             self.authorize_grpc(grpc_context)
@@ -149,7 +167,7 @@ class GrpcMethods:
             fail(grpc_context, engine_error(err))
         return pb.TokenizeResponse(token_ids=ids, tokens=texts)
 
-    async def ModelInfo(self: Ingress, request: pb.ModelInfoRequest,
+    async def ModelInfo(self, request: pb.ModelInfoRequest,
                         grpc_context: RayServegRPCContext) -> pb.ModelInfoResponse:
         try:
             self.authorize_grpc(grpc_context)
@@ -161,7 +179,7 @@ class GrpcMethods:
                                     num_experts=info["num_experts"], experts_per_token=info["experts_per_token"],
                                     hidden_size=info["hidden_size"], engine=info["engine"])
 
-    async def Check(self: Ingress, request: health_pb2.HealthCheckRequest,
+    async def Check(self, request: health_pb2.HealthCheckRequest,
                     grpc_context: RayServegRPCContext) -> health_pb2.HealthCheckResponse:
         """grpc.health.v1: SERVING when an engine answers and is alive, for "" and our service."""
         if request.service not in ("", SERVICE):

@@ -44,6 +44,19 @@ app = FastAPI(title="moe-cluster", description="OpenAI-compatible API of an expe
 RETRY_AFTER_S = "5"
 
 
+def field_path(loc: Any) -> str:
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'; pydantic's union-member tags are dropped."""
+    path = ""
+    for part in loc:
+        if part == "body" or (isinstance(part, str) and (part in TYPE_TAGS or "[" in part)):
+            continue
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
+    return path
+
+
+TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "union", "tagged-union"}
+
+
 def bearer_ok(header: str | None, api_key: str) -> bool:
     if not header or not header.lower().startswith("bearer "):
         return False
@@ -82,8 +95,7 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
     if any(p.get("type") == "json_invalid" for p in problems):
         return JSONResponse(ApiError(400, f"malformed JSON body: {problems[0].get('msg')}").body(), status_code=400)
     first = problems[0] if problems else {}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
+    param = field_path(first.get("loc", ())) or None
     message = f"{param or 'body'}: {first.get('msg', 'invalid')}"
     if "input" in first and first.get("type") != "missing":
         message += f" (got {json.dumps(first['input'], default=str)[:200]})"
@@ -107,7 +119,8 @@ async def _guard(request: Request, call_next: Any) -> Response:
     if limit is not None and length is not None and length.isdigit() and int(length) > limit:
         return JSONResponse(ApiError(413, f"request body of {length} bytes exceeds the limit of {limit}").body(),
                             status_code=413)
-    return await call_next(request)  # type: ignore[no-any-return]
+    response: Response = await call_next(request)
+    return response
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=1024)
@@ -157,7 +170,7 @@ class Ingress(GrpcMethods):
 
     async def open_stream(self, request: GenerateRequest) -> tuple[Accepted, Any]:
         """Start a generation; errors before the engine accepted it are raised as ApiError."""
-        stream = self.engine_stream.generate.remote(request)
+        stream: Any = self.engine_stream.generate.remote(request)
         try:
             accepted = await stream.__anext__()
         except Exception as err:

@@ -4,9 +4,9 @@ error, not a coercion), their translation to SamplingParams, and the JSON of res
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from cluster.sampling import SamplingParams
 from router_service.engine_api import GenerateChunk, TokenInfo
@@ -42,7 +42,7 @@ class _Common(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: StrictStr
-    temperature: Annotated[Number, Field()] | None = None
+    temperature: Number | None = None
     top_p: Number | None = None
     n: StrictInt = 1
     stream: StrictBool = False
@@ -72,7 +72,7 @@ class _Common(BaseModel):
             raise ApiError(400, f"timeout must be in (0, 3600] seconds, got {self.timeout!r}", param="timeout")
 
     def sampling(self, max_tokens: int | None, logprobs: int | None, echo: bool) -> SamplingParams:
-        stop = self.stop if self.stop is not None else ()
+        stop: tuple[str, ...] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
@@ -174,7 +174,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def completion_logprobs(tokens: list[TokenInfo | None], offset: int) -> dict[str, Any]:
     """OpenAI's legacy completions logprobs object; ``None`` entries (the first prompt token) have none."""
-    texts, lps, tops, offsets = [], [], [], []
+    texts: list[str] = []
+    lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
     for info in tokens:
         offsets.append(offset)
         if info is None:

@@ -1,0 +1,208 @@
+"""The OpenAI-compatible HTTP API, through a real Serve app, with the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from cluster.sampling import SamplingParams
+from tests.serving.conftest import Served
+
+PROMPT = "The experts of one layer can live on different machines"
+
+
+@pytest.fixture(scope="module")
+def client(served: Served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{served.http}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def expected(served: Served, prompt: str | list[int], **kwargs: object):  # type: ignore[no-untyped-def]
+    return served.reference.generate([prompt], SamplingParams(**kwargs))[0]  # type: ignore[arg-type]
+
+
+def test_models_and_health(served: Served, client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == [served.model]
+    health = httpx.get(f"{served.http}/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_completion_equals_the_engine(served: Served, client: openai.OpenAI) -> None:
+    out = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=12, temperature=0)
+    want = expected(served, PROMPT, max_tokens=12, temperature=0).completions[0]
+    assert out.choices[0].text == want.text and out.choices[0].finish_reason == "length"
+    prompt_tokens = len(served.reference.tokenizer.encode(PROMPT))
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (prompt_tokens, 12)
+    by_ids = client.completions.create(model=served.model, prompt=served.reference.tokenizer.encode(PROMPT),
+                                       max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == want.text
+
+
+def test_chat_uses_the_chat_template(served: Served, client: openai.OpenAI) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
+    out = client.chat.completions.create(model=served.model, messages=messages, max_tokens=10, temperature=0)
+    ids = served.reference.tokenizer.encode_chat(messages)
+    want = expected(served, ids, max_tokens=10, temperature=0).completions[0]
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == want.text
+    assert out.usage.prompt_tokens == len(ids)
+
+
+def test_streaming_equals_non_streaming(served: Served, client: openai.OpenAI) -> None:
+    full = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=16, temperature=0)
+    stream = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=16, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
+    chat_chunks = list(client.chat.completions.create(
+        model=served.model, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True))
+    chat_full = client.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=8, temperature=0)
+    assert chat_chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chat_chunks) == chat_full.choices[0].message.content
+    assert chat_chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_sse_wire_format_ends_with_done(served: Served) -> None:
+    body = {"model": served.model, "prompt": PROMPT, "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{served.http}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    assert all(json.loads(line[6:])["object"] == "text_completion" for line in lines[:-1])
+
+
+def test_n_samples_stop_strings_seeds_and_logprobs(served: Served, client: openai.OpenAI) -> None:
+    many = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=8, temperature=1.0, n=3, seed=11)
+    assert sorted(c.index for c in many.choices) == [0, 1, 2]
+    again = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=8, temperature=1.0, n=3, seed=11)
+    assert [c.text for c in many.choices] == [c.text for c in again.choices]  # seeded: reproducible
+    want = expected(served, PROMPT, max_tokens=8, temperature=1.0, n=3, seed=11)
+    assert [c.text for c in many.choices] == [c.text for c in want.completions]
+
+    base = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=20, temperature=0).choices[0].text
+    stop = base[len(base) // 2: len(base) // 2 + 3]
+    cut = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].text == base[: base.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+    lp = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3)
+    logprobs = lp.choices[0].logprobs
+    ref = expected(served, PROMPT, max_tokens=5, temperature=0, logprobs=3).completions[0]
+    assert logprobs.token_logprobs == pytest.approx([t.logprob for t in ref.logprobs], abs=1e-4)
+    assert all(len(top) == 3 for top in logprobs.top_logprobs)
+    chat_lp = client.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "x"}],
+                                             max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    assert len(chat_lp.choices[0].logprobs.content) == 4
+    assert all(len(t.top_logprobs) == 2 for t in chat_lp.choices[0].logprobs.content)
+
+
+def test_echo_returns_the_prompt(served: Served, client: openai.OpenAI) -> None:
+    out = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
+                                    logprobs=1)
+    assert out.choices[0].text.startswith(PROMPT)
+    n_prompt = len(served.reference.tokenizer.encode(PROMPT))
+    assert len(out.choices[0].logprobs.token_logprobs) == n_prompt + 4
+    assert out.choices[0].logprobs.token_logprobs[0] is None
+
+
+def test_32_concurrent_greedy_requests_equal_their_results_alone(served: Served) -> None:
+    import random
+
+    rng = random.Random(3)
+    words = "the experts of one layer can live on different machines and the router sends tokens".split()
+    prompts = [" ".join(rng.choice(words) for _ in range(rng.randrange(1, 12))) for _ in range(32)]
+    lengths = [rng.randrange(1, 24) for _ in prompts]
+    aclient = openai.AsyncOpenAI(base_url=f"{served.http}/v1", api_key="unused", max_retries=0, timeout=300)
+
+    async def run() -> list[str]:
+        outs = await asyncio.gather(*(aclient.completions.create(model=served.model, prompt=p, max_tokens=n,
+                                                                 temperature=0, extra_body={"ignore_eos": True})
+                                      for p, n in zip(prompts, lengths, strict=True)))
+        return [o.choices[0].text for o in outs]
+
+    together = asyncio.run(run())
+    for p, n, text in zip(prompts, lengths, together, strict=True):
+        alone = expected(served, p, max_tokens=n, temperature=0, ignore_eos=True).completions[0].text
+        assert text == alone
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", "/v1/completions", b'{"model": "demo", "prompt": ', 400, None),
+    ("wrong type", "/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": "ten"}, 422, "max_tokens"),
+    ("prompt of the wrong type", "/v1/completions", {"model": "demo", "prompt": 42}, 422, "prompt"),
+    ("negative max_tokens", "/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ("huge max_tokens", "/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": 10**9}, 400, None),
+    ("temperature < 0", "/v1/completions", {"model": "demo", "prompt": "x", "temperature": -0.5}, 400, "temperature"),
+    ("top_p > 1", "/v1/completions", {"model": "demo", "prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
+    ("prompt longer than the context", "/v1/completions", {"model": "demo", "prompt": list(range(3, 600))}, 400,
+     None),
+    ("empty messages", "/v1/chat/completions", {"model": "demo", "messages": []}, 400, "messages"),
+    ("unknown role", "/v1/chat/completions", {"model": "demo", "messages": [{"role": "wizard", "content": "x"}]},
+     400, None),
+    ("missing model", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 422, "model"),
+    ("unsupported penalty", "/v1/completions", {"model": "demo", "prompt": "x", "presence_penalty": 1}, 400,
+     "presence_penalty"),
+]
+
+
+@pytest.mark.parametrize(("what", "path", "body", "status", "param"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_the_right_status_and_an_openai_error(served: Served, what: str, path: str, body: object,
+                                                             status: int, param: str | None) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{served.http}{path}", content=content, headers={"Content-Type": "application/json"},
+                   timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    # The server keeps serving.
+    ok = httpx.post(f"{served.http}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2},
+                    timeout=60)
+    assert ok.status_code == 200
+
+
+def test_client_disconnect_aborts_the_request(served: Served) -> None:
+    body = {"model": served.model, "prompt": PROMPT, "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{served.http}/v1/completions", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 4:
+                break
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = metric_values(served, "ray_moe_cluster_kv_blocks_used")
+        running = metric_values(served, "ray_moe_cluster_requests_running")
+        if stats and sum(stats) == 0 and sum(running) == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError("the abandoned request kept running")
+
+
+def metric_values(served: Served, name: str) -> list[float]:
+    text = httpx.get(served.metrics, timeout=10).text
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+
+
+def test_metrics_are_exported(served: Served, client: openai.OpenAI) -> None:
+    client.completions.create(model=served.model, prompt=PROMPT, max_tokens=4, temperature=0)
+    wanted = ["ray_moe_cluster_time_to_first_token_seconds_bucket",
+              "ray_moe_cluster_time_per_output_token_seconds_bucket",
+              "ray_moe_cluster_e2e_request_latency_seconds_bucket", "ray_moe_cluster_requests_running",
+              "ray_moe_cluster_requests_waiting", "ray_moe_cluster_kv_blocks_used",
+              "ray_moe_cluster_prompt_tokens_total", "ray_moe_cluster_generation_tokens_total",
+              "ray_moe_cluster_expert_tokens_total", "ray_moe_cluster_alltoall_seconds_per_step"]
+    deadline = time.monotonic() + 30
+    missing = wanted
+    while missing and time.monotonic() < deadline:
+        text = httpx.get(served.metrics, timeout=10).text
+        missing = [m for m in wanted if m + "{" not in text]
+        time.sleep(1)
+    assert not missing
+    routed = [line for line in text.splitlines() if line.startswith("ray_moe_cluster_expert_tokens_total{")]
+    assert {'layer="0"' in line for line in routed} == {True, False}  # per layer and per expert series
