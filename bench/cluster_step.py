@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
     sections = [f"Machine: {machine()}; actors use 1 intra-op thread each, the local engine "
                 f"{torch.get_num_threads()}. Command: `python -m bench.cluster_step --sizes {' '.join(args.sizes)}`.",
                 f"Batch {args.batch}: decode step = one token for each of the {args.batch} sequences; prefill = "

@@ -90,5 +90,13 @@ def write_section(name: str, title: str, body: str) -> None:
     print(f"wrote section '{name}' of {DOCS}", file=sys.stderr)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)

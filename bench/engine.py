@@ -74,7 +74,7 @@ def run_peer(peer: str, args: argparse.Namespace) -> dict[str, list[float]]:
 
             from cluster.cluster_engine import ClusterEngine
 
-            ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
             engine = ClusterEngine.start(engine_cfg, ClusterConfig(experts_per_worker=int(peer.split("-")[1]),
                                                                    threads_per_actor=1))
         params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)

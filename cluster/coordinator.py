@@ -67,9 +67,12 @@ class Coordinator:
     # ------------------------------------------------------------------------------------------ start
 
     async def start(self) -> dict[str, Any]:
-        return await asyncio.to_thread(self._start)
+        """As a Ray actor (ClusterEngine): start from the actor's event loop."""
+        return await asyncio.to_thread(self.start_in_process)
 
-    def _start(self) -> dict[str, Any]:
+    def start_in_process(self) -> dict[str, Any]:
+        """Create the workers, form the process group, build the engine. A Serve engine replica calls this
+        directly: the replica is then the coordinator, with no Ray hop between it and its engine."""
         started = time.perf_counter()
         log.info("starting %d expert workers for experts %s", self.expert_map.num_workers,
                  list(self.expert_map.workers))
@@ -201,9 +204,12 @@ class Coordinator:
         return [int(info["pid"]) for info in self.worker_info]
 
     async def shutdown(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
         """Stop the engine loop, release the workers and leave the process group."""
         if self.loop is not None:
-            await asyncio.to_thread(self.loop.shutdown)
+            self.loop.shutdown()
         for worker in self.workers:
             ray.kill(worker, no_restart=True)
         self.workers = []

@@ -32,7 +32,7 @@ def ensure_ray(address: str | None, min_cpus: float) -> bool:
         except Exception as err:
             raise ClusterStartError(f"cannot connect to the Ray cluster at {address!r}: {err}") from None
         return True
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(min_cpus + 0.999)), include_dashboard=False,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(min_cpus + 0.999)), include_dashboard=False,
              log_to_driver=False)
     return True
 

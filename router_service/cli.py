@@ -31,6 +31,11 @@ def load_serve_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def grpc_servicer_functions() -> list[str]:
+    """The gRPC services the app registers with Serve's gRPC proxy (from the shared Serve config)."""
+    return list(load_serve_config(DEFAULT_CONFIG)["grpc_options"]["grpc_servicer_functions"])
+
+
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """The Serve config to deploy: the file's, with the command-line flags applied on top."""
     config = copy.deepcopy(load_serve_config(Path(args.config) if args.config else DEFAULT_CONFIG))
@@ -81,7 +86,7 @@ def serve_command(args: argparse.Namespace) -> int:
         if args.address:
             ray.init(address=args.address, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False, num_cpus=max(os.cpu_count() or 1, 16),
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=max(os.cpu_count() or 1, 16),
                      _metrics_export_port=METRICS_PORT)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -15,7 +15,8 @@ from typing import Any
 import ray
 from ray import serve
 
-from cluster.engine_loop import EngineDeadError, LocalEngine
+from cluster.coordinator import Coordinator
+from cluster.engine_loop import EngineDeadError, EngineLoop, LocalEngine
 from cluster.moe import ExpertMap
 from cluster.placement import cluster_bundles, use_gpus
 from cluster.sequence import RequestOutput
@@ -32,15 +33,19 @@ class EngineDeployment:
         self.settings = settings
         self.engine_id = f"engine-{uuid.uuid4().hex[:6]}"
         engine_cfg = settings.engine_config()
+        self.coordinator: Coordinator | None = None
         if settings.engine == "local":
-            self.engine: Any = LocalEngine.from_config(engine_cfg)
+            self.engine: EngineLoop = LocalEngine.from_config(engine_cfg)
         else:
-            from cluster.cluster_engine import ClusterEngine
-
+            # This replica is the coordinator (bundle 0 of its placement group); its expert workers take the
+            # other bundles. Tokens reach the ingress with one Ray hop, not two.
+            cluster_cfg = settings.cluster_config()
             pg = ray.util.get_current_placement_group()
-            # Bundle 0 holds this replica; the cluster takes the rest: coordinator, then one per worker.
-            self.engine = ClusterEngine.start(engine_cfg, settings.cluster_config(), placement_group=pg,
-                                              first_bundle=1)
+            gpus = int(ray.get_runtime_context().get_assigned_resources().get("GPU", 0) > 0)
+            self.coordinator = Coordinator(engine_cfg, cluster_cfg, pg, first_worker_bundle=1, worker_gpus=gpus)
+            self.coordinator.start_in_process()
+            assert self.coordinator.loop is not None
+            self.engine = self.coordinator.loop
         self.tokenizer = self.engine.tokenizer
         self.metrics = EngineMetrics(settings.model_name, self.engine_id)
         self._sampler: asyncio.Task[None] | None = None  # started by the first async call, on Serve's loop
@@ -74,7 +79,9 @@ class EngineDeployment:
             first: list[RequestOutput] | None = await self._next(stream, remaining)  # raises request errors
             yield Accepted(request.request_id, len(prompt_ids))
             batch = first
+            interval = self.settings.stream_interval_ms / 1000
             while batch is not None:
+                sent = time.monotonic()
                 chunks = [to_chunk(self.tokenizer, out) for out in batch]
                 if request.params.echo and chunks[0].prompt_token_ids is not None:
                     chunks[0].prompt_text = (request.prompt if isinstance(request.prompt, str)
@@ -85,6 +92,11 @@ class EngineDeployment:
                     self.metrics.observe_request(last.ttft_s, last.e2e_s, last.completion_tokens,
                                                  [c.finish_reason or "" for c in last.choices])
                     return
+                # Pace the stream: whatever the engine produces meanwhile goes out as one chunk (fewer Ray
+                # hops per token under load; the first token was not delayed).
+                pause = interval - (time.monotonic() - sent)
+                if pause > 0:
+                    await asyncio.sleep(pause)
                 batch = await self._next(stream, request.remaining())
 
     @staticmethod
@@ -129,7 +141,10 @@ class EngineDeployment:
         with contextlib.suppress(Exception):
             if self._sampler is not None:
                 self._sampler.cancel()
-            self.engine.shutdown()
+            if self.coordinator is not None:
+                self.coordinator.close()
+            else:
+                self.engine.shutdown()
 
 
 def engine_deployment_options(settings: AppSettings) -> dict[str, Any]:
@@ -150,9 +165,9 @@ def engine_deployment_options(settings: AppSettings) -> dict[str, Any]:
     model_cfg = ModelConfig.from_file(settings.model)
     workers = ExpertMap.contiguous(model_cfg.num_experts, cluster_cfg.experts_per_worker).num_workers
     gpus = use_gpus(cluster_cfg) if ray.is_initialized() else bool(cluster_cfg.use_gpus)
-    replica = {"CPU": 0.1}
-    options["ray_actor_options"] = {"num_cpus": 0.1}
-    options["placement_group_bundles"] = [replica, *cluster_bundles(cluster_cfg, workers, gpus)]
+    bundles = cluster_bundles(cluster_cfg, workers, gpus)  # the first is the coordinator's: this replica's
+    options["ray_actor_options"] = {"num_cpus": bundles[0]["CPU"], "num_gpus": bundles[0].get("GPU", 0)}
+    options["placement_group_bundles"] = bundles
     options["placement_group_strategy"] = cluster_cfg.placement_strategy
     return options
 

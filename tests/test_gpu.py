@@ -48,7 +48,7 @@ def test_cluster_over_nccl_equals_local_engine(hf_small: HFCheckpoint) -> None:
     experts_per_worker = -(-8 // (gpus - 1))  # the coordinator takes one GPU, the workers the rest
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=16, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=16, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     engine_cfg = EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=128)
     cluster = ClusterEngine.start(engine_cfg, cluster_config(experts_per_worker=experts_per_worker))
     local = LocalEngine.from_config(engine_cfg.with_(device="cuda"))

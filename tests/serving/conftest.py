@@ -12,6 +12,7 @@ import pytest
 
 from cluster.engine_config import EngineConfig
 from cluster.engine_loop import LocalEngine
+from router_service.cli import grpc_servicer_functions
 
 MODEL_NAME = "demo"
 ENGINE_OPTIONS = {"max_num_seqs": 32, "max_num_batched_tokens": 512, "num_kv_blocks": 160, "block_size": 16,
@@ -40,8 +41,7 @@ def app_args(model_dir: Path, **extra: Any) -> dict[str, Any]:
                                 "collective_timeout_s": 30, "heartbeat_s": 1.0}} | extra
 
 
-GRPC_SERVICERS = ["protos.moe_cluster.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server",
-                  "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
+GRPC_SERVICERS = grpc_servicer_functions()
 
 
 @pytest.fixture(scope="package")
@@ -54,7 +54,7 @@ def served(demo_dir: Path) -> Iterator[Served]:
     if ray.is_initialized():
         ray.shutdown()
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
     serve.run(build_app(app_args(demo_dir)), name="moe-cluster", route_prefix="/")

@@ -1,0 +1,224 @@
+"""Load against the running Serve app, over HTTP (OpenAI API, SSE) and gRPC, side by side with transformers'
+batched ``generate`` on the same weights: output tokens/s, TTFT and TPOT p50/p99, ratios.
+
+    python -m bench.serve [--size demo] [--concurrency 1 8 32] [--prompt-len 32] [--output-len 64]
+
+The app (cluster engine) is started on a local Ray with loopback-only ports. Each concurrency level is a
+closed loop: that many clients, each sending its next request when the previous one ends, ``--rounds``
+requests per client. transformers runs in a fresh subprocess: one batched ``generate`` of the same size,
+its TTFT being the time of a 1-token ``generate`` (prefill) on the same batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.common import free_port, machine, percentile, progress, table, write_section
+from bench.models import bench_model, describe
+
+
+@dataclass
+class Sample:
+    ttft: float
+    e2e: float
+    tokens: int
+
+    @property
+    def tpot(self) -> float:
+        return (self.e2e - self.ttft) / max(1, self.tokens - 1)
+
+
+def prompt_ids(i: int, length: int, vocab: int) -> list[int]:
+    return [3 + (i * 7919 + j * 104729) % (vocab - 3) for j in range(length)]
+
+
+async def http_request(client: Any, base: str, model: str, prompt: list[int], output_len: int) -> Sample:
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    started = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"]:
+                if ttft is None:
+                    ttft = time.perf_counter() - started
+                tokens += 1
+    e2e = time.perf_counter() - started
+    return Sample(ttft or e2e, e2e, tokens)
+
+
+async def grpc_request(client: Any, model: str, prompt: list[int], output_len: int) -> Sample:
+    started = time.perf_counter()
+    ttft, tokens = None, 0
+    async for message in client.generate_stream(prompt, max_new_tokens=output_len, temperature=0, ignore_eos=True):
+        if ttft is None:
+            ttft = time.perf_counter() - started
+        tokens += len(message.token_ids)
+    e2e = time.perf_counter() - started
+    return Sample(ttft or e2e, e2e, tokens)
+
+
+async def closed_loop(concurrency: int, rounds: int, send: Any) -> tuple[list[Sample], float]:
+    samples: list[Sample] = []
+
+    async def client_loop(c: int) -> None:
+        for r in range(rounds):
+            samples.append(await send(c * rounds + r))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client_loop(c) for c in range(concurrency)))
+    return samples, time.perf_counter() - started
+
+
+def summarize(samples: list[Sample], wall: float) -> dict[str, float]:
+    ttfts, tpots = [s.ttft for s in samples], [s.tpot for s in samples]
+    return {"tps": sum(s.tokens for s in samples) / wall, "ttft50": percentile(ttfts, 50),
+            "ttft99": percentile(ttfts, 99), "tpot50": percentile(tpots, 50), "tpot99": percentile(tpots, 99)}
+
+
+def run_transformers(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Inside a fresh subprocess: one batched generate per concurrency level."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(bench_model(args.size)).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    vocab = hf.config.vocab_size
+
+    def generate(batch: torch.Tensor, n: int) -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=n, min_new_tokens=n,
+                        do_sample=False)
+        return time.perf_counter() - started
+
+    out = {}
+    for c in args.concurrency:
+        batch = torch.tensor([prompt_ids(i, args.prompt_len, vocab) for i in range(c)])
+        generate(batch, 2)
+        ttft = statistics.median(generate(batch, 1) for _ in range(3))
+        total = statistics.median(generate(batch, args.output_len) for _ in range(2))
+        tpot = (total - ttft) / (args.output_len - 1)
+        out[str(c)] = {"tps": c * args.output_len / total, "ttft50": ttft, "ttft99": ttft, "tpot50": tpot,
+                       "tpot99": tpot}
+        print(f"[bench] transformers c={c}: {out[str(c)]['tps']:,.0f} tok/s", file=sys.stderr, flush=True)
+    return out
+
+
+def run_server(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    import httpx
+    import ray
+    from ray import serve
+
+    from cluster.config import ModelConfig
+    from router_service.app import build_app
+    from router_service.cli import grpc_servicer_functions
+    from router_service.client import AsyncGenerationClient
+
+    model = bench_model(args.size)
+    http_port, grpc_port = free_port(), free_port()
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": grpc_servicer_functions()})
+    app_args = {"model": str(model), "served_model_name": args.size, "engine": args.engine,
+                "engine_options": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "kv_cache_gib": 0.5},
+                "cluster_options": {"experts_per_worker": args.experts_per_worker, "threads_per_actor": 1}}
+    serve.run(build_app(app_args), name="bench", route_prefix="/")
+    base = f"http://127.0.0.1:{http_port}"
+    results: dict[str, dict[str, dict[str, float]]] = {"http": {}, "grpc": {}}
+    vocab = ModelConfig.from_file(model).vocab_size
+
+    async def levels() -> None:
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=256)) as http:
+            grpc_client = AsyncGenerationClient(f"127.0.0.1:{grpc_port}", model=args.size, timeout_s=600)
+            await http_request(http, base, args.size, prompt_ids(0, args.prompt_len, vocab), 4)  # warm-up
+            for c in args.concurrency:
+                rounds = max(1, args.rounds if c > 1 else 4 * args.rounds)
+                for proto in ("http", "grpc"):
+                    if proto == "http":
+                        async def send(i: int) -> Sample:
+                            return await http_request(http, base, args.size, prompt_ids(i, args.prompt_len, vocab),
+                                                      args.output_len)
+                    else:
+                        async def send(i: int) -> Sample:
+                            return await grpc_request(grpc_client, args.size, prompt_ids(i, args.prompt_len, vocab),
+                                                      args.output_len)
+                    samples, wall = await closed_loop(c, rounds, send)
+                    results[proto][str(c)] = summarize(samples, wall)
+                    progress(f"{proto} c={c}: {results[proto][str(c)]['tps']:,.0f} tok/s")
+            await grpc_client.close()
+
+    try:
+        asyncio.run(levels())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", default="demo")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client at each level (x4 at 1)")
+    parser.add_argument("--engine", default="cluster", choices=["cluster", "local"])
+    parser.add_argument("--experts-per-worker", type=int, default=2)
+    parser.add_argument("--hf-peer", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if args.hf_peer:
+        print(json.dumps(run_transformers(args)))
+        return
+    bench_model(args.size)
+    progress("transformers batched generate, in its own process")
+    cmd = [sys.executable, "-m", "bench.serve", "--hf-peer", "--size", args.size, "--prompt-len", str(args.prompt_len),
+           "--output-len", str(args.output_len), "--concurrency", *map(str, args.concurrency)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"transformers peer failed:\n{done.stderr[-3000:]}")
+    hf = json.loads(done.stdout.strip().splitlines()[-1])
+    progress(f"server ({args.engine} engine, {args.experts_per_worker} experts/worker): HTTP and gRPC")
+    ours = run_server(args)
+
+    rows = []
+    for c in map(str, args.concurrency):
+        for name, r in (("transformers generate (batched)", hf[c]), ("ours, HTTP (SSE)", ours["http"][c]),
+                        ("ours, gRPC (stream)", ours["grpc"][c])):
+            rows.append([c, name, r["tps"], f"{r['tps'] / hf[c]['tps']:.2f}x", 1000 * r["ttft50"], 1000 * r["ttft99"],
+                         1000 * r["tpot50"], 1000 * r["tpot99"]])
+    body = "\n".join([
+        f"Machine: {machine()}. Model {describe(args.size)}. Server: {args.engine} engine, "
+        f"{args.experts_per_worker} experts per worker, on a local Ray; clients on the same machine (loopback).",
+        f"Each request: {args.prompt_len}-token prompt, {args.output_len} greedy output tokens (EOS ignored), "
+        f"streamed. Closed loop: N clients, each sending its next request when the last ends. "
+        f"Command: `python -m bench.serve --size {args.size}`.",
+        "",
+        table(["concurrency", "peer", "output tok/s", "vs transformers", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
+               "TPOT p99 ms"], rows),
+        "",
+        "transformers' TTFT is its prefill of the whole batch and its TPOT the batch's mean step, the same for "
+        "every sequence (it has no per-request streaming server); ours are measured per request at the client.",
+    ])
+    print(body)
+    if not args.no_write:
+        write_section(f"serve_{args.size}", f"Serving under load: HTTP and gRPC vs transformers ({args.size} model)",
+                      body)
+
+
+if __name__ == "__main__":
+    main()
