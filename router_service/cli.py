@@ -86,8 +86,8 @@ def serve_command(args: argparse.Namespace) -> int:
         if args.address:
             ray.init(address=args.address, log_to_driver=False)
         else:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=max(os.cpu_count() or 1, 16),
-                     _metrics_export_port=METRICS_PORT)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                     num_cpus=max(os.cpu_count() or 1, 16), _metrics_export_port=METRICS_PORT)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -54,7 +54,8 @@ def served(demo_dir: Path) -> Iterator[Served]:
     if ray.is_initialized():
         ray.shutdown()
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
     serve.run(build_app(app_args(demo_dir)), name="moe-cluster", route_prefix="/")
