@@ -142,6 +142,10 @@ class ClusterEngine:
         except Exception as err:
             return {"alive": False, "reason": str(unwrap(err)).splitlines()[0]}
 
+    def describe(self) -> dict[str, Any]:
+        """The cluster now: workers (pids, nodes, GPUs), backend, rendezvous, recoveries so far."""
+        return dict(self._call(self.coordinator.describe_now.remote()))
+
     def worker_timings(self, reset: bool = False) -> list[dict[str, float]]:
         return list(self._call(self.coordinator.worker_timings.remote(reset)))
 

@@ -8,6 +8,7 @@ process group with them. It owns the workers (they share its fate) and names any
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -30,7 +31,15 @@ from cluster.moe import ExpertMap
 from cluster.placement import bundle_strategy
 from cluster.sampling import SamplingParams
 from cluster.sequence import RequestOutput, RequestResult
-from cluster.transport import CoordinatorLink, ExchangeError, Rendezvous, create_store, join_group
+from cluster.transport import (
+    OP_REJOIN,
+    CoordinatorLink,
+    ExchangeError,
+    Rendezvous,
+    create_store,
+    join_group,
+    leave_group,
+)
 from workers.expert_worker import ExpertWorker, row_layout
 
 log = logging.getLogger("moe_cluster.coordinator")
@@ -63,6 +72,10 @@ class Coordinator:
         self.rdv: Rendezvous | None = None
         self.loop: EngineLoop | None = None
         self._store: Any = None
+        self._link_device = torch.device("cpu")
+        self._layout: Any = None
+        self._link: CoordinatorLink | None = None
+        self.recoveries: list[dict[str, Any]] = []  # one entry per rebuilt process group
 
     # ------------------------------------------------------------------------------------------ start
 
@@ -115,13 +128,61 @@ class Coordinator:
                               max(len(e) for e in self.expert_map.workers), self.cluster_cfg.inline_message_bytes)
         log.info("forming the process group: %d members, backend %s, %s exchange, rendezvous %s:%d", world,
                  backend, exchange, host, self._store.port)
+        self._link_device = device if backend == "nccl" else torch.device("cpu")
+        self._layout = row_layout(model_cfg, dtype, self.rdv)
+        return DistributedMoE(self._form_group(), self.expert_map, model_cfg.num_layers, model_cfg.experts_per_token,
+                              self._diagnose, self._rebuild if self.cluster_cfg.recover_workers else None)
+
+    def _form_group(self) -> CoordinatorLink:
+        """Every worker and the coordinator join the group of the current epoch; the workers' loops start."""
+        assert self.rdv is not None
         joins = [w.join.remote(self.rdv, i + 1) for i, w in enumerate(self.workers)]
         join_group(self.rdv, 0, self._store)
         self._get(joins, "joining the process group")
         self._get([w.start_loop.remote() for w in self.workers], "starting the worker loops")
-        link_device = device if backend == "nccl" else torch.device("cpu")
-        link = CoordinatorLink(self.rdv, link_device, row_layout(model_cfg, dtype, self.rdv))
-        return DistributedMoE(link, self.expert_map, model_cfg.num_layers, model_cfg.experts_per_token, self._diagnose)
+        self._link = CoordinatorLink(self.rdv, self._link_device, self._layout)
+        return self._link
+
+    def _rebuild(self, failure: WorkerFailure) -> CoordinatorLink:
+        """Replace the workers that died or hung (each reloads only its own experts) and rebuild the group.
+
+        1. tell every worker still reachable to leave its loop, then leave the group;
+        2. a worker that does not answer a ping, or whose loop does not end, is killed;
+        3. replacements start in the same placement-group bundles and load their experts;
+        4. every member joins the group of the next epoch (a fresh key prefix on the same store).
+        """
+        assert self.rdv is not None
+        started = time.monotonic()
+        log.warning("recovering from: %s", failure)
+        if self._link is not None:
+            self._link.notify_each(OP_REJOIN, wait_s=2.0)
+        leave_group()
+        refs: list[Any] = [w.ping.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PING_TIMEOUT_S)
+        replace: list[int] = []
+        for i, ref in enumerate(refs):
+            try:
+                if ref not in ready:
+                    raise TimeoutError
+                ray.get(ref)
+            except (RayActorError, TimeoutError):
+                replace.append(i)
+        survivors = [i for i in range(len(self.workers)) if i not in replace]
+        exited = ray.get([self.workers[i].wait_loop_exit.remote(self.cluster_cfg.collective_timeout_s)
+                          for i in survivors])
+        replace += [i for i, ok in zip(survivors, exited, strict=True) if not ok]  # stuck in a collective
+        for i in sorted(replace):
+            log.warning("replacing %s", self.member(i))
+            ray.kill(self.workers[i], no_restart=True)
+            self.workers[i] = self._spawn_worker(i)
+        self.worker_info = self._get([w.info.remote() for w in self.workers], "reloading the experts")
+        self.rdv = dataclasses.replace(self.rdv, epoch=self.rdv.epoch + 1)
+        link = self._form_group()
+        seconds = time.monotonic() - started
+        self.recoveries.append({"replaced": sorted(replace), "seconds": seconds, "reason": str(failure)})
+        log.warning("recovered in %.1fs: replaced expert workers %s, process group epoch %d", seconds,
+                    sorted(replace), self.rdv.epoch)
+        return link
 
     # -------------------------------------------------------------------------------------- failures
 
@@ -191,7 +252,7 @@ class Coordinator:
         return {"summary": summary, "workers": self.worker_info,
                 "expert_map": [list(e) for e in self.expert_map.workers],
                 "backend": rdv.backend if rdv else None, "exchange": rdv.exchange if rdv else None,
-                "rendezvous": f"{rdv.host}:{rdv.port}" if rdv else None,
+                "rendezvous": f"{rdv.host}:{rdv.port}" if rdv else None, "recoveries": list(self.recoveries),
                 "node_ip": ray.util.get_node_ip_address()}
 
     async def worker_timings(self, reset: bool = False) -> list[dict[str, float]]:
@@ -202,6 +263,9 @@ class Coordinator:
 
     async def worker_pids(self) -> list[int]:
         return [int(info["pid"]) for info in self.worker_info]
+
+    def describe_now(self) -> dict[str, Any]:
+        return self.describe()
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.close)

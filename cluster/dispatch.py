@@ -33,12 +33,15 @@ from cluster.transport import OP_NOOP, OP_SHUTDOWN, CoordinatorLink, leave_group
 
 # Turns an exception raised by a collective into a WorkerFailure naming the member at fault.
 Diagnose = Callable[[BaseException], WorkerFailure]
+# Replaces failed members and rebuilds the process group; returns the new link.
+Rebuild = Callable[[WorkerFailure], CoordinatorLink]
 
 
 class DistributedMoE:
     def __init__(self, link: CoordinatorLink, expert_map: ExpertMap, num_layers: int, top_k: int,
-                 diagnose: Diagnose) -> None:
+                 diagnose: Diagnose, rebuild: Rebuild | None) -> None:
         self.link = link
+        self.rebuild = rebuild
         self.expert_map = expert_map
         self.num_layers = num_layers
         self.top_k = top_k
@@ -82,6 +85,16 @@ class DistributedMoE:
         out = combine(out_rows, plan.row_weight, plan.row_token, x.shape[0])  # 7
         self.timings["combine"] += time.perf_counter() - started
         return out
+
+    @property
+    def can_recover(self) -> bool:
+        return self.rebuild is not None
+
+    def recover(self, failure: WorkerFailure) -> None:
+        assert self.rebuild is not None
+        started = time.perf_counter()
+        self.link = self.rebuild(failure)
+        self.timings["recovery"] += time.perf_counter() - started
 
     def heartbeat(self) -> None:
         self._guarded("control", lambda: self.link.send_control(OP_NOOP))

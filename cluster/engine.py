@@ -19,6 +19,7 @@ from torch import Tensor
 
 from cluster.config import ModelConfig
 from cluster.engine_config import EngineConfig
+from cluster.errors import WorkerFailure
 from cluster.kv_cache import BlockAllocator, PagedKVCache, blocks_for, kv_bytes_per_block
 from cluster.model import MixtralTransformer, MoEBackend, SeqChunk, build_step_batch
 from cluster.sampling import SamplingParams, TokenLogprob, sample, token_logprobs
@@ -56,6 +57,8 @@ class EngineStats:
     generation_tokens_total: int = 0
     last_step_tokens: int = 0
     last_step_seconds: float = 0.0
+    recoveries: int = 0  # expert-worker failures the engine recovered from
+    last_recovery_seconds: float = 0.0
     tokens_per_expert: list[list[int]] = field(default_factory=list)  # [layer][global expert]
     backend: dict[str, Any] = field(default_factory=dict)  # MoE backend timings (cluster: all-to-all time)
 
@@ -389,6 +392,25 @@ class LLMEngine:
         finally:
             for table in tables:
                 self.allocator.release_all(table)
+
+    @property
+    def can_recover(self) -> bool:
+        return bool(getattr(self.moe, "can_recover", False))
+
+    def recover(self, failure: WorkerFailure) -> None:
+        """After a worker failure: every running sequence is preempted (the failed step sampled nothing, so
+        their tokens and random streams are intact) and the MoE backend replaces the failed members. The
+        sequences are then recomputed from their prompt plus what they had generated. Raises if the backend
+        cannot recover."""
+        if not self.can_recover:
+            raise failure
+        started = time.monotonic()
+        preempted = self.scheduler.preempt_all()
+        self.moe.recover(failure)  # type: ignore[attr-defined]
+        self._stats.recoveries += 1
+        self._stats.last_recovery_seconds = time.monotonic() - started
+        log.warning("recovered from '%s' in %.1fs; %d sequences will be recomputed", failure,
+                    self._stats.last_recovery_seconds, preempted)
 
     def heartbeat(self) -> None:
         """Called by the loop when idle (the cluster backend pings its workers)."""

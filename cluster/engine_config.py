@@ -79,6 +79,7 @@ class ClusterConfig:
     placement_strategy: str = "PACK"  # Ray placement group strategy for the cluster's bundles
     threads_per_actor: int | None = None  # torch intra-op threads per actor; None: max(1, worker_num_cpus)
     start_timeout_s: float = 300.0  # loading weights and joining the process group must end within this
+    recover_workers: bool = True  # replace a failed expert worker and recompute (False: fail every request)
 
     def __post_init__(self) -> None:
         _check_positive("experts_per_worker", self.experts_per_worker)

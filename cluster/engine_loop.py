@@ -21,12 +21,14 @@ from torch import Tensor
 
 from cluster.engine import EngineStats, LLMEngine
 from cluster.engine_config import EngineConfig
+from cluster.errors import WorkerFailure
 from cluster.loader import build_local_engine
 from cluster.sampling import SamplingParams
 from cluster.sequence import RequestOutput, RequestResult
 
 log = logging.getLogger("moe_cluster.engine")
 T = TypeVar("T")
+MAX_FAILURES_IN_A_ROW = 3  # worker failures without a successful step in between before the engine gives up
 Prompt = str | Sequence[int]
 
 
@@ -84,6 +86,7 @@ class EngineLoop:
                 task()
 
     def _loop(self) -> None:
+        failures_in_a_row = 0
         while True:
             idle_timeout = False
             with self._cond:
@@ -98,9 +101,23 @@ class EngineLoop:
             try:
                 if self.engine.has_work():
                     self.engine.step()
+                    failures_in_a_row = 0
                 elif idle_timeout:
                     self.engine.heartbeat()
-            except Exception as err:  # a failed step ends the engine; every request is told why
+            except WorkerFailure as failure:  # an expert worker died or hung: replace it, recompute
+                if not self.engine.can_recover:
+                    self._die(str(failure))
+                    return
+                failures_in_a_row += 1
+                if failures_in_a_row > MAX_FAILURES_IN_A_ROW:
+                    self._die(f"{failure} ({failures_in_a_row} failures without a successful step)")
+                    return
+                try:
+                    self.engine.recover(failure)
+                except Exception as err:
+                    self._die(f"{failure}; recovery failed: {type(err).__name__}: {err}")
+                    return
+            except Exception as err:  # any other failed step ends the engine; every request is told why
                 self._die(f"{type(err).__name__}: {err}")
                 return
 

@@ -77,7 +77,8 @@ class Scheduler:
             n_new = min(seq.num_uncomputed, budget)
             while not self._can_append(seq, n_new):
                 victim = self.running[-1]
-                self._preempt(victim, out)
+                self._preempt(victim)
+                out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
@@ -132,7 +133,14 @@ class Scheduler:
         while len(seq.block_table) < blocks_for(seq.num_computed + n_new, self.block_size):
             seq.block_table.append(self.allocator.allocate())
 
-    def _preempt(self, seq: Seq, out: SchedulerOutput) -> None:
+    def preempt_all(self) -> int:
+        """Preempt every running sequence (after a failed step: the cache state is unknown). Returns how many."""
+        victims = list(self.running)
+        for seq in victims:
+            self._preempt(seq)
+        return len(victims)
+
+    def _preempt(self, seq: Seq) -> None:
         """Free the sequence's blocks and put it back at the head of the queue, to be recomputed."""
         self.running.remove(seq)
         self.allocator.release_all(seq.block_table)
@@ -142,4 +150,3 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.waiting = deque(sorted(self.waiting, key=lambda s: s.order))
         self.num_preemptions += 1
-        out.preempted.append(seq)

@@ -158,6 +158,22 @@ class CoordinatorLink:
             dist.broadcast(torch.tensor([op, *args, *[0] * (CONTROL_WIDTH - 1 - len(args))], dtype=torch.long,
                                         device=self.device), 0)
 
+    def notify_each(self, op: int, wait_s: float) -> list[int]:
+        """Send a control message to each worker on its own, waiting at most ``wait_s`` for each; returns
+        the ranks that took it (after a failure: the others are dead or stuck). Sparse exchange only."""
+        if not self.sparse:
+            return []
+        msg, _ = self.layout.pack(op, 0, [], None)
+        reached = []
+        for w in self.workers:
+            try:
+                work: Any = dist.isend(msg, w)
+                work.wait(datetime.timedelta(seconds=wait_s))
+                reached.append(w)
+            except Exception:  # that member is gone; the rest still get theirs
+                continue
+        return reached
+
     def begin_step(self, num_layers: int, num_tokens: int) -> None:
         if not self.sparse:  # sparse messages describe themselves: no step announcement needed
             self.send_control(OP_FORWARD, num_layers, num_tokens)

@@ -116,8 +116,9 @@ def _kill(cluster: ClusterEngine, worker_index: int) -> dict[str, Any]:
 
 
 def test_worker_killed_while_idle_is_reported_by_name(hf_small: HFCheckpoint) -> None:
+    """With recovery off, a dead worker fails the engine with an error naming it."""
     cluster = ClusterEngine.start(EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=64),
-                                  cluster_config(experts_per_worker=2))
+                                  cluster_config(experts_per_worker=2, recover_workers=False))
     try:
         assert cluster.generate([[5, 6, 7]], GREEDY)[0].completions[0].token_ids
         killed = _kill(cluster, 2)
@@ -137,7 +138,8 @@ def test_worker_killed_while_idle_is_reported_by_name(hf_small: HFCheckpoint) ->
 
 def test_worker_killed_mid_generation_fails_requests_naming_it(hf_small: HFCheckpoint) -> None:
     cluster = ClusterEngine.start(EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=256,
-                                               max_model_len=512), cluster_config(experts_per_worker=2))
+                                               max_model_len=512),
+                                  cluster_config(experts_per_worker=2, recover_workers=False))
     try:
         result: dict[str, Any] = {}
 

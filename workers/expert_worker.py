@@ -115,9 +115,10 @@ class ExpertWorker:
                 "files_opened": self.files_opened, "load_seconds": self.load_seconds}
 
     def join(self, rdv: Rendezvous, rank: int) -> None:
-        """Join the cluster's process group (blocks until every member has joined)."""
-        if self.in_loop:
-            raise RuntimeError(f"expert worker {self.worker_index} is still in its loop; stop it first")
+        """Join the cluster's process group (blocks until every member has joined). After a failure the
+        old loop may still be ending: wait for it first."""
+        if not self.wait_loop_exit(rdv.timeout_s):
+            raise RuntimeError(f"expert worker {self.worker_index} is still in its loop")
 
         def do_join() -> None:
             join_group(rdv, rank)
