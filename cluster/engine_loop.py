@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
@@ -54,6 +55,7 @@ class EngineLoop:
         self._cond = threading.Condition()
         self._inbox: list[Callable[[], None]] = []
         self._stopping = False
+        self._draining = False
         self.dead_reason: str | None = None
         built: concurrent.futures.Future[LLMEngine] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, args=(build, built), name="moe-engine-loop", daemon=True)
@@ -162,6 +164,8 @@ class EngineLoop:
     def _check_alive(self) -> None:
         if self.dead_reason is not None:
             raise EngineDeadError(f"the engine is down: {self.dead_reason}")
+        if self._draining:
+            raise EngineDeadError("the engine is shutting down and takes no new requests")
 
     def submit(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams],
                sinks: Sequence[Callable[[RequestOutput], None]],
@@ -259,7 +263,19 @@ class EngineLoop:
         return self.call(self.engine.stats).result()
 
     def health(self) -> dict[str, Any]:
-        return {"alive": self.dead_reason is None and not self._stopping, "reason": self.dead_reason}
+        alive = self.dead_reason is None and not self._stopping and not self._draining
+        reason = self.dead_reason or ("draining" if self._draining else None)
+        return {"alive": alive, "reason": reason}
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests, let the running ones finish (up to ``timeout_s``). True if all finished."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.dead_reason is None:
+            if not self.call(lambda: self.engine.has_work()).result():
+                return True
+            time.sleep(0.05)
+        return False
 
     def shutdown(self) -> None:
         with self._cond:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -26,6 +27,7 @@ from router_service.settings import AppSettings
 
 log = logging.getLogger("moe_cluster.serve")
 STATS_INTERVAL_S = 1.0
+DRAIN_TIMEOUT_S = 25.0  # within Serve's graceful_shutdown_timeout_s (30 s)
 
 
 class EngineDeployment:
@@ -135,9 +137,13 @@ class EngineDeployment:
             raise EngineDeadError(f"{self.engine_id} is down: {health.get('reason')}")
 
     async def health(self) -> dict[str, Any]:
-        return await asyncio.to_thread(self.engine.health) | {"engine_id": self.engine_id}
+        return await asyncio.to_thread(self.engine.health) | {"engine_id": self.engine_id, "pid": os.getpid()}
 
     def __del__(self) -> None:
+        """Serve's graceful shutdown: requests still running finish (bounded), new ones are refused."""
+        with contextlib.suppress(Exception):
+            drained = self.engine.drain(DRAIN_TIMEOUT_S)
+            log.info("%s drained (%s)", self.engine_id, "all requests finished" if drained else "timed out")
         with contextlib.suppress(Exception):
             if self._sampler is not None:
                 self._sampler.cancel()

@@ -105,16 +105,25 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
 
 
+class HttpGuard:
+    """What the HTTP middleware enforces, set by the replica's constructor. Serve pickles the FastAPI app and
+    the deployment class by value, so ``app.state`` written in the constructor is not the served app's; this
+    class is pickled by reference, so both sides of a replica see the same one."""
+
+    api_key: str | None = None
+    max_request_bytes: int | None = None
+
+
 @app.middleware("http")
 async def _guard(request: Request, call_next: Any) -> Response:
     """API key (when configured) and request size, before any work is done."""
-    api_key = getattr(app.state, "api_key", None)
-    if api_key and request.url.path not in OPEN_PATHS and not bearer_ok(request.headers.get("authorization"),
-                                                                         api_key):
+    api_key = HttpGuard.api_key
+    path = request.url.path.removeprefix(request.scope.get("root_path", ""))
+    if api_key and path not in OPEN_PATHS and not bearer_ok(request.headers.get("authorization"), api_key):
         err = ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                        "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         return JSONResponse(err.body(), status_code=401, headers=err.headers)
-    limit = getattr(app.state, "max_request_bytes", None)
+    limit = HttpGuard.max_request_bytes
     length = request.headers.get("content-length")
     if limit is not None and length is not None and length.isdigit() and int(length) > limit:
         return JSONResponse(ApiError(413, f"request body of {length} bytes exceeds the limit of {limit}").body(),
@@ -132,11 +141,11 @@ class Ingress(GrpcMethods):
         self.engine = engine
         self.engine_stream = engine.options(stream=True)
         self._model_info: dict[str, Any] | None = None
-        app.state.max_request_bytes = settings.max_request_bytes
         self.api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         if settings.api_key_env and not self.api_key:
             raise ValueError(f"api_key_env names {settings.api_key_env!r} but that environment variable is empty")
-        app.state.api_key = self.api_key
+        HttpGuard.api_key = self.api_key
+        HttpGuard.max_request_bytes = settings.max_request_bytes
 
     # ------------------------------------------------------------------------------------ plumbing
 

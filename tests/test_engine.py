@@ -193,3 +193,27 @@ def test_a_failing_consumer_does_not_stop_the_engine(engine: LocalEngine) -> Non
     assert engine.generate([PROMPT], SamplingParams(max_tokens=3))[0].completions[0].token_ids
     stats = engine.stats()
     assert engine.health()["alive"] and stats.kv_blocks_used == 0 and stats.num_running == 0
+
+
+def test_drain_refuses_new_requests_and_lets_running_ones_finish(demo_dir: Path) -> None:
+    import threading
+
+    from cluster.engine_loop import EngineDeadError
+
+    eng = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=64))
+    try:
+        done: dict[str, object] = {}
+        thread = threading.Thread(target=lambda: done.setdefault("out", eng.generate(
+            [PROMPT], SamplingParams(max_tokens=150, temperature=0, ignore_eos=True))))
+        thread.start()
+        while eng.stats().num_running == 0:
+            pass
+        assert eng.drain(timeout_s=60) is True
+        thread.join(timeout=60)
+        result = done["out"][0]  # type: ignore[index]
+        assert len(result.completions[0].token_ids) == 150  # the running request finished in full
+        with pytest.raises(EngineDeadError, match="shutting down"):
+            eng.generate([PROMPT], GREEDY)
+        assert eng.health() == {"alive": False, "reason": "draining"}
+    finally:
+        eng.shutdown()
