@@ -17,7 +17,6 @@ from typing import Any
 from bench.common import free_port, machine, percentile, progress, table, write_section
 from bench.models import bench_model, describe
 
-
 Outcome = tuple[Counter[str], list[float]]  # counts by outcome, latencies of the successes (s)
 
 

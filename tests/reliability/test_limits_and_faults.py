@@ -33,7 +33,8 @@ def test_http_api_key(apps: Apps) -> None:
         r = httpx.post(apps.url("guarded", "/v1/completions"), json=body, headers=headers, timeout=60)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert r.headers["www-authenticate"] == "Bearer"
-    assert httpx.post(apps.url("guarded", "/v1/completions"), json=body, headers=auth(apps), timeout=60).status_code == 200
+    ok = httpx.post(apps.url("guarded", "/v1/completions"), json=body, headers=auth(apps), timeout=60)
+    assert ok.status_code == 200
     assert httpx.get(apps.url("guarded", "/v1/models"), timeout=60).status_code == 401
     assert httpx.get(apps.url("guarded", "/health"), timeout=60).status_code == 200  # probes need no key
     assert httpx.post(apps.url("pair", "/v1/completions"), json=body | {"model": "pair"}, timeout=60).status_code == 200
