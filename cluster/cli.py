@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=9000)
+    serve.add_argument("--metrics-port", type=int, default=8080, help="Prometheus port of the embedded Ray")
     serve.add_argument("--experts-per-worker", type=_positive_int)
     serve.add_argument("--num-engines", type=_positive_int)
     serve.add_argument("--engine", choices=["local", "cluster"])

@@ -18,7 +18,6 @@ from cluster.errors import ClusterStartError
 log = logging.getLogger("moe_cluster.serve")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "serve.yaml"
 DEMO_DIR = Path("~/.cache/moe-cluster/demo").expanduser()
-METRICS_PORT = 8080
 
 
 def load_serve_config(path: Path) -> dict[str, Any]:
@@ -86,8 +85,9 @@ def serve_command(args: argparse.Namespace) -> int:
         if args.address:
             ray.init(address=args.address, log_to_driver=False)
         else:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                     num_cpus=max(os.cpu_count() or 1, 16), _metrics_export_port=METRICS_PORT)
+            # Embedded and single-node: Ray's node address is loopback, so what Ray binds to it stays local.
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                     num_cpus=max(os.cpu_count() or 1, 16), _metrics_export_port=args.metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -102,7 +102,7 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"HTTP (OpenAI API): http://{http['host']}:{http['port']}/v1  (model {settings.model_name!r})")
         print(f"gRPC (moe_cluster.v1.GenerationService): {http['host']}:{grpc.get('port', 9000)}")
         if started_ray and not args.address:
-            print(f"metrics (Prometheus): http://127.0.0.1:{METRICS_PORT}/metrics")
+            print(f"metrics (Prometheus): http://127.0.0.1:{args.metrics_port}/metrics")
         print("moe-cluster ready; Ctrl-C to stop", flush=True)
         while not stop.wait(1.0):
             pass
@@ -111,6 +111,9 @@ def serve_command(args: argparse.Namespace) -> int:
         raise
     finally:
         try:
+            # Delete the app first: its replicas drain (running requests finish, Serve routes no new ones to
+            # them) while the proxies still carry the responses; then stop Serve and Ray.
+            serve.delete(app_cfg.get("name", "moe-cluster"))
             serve.shutdown()
         finally:
             if started_ray:

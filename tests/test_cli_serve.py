@@ -1,0 +1,96 @@
+"""`moe-cluster serve` as a user runs it: a real subprocess, real ports, Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from router_service.cli import DEFAULT_CONFIG
+from tests.serving.conftest import free_port
+
+
+def start(*args: str) -> tuple[subprocess.Popen[str], list[str]]:
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "--log-level", "WARNING", "serve", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + 180
+    while not any(line.startswith("moe-cluster ready") for line in lines):
+        assert proc.poll() is None, f"serve exited early: {lines}"
+        assert time.monotonic() < deadline, f"no ready line: {lines}"
+        time.sleep(0.2)
+    return proc, lines
+
+
+def test_serve_prints_urls_answers_and_drains_on_sigterm(demo_dir: Path) -> None:
+    http, grpc_port, metrics = free_port(), free_port(), free_port()
+    proc, lines = start("--model", str(demo_dir), "--engine", "local", "--http-port", str(http), "--grpc-port",
+                        str(grpc_port), "--metrics-port", str(metrics))
+    try:
+        assert f"HTTP (OpenAI API): http://127.0.0.1:{http}/v1  (model '{demo_dir.name}')" in lines
+        assert f"gRPC (moe_cluster.v1.GenerationService): 127.0.0.1:{grpc_port}" in lines
+        base = f"http://127.0.0.1:{http}"
+        quick = httpx.post(f"{base}/v1/completions", timeout=60,
+                           json={"model": demo_dir.name, "prompt": "Hello", "max_tokens": 4})
+        assert quick.status_code == 200
+        in_flight: dict[str, httpx.Response] = {}
+        body = {"model": demo_dir.name, "prompt": "Hello", "max_tokens": 300, "ignore_eos": True}
+        request = threading.Thread(target=lambda: in_flight.setdefault(
+            "r", httpx.post(f"{base}/v1/completions", json=body, timeout=120)))
+        request.start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        request.join(timeout=120)
+        assert in_flight["r"].status_code == 200  # drained: the running request finished
+        assert in_flight["r"].json()["usage"]["completion_tokens"] == 300
+        assert proc.wait(timeout=120) == 0
+        assert "shutting down" in lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The ports are free again: nothing was left behind.
+    for port in (http, grpc_port):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+            raise AssertionError(f"port {port} still answers")
+        except httpx.TransportError:
+            pass
+
+
+def test_serve_with_a_config_file(demo_dir: Path, tmp_path: Path) -> None:
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    app_args = config["applications"][0]["args"]
+    app_args.update(model=str(demo_dir), served_model_name="from-config", engine="local")
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    http = free_port()
+    proc, _ = start("--config", str(path), "--http-port", str(http), "--grpc-port", str(free_port()),
+                    "--metrics-port", str(free_port()))
+    try:
+        models = httpx.get(f"http://127.0.0.1:{http}/v1/models", timeout=60).json()
+        assert [m["id"] for m in models["data"]] == ["from-config"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+
+
+def test_default_serve_config_is_a_valid_serve_deploy_file() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    ServeDeploySchema.model_validate(config)
+    assert json.dumps(config["grpc_options"]["grpc_servicer_functions"])
