@@ -1,0 +1,566 @@
+"""The Kubernetes deployment (k8s/, Dockerfile), checked without a Kubernetes cluster or a Docker engine.
+
+The overlays are rendered here in Python (the kustomize subset they use: resources, JSON6902 patches, images) and,
+where kubectl is on PATH, compared with `kubectl kustomize`. Every RayService, and the RayCluster inside it,
+validates against the KubeRay CRD schemas (defaults filled first, as the API server does; fields the API server
+would prune are errors); every serveConfigV2 parses with Ray's own ServeDeploySchema and is exactly what
+k8s/render.py makes from the CLI's Serve config. Then the cpu-demo overlay's serveConfigV2 is deployed with
+`serve deploy` on a real `ray start --head` cluster and answers HTTP and gRPC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import jsonpatch
+import jsonschema
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from k8s.render import BASE_OVERRIDES, K8S, PATCH, overlays, render_patch, serve_config
+from router_service.cli import grpc_servicer_functions
+from router_service.client import GenerationClient
+from router_service.settings import AppSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS = Path(__file__).resolve().parents[1].parent / "shared" / "k8s-schemas"
+OVERLAYS = [p.name for p in overlays()]
+KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "patches", "images"}  # what kustomize_build implements
+HEAD_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "serve-grpc": 9000, "metrics": 8080}
+API_KEY_ENV, API_KEY_SECRET = "MOE_CLUSTER_API_KEY", {"name": "moe-cluster-api-key", "key": "api-key"}
+WEIGHTS_CLAIM, WEIGHTS_MOUNT = "moe-cluster-weights", "/models"
+MIXTRAL_8X7B_EXPERTS = 8  # per layer; the gpu overlay's checkpoint is not here to read it from
+SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.I)
+
+
+# ------------------------------------------------------------------------------------------ kustomize, in Python
+
+def _load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _matches(obj: dict[str, Any], target: dict[str, str]) -> bool:
+    group, _, version = obj["apiVersion"].rpartition("/")
+    wanted = {"group": group, "version": version, "kind": obj["kind"], "name": obj["metadata"]["name"]}
+    return all(wanted[key] == value for key, value in target.items())
+
+
+def _set_images(node: Any, images: list[dict[str, str]]) -> None:
+    """kustomize's images transformer: containers' and initContainers' images, matched by name (no tag)."""
+    if isinstance(node, dict):
+        for key in ("containers", "initContainers"):
+            for container in node.get(key, []) if isinstance(node.get(key), list) else []:
+                name, tag = container["image"], ""
+                if ":" in name.rsplit("/", 1)[-1]:  # a tag, not a registry's port
+                    name, _, tag = name.rpartition(":")
+                for image in images:
+                    if image["name"] == name:
+                        container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}".rstrip(":")
+        for value in node.values():
+            _set_images(value, images)
+    elif isinstance(node, list):
+        for value in node:
+            _set_images(value, images)
+
+
+def kustomize_build(directory: Path) -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unsupported = sorted(set(kustomization) - KUSTOMIZATION_KEYS)
+    assert not unsupported, f"{directory}: kustomization uses {unsupported}, which this test does not render"
+    objects: list[dict[str, Any]] = []
+    for entry in kustomization.get("resources", []):
+        path = directory / entry
+        objects += kustomize_build(path) if path.is_dir() else _load_all(path)
+    for patch in kustomization.get("patches", []):
+        assert set(patch) == {"path", "target"}, f"{directory}: only file patches with a target are rendered here"
+        ops = yaml.safe_load((directory / patch["path"]).read_text())
+        assert isinstance(ops, list), f"{directory / patch['path']}: only JSON6902 patches are rendered here"
+        hits = [i for i, obj in enumerate(objects) if _matches(obj, patch["target"])]
+        assert hits, f"{directory}: patch {patch['path']} matches no object"
+        for i in hits:
+            objects[i] = jsonpatch.apply_patch(objects[i], ops)
+    _set_images(objects, kustomization.get("images", []))
+    return objects
+
+
+def built(overlay: str) -> list[dict[str, Any]]:
+    return kustomize_build(K8S / "overlays" / overlay)
+
+
+def rayservice(overlay: str) -> dict[str, Any]:
+    (service,) = [o for o in built(overlay) if o["kind"] == "RayService"]
+    return service
+
+
+def pod_templates(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = {"head": cluster["headGroupSpec"]} | {g["groupName"]: g for g in cluster.get("workerGroupSpecs", [])}
+    return {name: group["template"] for name, group in groups.items()}
+
+
+# --------------------------------------------------------------------------- CRD schemas, as the API server reads them
+
+def schema(name: str) -> dict[str, Any]:
+    path = SCHEMAS / name
+    if not path.exists():
+        pytest.fail(f"KubeRay CRD schemas not found at {SCHEMAS} (the shared folder beside the repository)")
+    return yaml.safe_load(path.read_text())
+
+
+def with_defaults(instance: Any, node: dict[str, Any]) -> Any:
+    """Structural defaulting: a missing property with a default gets it, in every object that is present."""
+    if isinstance(instance, dict):
+        for key, sub in node.get("properties", {}).items():
+            if key not in instance and "default" in sub:
+                instance[key] = copy.deepcopy(sub["default"])
+            if key in instance:
+                with_defaults(instance[key], sub)
+        if isinstance(node.get("additionalProperties"), dict):
+            for key, value in instance.items():
+                if key not in node.get("properties", {}):
+                    with_defaults(value, node["additionalProperties"])
+    elif isinstance(instance, list) and isinstance(node.get("items"), dict):
+        for item in instance:
+            with_defaults(item, node["items"])
+    return instance
+
+
+def pruned_fields(instance: Any, node: dict[str, Any], path: str = "") -> list[str]:
+    """Fields the API server would silently drop (a typo in a manifest is lost, not rejected)."""
+    if node.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    out: list[str] = []
+    if isinstance(instance, dict):
+        props, extra = node.get("properties"), node.get("additionalProperties")
+        for key, value in instance.items():
+            if props is not None and key in props:
+                out += pruned_fields(value, props[key], f"{path}.{key}")
+            elif isinstance(extra, dict):
+                out += pruned_fields(value, extra, f"{path}.{key}")
+            elif props is not None and extra is not True:
+                out.append(f"{path}.{key}")
+    elif isinstance(instance, list) and isinstance(node.get("items"), dict):
+        for i, item in enumerate(instance):
+            out += pruned_fields(item, node["items"], f"{path}[{i}]")
+    return out
+
+
+def crd_errors(obj: dict[str, Any], schema_file: str) -> list[str]:
+    crd = schema(schema_file)
+    obj = with_defaults(copy.deepcopy(obj), crd)
+    validator = jsonschema.Draft202012Validator(crd)
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+    return errors + [f"pruned field {p}" for p in pruned_fields(obj, crd)]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayservice_and_raycluster_validate_against_the_kuberay_crds(overlay: str) -> None:
+    services = [o for o in built(overlay) if o["kind"] == "RayService"]
+    assert len(services) == 1
+    for service in services:
+        assert service["apiVersion"] == "ray.io/v1"
+        assert crd_errors(service, "rayservice.ray.io_v1.schema.json") == []
+        cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": service["metadata"]["name"]},
+                   "spec": service["spec"]["rayClusterConfig"]}
+        assert crd_errors(cluster, "raycluster.ray.io_v1.schema.json") == []
+
+
+def test_the_crd_check_catches_what_the_api_server_would_reject_or_drop() -> None:
+    service = rayservice("cpu-demo")
+    bad = copy.deepcopy(service)
+    del bad["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    bad["spec"]["rayClusterConfig"]["enableInTreeAutoscalling"] = True
+    errors = crd_errors(bad, "rayservice.ray.io_v1.schema.json")
+    assert any("'template' is a required property" in e for e in errors), errors
+    assert "pruned field .spec.rayClusterConfig.enableInTreeAutoscalling" in errors
+    defaulted = with_defaults({"workerGroupSpecs": [{"groupName": "g"}]},
+                              schema("raycluster.ray.io_v1.schema.json")["properties"]["spec"])
+    assert defaulted["workerGroupSpecs"][0]["maxReplicas"] == 2147483647
+
+
+# ---------------------------------------------------------------------------------- serveConfigV2: one source of truth
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serve_config_patch_is_rendered_from_the_cli_serve_config(overlay: str) -> None:
+    path = K8S / "overlays" / overlay / PATCH
+    assert path.exists(), f"{path.relative_to(ROOT)} is missing: run python -m k8s.render"
+    assert path.read_text() == render_patch(path.parent), \
+        f"{path.relative_to(ROOT)} drifted from router_service/configs/serve.yaml and the overrides: " \
+        f"run python -m k8s.render"
+    assert yaml.safe_load(rayservice(overlay)["spec"]["serveConfigV2"]) == serve_config(path.parent)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serve_config_parses_with_ray_and_the_app(overlay: str) -> None:
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(rayservice(overlay)["spec"]["serveConfigV2"])
+    parsed = ServeDeploySchema.model_validate(config)
+    assert parsed.http_options.host == "0.0.0.0" and parsed.http_options.port == HEAD_PORTS["serve"]
+    grpc_options = parsed.grpc_options
+    assert grpc_options is not None and grpc_options.port == HEAD_PORTS["serve-grpc"]
+    assert grpc_options.grpc_servicer_functions == grpc_servicer_functions() and grpc_options.enable_reflection
+    (app,) = parsed.applications
+    assert app.import_path == "router_service.app:build_app"
+    settings = AppSettings.from_args(app.args)
+    assert settings.api_key_env == API_KEY_ENV
+    assert settings.ingress_autoscaling is not None
+    autoscaling = AutoscalingConfig(**settings.ingress_autoscaling)
+    assert 1 <= autoscaling.min_replicas < autoscaling.max_replicas
+    assert Path(settings.model).is_absolute()
+
+
+def _leaves(node: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Scalar and list values by path; applications are keyed by name (as in the override files)."""
+    if isinstance(node, dict):
+        out: dict[tuple[str, ...], Any] = {}
+        for key, value in node.items():
+            if key == "applications" and isinstance(value, list):
+                value = {app["name"]: app for app in value}
+            out |= _leaves(value, (*prefix, key))
+        return out
+    return {prefix: node}
+
+
+def test_render_is_the_cli_config_with_the_overrides_on_top() -> None:
+    cli = _leaves(yaml.safe_load((ROOT / "router_service" / "configs" / "serve.yaml").read_text()))
+    base = _leaves(yaml.safe_load(BASE_OVERRIDES.read_text()))
+    for overlay in overlays():
+        rendered = _leaves(serve_config(overlay))
+        layers = [_leaves(yaml.safe_load((overlay / "serve-overrides.yaml").read_text())), base, cli]  # winner first
+        for i, layer in enumerate(layers):
+            for path, value in layer.items():
+                if not any(path[:len(p)] == p for above in layers[:i] for p in above):
+                    assert rendered[path] == value, (overlay.name, path)
+        assert set(rendered) <= set().union(*layers), overlay.name
+
+
+# --------------------------------------------------------------------------------------------- the manifests' shape
+
+def _containers(template: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(template["spec"]["containers"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_cluster_shape(overlay: str) -> None:
+    import ray
+
+    service = rayservice(overlay)
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0" and head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    head_ports = {p["name"]: p["containerPort"] for p in _containers(head["template"])[0]["ports"]}
+    assert head_ports == HEAD_PORTS
+    assert all(g["rayStartParams"].get("metrics-export-port") == str(HEAD_PORTS["metrics"])
+               for g in [head, *cluster["workerGroupSpecs"]])
+    for group in cluster["workerGroupSpecs"]:
+        assert {"minReplicas", "maxReplicas", "replicas"} <= set(group), group["groupName"]
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
+    gpu_groups = [g for g in cluster["workerGroupSpecs"] if "num-gpus" in g["rayStartParams"]]
+    for group in gpu_groups:
+        (container,) = _containers(group["template"])
+        gpus = group["rayStartParams"]["num-gpus"]
+        assert str(container["resources"]["requests"]["nvidia.com/gpu"]) == gpus, group["groupName"]
+        assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == gpus, group["groupName"]
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
+            group["template"]["spec"]["tolerations"]
+    assert bool(gpu_groups) == (overlay != "cpu-demo")
+    for name, template in pod_templates(service).items():
+        spec = template["spec"]
+        assert template["metadata"]["labels"]["app.kubernetes.io/part-of"] == "moe-cluster", name
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0, name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in _containers(template):
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
+            assert container["resources"]["requests"] == container["resources"]["limits"], name
+            params = (cluster["headGroupSpec"] if name == "head" else
+                      next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == name))["rayStartParams"]
+            assert params["num-cpus"] in ("0", str(container["resources"]["limits"]["cpu"])), name
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory", name
+            if overlay != "cpu-demo":
+                weights = mounts[WEIGHTS_MOUNT]
+                assert weights["readOnly"] is True, name
+                claim = volumes[weights["name"]]["persistentVolumeClaim"]
+                assert claim == {"claimName": WEIGHTS_CLAIM, "readOnly": True}, name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_secret_values_and_the_api_key_comes_from_a_secret(overlay: str) -> None:
+    objects = built(overlay)
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    for name, template in pod_templates(rayservice(overlay)).items():
+        for container in _containers(template):
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert env[API_KEY_ENV] == {"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": API_KEY_SECRET}}, name
+            literal = [e["name"] for e in env.values() if "value" in e and SECRET_NAME.search(e["name"])]
+            assert not literal, f"{name}: secret-looking env vars with literal values: {literal}"
+    text = yaml.safe_dump_all(objects)
+    assert not re.search(r"(Bearer\s+\S{8,}|sk-[A-Za-z0-9]{16,}|hf_[A-Za-z0-9]{16,})", text)
+    config = yaml.safe_load(rayservice(overlay)["spec"]["serveConfigV2"])
+    assert "runtime_env" not in config["applications"][0]  # env vars (and keys) come from the pods, not Serve
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_engine_and_ingress_fit_the_minimum_cluster(overlay: str) -> None:
+    """The engine's placement group (coordinator + workers, one bundle each) and the ingress's minimum replicas
+    fit on the worker pods that exist at minReplicas, so the app comes up without waiting for the autoscaler."""
+    from cluster.demo import demo_config
+    from cluster.engine_config import ClusterConfig
+    from cluster.moe import ExpertMap
+    from cluster.placement import cluster_bundles
+
+    service = rayservice(overlay)
+    settings = AppSettings.from_args(yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"])
+    cluster_cfg = ClusterConfig.from_dict(settings.cluster_options)
+    experts = demo_config(1024).num_experts if overlay == "cpu-demo" else MIXTRAL_8X7B_EXPERTS
+    workers = ExpertMap.contiguous(experts, cluster_cfg.experts_per_worker).num_workers
+    bundles = cluster_bundles(cluster_cfg, workers, bool(cluster_cfg.use_gpus)) * settings.num_engines
+    assert settings.ingress_autoscaling is not None
+    bundles += [{"CPU": 1.0}] * settings.ingress_autoscaling["min_replicas"]  # Serve's default: 1 CPU per replica
+    pods = [{"CPU": float(g["rayStartParams"]["num-cpus"]), "GPU": float(g["rayStartParams"].get("num-gpus", 0))}
+            for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"] for _ in range(g["minReplicas"])]
+    for bundle in sorted(bundles, key=lambda b: (-b.get("GPU", 0), -b["CPU"])):  # first fit, decreasing
+        pod = next((p for p in pods if all(p.get(k, 0) >= v for k, v in bundle.items())), None)
+        assert pod is not None, f"{overlay}: {bundle} does not fit on the minimum worker pods (left: {pods})"
+        for key, value in bundle.items():
+            pod[key] -= value
+    if overlay == "gpu-mixtral-8x7b":
+        assert workers == 8 and len([b for b in bundles if b.get("GPU")]) == 9
+
+
+def test_grpc_service_reaches_the_serve_pods() -> None:
+    for overlay in OVERLAYS:
+        (svc,) = [o for o in built(overlay) if o["kind"] == "Service"]
+        labels = rayservice(overlay)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
+        selector = dict(svc["spec"]["selector"])
+        assert selector.pop("ray.io/serve") == "true"  # KubeRay's label for pods with a healthy Serve proxy
+        assert selector.items() <= labels.items()
+        assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(9000, HEAD_PORTS["serve-grpc"])]
+
+
+def test_weights_pvc_and_loader_match_the_gpu_overlay() -> None:
+    (pvc,) = _load_all(K8S / "weights" / "pvc.yaml")
+    (job,) = _load_all(K8S / "weights" / "load-mixtral-8x7b.yaml")
+    assert pvc["metadata"]["name"] == WEIGHTS_CLAIM and "ReadWriteMany" in pvc["spec"]["accessModes"]
+    job_spec = job["spec"]["template"]["spec"]
+    assert job_spec["volumes"] == [{"name": "weights", "persistentVolumeClaim": {"claimName": WEIGHTS_CLAIM}}]
+    assert job_spec["securityContext"]["runAsNonRoot"] is True
+    model = serve_config(K8S / "overlays" / "gpu-mixtral-8x7b")["applications"][0]["args"]["model"]
+    assert model.startswith(WEIGHTS_MOUNT + "/") and f'local_dir="{model}"' in job_spec["containers"][0]["args"][0]
+    (token,) = job_spec["containers"][0]["env"]
+    assert token["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+def _kind_and_name(obj: dict[str, Any]) -> tuple[str, str]:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def test_python_rendering_equals_kubectl_kustomize() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH")
+    for overlay in OVERLAYS:
+        out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert sorted(yaml.safe_load_all(out.stdout), key=_kind_and_name) == \
+            sorted(built(overlay), key=_kind_and_name), overlay
+
+
+# ------------------------------------------------------------------------------------------- image and docs
+
+def test_dockerfile_matches_the_manifests() -> None:
+    import ray
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S*)$", dockerfile, re.M))
+    assert args["RAY_VERSION"] == ray.__version__
+    assert args["PYTHON"] == f"py{sys.version_info.major}{sys.version_info.minor}"
+    assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON}${GPU:+-gpu}" in dockerfile.splitlines()
+    demo = serve_config(K8S / "overlays" / "cpu-demo")["applications"][0]["args"]["model"]
+    assert f"RUN moe-cluster init-demo {demo}" in dockerfile.splitlines()
+    copied = {src.rstrip("/") for line in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.M)
+              for src in line.split()}
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    packages = re.search(r"include = \[(.*?)\]", pyproject)
+    assert packages is not None
+    assert {p.strip(' "*') for p in packages.group(1).split(",")} <= copied
+    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    assert copied <= allowed, f"COPY sources excluded by .dockerignore: {copied - allowed}"
+    for path in copied:
+        assert (ROOT / path).exists(), path
+
+
+def test_images_are_the_project_image() -> None:
+    for overlay in OVERLAYS:
+        flavour = "gpu" if overlay.startswith("gpu") else "cpu"
+        for name, template in pod_templates(rayservice(overlay)).items():
+            assert {c["image"] for c in _containers(template)} == {f"moe-cluster:0.1.0-{flavour}"}, (overlay, name)
+
+
+def test_docs_name_real_paths_and_the_secret() -> None:
+    doc = (ROOT / "docs" / "kubernetes.md").read_text()
+    for path in set(re.findall(r"\b(k8s/[\w./-]+[\w/])", doc)):
+        assert (ROOT / path).exists(), f"docs/kubernetes.md names {path}, which does not exist"
+    for needle in (*[f"k8s/overlays/{o}" for o in OVERLAYS], "moe-cluster-serve-svc", "moe-cluster-grpc",
+                   API_KEY_SECRET["name"], "kubectl create secret", "not exercised"):
+        assert needle in doc, needle
+
+
+# ----------------------------------------------------------------- live: the cpu-demo serveConfigV2 on `ray start`
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes of one session: `ray start` runs in a session of its own, and its processes stay in it."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            state, _ppid, _pgrp, session = stat[stat.rindex(")") + 2:].split()[:4]
+            if int(session) == sid and state != "Z":
+                pids.append(int(entry))
+    return pids
+
+
+def stop_session(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> list[int]:
+    """SIGTERM, then SIGKILL, to the processes of the session we started - by pid, nothing else on the machine."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while session_pids(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            proc.poll()
+    proc.wait(timeout=10)
+    return session_pids(proc.pid)
+
+
+def tool(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    found = str(path) if path.exists() else shutil.which(name)
+    assert found, f"{name} is not installed"
+    return found
+
+
+def serve_status(dashboard: str, env: dict[str, str]) -> dict[str, Any]:
+    out = subprocess.run([tool("serve"), "status", "-a", dashboard], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    status = yaml.safe_load(out.stdout) or {}
+    app: dict[str, Any] = (status.get("applications") or {}).get("moe-cluster", {})
+    return app
+
+
+def adapt_to_this_machine(config: dict[str, Any], model: Path, http_port: int, grpc_port: int) -> dict[str, Any]:
+    """Only what must differ from the pods: the model's path and the listening address."""
+    local = copy.deepcopy(config)
+    local["applications"][0]["args"]["model"] = str(model)
+    local["http_options"].update(host="127.0.0.1", port=http_port)
+    local["grpc_options"]["port"] = grpc_port
+    return local
+
+
+@pytest.fixture
+def ray_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="mk8s-"))  # short: Ray's unix sockets live under it
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process cleanup reads /proc")
+def test_cpu_demo_serve_config_deploys_with_serve_deploy_and_answers_http_and_grpc(ray_dir: Path) -> None:
+    from cluster.demo import init_demo
+
+    config = yaml.safe_load(rayservice("cpu-demo")["spec"]["serveConfigV2"])
+    http_port, grpc_port, gcs_port, dash_port, client_port, agent_port, metrics_port = (free_port() for _ in range(7))
+    local = adapt_to_this_machine(config, init_demo(ray_dir / "demo"), http_port, grpc_port)
+    config_file = ray_dir / "serve.yaml"
+    config_file.write_text(yaml.safe_dump(local, sort_keys=False))
+    api_key = secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS")}
+    # As in the pods: the key is in the nodes' environment (Serve replicas inherit it), never in the config.
+    # Ray's own token auth, with a token of this test's, so ~/.ray/auth_token (if any) plays no part.
+    env |= {API_KEY_ENV: api_key, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    dashboard = f"http://127.0.0.1:{dash_port}"
+    log = (ray_dir / "ray-start.log").open("wb")
+    start = time.monotonic()
+    head = subprocess.Popen(
+        [tool("ray"), "start", "--head", "--block", f"--port={gcs_port}", f"--dashboard-port={dash_port}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--num-cpus=16", "--disable-usage-stats",
+         f"--temp-dir={ray_dir / 'ray'}", f"--ray-client-server-port={client_port}",
+         f"--dashboard-agent-listen-port={agent_port}", f"--metrics-export-port={metrics_port}"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = start + 120
+        while True:  # serve deploy goes through the dashboard: retry until it is up
+            assert head.poll() is None, (ray_dir / "ray-start.log").read_text()[-3000:]
+            out = subprocess.run([tool("serve"), "deploy", str(config_file), "-a", dashboard], capture_output=True,
+                                 text=True, env=env, timeout=60)
+            if out.returncode == 0:
+                break
+            assert time.monotonic() < deadline, f"serve deploy kept failing: {out.stderr[-3000:]}"
+            time.sleep(1)
+        while (app := serve_status(dashboard, env)).get("status") != "RUNNING":
+            assert app.get("status") != "DEPLOY_FAILED", app
+            assert time.monotonic() < deadline, f"not RUNNING after {deadline - start:.0f}s: {app}"
+            time.sleep(1)
+
+        http = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=60, trust_env=False)
+        model = local["applications"][0]["args"]["served_model_name"]
+        body = {"model": model, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+        assert http.get("/health").status_code == 200  # open, for probes
+        assert http.post("/v1/completions", json=body).status_code == 401
+        assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        reply = http.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {api_key}"})
+        assert reply.status_code == 200, reply.text
+        completion = reply.json()
+        assert completion["model"] == model and completion["usage"]["completion_tokens"] >= 1
+
+        client = GenerationClient(f"127.0.0.1:{grpc_port}", model=model, timeout_s=60, api_key=api_key)
+        try:
+            answer = client.generate("Once upon a time", max_new_tokens=8, temperature=0)
+            assert answer.text == completion["choices"][0]["text"]
+            assert answer.usage.completion_tokens == completion["usage"]["completion_tokens"]
+            with pytest.raises(grpc.RpcError) as err:
+                GenerationClient(f"127.0.0.1:{grpc_port}", model=model, channel=client.channel).generate("x")
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING  # open, for probes
+        finally:
+            client.close()
+            http.close()
+    finally:
+        left = stop_session(head)
+        log.close()
+        assert not left, f"Ray processes outlived the test: {left}"
