@@ -37,7 +37,7 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1, min_secon
     """Median wall time of ``fn`` in seconds (after warm-up)."""
     for _ in range(warmup):
         fn()
-    samples = []
+    samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < repeats or time.perf_counter() - started < min_seconds:
         t0 = time.perf_counter()

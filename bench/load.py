@@ -146,9 +146,9 @@ def main() -> None:
     ])
     print(body)
     for proto, (outcomes, _, _) in results.items():
-        lost = {k: v for k, v in outcomes.items() if k.startswith("lost")}
-        if lost:
-            raise SystemExit(f"{proto}: requests lost: {lost}")
+        lost_by_kind = {k: v for k, v in outcomes.items() if k.startswith("lost")}
+        if lost_by_kind:
+            raise SystemExit(f"{proto}: requests lost: {lost_by_kind}")
     if not args.no_write:
         write_section("load", "Bounded load: every request answered (HTTP and gRPC)", body)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def test_coordinator_role_reads_no_expert_tensor(hf_small: HFCheckpoint, monkeyp
     requested: list[str] = []
     original = ckpt.load
 
-    def spy(shapes, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def spy(shapes: dict[str, tuple[int, ...]], *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         requested.extend(shapes)
         return original(shapes, *args, **kwargs)
 

@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,8 +35,8 @@ def assert_same_outputs(cluster: ClusterEngine, local: LocalEngine, vocab: int) 
 
 
 @pytest.fixture(scope="module")
-def parity_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[HFCheckpoint, LocalEngine]]:
-    models = {}
+def parity_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[HFCheckpoint, LocalEngine]]]:
+    models: dict[str, tuple[HFCheckpoint, LocalEngine]] = {}
     for name in ("e8-top2-gqa4-window8-untied-sharded", "e4-top1-gqa1-window16-tied-single"):
         ckpt = make_hf_checkpoint(tmp_path_factory.mktemp("cluster-parity"), **PARITY_CONFIGS[name])
         engine_cfg = EngineConfig(model=str(ckpt.path), progress=False, num_kv_blocks=128, block_size=8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ NUM_BLOCKS = 24  # 24 blocks of 8 tokens: far less than 64 requests need at once
 
 
 @pytest.fixture(scope="module")
-def tight_cluster(demo_dir: Path) -> ClusterEngine:
+def tight_cluster(demo_dir: Path) -> Iterator[ClusterEngine]:
     engine_cfg = EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=NUM_BLOCKS, block_size=8,
                               max_num_seqs=32, max_num_batched_tokens=128, max_model_len=256)
     cluster = ClusterEngine.start(engine_cfg, cluster_config(experts_per_worker=4))
@@ -84,7 +85,7 @@ def test_n4_samples_share_prompt_blocks_through_the_cluster(tight_cluster: Clust
 
     async def run() -> list[int]:
         nonlocal peak
-        indices = []
+        indices: list[int] = []
         params = SamplingParams(n=4, max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
         async for out in tight_cluster.stream(prompt, params):
             indices.extend(d.index for d in out.outputs if d.token_ids)

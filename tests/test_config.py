@@ -35,8 +35,9 @@ def test_current_form_round_trips_through_transformers(tmp_path: Path) -> None:
     from transformers import MixtralConfig
 
     hf = MixtralConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, rope_theta=5e5, sliding_window=7,
-                       tie_word_embeddings=True)
+                       num_attention_heads=4, num_key_value_heads=2, sliding_window=7, tie_word_embeddings=True,
+                       # The legacy keyword, not a declared field: transformers turns it into rope_parameters.
+                       rope_theta=5e5)  # type: ignore[call-arg]
     hf.save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
     assert "rope_parameters" in raw and "rope_theta" not in raw
@@ -46,6 +47,7 @@ def test_current_form_round_trips_through_transformers(tmp_path: Path) -> None:
     # transformers reads what we write back.
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
     again = MixtralConfig.from_pretrained(tmp_path)
+    assert again.rope_parameters is not None
     assert again.num_key_value_heads == 2 and again.rope_parameters["rope_theta"] == 5e5
 
 

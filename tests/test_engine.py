@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def engine(demo_dir: Path) -> LocalEngine:
+def engine(demo_dir: Path) -> Iterator[LocalEngine]:
     eng = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=96,
                                                block_size=8, max_model_len=256))
     yield eng
@@ -35,7 +36,7 @@ def test_stop_token_ids_end_generation_and_stay_out_of_the_text(engine: LocalEng
     stop_id = base.token_ids[5]
     first = base.token_ids.index(stop_id)
     out = engine.generate([PROMPT], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
-                                                   stop_token_ids=[stop_id]))[0].completions[0]
+                                                   stop_token_ids=(stop_id,)))[0].completions[0]
     assert out.token_ids == base.token_ids[:first + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop_id)
     assert out.text == engine.tokenizer.decode(base.token_ids[:first])
@@ -51,7 +52,7 @@ def test_stop_string_spanning_tokens_is_cut_and_excluded(engine: LocalEngine) ->
     assert len(stop) >= 2
     index = base.text.find(stop)
     out = engine.generate([PROMPT], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
-                                                   stop=[stop, "never-appears"]))[0].completions[0]
+                                                   stop=(stop, "never-appears")))[0].completions[0]
     assert out.text == base.text[:index]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop)
 
@@ -62,7 +63,7 @@ def test_streamed_text_never_shows_part_of_a_stop_string(engine: LocalEngine) ->
     deltas: list[str] = []
 
     async def run() -> None:
-        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop])
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,))
         async for out in engine.stream(PROMPT, params):
             deltas.extend(d.text for d in out.outputs)
 
@@ -122,7 +123,7 @@ def test_max_tokens_and_usage(engine: LocalEngine) -> None:
     ([1, 5000], GREEDY, "prompt token id 5000 at position 1 is outside the vocabulary"),
     ([1] * 256, GREEDY, "the prompt has 256 tokens but the model's context length is 256"),
     ([1] * 200, SamplingParams(max_tokens=100), r"plus max_tokens \(100\) exceeds the model's context length"),
-    ([1] * 10, SamplingParams(stop_token_ids=[9999]), "stop_token_ids holds 9999"),
+    ([1] * 10, SamplingParams(stop_token_ids=(9999,)), "stop_token_ids holds 9999"),
 ])
 def test_bad_requests_are_rejected_up_front(engine: LocalEngine, prompt: list[int], params: SamplingParams,
                                             message: str) -> None:
@@ -161,7 +162,9 @@ def test_leaving_a_stream_aborts_and_frees_blocks(engine: LocalEngine) -> None:
     async def run() -> int:
         seen = 0
         params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
-        async with contextlib.aclosing(engine.stream(PROMPT, params)) as stream:
+        stream_gen = engine.stream(PROMPT, params)
+        assert isinstance(stream_gen, AsyncGenerator)  # so that it can be closed
+        async with contextlib.aclosing(stream_gen) as stream:
             async for _ in stream:
                 seen += 1
                 if seen == 3:

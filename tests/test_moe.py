@@ -11,7 +11,7 @@ from cluster.moe import ExpertMap, LocalExperts, LocalMoE, plan_dispatch, refere
 from cluster.ops import route
 
 
-def hf_block(num_experts: int, top_k: int, hidden: int = 32, inter: int = 48, seed: int = 0):  # type: ignore[no-untyped-def]
+def hf_block(num_experts: int, top_k: int, hidden: int = 32, inter: int = 48, seed: int = 0):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -25,7 +25,7 @@ def hf_block(num_experts: int, top_k: int, hidden: int = 32, inter: int = 48, se
     return block
 
 
-def split_weights(block) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:  # type: ignore[no-untyped-def]
+def split_weights(block) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
     inter = down.shape[-1]
     return ([g[:inter] for g in gate_up], list(down), [g[inter:] for g in gate_up])
@@ -75,7 +75,7 @@ def test_dispatch_plan_groups_rows_by_worker_then_expert(tokens: int, top_k: int
         rows = plan.row_token[start:start + count]
         assert rows.tolist() == sorted(rows.tolist())  # token order kept inside an expert
         for r, token in enumerate(rows.tolist()):
-            slot = (ids[token] == expert).nonzero().item()
+            slot = int((ids[token] == expert).nonzero().item())
             assert plan.row_weight[start + r] == weights[token, slot]
         start += count
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def hf_greedy(ckpt: HFCheckpoint, ids: list[int], new_tokens: int) -> list[int]:
 
 @pytest.fixture(scope="module", params=sorted(PARITY_CONFIGS), ids=sorted(PARITY_CONFIGS))
 def parity_case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                ) -> tuple[HFCheckpoint, LocalEngine]:
+                ) -> Iterator[tuple[HFCheckpoint, LocalEngine]]:
     ckpt = make_hf_checkpoint(tmp_path_factory.mktemp("parity"), **PARITY_CONFIGS[request.param])
     engine = LocalEngine.from_config(EngineConfig(model=str(ckpt.path), progress=False, num_kv_blocks=128,
                                                   block_size=8))

@@ -9,6 +9,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 @pytest.fixture(scope="module")
-def cluster(demo_dir: Path) -> ClusterEngine:
+def cluster(demo_dir: Path) -> Iterator[ClusterEngine]:
     engine_cfg = EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=512, block_size=8,
                               max_num_seqs=32, max_model_len=512)
     engine = ClusterEngine.start(engine_cfg, cluster_config(experts_per_worker=2))

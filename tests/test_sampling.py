@@ -50,7 +50,10 @@ def test_greedy_rows_take_the_argmax_and_seeds_are_per_row() -> None:
     logits = torch.randn(4, 50)
     params = [SamplingParams(temperature=0), SamplingParams(seed=7), SamplingParams(seed=7),
               SamplingParams(seed=8)]
-    gens = [None] + [torch.Generator().manual_seed(p.seed) for p in params[1:]]  # type: ignore[arg-type]
+    gens: list[torch.Generator | None] = [None]
+    for p in params[1:]:
+        assert p.seed is not None
+        gens.append(torch.Generator().manual_seed(p.seed))
     tokens = sample(logits, params, gens)
     assert tokens[0] == logits[0].argmax()
     alone = sample(logits[1:2], params[1:2], [torch.Generator().manual_seed(7)])
@@ -90,6 +93,6 @@ def test_bad_params_name_the_field_and_value(kwargs: dict[str, Any], message: st
 
 
 def test_stop_accepts_a_single_string() -> None:
-    assert SamplingParams(stop="END").stop == ("END",)
+    assert SamplingParams(stop="END").stop == ("END",)  # type: ignore[arg-type]  # a lone string is accepted
     with pytest.raises(TypeError, match="echo must be a boolean"):
         SamplingParams(echo="yes")  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import pytest
 from hypothesis import given, settings
@@ -10,9 +11,13 @@ from hypothesis import strategies as st
 
 from cluster.tokenizer import DEFAULT_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
 TEXTS = ["Hello world", "The experts of one layer can live on different machines.", "  two  spaces",
          "Café naïve 東京 🙂🚀", "line\nbreak\ttab", "</s> is text here", ""]
 PLAIN_TEXTS = [t for t in TEXTS if t and "</s>" not in t]
+SURROGATES: tuple[Literal["Cs"], ...] = ("Cs",)  # unpaired surrogates cannot be encoded as UTF-8
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +26,7 @@ def tok(demo_dir: Path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def hf_tok(demo_dir: Path):  # type: ignore[no-untyped-def]
+def hf_tok(demo_dir: Path) -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(tokenizer_file=str(demo_dir / "tokenizer.json"), bos_token="<s>",
@@ -29,7 +34,7 @@ def hf_tok(demo_dir: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_encode_decode_match_transformers(tok: Tokenizer, hf_tok, text: str) -> None:  # type: ignore[no-untyped-def]
+def test_encode_decode_match_transformers(tok: Tokenizer, hf_tok: PreTrainedTokenizerFast, text: str) -> None:
     ids = tok.encode(text)
     assert ids == hf_tok(text)["input_ids"]
     assert ids[0] == tok.bos_token_id == 1
@@ -38,14 +43,16 @@ def test_encode_decode_match_transformers(tok: Tokenizer, hf_tok, text: str) -> 
         assert tok.decode(ids) == text
 
 
-def test_chat_template_matches_transformers(tok: Tokenizer, hf_tok) -> None:  # type: ignore[no-untyped-def]
+def test_chat_template_matches_transformers(tok: Tokenizer, hf_tok: PreTrainedTokenizerFast) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a color."}]
     rendered = tok.render_chat(messages)
     assert rendered == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered == "<s>[INST] Be brief.\n\nHi [/INST] Hello.</s>[INST] Name a color. [/INST]"
     ids = tok.encode_chat(messages)
-    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    bos = tok.bos_token_id
+    assert bos is not None
+    assert ids.count(bos) == 1 and ids[0] == bos
 
 
 def test_default_template_when_config_has_none(tmp_path: Path, demo_dir: Path) -> None:
@@ -82,7 +89,7 @@ def test_incremental_detokenizer_streams_exact_text(tok: Tokenizer, text: str) -
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.text(alphabet=st.characters(blacklist_characters="\u2581<>", blacklist_categories=("Cs",)), max_size=40))
+@given(st.text(alphabet=st.characters(blacklist_characters="\u2581<>", blacklist_categories=SURROGATES), max_size=40))
 def test_incremental_detokenizer_streams_any_text(text: str) -> None:
     """Any Unicode text (byte fallback included) streams back exactly, never a broken character."""
     tok = _demo_tokenizer()

@@ -6,7 +6,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 
@@ -15,8 +15,21 @@ from cluster.engine_loop import LocalEngine
 from router_service.cli import grpc_servicer_functions
 
 MODEL_NAME = "demo"
-ENGINE_OPTIONS = {"max_num_seqs": 32, "max_num_batched_tokens": 512, "num_kv_blocks": 160, "block_size": 16,
-                  "max_model_len": 512, "max_queue_len": 256}
+
+
+class EngineOptions(TypedDict):
+    """The EngineConfig fields the served app and the reference engine share."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+    max_queue_len: int
+
+
+ENGINE_OPTIONS: EngineOptions = {"max_num_seqs": 32, "max_num_batched_tokens": 512, "num_kv_blocks": 160,
+                                 "block_size": 16, "max_model_len": 512, "max_queue_len": 256}
 
 
 def free_port() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Iterator
 
 import grpc
 import httpx
@@ -12,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from cluster.sampling import SamplingParams
 from protos.moe_cluster.v1 import generation_pb2 as pb
 from protos.moe_cluster.v1 import generation_pb2_grpc as pb_grpc
 from router_service.client import AsyncGenerationClient, GenerationClient, build_request
@@ -20,7 +22,7 @@ from tests.serving.test_http import PROMPT, metric_values
 
 
 @pytest.fixture(scope="module")
-def client(served: Served) -> GenerationClient:
+def client(served: Served) -> Iterator[GenerationClient]:
     c = GenerationClient(served.grpc, model=served.model, timeout_s=120)
     yield c
     c.close()
@@ -154,9 +156,7 @@ def test_32_streams_with_half_cancelled(served: Served) -> None:
     wait_until_idle(served)  # the cancelled half freed their KV blocks
 
 
-def _greedy(n: int):  # type: ignore[no-untyped-def]
-    from cluster.sampling import SamplingParams
-
+def _greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from cluster.sampling import SamplingParams
+from cluster.sequence import RequestResult
 from tests.serving.conftest import Served
 
 PROMPT = "The experts of one layer can live on different machines"
@@ -21,8 +24,8 @@ def client(served: Served) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{served.http}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def expected(served: Served, prompt: str | list[int], **kwargs: object):  # type: ignore[no-untyped-def]
-    return served.reference.generate([prompt], SamplingParams(**kwargs))[0]  # type: ignore[arg-type]
+def expected(served: Served, prompt: str | list[int], **kwargs: Any) -> RequestResult:
+    return served.reference.generate([prompt], SamplingParams(**kwargs))[0]
 
 
 def test_models_and_health(served: Served, client: openai.OpenAI) -> None:
@@ -36,6 +39,7 @@ def test_completion_equals_the_engine(served: Served, client: openai.OpenAI) -> 
     want = expected(served, PROMPT, max_tokens=12, temperature=0).completions[0]
     assert out.choices[0].text == want.text and out.choices[0].finish_reason == "length"
     prompt_tokens = len(served.reference.tokenizer.encode(PROMPT))
+    assert out.usage is not None
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (prompt_tokens, 12)
     by_ids = client.completions.create(model=served.model, prompt=served.reference.tokenizer.encode(PROMPT),
                                        max_tokens=12, temperature=0)
@@ -43,12 +47,13 @@ def test_completion_equals_the_engine(served: Served, client: openai.OpenAI) -> 
 
 
 def test_chat_uses_the_chat_template(served: Served, client: openai.OpenAI) -> None:
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "system", "content": "Be brief."},
+                                                  {"role": "user", "content": "Name a color."}]
     out = client.chat.completions.create(model=served.model, messages=messages, max_tokens=10, temperature=0)
     ids = served.reference.tokenizer.encode_chat(messages)
     want = expected(served, ids, max_tokens=10, temperature=0).completions[0]
     assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == want.text
-    assert out.usage.prompt_tokens == len(ids)
+    assert out.usage is not None and out.usage.prompt_tokens == len(ids)
 
 
 def test_streaming_equals_non_streaming(served: Served, client: openai.OpenAI) -> None:
@@ -93,12 +98,15 @@ def test_n_samples_stop_strings_seeds_and_logprobs(served: Served, client: opena
     lp = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3)
     logprobs = lp.choices[0].logprobs
     ref = expected(served, PROMPT, max_tokens=5, temperature=0, logprobs=3).completions[0]
+    assert logprobs is not None and logprobs.top_logprobs is not None and ref.logprobs is not None
     assert logprobs.token_logprobs == pytest.approx([t.logprob for t in ref.logprobs], abs=1e-4)
     assert all(len(top) == 3 for top in logprobs.top_logprobs)
     chat_lp = client.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "x"}],
                                              max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
-    assert len(chat_lp.choices[0].logprobs.content) == 4
-    assert all(len(t.top_logprobs) == 2 for t in chat_lp.choices[0].logprobs.content)
+    chat_logprobs = chat_lp.choices[0].logprobs
+    assert chat_logprobs is not None and chat_logprobs.content is not None
+    assert len(chat_logprobs.content) == 4
+    assert all(len(t.top_logprobs) == 2 for t in chat_logprobs.content)
 
 
 def test_echo_returns_the_prompt(served: Served, client: openai.OpenAI) -> None:
@@ -106,8 +114,10 @@ def test_echo_returns_the_prompt(served: Served, client: openai.OpenAI) -> None:
                                     logprobs=1)
     assert out.choices[0].text.startswith(PROMPT)
     n_prompt = len(served.reference.tokenizer.encode(PROMPT))
-    assert len(out.choices[0].logprobs.token_logprobs) == n_prompt + 4
-    assert out.choices[0].logprobs.token_logprobs[0] is None
+    logprobs = out.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None
+    assert len(logprobs.token_logprobs) == n_prompt + 4
+    assert logprobs.token_logprobs[0] is None
 
 
 def test_32_concurrent_greedy_requests_equal_their_results_alone(served: Served) -> None:
