@@ -141,7 +141,7 @@ def main() -> None:
         f"Each of N sequences: {args.prompt_len}-token prompt, exactly {args.output_len} greedy output tokens "
         f"(EOS ignored), all N submitted at once; output tokens/s, median of {args.repeats}. transformers runs "
         "`generate` on the whole batch (its static batching); ours batches continuously. Each peer runs in a "
-        "fresh process. Command: `python -m bench.engine --size " + args.size + "`.",
+        "fresh process. Command: `python -m bench.engine " + " ".join(sys.argv[1:]) + "`.",
         "",
         table(headers, rows),
     ])

@@ -42,7 +42,7 @@ def prompt_ids(i: int, length: int, vocab: int) -> list[int]:
 
 async def http_request(client: Any, base: str, model: str, prompt: list[int], output_len: int) -> Sample:
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     ttft, tokens = None, 0
     async with client.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
@@ -51,10 +51,10 @@ async def http_request(client: Any, base: str, model: str, prompt: list[int], ou
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk["choices"]:
-                if ttft is None:
-                    ttft = time.perf_counter() - started
-                tokens += 1
+            if chunk["choices"] and ttft is None:
+                ttft = time.perf_counter() - started
+            if chunk.get("usage"):  # an event may carry several tokens: count them from the usage event
+                tokens = chunk["usage"]["completion_tokens"]
     e2e = time.perf_counter() - started
     return Sample(ttft or e2e, e2e, tokens)
 

@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-engines", type=_positive_int)
     serve.add_argument("--engine", choices=["local", "cluster"])
     serve.add_argument("--config", help="a Serve config file (YAML) to deploy instead of the defaults")
-    serve.add_argument("--api-key", help="require this bearer token (HTTP) / metadata key (gRPC)")
+    key = serve.add_mutually_exclusive_group()
+    key.add_argument("--api-key", help="require this bearer token (HTTP) / metadata key (gRPC)")
+    key.add_argument("--api-key-env", metavar="VAR",
+                     help="as --api-key, the key read from environment variable VAR (kept out of `ps`)")
     return parser
 
 

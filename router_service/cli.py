@@ -61,6 +61,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         app_args.setdefault("cluster_options", {})["experts_per_worker"] = args.experts_per_worker
     if args.api_key:
         app_args["api_key_env"] = "MOE_CLUSTER_API_KEY"
+    elif args.api_key_env:
+        app_args["api_key_env"] = args.api_key_env
     config.setdefault("http_options", {}).update({"host": args.host, "port": args.http_port})
     config.setdefault("grpc_options", {})["port"] = args.grpc_port
     return config
@@ -80,6 +82,8 @@ def serve_command(args: argparse.Namespace) -> int:
     settings = AppSettings.from_args(app_cfg["args"])  # validate before starting anything
     if args.api_key:
         os.environ["MOE_CLUSTER_API_KEY"] = args.api_key  # inherited by the Ray workers this process starts
+    elif args.api_key_env and not os.environ.get(args.api_key_env):
+        raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
     started_ray = not ray.is_initialized()
     if started_ray:
         if args.address:

@@ -21,7 +21,7 @@ from cluster.engine_loop import EngineDeadError, EngineLoop, LocalEngine
 from cluster.moe import ExpertMap
 from cluster.placement import cluster_bundles, use_gpus
 from cluster.sequence import RequestOutput
-from router_service.engine_api import Accepted, GenerateChunk, GenerateRequest, to_chunk
+from router_service.engine_api import Accepted, GenerateChunk, GenerateRequest, merge, to_chunk
 from router_service.metrics import EngineMetrics, stats_dict
 from router_service.settings import AppSettings
 
@@ -51,6 +51,7 @@ class EngineDeployment:
         self.tokenizer = self.engine.tokenizer
         self.metrics = EngineMetrics(settings.model_name, self.engine_id)
         self._sampler: asyncio.Task[None] | None = None  # started by the first async call, on Serve's loop
+        self._open_streams = 0  # generate() calls past their first token, for stream pacing
         log.info("%s ready: %s engine for %s", self.engine_id, settings.engine, settings.model)
 
     def _ensure_sampler(self) -> None:
@@ -80,26 +81,45 @@ class EngineDeployment:
         async with contextlib.aclosing(stream):
             first: list[RequestOutput] | None = await self._next(stream, remaining)  # raises request errors
             yield Accepted(request.request_id, len(prompt_ids))
-            batch = first
-            interval = self.settings.stream_interval_ms / 1000
-            while batch is not None:
-                sent = time.monotonic()
-                chunks = [to_chunk(self.tokenizer, out) for out in batch]
-                if request.params.echo and chunks[0].prompt_token_ids is not None:
-                    chunks[0].prompt_text = (request.prompt if isinstance(request.prompt, str)
-                                             else self.tokenizer.decode(prompt_ids, skip_special_tokens=False))
-                yield chunks
-                last = chunks[-1]
-                if last.finished:
-                    self.metrics.observe_request(last.ttft_s, last.e2e_s, last.completion_tokens,
-                                                 [c.finish_reason or "" for c in last.choices])
-                    return
-                # Pace the stream: whatever the engine produces meanwhile goes out as one chunk (fewer Ray
-                # hops per token under load; the first token was not delayed).
-                pause = interval - (time.monotonic() - sent)
-                if pause > 0:
-                    await asyncio.sleep(pause)
-                batch = await self._next(stream, request.remaining())
+            self._open_streams += 1
+            try:
+                async with contextlib.aclosing(self._paced(stream, first, request, prompt_ids)) as paced:
+                    async for chunks in paced:
+                        yield chunks
+            finally:
+                self._open_streams -= 1
+
+    def _stream_interval_s(self) -> float:
+        """Seconds between a stream's chunks: stream_interval_ms, stretched so that the replica's open streams
+        together send at most stream_chunks_per_s chunks per second."""
+        interval = self.settings.stream_interval_ms / 1000
+        if self.settings.stream_chunks_per_s > 0:
+            interval = max(interval, self._open_streams / self.settings.stream_chunks_per_s)
+        return interval
+
+    async def _paced(self, stream: Any, first: list[RequestOutput] | None, request: GenerateRequest,
+                     prompt_ids: list[int]) -> AsyncGenerator[list[GenerateChunk], None]:
+        batch = first
+        while batch is not None:
+            sent = time.monotonic()
+            chunks = [to_chunk(self.tokenizer, out) for out in batch]
+            if request.params.echo and chunks[0].prompt_token_ids is not None:
+                chunks[0].prompt_text = (request.prompt if isinstance(request.prompt, str)
+                                         else self.tokenizer.decode(prompt_ids, skip_special_tokens=False))
+            # One chunk per pause, not one per engine step: every chunk is a Ray item to the ingress and
+            # then an SSE event / gRPC message through the proxy, each with its own fixed CPU cost.
+            yield [merge(chunks)] if len(chunks) > 1 else chunks
+            last = chunks[-1]
+            if last.finished:
+                self.metrics.observe_request(last.ttft_s, last.e2e_s, last.completion_tokens,
+                                             [c.finish_reason or "" for c in last.choices])
+                return
+            # Pace the stream: whatever the engine produces meanwhile goes out as one chunk (fewer Ray
+            # hops per token under load; the first token was not delayed).
+            pause = self._stream_interval_s() - (time.monotonic() - sent)
+            if pause > 0:
+                await asyncio.sleep(pause)
+            batch = await self._next(stream, request.remaining())
 
     @staticmethod
     async def _next(stream: Any, timeout: float | None) -> list[RequestOutput] | None:

@@ -25,6 +25,9 @@ class AppSettings:
     max_request_bytes: int = 1 << 20  # request bodies above this are refused (413)
     request_timeout_s: float = 600.0  # default per-request deadline
     stream_interval_ms: float = 50.0  # after the first token, a stream sends at most one chunk per interval
+    # ... and all the replica's streams together at most this many chunks per second (0: no cap): each chunk
+    # costs the Serve tier ~1-2 ms of CPU, so under many streams chunks grow instead of multiplying.
+    stream_chunks_per_s: float = 200.0
     api_key_env: str | None = None  # when set, the API key is read from this environment variable
     ingress_replicas: int = 1
     ingress_autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config for the ingress
@@ -41,6 +44,8 @@ class AppSettings:
             raise ValueError(f"request_timeout_s must be a positive number, got {self.request_timeout_s!r}")
         if not isinstance(self.stream_interval_ms, (int, float)) or not 0 <= self.stream_interval_ms <= 1000:
             raise ValueError(f"stream_interval_ms must be in [0, 1000], got {self.stream_interval_ms!r}")
+        if not isinstance(self.stream_chunks_per_s, (int, float)) or self.stream_chunks_per_s < 0:
+            raise ValueError(f"stream_chunks_per_s must be >= 0 (0: no cap), got {self.stream_chunks_per_s!r}")
         self.engine_config()  # validate the nested options now, with their own messages
         self.cluster_config()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,9 +19,10 @@ from router_service.cli import DEFAULT_CONFIG
 from tests.serving.conftest import free_port
 
 
-def start(*args: str) -> tuple[subprocess.Popen[str], list[str]]:
+def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "--log-level", "WARNING", "serve", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=None if env is None else os.environ | env)
     lines: list[str] = []
 
     def read() -> None:
@@ -78,14 +81,26 @@ def test_serve_with_a_config_file(demo_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     http = free_port()
+    key = secrets.token_hex(16)
     proc, _ = start("--config", str(path), "--http-port", str(http), "--grpc-port", str(free_port()),
-                    "--metrics-port", str(free_port()))
+                    "--metrics-port", str(free_port()), "--api-key-env", "TEST_SERVE_KEY",
+                    env={"TEST_SERVE_KEY": key})
     try:
-        models = httpx.get(f"http://127.0.0.1:{http}/v1/models", timeout=60).json()
+        url = f"http://127.0.0.1:{http}/v1/models"
+        assert httpx.get(url, timeout=60).status_code == 401
+        models = httpx.get(url, timeout=60, headers={"Authorization": f"Bearer {key}"}).json()
         assert [m["id"] for m in models["data"]] == ["from-config"]
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
+
+
+def test_api_key_env_must_be_set(demo_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "UNSET_SERVE_KEY"}
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--model", str(demo_dir), "--api-key-env",
+                           "UNSET_SERVE_KEY"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0
+    assert "UNSET_SERVE_KEY" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_default_serve_config_is_a_valid_serve_deploy_file() -> None:
