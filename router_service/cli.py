@@ -118,7 +118,8 @@ def serve_command(args: argparse.Namespace) -> int:
             # Delete the app first: its replicas drain (running requests finish, Serve routes no new ones to
             # them) while the proxies still carry the responses; then stop Serve and Ray.
             serve.delete(app_cfg.get("name", "moe-cluster"))
-            serve.shutdown()
+            if not (started_ray and not args.address):
+                serve.shutdown()  # an embedded Ray's shutdown below takes Serve with it
         finally:
             if started_ray:
                 ray.shutdown()
