@@ -6,6 +6,7 @@ Every user error (bad path, bad config, bad flag) ends as one line on stderr and
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--grpc", metavar="HOST:PORT", help="ask a running server over gRPC instead")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.add_argument("--api-key-env", metavar="VAR", help="with --grpc: send the API key in environment variable VAR")
 
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and gRPC on Ray Serve")
     serve.add_argument("--model", help="checkpoint directory (default: the demo model, created if missing)")
@@ -126,6 +128,9 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"model directory {args.model!r} does not exist")
     engine = _make_engine(args)
     try:
+        if args.stream:
+            asyncio.run(_print_stream(engine, args.prompt, params))
+            return 0
         result = engine.generate([args.prompt], params)[0]
     finally:
         engine.shutdown()
@@ -136,6 +141,13 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         print(completion.text)
     return 0
+
+
+async def _print_stream(engine: Any, prompt: str, params: Any) -> None:
+    async for out in engine.stream(prompt, params):
+        for delta in out.outputs:
+            print(delta.text, end="", flush=True)
+    print()
 
 
 def _make_engine(args: argparse.Namespace) -> Any:

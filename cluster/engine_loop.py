@@ -213,10 +213,12 @@ class EngineLoop:
                 raise RequestFailedError(outs[-1].error)
         return [RequestResult.fold(outs) for outs in outputs]
 
-    async def stream_batches(self, prompt: Prompt, params: SamplingParams,
-                             request_id: str | None = None) -> AsyncGenerator[list[RequestOutput], None]:
+    async def stream_batches(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+                             interval_s: Callable[[], float] | None = None,
+                             ) -> AsyncGenerator[list[RequestOutput], None]:
         """Reports of one request as they come, coalesced: each item holds every report that arrived
-        since the last one. Leaving the iteration early aborts the request."""
+        since the last one. With ``interval_s``, items after the first are at least ``interval_s()`` apart,
+        except the last, which comes at once. Leaving the iteration early aborts the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         rid = request_id or new_request_id()
@@ -226,10 +228,17 @@ class EngineLoop:
                 loop.call_soon_threadsafe(queue.put_nowait, out)
 
         await asyncio.wrap_future(self.submit([prompt], [params], [sink], [rid]))
-        finished = False
+        finished, sent_at = False, None
         try:
             while not finished:
                 batch = [await queue.get()]
+                if interval_s is not None and sent_at is not None:
+                    send_at = sent_at + interval_s()
+                    while not batch[-1].finished and (wait := send_at - loop.time()) > 0:
+                        try:  # Queue.get is cancellation-safe: a timed-out get leaves the item queued
+                            batch.append(await asyncio.wait_for(queue.get(), wait))
+                        except asyncio.TimeoutError:
+                            break
                 while not queue.empty():
                     batch.append(queue.get_nowait())
                 for out in batch:
@@ -237,6 +246,7 @@ class EngineLoop:
                         raise RequestFailedError(out.error)
                 finished = batch[-1].finished
                 yield batch
+                sent_at = loop.time()
         finally:
             if not finished:
                 self.abort(rid)

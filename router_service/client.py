@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -189,14 +190,19 @@ def grpc_generate_command(args: argparse.Namespace, params: Any) -> int:
     """``moe-cluster generate --grpc HOST:PORT --prompt TEXT [--stream] [--json]``."""
     import json
 
-    probe = GenerationClient(args.grpc, model="", timeout_s=30)
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    probe = GenerationClient(args.grpc, model="", timeout_s=30, api_key=api_key)
     try:
         model = probe.model_info().model  # whatever the server serves
     except grpc.RpcError as err:
         raise ValueError(f"cannot reach {args.grpc}: {err.code().name}: {err.details()}") from None
     finally:
         probe.close()
-    client = GenerationClient(args.grpc, model=model, timeout_s=300)
+    client = GenerationClient(args.grpc, model=model, timeout_s=300, api_key=api_key)
     options = dict(max_new_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                    top_k=params.top_k if params.top_k > 0 else None, seed=params.seed, stop=params.stop)
     try:

@@ -77,7 +77,8 @@ class EngineDeployment:
         remaining = request.remaining()
         if remaining is not None and remaining <= 0:
             raise TimeoutError(f"request {request.request_id} reached its deadline before it started")
-        stream = self.engine.stream_batches(prompt_ids, request.params, request.request_id)
+        stream = self.engine.stream_batches(prompt_ids, request.params, request.request_id,
+                                            interval_s=self._stream_interval_s)
         async with contextlib.aclosing(stream):
             first: list[RequestOutput] | None = await self._next(stream, remaining)  # raises request errors
             yield Accepted(request.request_id, len(prompt_ids))
@@ -101,7 +102,6 @@ class EngineDeployment:
                      prompt_ids: list[int]) -> AsyncGenerator[list[GenerateChunk], None]:
         batch = first
         while batch is not None:
-            sent = time.monotonic()
             chunks = [to_chunk(self.tokenizer, out) for out in batch]
             if request.params.echo and chunks[0].prompt_token_ids is not None:
                 chunks[0].prompt_text = (request.prompt if isinstance(request.prompt, str)
@@ -114,11 +114,7 @@ class EngineDeployment:
                 self.metrics.observe_request(last.ttft_s, last.e2e_s, last.completion_tokens,
                                              [c.finish_reason or "" for c in last.choices])
                 return
-            # Pace the stream: whatever the engine produces meanwhile goes out as one chunk (fewer Ray
-            # hops per token under load; the first token was not delayed).
-            pause = self._stream_interval_s() - (time.monotonic() - sent)
-            if pause > 0:
-                await asyncio.sleep(pause)
+            # The engine paces the stream (interval_s above): what it produces meanwhile comes as one batch.
             batch = await self._next(stream, request.remaining())
 
     @staticmethod

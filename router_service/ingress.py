@@ -280,14 +280,18 @@ class Ingress(GrpcMethods):
     async def completion_events(self, rid: str, requests: list[GenerateRequest], streams: list[Any], n: int,
                                 with_logprobs: bool, include_usage: bool) -> AsyncIterator[str]:
         stamp, tokens = created(), {}
+        text_offsets: dict[int, int] = {}  # output index -> characters of text sent so far
         async for i, chunk in self.iterate(streams):
             tokens[i] = (chunk.prompt_tokens, chunk.completion_tokens)
             echo = requests[i].params.echo and chunk.prompt_text is not None  # only the first chunk has it
             for pos, choice in enumerate(chunk.choices):
                 if not choice.text and not choice.token_ids and choice.finish_reason is None:
                     continue
-                data = completion_choice(i * n + choice.index, chunk, pos, chunk.prompt_text if echo else None,
-                                         with_logprobs)
+                index = i * n + choice.index
+                data = completion_choice(index, chunk, pos, chunk.prompt_text if echo else None, with_logprobs,
+                                         text_offsets.get(index, 0))
+                if data["logprobs"] and data["logprobs"]["tokens"]:  # offsets count token texts, as unstreamed
+                    text_offsets[index] = data["logprobs"]["text_offset"][-1] + len(data["logprobs"]["tokens"][-1])
                 yield stream_event({"id": rid, "object": "text_completion", "created": stamp,
                                     "model": self.model_name, "choices": [data]})
         if include_usage:
@@ -326,9 +330,10 @@ class Ingress(GrpcMethods):
                 if choice.index not in started:
                     started.add(choice.index)
                     delta = {"role": "assistant"} | delta
-                elif not choice.text and choice.finish_reason is None:
-                    continue
+                elif not choice.text and not choice.token_ids and choice.finish_reason is None:
+                    continue  # nothing new (a token without text still carries its logprobs)
                 data = {"index": choice.index, "delta": delta, "finish_reason": choice.finish_reason,
+                        "stop_reason": choice.stop_reason,
                         "logprobs": chat_logprobs(choice.logprobs or []) if with_logprobs else None}
                 yield stream_event(base | {"choices": [data]})
         if include_usage and last is not None:

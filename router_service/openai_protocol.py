@@ -201,7 +201,8 @@ def chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
 
 
 def completion_choice(index: int, chunk: GenerateChunk, choice_pos: int, echo_text: str | None,
-                      with_logprobs: bool) -> dict[str, Any]:
+                      with_logprobs: bool, text_offset: int = 0) -> dict[str, Any]:
+    """One choice; ``text_offset``: where this chunk's text starts in the whole text (streams send several)."""
     choice = chunk.choices[choice_pos]
     text = choice.text if echo_text is None else echo_text + choice.text
     logprobs = None
@@ -210,7 +211,7 @@ def completion_choice(index: int, chunk: GenerateChunk, choice_pos: int, echo_te
         if echo_text is not None and chunk.prompt_logprobs is not None:
             entries.extend(chunk.prompt_logprobs)
         entries.extend(choice.logprobs or [])
-        logprobs = completion_logprobs(entries, 0)
+        logprobs = completion_logprobs(entries, text_offset)
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason,
             "stop_reason": choice.stop_reason}
 

@@ -36,6 +36,10 @@ def test_init_demo_then_generate_json_matches_the_engine(tmp_path: Path) -> None
         engine.shutdown()
     assert got == {"text": want.text, "token_ids": want.token_ids, "finish_reason": want.finish_reason}
     assert len(got["token_ids"]) <= 9
+    streamed = run_cli("generate", "--model", str(model), "--prompt", "Once upon a time", "--max-tokens", "9",
+                       "--stream")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == want.text + "\n"
 
 
 def test_transformers_loads_the_demo_checkpoint(demo_dir: Path) -> None:
@@ -59,6 +63,8 @@ def test_transformers_loads_the_demo_checkpoint(demo_dir: Path) -> None:
     (("generate", "--model", ".", "--prompt", "x", "--max-tokens", "0"), "expected a positive integer, got 0"),
     (("generate", "--model", ".", "--prompt", "x", "--bogus"), "unrecognized arguments: --bogus"),
     (("frobnicate",), "invalid choice: 'frobnicate'"),
+    (("generate", "--grpc", "127.0.0.1:1", "--prompt", "x", "--api-key-env", "NO_SUCH_KEY_VAR"),
+     "--api-key-env NO_SUCH_KEY_VAR: that environment variable is not set or empty"),
 ])
 def test_user_errors_are_one_line_and_non_zero(args: tuple[str, ...], message: str) -> None:
     out = run_cli(*args)

@@ -158,6 +158,27 @@ def test_stream_reports_deltas_then_finishes(engine: LocalEngine) -> None:
     assert outs[-1].finished and not any(o.finished for o in outs[:-1])
 
 
+def test_paced_stream_batches_tokens_and_sends_the_last_at_once(engine: LocalEngine) -> None:
+    """With an interval, batches after the first are that far apart, except the final one, which comes as soon
+    as the request finishes (not at the next tick); nothing is lost or reordered."""
+    interval = 10.0  # longer than the whole generation: everything after the first batch is one final batch
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def run() -> tuple[list[list[RequestOutput]], float]:
+        batches: list[list[RequestOutput]] = []
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async for batch in engine.stream_batches(PROMPT, params, interval_s=lambda: interval):
+            batches.append(batch)
+        return batches, loop.time() - started
+
+    batches, elapsed = asyncio.run(run())
+    assert elapsed < interval  # the finished output did not wait for the interval
+    assert len(batches) <= 2 and batches[-1][-1].finished  # the first batch (sent at once), then the rest
+    full = engine.generate([PROMPT], params)[0].completions[0]
+    assert [t for b in batches for o in b for d in o.outputs for t in d.token_ids] == full.token_ids
+
+
 def test_leaving_a_stream_aborts_and_frees_blocks(engine: LocalEngine) -> None:
     async def run() -> int:
         seen = 0

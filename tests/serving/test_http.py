@@ -109,6 +109,28 @@ def test_n_samples_stop_strings_seeds_and_logprobs(served: Served, client: opena
     assert all(len(t.top_logprobs) == 2 for t in chat_logprobs.content)
 
 
+def test_streamed_logprobs_and_offsets_equal_the_whole_response(served: Served, client: openai.OpenAI) -> None:
+    """A stream's events may carry several tokens each; joined, they are the non-streamed response."""
+    args: dict[str, Any] = {"model": served.model, "prompt": PROMPT, "max_tokens": 24, "temperature": 0,
+                            "logprobs": 2}
+    whole = client.completions.create(**args).choices[0]
+    tokens: list[str] = []
+    lps: list[float | None] = []
+    offsets: list[int] = []
+    text = ""
+    for event in client.completions.create(**args, stream=True):
+        for choice in event.choices:
+            text += choice.text
+            assert choice.logprobs is not None and choice.logprobs.tokens is not None
+            tokens += choice.logprobs.tokens
+            lps += choice.logprobs.token_logprobs or []
+            offsets += choice.logprobs.text_offset or []
+    assert whole.logprobs is not None
+    assert text == whole.text and tokens == whole.logprobs.tokens
+    assert lps == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)
+    assert offsets == whole.logprobs.text_offset  # offsets into the whole text, not into each event
+
+
 def test_echo_returns_the_prompt(served: Served, client: openai.OpenAI) -> None:
     out = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
                                     logprobs=1)

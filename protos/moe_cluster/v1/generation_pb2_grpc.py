@@ -69,8 +69,9 @@ class GenerationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Generates a completion as a stream: one message per engine step that produced tokens, the last one
-        carrying stop_reason and usage. Cancelling the call cancels the generation and frees its KV cache.
+        """Generates a completion as a stream: the first token at once, then one message per stream interval
+        with every token produced meanwhile (token_ids may hold several), the last one carrying stop_reason
+        and usage. Cancelling the call cancels the generation and frees its KV cache.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
