@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import ray
@@ -23,7 +23,7 @@ from cluster.config import ModelConfig
 from cluster.coordinator import Coordinator
 from cluster.engine import EngineStats, resolve_max_model_len
 from cluster.engine_config import ClusterConfig, EngineConfig
-from cluster.engine_loop import EngineDeadError, Prompt, new_request_id
+from cluster.engine_loop import EngineDeadError, Prompt, each_output, new_request_id
 from cluster.errors import ClusterStartError
 from cluster.moe import ExpertMap
 from cluster.placement import actor_shape, bundle_strategy, cluster_bundles, ensure_ray, place, use_gpus
@@ -119,12 +119,9 @@ class ClusterEngine:
                     self.coordinator.abort.remote(rid)
                     ray.cancel(refs)
 
-    async def stream(self, prompt: Prompt, params: SamplingParams,
-                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        async with contextlib.aclosing(self.stream_batches(prompt, params, request_id)) as batches:
-            async for batch in batches:
-                for out in batch:
-                    yield out
+    def stream(self, prompt: Prompt, params: SamplingParams,
+               request_id: str | None = None) -> AsyncGenerator[RequestOutput, None]:
+        return each_output(self.stream_batches(prompt, params, request_id))
 
     def abort(self, request_id: str) -> None:
         self.coordinator.abort.remote(request_id)

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, TypeVar
 
 from torch import Tensor
@@ -43,6 +43,14 @@ class RequestFailedError(RuntimeError):
 
 def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex[:16]}"
+
+
+async def each_output(batches: AsyncGenerator[list[RequestOutput], None]) -> AsyncGenerator[RequestOutput, None]:
+    """A stream of batches, one output at a time; closing it closes (and so aborts) the stream of batches."""
+    async with contextlib.aclosing(batches) as stream:
+        async for batch in stream:
+            for out in batch:
+                yield out
 
 
 class EngineLoop:
@@ -251,13 +259,10 @@ class EngineLoop:
             if not finished:
                 self.abort(rid)
 
-    async def stream(self, prompt: Prompt, params: SamplingParams,
-                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    def stream(self, prompt: Prompt, params: SamplingParams,
+               request_id: str | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Reports of one request as they come; leaving the iteration early aborts the request."""
-        async with contextlib.aclosing(self.stream_batches(prompt, params, request_id)) as batches:
-            async for batch in batches:
-                for out in batch:
-                    yield out
+        return each_output(self.stream_batches(prompt, params, request_id))
 
     def abort(self, request_id: str) -> None:
         if self.dead_reason is None and not self._stopping:
