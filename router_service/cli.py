@@ -75,6 +75,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from ray import serve
 
     from router_service.app import build_app
+    from router_service.client import key_from_env
     from router_service.settings import AppSettings
 
     config = resolve_config(args)
@@ -82,9 +83,10 @@ def serve_command(args: argparse.Namespace) -> int:
     settings = AppSettings.from_args(app_cfg["args"])  # validate before starting anything
     if args.api_key:
         os.environ["MOE_CLUSTER_API_KEY"] = args.api_key  # inherited by the Ray workers this process starts
-    elif args.api_key_env and not os.environ.get(args.api_key_env):
-        raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    elif args.api_key_env:
+        key_from_env(args.api_key_env)  # the replicas read it; fail here, before anything starts
     started_ray = not ray.is_initialized()
+    embedded = started_ray and not args.address  # a local Ray of our own, gone when we stop
     if started_ray:
         if args.address:
             ray.init(address=args.address, log_to_driver=False)
@@ -105,7 +107,7 @@ def serve_command(args: argparse.Namespace) -> int:
                   route_prefix=app_cfg.get("route_prefix", "/"), blocking=False)
         print(f"HTTP (OpenAI API): http://{http['host']}:{http['port']}/v1  (model {settings.model_name!r})")
         print(f"gRPC (moe_cluster.v1.GenerationService): {http['host']}:{grpc.get('port', 9000)}")
-        if started_ray and not args.address:
+        if embedded:
             print(f"metrics (Prometheus): http://127.0.0.1:{args.metrics_port}/metrics")
         print("moe-cluster ready; Ctrl-C to stop", flush=True)
         while not stop.wait(1.0):
@@ -118,7 +120,7 @@ def serve_command(args: argparse.Namespace) -> int:
             # Delete the app first: its replicas drain (running requests finish, Serve routes no new ones to
             # them) while the proxies still carry the responses; then stop Serve and Ray.
             serve.delete(app_cfg.get("name", "moe-cluster"))
-            if not (started_ray and not args.address):
+            if not embedded:
                 serve.shutdown()  # an embedded Ray's shutdown below takes Serve with it
         finally:
             if started_ray:

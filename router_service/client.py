@@ -186,15 +186,19 @@ class AsyncGenerationClient:
         await self.channel.close()
 
 
+def key_from_env(var: str) -> str:
+    """The API key that ``--api-key-env VAR`` names; an unset or empty variable is a user error."""
+    key = os.environ.get(var)
+    if not key:
+        raise ValueError(f"--api-key-env {var}: that environment variable is not set or empty")
+    return key
+
+
 def grpc_generate_command(args: argparse.Namespace, params: Any) -> int:
     """``moe-cluster generate --grpc HOST:PORT --prompt TEXT [--stream] [--json]``."""
     import json
 
-    api_key = None
-    if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    api_key = key_from_env(args.api_key_env) if args.api_key_env else None
     probe = GenerationClient(args.grpc, model="", timeout_s=30, api_key=api_key)
     try:
         model = probe.model_info().model  # whatever the server serves

@@ -80,13 +80,25 @@ class EngineDeployment:
         stream = self.engine.stream_batches(prompt_ids, request.params, request.request_id,
                                             interval_s=self._stream_interval_s)
         async with contextlib.aclosing(stream):
-            first: list[RequestOutput] | None = await self._next(stream, remaining)  # raises request errors
+            batch: list[RequestOutput] | None = await self._next(stream, remaining)  # raises request errors
             yield Accepted(request.request_id, len(prompt_ids))
             self._open_streams += 1
             try:
-                async with contextlib.aclosing(self._paced(stream, first, request, prompt_ids)) as paced:
-                    async for chunks in paced:
-                        yield chunks
+                while batch is not None:
+                    chunks = [to_chunk(self.tokenizer, out) for out in batch]
+                    if request.params.echo and chunks[0].prompt_token_ids is not None:
+                        chunks[0].prompt_text = (request.prompt if isinstance(request.prompt, str) else
+                                                 self.tokenizer.decode(prompt_ids, skip_special_tokens=False))
+                    # One chunk per batch, not one per engine step: every chunk is a Ray item to the ingress
+                    # and then an SSE event / gRPC message through the proxy, each with a fixed CPU cost.
+                    yield [merge(chunks)] if len(chunks) > 1 else chunks
+                    last = chunks[-1]
+                    if last.finished:
+                        self.metrics.observe_request(last.ttft_s, last.e2e_s, last.completion_tokens,
+                                                     [c.finish_reason or "" for c in last.choices])
+                        return
+                    # The engine paces the stream (interval_s): what it produced meanwhile is one batch.
+                    batch = await self._next(stream, request.remaining())
             finally:
                 self._open_streams -= 1
 
@@ -97,25 +109,6 @@ class EngineDeployment:
         if self.settings.stream_chunks_per_s > 0:
             interval = max(interval, self._open_streams / self.settings.stream_chunks_per_s)
         return interval
-
-    async def _paced(self, stream: Any, first: list[RequestOutput] | None, request: GenerateRequest,
-                     prompt_ids: list[int]) -> AsyncGenerator[list[GenerateChunk], None]:
-        batch = first
-        while batch is not None:
-            chunks = [to_chunk(self.tokenizer, out) for out in batch]
-            if request.params.echo and chunks[0].prompt_token_ids is not None:
-                chunks[0].prompt_text = (request.prompt if isinstance(request.prompt, str)
-                                         else self.tokenizer.decode(prompt_ids, skip_special_tokens=False))
-            # One chunk per pause, not one per engine step: every chunk is a Ray item to the ingress and
-            # then an SSE event / gRPC message through the proxy, each with its own fixed CPU cost.
-            yield [merge(chunks)] if len(chunks) > 1 else chunks
-            last = chunks[-1]
-            if last.finished:
-                self.metrics.observe_request(last.ttft_s, last.e2e_s, last.completion_tokens,
-                                             [c.finish_reason or "" for c in last.choices])
-                return
-            # The engine paces the stream (interval_s above): what it produces meanwhile comes as one batch.
-            batch = await self._next(stream, request.remaining())
 
     @staticmethod
     async def _next(stream: Any, timeout: float | None) -> list[RequestOutput] | None:
