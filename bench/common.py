@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+ROOT = Path(__file__).resolve().parent.parent  # the repository, wherever it is cloned
+DOCS = ROOT / "docs" / "benchmarks.md"
 
 
 def machine() -> str:
@@ -30,7 +31,10 @@ def machine() -> str:
 
 
 def command() -> str:
-    return "python " + " ".join([Path(sys.argv[0]).as_posix().split("/work/main/")[-1], *sys.argv[1:]])
+    """This run's command line, with the script's path relative to the repository root when it is inside it."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else Path(sys.argv[0])
+    return "python " + " ".join([shown.as_posix(), *sys.argv[1:]])
 
 
 def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1, min_seconds: float = 0.0) -> float:

@@ -33,51 +33,129 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def version() -> str:
+    """The installed distribution's version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("moe-cluster")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def serve_config_defaults() -> dict[str, Any]:
+    """What ``serve`` takes from the bundled Serve config when no flag says otherwise (for --help)."""
+    from router_service.cli import DEFAULT_CONFIG, load_serve_config
+
+    try:
+        args: dict[str, Any] = load_serve_config(DEFAULT_CONFIG)["applications"][0].get("args") or {}
+    except (ValueError, KeyError, IndexError, TypeError):
+        return {}
+    return args
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every option's help says what it does and its default (``%(default)s`` where argparse holds it)."""
     parser = OneLineParser(prog="moe-cluster", description="Expert-parallel Mixtral serving on Ray.")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}",
+                        help="print the installed version and exit")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="level of moe-cluster's own log messages on stderr (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    demo = sub.add_parser("init-demo", help="write the small demo checkpoint (no network needed)")
-    demo.add_argument("directory")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--shards", type=_positive_int, default=3)
-    demo.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
+    demo = sub.add_parser("init-demo", help="write the small demo checkpoint (no network needed)",
+                          description="Write the small demo checkpoint (random weights, real Mixtral format).")
+    demo.add_argument("directory", help="where to write it (created if missing)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    demo.add_argument("--shards", type=_positive_int, default=3,
+                      help="number of safetensors shards (default: %(default)s)")
+    demo.add_argument("--force", action="store_true", help="overwrite an existing checkpoint (default: refuse)")
 
-    gen = sub.add_parser("generate", help="generate a completion for one prompt")
-    gen.add_argument("--model", help="checkpoint directory (local and cluster engines)")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-tokens", type=_positive_int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=-1)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--json", action="store_true", help="print {text, token_ids, finish_reason}")
-    gen.add_argument("--engine", choices=["local", "cluster"], default="local")
-    gen.add_argument("--experts-per-worker", type=_positive_int, default=1)
+    gen = sub.add_parser("generate", help="generate a completion for one prompt",
+                         description="Generate a completion for one prompt: in this process (--model) or by "
+                                     "asking a running server (--grpc).")
+    gen.add_argument("--model", metavar="DIR",
+                     help="checkpoint directory for the local and cluster engines (required without --grpc)")
+    gen.add_argument("--prompt", required=True, help="the prompt text (required)")
+    gen.add_argument("--max-tokens", type=_positive_int, default=32,
+                     help="most tokens to generate (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="sampling temperature; 0 is greedy (default: %(default)s, greedy)")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="nucleus sampling: keep the most likely tokens up to this probability mass "
+                          "(default: %(default)s, all)")
+    gen.add_argument("--top-k", type=int, default=-1,
+                     help="keep only the K most likely tokens; -1 keeps all (default: %(default)s)")
+    gen.add_argument("--seed", type=int,
+                     help="seed for reproducible sampling (default: none, a different sample on every run)")
+    gen.add_argument("--stop", action="append", default=[],
+                     help="stop generating at this string; repeatable (default: none)")
+    gen.add_argument("--json", action="store_true",
+                     help="print {text, token_ids, finish_reason} as JSON (default: the text only)")
+    gen.add_argument("--engine", choices=["local", "cluster"], default="local",
+                     help="local: one process; cluster: expert workers as Ray actors (default: %(default)s)")
+    gen.add_argument("--experts-per-worker", type=_positive_int, default=1,
+                     help="with --engine cluster: experts each worker holds (default: %(default)s)")
     gen.add_argument("--address", help="Ray address for --engine cluster (default: a local embedded Ray)")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--grpc", metavar="HOST:PORT", help="ask a running server over gRPC instead")
-    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
-    gen.add_argument("--api-key-env", metavar="VAR", help="with --grpc: send the API key in environment variable VAR")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                     help="weight and compute dtype (default: the checkpoint's)")
+    gen.add_argument("--device", default="auto",
+                     help="torch device, e.g. cpu or cuda:0; auto picks CUDA when present (default: %(default)s)")
+    gen.add_argument("--grpc", metavar="HOST:PORT",
+                     help="ask a running server over gRPC instead (default: generate in this process)")
+    gen.add_argument("--stream", action="store_true",
+                     help="print text as it is generated (default: all at the end)")
+    gen.add_argument("--api-key-env", metavar="VAR",
+                     help="with --grpc: send the API key held in environment variable VAR (default: no key)")
 
-    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and gRPC on Ray Serve")
-    serve.add_argument("--model", help="checkpoint directory (default: the demo model, created if missing)")
-    serve.add_argument("--address", help="Ray address (default: start a local embedded Ray)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=9000)
-    serve.add_argument("--metrics-port", type=int, default=8080, help="Prometheus port of the embedded Ray")
-    serve.add_argument("--experts-per-worker", type=_positive_int)
-    serve.add_argument("--num-engines", type=_positive_int)
-    serve.add_argument("--engine", choices=["local", "cluster"])
-    serve.add_argument("--config", help="a Serve config file (YAML) to deploy instead of the defaults")
+    # serve: some defaults come from the Serve config (the bundled serve.yaml, or --config FILE).
+    cfg = serve_config_defaults()
+    bundled = "the bundled router_service/configs/serve.yaml"
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and gRPC on Ray Serve",
+                           description="Serve the OpenAI-compatible HTTP API and gRPC on Ray Serve. Options "
+                                       "without a flag here take their value from the Serve config (--config, "
+                                       f"default: {bundled}).")
+    serve.add_argument("--model", metavar="DIR",
+                       help="checkpoint directory (default: the config's model; in the bundled config the demo "
+                            "model, written to ~/.cache/moe-cluster/demo if missing)")
+    serve.add_argument("--address", help="Ray address of an existing cluster (default: start a local embedded Ray)")
+    serve.add_argument("--host", default="127.0.0.1", help="address the HTTP API binds (default: %(default)s)")
+    serve.add_argument("--http-port", type=int, default=8000,
+                       help="port of the HTTP (OpenAI) API (default: %(default)s)")
+    serve.add_argument("--grpc-port", type=int, default=9000, help="port of the gRPC API (default: %(default)s)")
+    serve.add_argument("--metrics-port", type=int, default=8080,
+                       help="Prometheus metrics port of the embedded Ray (default: %(default)s)")
+    serve.add_argument("--experts-per-worker", type=_positive_int,
+                       help="with the cluster engine: experts each worker holds (default: from the config, "
+                            f"{(cfg.get('cluster_options') or {}).get('experts_per_worker', 1)} in the bundled one)")
+    serve.add_argument("--num-engines", type=_positive_int,
+                       help="independent engine replicas behind the API (default: from the config, "
+                            f"{cfg.get('num_engines', 1)} in the bundled one)")
+    serve.add_argument("--engine", choices=["local", "cluster"],
+                       help="local: one process per engine replica; cluster: expert workers as Ray actors "
+                            f"(default: from the config, {cfg.get('engine', 'cluster')} in the bundled one)")
+    serve.add_argument("--drain-timeout", type=_non_negative_float, metavar="SECONDS",
+                       help="on shutdown, how long running requests may take to finish before they end with a "
+                            "retryable 'server is shutting down' error (default: from the config, "
+                            f"{cfg.get('drain_timeout_s', 30)} in the bundled one)")
+    serve.add_argument("--config", metavar="FILE",
+                       help=f"a Serve config file (YAML, `serve deploy` format) to deploy (default: {bundled})")
     key = serve.add_mutually_exclusive_group()
-    key.add_argument("--api-key", help="require this bearer token (HTTP) / metadata key (gRPC)")
+    key.add_argument("--api-key", help="require this bearer token (HTTP) / metadata key (gRPC) (default: no key)")
     key.add_argument("--api-key-env", metavar="VAR",
-                     help="as --api-key, the key read from environment variable VAR (kept out of `ps`)")
+                     help="as --api-key, the key read from environment variable VAR, kept out of `ps` "
+                          "(default: the config's api_key_env; none in the bundled one)")
     return parser
 
 

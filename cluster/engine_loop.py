@@ -14,15 +14,15 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, TypeVar
 
 from torch import Tensor
 
-from cluster.engine import EngineStats, LLMEngine
+from cluster.engine import LLMEngine
+from cluster.engine_api import EngineStats, Prompt, new_request_id
 from cluster.engine_config import EngineConfig
-from cluster.errors import WorkerFailure
+from cluster.errors import EngineDeadError, RequestFailedError, WorkerFailure
 from cluster.loader import build_local_engine
 from cluster.sampling import SamplingParams
 from cluster.sequence import RequestOutput, RequestResult
@@ -30,21 +30,6 @@ from cluster.sequence import RequestOutput, RequestResult
 log = logging.getLogger("moe_cluster.engine")
 T = TypeVar("T")
 MAX_FAILURES_IN_A_ROW = 3  # worker failures without a successful step in between before the engine gives up
-Prompt = str | Sequence[int]
-
-
-class EngineDeadError(RuntimeError):
-    """The engine failed and cannot take requests (HTTP 503, gRPC UNAVAILABLE)."""
-
-
-class RequestFailedError(RuntimeError):
-    """The engine failed while the request was running; the message says why."""
-
-
-def new_request_id() -> str:
-    return f"req-{uuid.uuid4().hex[:16]}"
-
-
 async def each_output(batches: AsyncGenerator[list[RequestOutput], None]) -> AsyncGenerator[RequestOutput, None]:
     """A stream of batches, one output at a time; closing it closes (and so aborts) the stream of batches."""
     async with contextlib.aclosing(batches) as stream:
@@ -97,11 +82,13 @@ class EngineLoop:
 
     def _loop(self) -> None:
         failures_in_a_row = 0
+        last_beat = time.monotonic()  # the last time the MoE backend talked to its workers (step or heartbeat)
         while True:
-            idle_timeout = False
             with self._cond:
                 if not self._inbox and not self._stopping and not self.engine.has_work():
-                    idle_timeout = not self._cond.wait(timeout=self.heartbeat_s)
+                    # Idle: sleep until a call arrives or the next heartbeat is due. Calls that wake the loop
+                    # (stats, health) must not postpone the heartbeat, so the deadline is absolute.
+                    self._cond.wait(timeout=max(0.0, last_beat + self.heartbeat_s - time.monotonic()))
                 tasks, self._inbox = self._inbox, []
                 stopping = self._stopping
             for task in tasks:
@@ -111,9 +98,11 @@ class EngineLoop:
             try:
                 if self.engine.has_work():
                     self.engine.step()
+                    last_beat = time.monotonic()
                     failures_in_a_row = 0
-                elif idle_timeout:
+                elif time.monotonic() - last_beat >= self.heartbeat_s:
                     self.engine.heartbeat()
+                    last_beat = time.monotonic()
             except WorkerFailure as failure:  # an expert worker died or hung: replace it, recompute
                 if not self.engine.can_recover:
                     self._die(str(failure))
@@ -283,13 +272,20 @@ class EngineLoop:
         return {"alive": alive, "reason": reason}
 
     def drain(self, timeout_s: float) -> bool:
-        """Refuse new requests, let the running ones finish (up to ``timeout_s``). True if all finished."""
+        """Refuse new requests, let the running ones finish (up to ``timeout_s``). True if all finished; at
+        the deadline, every request still running ends with a "the server is shutting down" error."""
         self._draining = True
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.dead_reason is None:
+        while self.dead_reason is None:
             if not self.call(lambda: self.engine.has_work()).result():
                 return True
+            if time.monotonic() >= deadline:
+                break
             time.sleep(0.05)
+        message = (f"the server is shutting down: the request did not finish within the drain deadline "
+                   f"({timeout_s:g} s); retry")
+        with contextlib.suppress(EngineDeadError):  # the engine failed meanwhile: its requests were told why
+            self.call(lambda: self.engine.fail_all(message)).result()
         return False
 
     def shutdown(self) -> None:

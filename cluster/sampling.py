@@ -6,6 +6,7 @@ Shape legend: B sequences sampled this step, V vocabulary.
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -80,11 +81,28 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def sample_seed(self, index: int) -> int | None:
-        """Seed of parallel sample ``index`` (the request's seed for the first, a derived one after)."""
-        if self.seed is None:
-            return None
-        return self.seed if index == 0 else (self.seed * 0x9E3779B97F4A7C15 + index) % MAX_SEED
+
+def _mix64(value: int) -> int:
+    """splitmix64's finaliser: a well-spread 64-bit function of a 64-bit integer (same in every process)."""
+    value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+    value = (value ^ (value >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return value ^ (value >> 31)
+
+
+def sample_seed(request_seed: int, index: int) -> int:
+    """Seed of parallel sample ``index`` of a request: the request's own seed for the first sample."""
+    return request_seed if index == 0 else _mix64(request_seed * 0x9E3779B97F4A7C15 + index) % MAX_SEED
+
+
+def token_seed(seq_seed: int, position: int) -> int:
+    """Seed of the draw of a sample's ``position``-th generated token. Counter-based: the draw depends only on
+    (seed, position), so a sequence recomputed or resumed elsewhere draws exactly what it would have."""
+    return _mix64(_mix64(seq_seed) ^ (position + 1) * 0xD1B54A32D192ED03 & 0xFFFFFFFFFFFFFFFF) % MAX_SEED
+
+
+def new_request_seed() -> int:
+    """A fresh random seed for a request that gave none (different samples on every request, as in vLLM)."""
+    return secrets.randbits(63)
 
 
 @dataclass
@@ -108,10 +126,9 @@ def apply_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
 
 
-def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-           default_generator: torch.Generator | None = None) -> Tensor:
-    """logits (B, V) float32 -> token ids (B,). Greedy rows take the argmax; others draw with their own
-    generator (so a seeded request samples the same tokens whatever else is in the batch)."""
+def sample(logits: Tensor, params: Sequence[SamplingParams], seeds: Sequence[int]) -> Tensor:
+    """logits (B, V) float32, seeds (B,) the ``token_seed`` of each row -> token ids (B,). Greedy rows take the
+    argmax; the others draw from their own seed, so a row's token never depends on the rest of the batch."""
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
@@ -124,10 +141,10 @@ def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequenc
             scaled, torch.tensor([params[i].top_k for i in rows], device=logits.device),
             torch.tensor([params[i].top_p for i in rows], device=logits.device, dtype=torch.float32))
     probs = torch.softmax(scaled, dim=-1)
-    # Exponential race: argmax(p / Exp(1)) is a draw from p; each row's noise comes from its own stream.
+    # Exponential race: argmax(p / Exp(1)) is a draw from p; each row's noise comes from its own seed.
     noise = torch.empty_like(probs)
     for j, i in enumerate(rows):
-        noise[j].exponential_(generator=generators[i] or default_generator)
+        noise[j].exponential_(generator=torch.Generator(device=logits.device).manual_seed(seeds[i]))
     tokens[idx] = (probs / noise).argmax(dim=-1)
     return tokens
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from router_service.engine_deployment import build_engine_deployment
+from router_service.engine_deployment import SHUTDOWN_WAIT_LOOP_S, build_engine_deployment
 from router_service.ingress import Ingress
 from router_service.settings import AppSettings
 
@@ -15,7 +15,10 @@ from router_service.settings import AppSettings
 def build_app(args: dict[str, Any]) -> Application:
     settings = AppSettings.from_args(args)
     engine = build_engine_deployment(settings).bind(settings)
-    ingress_options: dict[str, Any] = {"max_queued_requests": settings.max_queued_requests}
+    # The ingress outlives the engine replicas' grace period, so every request ends as an answer or a clean error.
+    ingress_options: dict[str, Any] = {"max_queued_requests": settings.max_queued_requests,
+                                       "graceful_shutdown_timeout_s": settings.ingress_grace_s,
+                                       "graceful_shutdown_wait_loop_s": SHUTDOWN_WAIT_LOOP_S}
     if settings.ingress_autoscaling:
         ingress_options["autoscaling_config"] = settings.ingress_autoscaling
     else:

@@ -4,10 +4,12 @@ embedded local Ray or an existing cluster, print where it listens, and shut down
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         app_args["engine"] = args.engine
     if args.num_engines:
         app_args["num_engines"] = args.num_engines
+    if args.drain_timeout is not None:
+        app_args["drain_timeout_s"] = args.drain_timeout
     if args.experts_per_worker:
         app_args.setdefault("cluster_options", {})["experts_per_worker"] = args.experts_per_worker
     if args.api_key:
@@ -66,6 +70,47 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     config.setdefault("http_options", {}).update({"host": args.host, "port": args.http_port})
     config.setdefault("grpc_options", {})["port"] = args.grpc_port
     return config
+
+
+class DropMessages(logging.Filter):
+    """Drops the records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def dropped(logger_name: str, *prefixes: str) -> Iterator[None]:
+    """Within the block, the logger ``logger_name`` drops the records that start with one of ``prefixes``."""
+    log_filter = DropMessages(*prefixes)
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)
+
+
+def begin_drain(app_name: str, drain_timeout_s: float) -> None:
+    """Start the drain deadline on every engine replica now (EngineDeployment.begin_drain). Serve's own shutdown,
+    which deleting the app starts, calls nothing on a replica until its running requests are done; without this
+    call, a request still running at the engine's grace period is cut by Serve's kill (a 503 all the same)."""
+    from ray import serve
+
+    from cluster.errors import describe_failure
+    from router_service.engine_deployment import DEPLOYMENT_NAME
+
+    log.info("shutting down: running requests have %gs to finish", drain_timeout_s)
+    try:  # (a new handle's router logs "Started <...SharedRouterLongPollClient object at 0x...>": noise here)
+        with dropped("ray.serve", "Started <ray.serve._private.router."):
+            serve.get_deployment_handle(DEPLOYMENT_NAME, app_name).broadcast("begin_drain").results(timeout_s=10)
+    except Exception as err:
+        log.warning("could not start the drain on the engine replicas (%s); Serve's grace period still bounds "
+                    "the shutdown", describe_failure(err))
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -94,6 +139,8 @@ def serve_command(args: argparse.Namespace) -> int:
             # Embedded and single-node: Ray's node address is loopback, so what Ray binds to it stays local.
             ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                      num_cpus=max(os.cpu_count() or 1, 16), _metrics_export_port=args.metrics_port)
+    app_name = app_cfg.get("name", "moe-cluster")
+    deployed = False
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -103,8 +150,13 @@ def serve_command(args: argparse.Namespace) -> int:
                     grpc_options=grpc)
         log.info("deploying %s (%s engine, %d engine replica(s))", settings.model_name, settings.engine,
                  settings.num_engines)
-        serve.run(build_app(app_cfg["args"]), name=app_cfg.get("name", "moe-cluster"),
-                  route_prefix=app_cfg.get("route_prefix", "/"), blocking=False)
+        # serve.run connects to the Serve that serve.start just started with our options, and says so in a line
+        # ("Connecting to existing Serve app ... New http_options ... will not be applied") that reads as if
+        # they were lost: it is about options serve.run was not given, so it is dropped.
+        with dropped("ray.serve", "Connecting to existing Serve app"):
+            serve.run(build_app(app_cfg["args"]), name=app_name, route_prefix=app_cfg.get("route_prefix", "/"),
+                      blocking=False)
+        deployed = True
         print(f"HTTP (OpenAI API): http://{http['host']}:{http['port']}/v1  (model {settings.model_name!r})")
         print(f"gRPC (moe_cluster.v1.GenerationService): {http['host']}:{grpc.get('port', 9000)}")
         if embedded:
@@ -117,9 +169,13 @@ def serve_command(args: argparse.Namespace) -> int:
         raise
     finally:
         try:
-            # Delete the app first: its replicas drain (running requests finish, Serve routes no new ones to
-            # them) while the proxies still carry the responses; then stop Serve and Ray.
-            serve.delete(app_cfg.get("name", "moe-cluster"))
+            # Start the one drain deadline on the engine replicas, then delete the app: Serve routes nothing new
+            # to its replicas and waits for their running requests (the engines' grace: the deadline plus time
+            # to fail what is left; the ingress's: longer), while the proxies still carry the responses; then
+            # stop Serve and Ray.
+            if deployed:
+                begin_drain(app_name, settings.drain_timeout_s)
+            serve.delete(app_name)
             if not embedded:
                 serve.shutdown()  # an embedded Ray's shutdown below takes Serve with it
         finally:

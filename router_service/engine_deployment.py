@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -17,7 +18,8 @@ import ray
 from ray import serve
 
 from cluster.coordinator import Coordinator
-from cluster.engine_loop import EngineDeadError, EngineLoop, LocalEngine
+from cluster.engine_loop import EngineLoop, LocalEngine
+from cluster.errors import EngineDeadError
 from cluster.moe import ExpertMap
 from cluster.placement import cluster_bundles, use_gpus
 from cluster.sequence import RequestOutput
@@ -26,8 +28,9 @@ from router_service.metrics import EngineMetrics, stats_dict
 from router_service.settings import AppSettings
 
 log = logging.getLogger("moe_cluster.serve")
+DEPLOYMENT_NAME = "EngineDeployment"
 STATS_INTERVAL_S = 1.0
-DRAIN_TIMEOUT_S = 25.0  # within Serve's graceful_shutdown_timeout_s (30 s)
+SHUTDOWN_WAIT_LOOP_S = 0.5  # how often a stopping replica checks whether its requests are done (Serve: 2 s)
 
 
 class EngineDeployment:
@@ -52,6 +55,7 @@ class EngineDeployment:
         self.metrics = EngineMetrics(settings.model_name, self.engine_id)
         self._sampler: asyncio.Task[None] | None = None  # started by the first async call, on Serve's loop
         self._open_streams = 0  # generate() calls past their first token, for stream pacing
+        self._drainer: threading.Thread | None = None  # started by begin_drain()
         log.info("%s ready: %s engine for %s", self.engine_id, settings.engine, settings.model)
 
     def _ensure_sampler(self) -> None:
@@ -142,17 +146,37 @@ class EngineDeployment:
         """Serve calls this periodically; raising marks the replica unhealthy and Serve replaces it."""
         self._ensure_sampler()
         health = await asyncio.to_thread(self.engine.health)
-        if not health["alive"]:
+        if not health["alive"] and health["reason"] != "draining":  # draining: on its way out, not broken
             raise EngineDeadError(f"{self.engine_id} is down: {health.get('reason')}")
 
     async def health(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.engine.health) | {"engine_id": self.engine_id, "pid": os.getpid()}
 
+    async def begin_drain(self) -> None:
+        """Shutdown starts now: refuse new requests, let the running ones finish for drain_timeout_s, then end
+        those still running with a "the server is shutting down" error, which the ingress (alive for longer,
+        see AppSettings.ingress_grace_s) answers as 503 / UNAVAILABLE. ``moe-cluster serve`` broadcasts this to
+        every engine replica before it deletes the app: Serve itself calls nothing on a replica before the
+        replica's requests are done (it waits for them up to graceful_shutdown_timeout_s, calls ``__del__``,
+        then kills the replica), so without this call a request that outlives the grace period is cut by that
+        kill instead, which the ingress answers with the same 503 / UNAVAILABLE."""
+        if self._drainer is None:
+            self._drainer = threading.Thread(target=self._drain, name="moe-drain", daemon=True)
+            self._drainer.start()
+
+    def _drain(self) -> None:
+        drained = self.engine.drain(self.settings.drain_timeout_s)
+        log.info("%s drained (%s)", self.engine_id,
+                 "all requests finished" if drained else "requests still running were failed at the deadline")
+
     def __del__(self) -> None:
-        """Serve's graceful shutdown: requests still running finish (bounded), new ones are refused."""
+        """Serve's graceful shutdown, once no request is ongoing here: close the engine (after the drain, when
+        one was started; else a drain ends what is left, such as requests being aborted)."""
         with contextlib.suppress(Exception):
-            drained = self.engine.drain(DRAIN_TIMEOUT_S)
-            log.info("%s drained (%s)", self.engine_id, "all requests finished" if drained else "timed out")
+            if self._drainer is None:
+                self._drain()
+            else:
+                self._drainer.join(timeout=self.settings.drain_timeout_s + 1)
         with contextlib.suppress(Exception):
             if self._sampler is not None:
                 self._sampler.cancel()
@@ -169,7 +193,8 @@ def engine_deployment_options(settings: AppSettings) -> dict[str, Any]:
         "max_ongoing_requests": settings.max_ongoing_requests,
         "health_check_period_s": 5.0,
         "health_check_timeout_s": 30.0,
-        "graceful_shutdown_timeout_s": 30.0,
+        "graceful_shutdown_timeout_s": settings.engine_grace_s,
+        "graceful_shutdown_wait_loop_s": SHUTDOWN_WAIT_LOOP_S,
     }
     if settings.engine == "local":
         options["ray_actor_options"] = {"num_cpus": 1}
@@ -188,4 +213,4 @@ def engine_deployment_options(settings: AppSettings) -> dict[str, Any]:
 
 
 def build_engine_deployment(settings: AppSettings) -> Any:
-    return serve.deployment(EngineDeployment, name="EngineDeployment", **engine_deployment_options(settings))
+    return serve.deployment(EngineDeployment, name=DEPLOYMENT_NAME, **engine_deployment_options(settings))

@@ -22,8 +22,8 @@ log = logging.getLogger("moe_cluster.grpc")
 SERVICE = "moe_cluster.v1.GenerationService"
 STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
           404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
-          422: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-          503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+          429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
+          504: grpc.StatusCode.DEADLINE_EXCEEDED}
 # SamplingParams' field names as the proto spells them, for error messages that name the bad field.
 PROTO_FIELDS = {"max_tokens": "stopping.max_new_tokens", "temperature": "sampling.temperature",
                 "top_p": "sampling.top_p", "top_k": "sampling.top_k", "seed": "sampling.seed",
@@ -109,9 +109,8 @@ class GrpcMethods:
         raise NotImplementedError
 
     def grpc_request(self, request: pb.GenerateRequest) -> GenerateRequest:
-        if not request.model:
-            raise ApiError(400, "model is required", param="model")
-        self.check_model(request.model)
+        if request.model:  # empty: the one model this server serves
+            self.check_model(request.model)
         params = sampling_params(request)
         which = request.WhichOneof("input")
         if which is None:
@@ -156,7 +155,8 @@ class GrpcMethods:
                        grpc_context: RayServegRPCContext) -> pb.TokenizeResponse:
         try:
             self.authorize_grpc(grpc_context)
-            self.check_model(request.model)
+            if request.model:  # empty: the one model this server serves
+                self.check_model(request.model)
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
             ids, texts = await self.engine.tokenize_with_text.remote(request.text, add_special)
         except ApiError as err:

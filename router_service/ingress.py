@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.engine import QueueFullError
-from cluster.engine_loop import EngineDeadError, RequestFailedError
+from cluster.errors import EngineDeadError, QueueFullError, RequestFailedError
 from router_service.engine_api import Accepted, GenerateChunk, GenerateRequest, merge
 from router_service.grpc_service import GrpcMethods
 from router_service.openai_protocol import (
@@ -42,6 +42,7 @@ log = logging.getLogger("moe_cluster.ingress")
 app = FastAPI(title="moe-cluster", description="OpenAI-compatible API of an expert-parallel MoE cluster",
               version="1.0")
 RETRY_AFTER_S = "5"
+SHUTTING_DOWN = "the server is shutting down"  # how the engine words requests failed at the drain deadline
 
 
 def field_path(loc: Any) -> str:
@@ -71,12 +72,15 @@ def engine_error(err: BaseException) -> ApiError:
     name = type(cause).__name__
     message = str(cause).strip().splitlines()[0] if str(cause).strip() else name
     if isinstance(cause, (ValueError, TypeError)):
-        return ApiError(400, message)
+        return ApiError(400, message, param=getattr(cause, "param", None))  # RequestError names its field
     if isinstance(cause, QueueFullError) or name == "BackPressureError":
         return ApiError(429, message or "the server is busy; retry later", "rate_limit_error", code="queue_full",
                         headers={"Retry-After": "1"})
     if isinstance(cause, TimeoutError):
         return ApiError(504, message, "timeout_error", code="deadline_exceeded")
+    if isinstance(cause, RequestFailedError) and message.startswith(SHUTTING_DOWN):
+        return ApiError(503, message, "service_unavailable", code="server_shutting_down",
+                        headers={"Retry-After": RETRY_AFTER_S})
     if isinstance(cause, (EngineDeadError, RequestFailedError, RayActorError)) or "ActorDied" in name \
             or "Unavailable" in name:
         return ApiError(503, f"the engine is unavailable, retry: {message}", "service_unavailable",
@@ -99,7 +103,22 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
     message = f"{param or 'body'}: {first.get('msg', 'invalid')}"
     if "input" in first and first.get("type") != "missing":
         message += f" (got {json.dumps(first['input'], default=str)[:200]})"
-    return JSONResponse(ApiError(422, message, param=param).body(), status_code=422)
+    return JSONResponse(ApiError(400, message, param=param).body(), status_code=400)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Routing errors (unknown path, wrong method) as OpenAI errors naming what was asked for."""
+    path = request.url.path
+    if err.status_code == 404:
+        error = ApiError(404, f"no such endpoint: {request.method} {path}", code="not_found")
+    elif err.status_code == 405:
+        allowed = err.headers.get("Allow", "") if err.headers else ""
+        error = ApiError(405, f"method {request.method} is not allowed on {path}"
+                         + (f" (allowed: {allowed})" if allowed else ""), code="method_not_allowed")
+    else:
+        error = ApiError(err.status_code, str(err.detail))
+    return JSONResponse(error.body(), status_code=error.status, headers=dict(err.headers or {}))
 
 
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
@@ -306,7 +325,12 @@ class Ingress(GrpcMethods):
         params = body.to_params()
         rid = new_id("chatcmpl")
         request = GenerateRequest(rid, params, messages=body.to_messages(), deadline=self.deadline(body.timeout))
-        streams = await self.open_all([request])
+        try:
+            streams = await self.open_all([request])
+        except ApiError as err:
+            if err.param == "prompt":  # a chat request's prompt is its rendered messages
+                err.param = "messages"
+            raise
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self.sse(self.chat_events(rid, request, streams, include_usage))

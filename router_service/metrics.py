@@ -7,7 +7,7 @@ from typing import Any
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from cluster.engine import EngineStats
+from cluster.engine_api import EngineStats
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]

@@ -10,6 +10,8 @@ from typing import Any
 from cluster.engine_config import ClusterConfig, EngineConfig
 
 DEMO_MODEL_NAME = "moe-cluster-demo"
+SHUTDOWN_ERROR_S = 5.0  # engine replica: from the drain deadline to Serve's force-kill
+INGRESS_MARGIN_S = 5.0  # ingress replica: outlives the engine replicas' force-kill by this much
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,10 @@ class AppSettings:
     max_queued_requests: int = 512  # per ingress handle: beyond this a request gets 429
     max_request_bytes: int = 1 << 20  # request bodies above this are refused (413)
     request_timeout_s: float = 600.0  # default per-request deadline
+    # Shutdown (Ctrl-C, a redeploy): running requests get this long to finish; those still running then end
+    # with a retryable "the server is shutting down" error (HTTP 503, gRPC UNAVAILABLE). The deployments'
+    # graceful_shutdown_timeout_s are derived from it (engine_grace_s, ingress_grace_s).
+    drain_timeout_s: float = 30.0
     stream_interval_ms: float = 50.0  # after the first token, a stream sends at most one chunk per interval
     # ... and all the replica's streams together at most this many chunks per second (0: no cap): each chunk
     # costs the Serve tier ~1-2 ms of CPU, so under many streams chunks grow instead of multiplying.
@@ -42,6 +48,9 @@ class AppSettings:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.request_timeout_s, (int, float)) or self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be a positive number, got {self.request_timeout_s!r}")
+        if isinstance(self.drain_timeout_s, bool) or not isinstance(self.drain_timeout_s, (int, float)) \
+                or not 0 <= self.drain_timeout_s <= 3600:
+            raise ValueError(f"drain_timeout_s must be in [0, 3600] seconds, got {self.drain_timeout_s!r}")
         if not isinstance(self.stream_interval_ms, (int, float)) or not 0 <= self.stream_interval_ms <= 1000:
             raise ValueError(f"stream_interval_ms must be in [0, 1000], got {self.stream_interval_ms!r}")
         if not isinstance(self.stream_chunks_per_s, (int, float)) or self.stream_chunks_per_s < 0:
@@ -52,6 +61,18 @@ class AppSettings:
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
+
+    @property
+    def engine_grace_s(self) -> float:
+        """The engine deployment's graceful_shutdown_timeout_s: the drain deadline, then time for the requests
+        still running to be failed, for their errors to reach the ingress, and for the engine to close."""
+        return self.drain_timeout_s + SHUTDOWN_ERROR_S
+
+    @property
+    def ingress_grace_s(self) -> float:
+        """The ingress's graceful_shutdown_timeout_s: longer than the engine's, so that whatever becomes of an
+        engine replica (even a force-kill at its grace) reaches clients as a clean error, never a cut request."""
+        return self.engine_grace_s + INGRESS_MARGIN_S
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig.from_dict({"model": self.model, "progress": False} | self.engine_options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.cli import build_parser
 from cluster.engine_config import EngineConfig
 from cluster.engine_loop import LocalEngine
 from cluster.sampling import SamplingParams
@@ -92,3 +94,38 @@ def test_init_demo_refuses_to_overwrite(tmp_path: Path) -> None:
     again = run_cli("init-demo", str(tmp_path / "m"))
     assert again.returncode == 1 and "already holds a checkpoint" in again.stderr
     assert run_cli("init-demo", str(tmp_path / "m"), "--force").returncode == 0
+
+
+def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {"moe-cluster": parser} | dict(sub.choices)
+
+
+@pytest.mark.parametrize("command", ["moe-cluster", "init-demo", "generate", "serve"])
+def test_every_option_says_what_it_does_and_its_default(command: str) -> None:
+    parser = subcommand_parsers()[command]
+    text = parser.format_help()
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+            continue
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help and len(action.help) > 10, f"{command} {name} has no help text"
+        takes_value = action.option_strings and action.nargs != 0
+        if takes_value and not action.required:
+            assert "(default:" in action.help or "required" in action.help, f"{command} {name}: no default"
+    assert "%(default)" not in text  # every placeholder expanded
+
+
+def test_serve_help_gives_the_config_defaults() -> None:
+    text = " ".join(subcommand_parsers()["serve"].format_help().split())
+    assert "(default: from the config, cluster in the bundled one)" in text
+    assert "(default: 8000)" in text and "(default: 127.0.0.1)" in text
+
+
+def test_version_prints_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    out = run_cli("--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"moe-cluster {version('moe-cluster')}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import secrets
 import signal
@@ -107,5 +107,11 @@ def test_default_serve_config_is_a_valid_serve_deploy_file() -> None:
     from ray.serve.schema import ServeDeploySchema
 
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    ServeDeploySchema.model_validate(config)
-    assert json.dumps(config["grpc_options"]["grpc_servicer_functions"])
+    parsed = ServeDeploySchema.model_validate(config)
+    # What the schema does not check, and `serve deploy` only finds out on the cluster: every name Serve will
+    # import (the gRPC proxy's servicer functions, each application's builder) resolves to a callable.
+    assert parsed.grpc_options is not None and parsed.grpc_options.grpc_servicer_functions
+    assert parsed.applications
+    for name in [*parsed.grpc_options.grpc_servicer_functions, *(app.import_path for app in parsed.applications)]:
+        module, _, attr = name.replace(":", ".").rpartition(".")
+        assert callable(getattr(importlib.import_module(module), attr, None)), name

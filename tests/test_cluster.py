@@ -14,8 +14,8 @@ import ray
 
 from cluster.cluster_engine import ClusterEngine
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import EngineDeadError, LocalEngine, RequestFailedError
-from cluster.errors import ClusterStartError
+from cluster.engine_loop import LocalEngine
+from cluster.errors import ClusterStartError, EngineDeadError, RequestFailedError
 from cluster.sampling import SamplingParams
 from tests.conftest import HFCheckpoint, cluster_config, make_hf_checkpoint
 from tests.test_parity_hf import PARITY_CONFIGS, prompt_ids
@@ -32,6 +32,14 @@ def assert_same_outputs(cluster: ClusterEngine, local: LocalEngine, vocab: int) 
     got = cluster.generate(prompts, GREEDY)
     want = local.generate(prompts, GREEDY)
     assert [r.completions[0].token_ids for r in got] == [r.completions[0].token_ids for r in want]
+
+
+def routed_since(before: list[list[int]], after: list[list[int]]) -> list[list[int]]:
+    """Rows routed to each [layer][expert] between two readings of EngineStats.tokens_per_expert."""
+    if not before:  # no step yet
+        return after
+    return [[a - b for a, b in zip(row_after, row_before, strict=True)]
+            for row_after, row_before in zip(after, before, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +69,14 @@ def test_cluster_equals_local_engine(parity_models: dict[str, tuple[HFCheckpoint
     try:
         num_experts = ckpt.config.get("num_local_experts", 8)
         assert len(cluster.info["workers"]) == -(-num_experts // experts_per_worker)
+        before = {"cluster": cluster.stats().tokens_per_expert, "local": local.stats().tokens_per_expert}
         assert_same_outputs(cluster, local, ckpt.config["vocab_size"])
-        # Every expert got traffic through the cluster, and the counts match the local engine's routing.
-        routed = cluster.stats().tokens_per_expert
-        assert len(routed) == ckpt.config["num_hidden_layers"] and all(sum(layer) > 0 for layer in routed)
+        # The same requests routed the same rows to the same experts, layer by layer, in the cluster as in the
+        # local engine (counted from here: the local engine is shared by the module's tests); every expert got some.
+        routed = routed_since(before["cluster"], cluster.stats().tokens_per_expert)
+        assert routed == routed_since(before["local"], local.stats().tokens_per_expert)
+        assert len(routed) == ckpt.config["num_hidden_layers"]
+        assert all(len(layer) == num_experts and min(layer) > 0 for layer in routed), routed
     finally:
         cluster.shutdown()
 

@@ -103,6 +103,14 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(engine: LocalEngin
     assert other_seed[0].completions[0].token_ids != alone
 
 
+def test_unseeded_sampling_differs_per_request(engine: LocalEngine) -> None:
+    """As in vLLM: without a seed every request draws anew (the demo model's near-uniform distribution over
+    hundreds of tokens makes two equal 16-token samples practically impossible)."""
+    params = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
+    first, second = engine.generate([PROMPT, PROMPT], params)
+    assert first.completions[0].token_ids != second.completions[0].token_ids
+
+
 def test_top_k_one_is_greedy(engine: LocalEngine) -> None:
     greedy = engine.generate([PROMPT], GREEDY)[0].completions[0].token_ids
     top1 = engine.generate([PROMPT], SamplingParams(max_tokens=24, temperature=1.5, top_k=1, seed=3,
@@ -222,7 +230,7 @@ def test_a_failing_consumer_does_not_stop_the_engine(engine: LocalEngine) -> Non
 def test_drain_refuses_new_requests_and_lets_running_ones_finish(demo_dir: Path) -> None:
     import threading
 
-    from cluster.engine_loop import EngineDeadError
+    from cluster.errors import EngineDeadError
 
     eng = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=64))
     try:

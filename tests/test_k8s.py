@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import re
 import secrets
@@ -40,7 +41,7 @@ from router_service.client import GenerationClient
 from router_service.settings import AppSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = Path(__file__).resolve().parents[1].parent / "shared" / "k8s-schemas"
+SCHEMAS = Path(__file__).resolve().parent / "data" / "kuberay"  # KubeRay's CRD schemas, see its README.md
 OVERLAYS = [p.name for p in overlays()]
 KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "patches", "images"}  # what kustomize_build implements
 HEAD_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "serve-grpc": 9000, "metrics": 8080}
@@ -118,10 +119,8 @@ def pod_templates(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- CRD schemas, as the API server reads them
 
 def schema(name: str) -> dict[str, Any]:
-    path = SCHEMAS / name
-    if not path.exists():
-        pytest.fail(f"KubeRay CRD schemas not found at {SCHEMAS} (the shared folder beside the repository)")
-    return yaml.safe_load(path.read_text())
+    loaded: dict[str, Any] = json.loads((SCHEMAS / name).read_text())
+    return loaded
 
 
 def with_defaults(instance: Any, node: dict[str, Any]) -> Any:

@@ -7,15 +7,22 @@ from typing import Any
 import pytest
 import torch
 
-from cluster.sampling import SamplingParams, apply_top_k_top_p, sample, token_logprobs
+from cluster.sampling import (
+    SamplingParams,
+    apply_top_k_top_p,
+    new_request_seed,
+    sample,
+    sample_seed,
+    token_logprobs,
+    token_seed,
+)
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
 
 
-def draw(params: SamplingParams, n: int = 20000, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
+def draw(params: SamplingParams, n: int = 20000) -> torch.Tensor:
     logits = LOGITS.repeat(n, 1)
-    return sample(logits, [params] * n, [None] * n, default_generator=gen)
+    return sample(logits, [params] * n, [token_seed(row, 0) for row in range(n)])
 
 
 def frequencies(tokens: torch.Tensor) -> torch.Tensor:
@@ -48,16 +55,23 @@ def test_cut_never_removes_the_best_token() -> None:
 
 def test_greedy_rows_take_the_argmax_and_seeds_are_per_row() -> None:
     logits = torch.randn(4, 50)
-    params = [SamplingParams(temperature=0), SamplingParams(seed=7), SamplingParams(seed=7),
-              SamplingParams(seed=8)]
-    gens: list[torch.Generator | None] = [None]
-    for p in params[1:]:
-        assert p.seed is not None
-        gens.append(torch.Generator().manual_seed(p.seed))
-    tokens = sample(logits, params, gens)
+    params = [SamplingParams(temperature=0), SamplingParams(seed=7), SamplingParams(seed=7), SamplingParams(seed=8)]
+    seeds = [0, token_seed(7, 0), token_seed(7, 0), token_seed(8, 0)]
+    tokens = sample(logits, params, seeds)
     assert tokens[0] == logits[0].argmax()
-    alone = sample(logits[1:2], params[1:2], [torch.Generator().manual_seed(7)])
+    alone = sample(logits[1:2], params[1:2], seeds[1:2])
     assert tokens[1] == alone[0]
+    flat = torch.zeros(1, 50)  # uniform: with 50 tokens, distinct seeds almost never draw alike 20 times
+    draws = [int(sample(flat, [SamplingParams()], [token_seed(7, position)])[0]) for position in range(20)]
+    assert len(set(draws)) > 5, "successive positions of one sample must draw independently"
+
+
+def test_token_seeds_are_counter_based_and_distinct() -> None:
+    assert token_seed(7, 3) == token_seed(7, 3)  # the same (seed, position) draws alike in any process
+    seeds = {token_seed(s, p) for s in range(50) for p in range(50)}
+    assert len(seeds) == 2500 and all(0 <= s < 2**63 for s in seeds)
+    assert sample_seed(7, 0) == 7 and len({sample_seed(7, i) for i in range(64)}) == 64
+    assert new_request_seed() != new_request_seed()
 
 
 def test_logprobs_are_log_softmax_with_top_n() -> None:

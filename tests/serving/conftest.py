@@ -28,6 +28,8 @@ class EngineOptions(TypedDict):
     max_queue_len: int
 
 
+COLLECTIVE_TIMEOUT_S = 6.0  # short, so that the idle test can outlast it cheaply
+
 ENGINE_OPTIONS: EngineOptions = {"max_num_seqs": 32, "max_num_batched_tokens": 512, "num_kv_blocks": 160,
                                  "block_size": 16, "max_model_len": 512, "max_queue_len": 256}
 
@@ -51,7 +53,7 @@ def app_args(model_dir: Path, **extra: Any) -> dict[str, Any]:
     return {"model": str(model_dir), "served_model_name": MODEL_NAME, "engine": "cluster",
             "engine_options": ENGINE_OPTIONS,
             "cluster_options": {"experts_per_worker": 4, "threads_per_actor": 1, "worker_num_cpus": 1,
-                                "collective_timeout_s": 30, "heartbeat_s": 1.0}} | extra
+                                "collective_timeout_s": COLLECTIVE_TIMEOUT_S, "heartbeat_s": 1.0}} | extra
 
 
 GRPC_SERVICERS = grpc_servicer_functions()

@@ -107,6 +107,21 @@ def test_bad_requests_get_real_status_codes(served: Served, request_kwargs: dict
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.value.details()
 
 
+def test_an_empty_model_means_the_served_model(served: Served, client: GenerationClient) -> None:
+    named = client.generate(PROMPT, max_new_tokens=5, temperature=0)
+    with grpc.insecure_channel(served.grpc) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        request = build_request("", PROMPT, max_new_tokens=5, temperature=0)
+        unnamed = stub.Generate(request, timeout=60)
+        assert (unnamed.text, unnamed.model) == (named.text, served.model)
+        assert "".join(m.text for m in stub.GenerateStream(request, timeout=60)) == named.text
+        tokens = stub.Tokenize(pb.TokenizeRequest(model="", text=PROMPT), timeout=60)
+        assert list(tokens.token_ids) == served.reference.tokenizer.encode(PROMPT)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Tokenize(pb.TokenizeRequest(model="gpt-9", text=PROMPT), timeout=60)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "gpt-9" in err.value.details()
+
+
 def test_deadline_exceeded(served: Served) -> None:
     slow = GenerationClient(served.grpc, model=served.model, timeout_s=0.3)
     with pytest.raises(grpc.RpcError) as err:

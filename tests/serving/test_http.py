@@ -165,19 +165,27 @@ def test_32_concurrent_greedy_requests_equal_their_results_alone(served: Served)
 
 BAD_REQUESTS = [
     ("malformed JSON", "/v1/completions", b'{"model": "demo", "prompt": ', 400, None),
-    ("wrong type", "/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": "ten"}, 422, "max_tokens"),
-    ("prompt of the wrong type", "/v1/completions", {"model": "demo", "prompt": 42}, 422, "prompt"),
+    ("wrong type", "/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("prompt of the wrong type", "/v1/completions", {"model": "demo", "prompt": 42}, 400, "prompt"),
     ("negative max_tokens", "/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
-    ("huge max_tokens", "/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": 10**9}, 400, None),
+    ("huge max_tokens", "/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": 10**9}, 400,
+     "max_tokens"),
+    ("max_tokens beyond the context", "/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": 600}, 400,
+     "max_tokens"),
     ("temperature < 0", "/v1/completions", {"model": "demo", "prompt": "x", "temperature": -0.5}, 400, "temperature"),
     ("top_p > 1", "/v1/completions", {"model": "demo", "prompt": "x", "top_p": 1.5}, 400, "top_p"),
     ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
     ("prompt longer than the context", "/v1/completions", {"model": "demo", "prompt": list(range(3, 600))}, 400,
-     None),
+     "prompt"),
+    ("messages longer than the context", "/v1/chat/completions",
+     {"model": "demo", "messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages"),
+    ("prompt token outside the vocabulary", "/v1/completions", {"model": "demo", "prompt": [99999]}, 400, "prompt"),
     ("empty messages", "/v1/chat/completions", {"model": "demo", "messages": []}, 400, "messages"),
     ("unknown role", "/v1/chat/completions", {"model": "demo", "messages": [{"role": "wizard", "content": "x"}]},
      400, None),
-    ("missing model", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 422, "model"),
+    ("missing model", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+    ("missing model (completions)", "/v1/completions", {"prompt": "x"}, 400, "model"),
+    ("messages of the wrong type", "/v1/chat/completions", {"model": "demo", "messages": "hi"}, 400, "messages"),
     ("unsupported penalty", "/v1/completions", {"model": "demo", "prompt": "x", "presence_penalty": 1}, 400,
      "presence_penalty"),
 ]
@@ -198,6 +206,30 @@ def test_bad_input_gets_the_right_status_and_an_openai_error(served: Served, wha
     ok = httpx.post(f"{served.http}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2},
                     timeout=60)
     assert ok.status_code == 200
+
+
+def test_validation_errors_are_400_invalid_request_errors(served: Served) -> None:
+    """Body validation errors are OpenAI's 400 invalid_request_error (FastAPI's default is 422)."""
+    r = httpx.post(f"{served.http}/v1/chat/completions", json={"messages": []}, timeout=60)
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error" and "model" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("method", "path", "status", "needle"), [
+    ("GET", "/v1/no-such-endpoint", 404, "GET /v1/no-such-endpoint"),
+    ("POST", "/v2/completions", 404, "POST /v2/completions"),
+    ("GET", "/v1/completions", 405, "GET is not allowed on /v1/completions"),
+    ("DELETE", "/v1/models", 405, "DELETE is not allowed on /v1/models"),
+])
+def test_unknown_paths_and_wrong_methods_get_openai_errors(served: Served, method: str, path: str, status: int,
+                                                           needle: str) -> None:
+    r = httpx.request(method, f"{served.http}{path}", timeout=60)
+    assert r.status_code == status and r.headers["content-type"] == "application/json", r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and needle in error["message"]
+    assert error["type"] == "invalid_request_error"
+    if status == 405:
+        assert r.headers["allow"] in error["message"]
 
 
 def test_client_disconnect_aborts_the_request(served: Served) -> None:
