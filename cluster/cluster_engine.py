@@ -21,15 +21,16 @@ from torch import Tensor
 
 from cluster.config import ModelConfig
 from cluster.coordinator import Coordinator
-from cluster.engine import EngineStats, resolve_max_model_len
+from cluster.engine_api import EngineStats, Prompt, new_request_id
 from cluster.engine_config import ClusterConfig, EngineConfig
-from cluster.engine_loop import EngineDeadError, Prompt, each_output, new_request_id
-from cluster.errors import ClusterStartError
+from cluster.engine_loop import each_output
+from cluster.errors import ClusterStartError, EngineDeadError
 from cluster.moe import ExpertMap
 from cluster.placement import actor_shape, bundle_strategy, cluster_bundles, ensure_ray, place, use_gpus
 from cluster.sampling import SamplingParams
 from cluster.sequence import RequestOutput, RequestResult
 from cluster.tokenizer import Tokenizer
+from cluster.validation import resolve_max_model_len
 
 log = logging.getLogger("moe_cluster.cluster")
 

@@ -8,7 +8,7 @@ Two forms of config.json exist in the wild and both are accepted:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,22 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
+# Our field name -> the Hugging Face config.json key, for the integer fields every Mixtral config.json names.
+# Read in from_dict, written by to_hf_dict, and used to name fields in errors.
+HF_KEYS: dict[str, str] = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "num_experts": "num_local_experts",
+    "experts_per_token": "num_experts_per_tok",
+    "max_position_embeddings": "max_position_embeddings",
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -54,21 +70,10 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = (2,)
 
     def __post_init__(self) -> None:
-        positive = {
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "num_local_experts": self.num_experts,
-            "num_experts_per_tok": self.experts_per_token,
-            "max_position_embeddings": self.max_position_embeddings,
-        }
-        for field, value in positive.items():
+        for name, key in HF_KEYS.items():
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"config field {field} must be a positive integer, got {value!r}")
+                raise ValueError(f"config field {key} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(
                 f"config field num_attention_heads={self.num_heads} is not divisible by "
@@ -118,38 +123,30 @@ class ModelConfig:
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"config field hidden_act must be 'silu' (SwiGLU experts), got {act!r}")
-
-        def need(field: str) -> Any:
-            if raw.get(field) is None:
-                raise ValueError(f"config.json is missing the required field {field!r}")
-            return raw[field]
-
-        hidden = need("hidden_size")
-        heads = need("num_attention_heads")
-        head_dim = raw.get("head_dim")
-        if head_dim is None:
+        optional = {"head_dim": None, "num_key_value_heads": raw.get("num_attention_heads"),
+                    "max_position_embeddings": 32768}
+        fields: dict[str, Any] = {}
+        for name, key in HF_KEYS.items():
+            value = raw.get(key)
+            if value is None:
+                if key not in optional:
+                    raise ValueError(f"config.json is missing the required field {key!r}")
+                value = optional[key]
+            fields[name] = value
+        if fields["head_dim"] is None:
+            hidden, heads = fields["hidden_size"], fields["num_heads"]
             if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0 or hidden % heads:
                 raise ValueError(f"config field hidden_size={hidden!r} is not divisible by "
                                  f"num_attention_heads={heads!r} and no head_dim is given")
-            head_dim = hidden // heads
-        rope_theta = _rope_theta(raw)
+            fields["head_dim"] = hidden // heads
         eos = raw.get("eos_token_id", 2)
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
         return cls(
-            vocab_size=need("vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
-            num_layers=need("num_hidden_layers"),
-            num_heads=heads,
-            num_kv_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            num_experts=need("num_local_experts"),
-            experts_per_token=need("num_experts_per_tok"),
+            **fields,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-            rope_theta=rope_theta,
+            rope_theta=_rope_theta(raw),
             sliding_window=raw.get("sliding_window"),
-            max_position_embeddings=raw.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             dtype=str(dtype).removeprefix("torch."),
             bos_token_id=raw.get("bos_token_id"),
@@ -175,20 +172,11 @@ class ModelConfig:
         return {
             "architectures": ["MixtralForCausalLM"],
             "model_type": "mixtral",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "num_local_experts": self.num_experts,
-            "num_experts_per_tok": self.experts_per_token,
+            **{key: getattr(self, name) for name, key in HF_KEYS.items()},
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "sliding_window": self.sliding_window,
-            "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "dtype": self.dtype,
             "bos_token_id": self.bos_token_id,
@@ -196,9 +184,6 @@ class ModelConfig:
             "attention_dropout": 0.0,
             "router_jitter_noise": 0.0,
         }
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _rope_theta(raw: dict[str, Any]) -> float:

@@ -22,9 +22,9 @@ from ray.util.placement_group import PlacementGroup
 from cluster.checkpoint import Checkpoint
 from cluster.config import ModelConfig
 from cluster.dispatch import DistributedMoE
-from cluster.engine import EngineStats
+from cluster.engine_api import EngineStats, Prompt
 from cluster.engine_config import ClusterConfig, EngineConfig
-from cluster.engine_loop import EngineLoop, Prompt
+from cluster.engine_loop import EngineLoop
 from cluster.errors import ClusterStartError, WorkerFailure
 from cluster.loader import build_engine
 from cluster.moe import ExpertMap

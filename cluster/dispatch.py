@@ -47,7 +47,7 @@ class DistributedMoE:
         self.top_k = top_k
         self.diagnose = diagnose
         self.stats = RoutingStats(num_layers, expert_map)
-        self.timings: dict[str, float] = defaultdict(float)  # seconds, accumulated
+        self._timings: dict[str, float] = defaultdict(float)  # seconds, accumulated
         self._step = 0
         self._closed = False
 
@@ -60,11 +60,11 @@ class DistributedMoE:
         except Exception as err:  # a collective failed: find out which member, and say so
             raise self.diagnose(err) from err
         finally:
-            self.timings[what] += time.perf_counter() - started
+            self._timings[what] += time.perf_counter() - started
 
     def begin_step(self, num_tokens: int) -> None:
         self._step += 1
-        self.timings["steps"] += 1
+        self._timings["steps"] += 1
         self._guarded("control", lambda: self.link.begin_step(self.num_layers, num_tokens))
 
     def moe(self, layer: int, x: Tensor, gate_weight: Tensor) -> Tensor:
@@ -78,23 +78,29 @@ class DistributedMoE:
         for experts in self.expert_map.workers:
             counts.append(rows_per_expert[start:start + len(experts)])
             start += len(experts)
-        self.timings["route"] += time.perf_counter() - started
+        self._timings["route"] += time.perf_counter() - started
         out_rows = self._guarded("exchange", lambda: self.link.exchange(layer, counts, rows))  # 3, 4, 5, 6
         assert out_rows is not None
         started = time.perf_counter()
         out = combine(out_rows, plan.row_weight, plan.row_token, x.shape[0])  # 7
-        self.timings["combine"] += time.perf_counter() - started
+        self._timings["combine"] += time.perf_counter() - started
         return out
 
     @property
     def can_recover(self) -> bool:
         return self.rebuild is not None
 
+    def routing_counts(self) -> list[list[int]]:
+        return self.stats.counts
+
+    def timings(self) -> dict[str, float]:
+        return dict(self._timings)
+
     def recover(self, failure: WorkerFailure) -> None:
         assert self.rebuild is not None
         started = time.perf_counter()
         self.link = self.rebuild(failure)
-        self.timings["recovery"] += time.perf_counter() - started
+        self._timings["recovery"] += time.perf_counter() - started
 
     def heartbeat(self) -> None:
         self._guarded("control", lambda: self.link.send_control(OP_NOOP))

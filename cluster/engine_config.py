@@ -32,7 +32,6 @@ class EngineConfig:
     kv_cache_fraction: float = 0.25  # ... or this fraction of the device's free memory
     num_kv_blocks: int | None = None  # exact block count (overrides the budget; for tests)
     max_queue_len: int = 1024  # waiting requests beyond which new ones are refused
-    seed: int = 0  # stream for requests that give no seed
     progress: bool = True  # progress bars while loading weights
 
     def __post_init__(self) -> None:

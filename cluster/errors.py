@@ -1,4 +1,5 @@
-"""Errors shared by the engines, and a one-line description of any failure for users."""
+"""Errors shared by the engines and the serving layer (torch-free, so the ingress imports it cheaply), and a
+one-line description of any failure for users. router_service/errors.py maps each to an HTTP / gRPC status."""
 
 from __future__ import annotations
 
@@ -12,15 +13,50 @@ class WorkerFailure(RuntimeError):
         self.reason = reason
 
 
+class RequestError(ValueError):
+    """A request the engine refuses; ``param`` names the request field at fault (as the OpenAI API spells it:
+    "prompt", "max_tokens", ...), or is None."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple[object, ...]:  # crosses Ray processes with its param
+        return (RequestError, (str(self), self.param))
+
+
 class ClusterStartError(RuntimeError):
     """The cluster could not be placed or started (missing resources, unreachable Ray, ...)."""
 
 
-def describe_failure(err: BaseException) -> str:
-    """One line: the exception's own message, without a traceback or Ray's wrapping."""
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is full; retry later (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed, or is shutting down, and takes no requests (HTTP 503, gRPC UNAVAILABLE)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed while the request was running; the message says why (HTTP 503, gRPC UNAVAILABLE)."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (Ray wraps causes in multi-line tracebacks)."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(err).__name__
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The exception raised inside a Ray task or actor, not Ray's wrapper around it."""
     cause = getattr(err, "cause", None)
-    if isinstance(cause, BaseException) and cause is not err:
-        return describe_failure(cause)
-    text = str(err).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+    while isinstance(cause, BaseException) and cause is not err:
+        err, cause = cause, getattr(cause, "cause", None)
+    return err
+
+
+def describe_failure(err: BaseException) -> str:
+    """One line for users: the root exception's type and first line, without a traceback or Ray's wrapping."""
+    cause = root_cause(err)
+    text = first_line(cause)
+    return f"{type(cause).__name__}: {text}" if text != type(cause).__name__ else text

@@ -1,6 +1,11 @@
 """Block-paged KV cache: a pool of fixed-size blocks, reference-counted so that parallel samples share
 their prompt's blocks (copy-on-write when one of them writes into a shared block).
 
+  * ``BlockAllocator``  - free list and reference counts;
+  * ``KVCacheManager``  - every block decision: slots for a step's new tokens (with copy-on-write), admission,
+    forks, release, scratch tables. The scheduler asks it and never touches a block itself (vLLM v1's split);
+  * ``PagedKVCache``    - the tensors.
+
 Shape legend: N blocks, B block size (tokens), KV key/value heads, D head dim, L layers.
 A cache *slot* is one token position inside one block: slot = block * B + offset.
 """
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -63,6 +69,94 @@ class BlockAllocator:
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
+
+
+class HasBlocks(Protocol):
+    """What the manager needs of a sequence: its block table, tokens and how many are in the cache."""
+
+    block_table: list[int]
+    num_computed: int
+
+    @property
+    def token_ids(self) -> list[int]: ...
+
+
+class KVCacheManager:
+    """Owns every allocation decision. ``allocate_slots`` is the one way a step gets room for new tokens."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.allocator = BlockAllocator(num_blocks)
+        self.block_size = block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def num_used(self) -> int:
+        return self.allocator.num_used
+
+    def refcount(self, block: int) -> int:
+        return self.allocator.refcount(block)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return blocks_for(num_tokens, self.block_size)
+
+    def allocate_slots(self, seq: HasBlocks, num_new: int) -> list[tuple[int, int]] | None:
+        """Room for ``num_new`` more tokens of ``seq``: new blocks, and a private copy of a shared block it would
+        write into. Returns the (src, dst) block copies to make first, or None when the cache cannot hold them
+        (the caller preempts someone and asks again)."""
+        cow = self._shared_partial_block(seq)
+        needed = self.blocks_for(seq.num_computed + num_new) - len(seq.block_table) + (cow is not None)
+        if needed > self.allocator.num_free:
+            return None
+        copies = []
+        if cow is not None:
+            src, dst = seq.block_table[cow], self.allocator.allocate()
+            self.allocator.release(src)
+            seq.block_table[cow] = dst
+            copies.append((src, dst))
+        while len(seq.block_table) < self.blocks_for(seq.num_computed + num_new):
+            seq.block_table.append(self.allocator.allocate())
+        return copies
+
+    def _shared_partial_block(self, seq: HasBlocks) -> int | None:
+        """Index in the block table of a shared, partly filled block the next token would write into."""
+        if seq.num_computed % self.block_size == 0:
+            return None
+        idx = seq.num_computed // self.block_size
+        return idx if self.allocator.refcount(seq.block_table[idx]) > 1 else None
+
+    def blocks_still_needed(self, seq: HasBlocks) -> int:
+        """Blocks a sequence will claim before its whole current context is in the cache."""
+        return self.blocks_for(len(seq.token_ids)) - len(seq.block_table)
+
+    def can_admit(self, seq: HasBlocks, reserved: int) -> bool:
+        """Whether a waiting sequence's whole context fits in the free blocks beyond ``reserved``."""
+        return self.blocks_for(len(seq.token_ids)) <= self.allocator.num_free - reserved
+
+    def fork(self, parent: HasBlocks, child: HasBlocks) -> None:
+        """The child shares every block of the parent (copy-on-write when either writes into a shared one)."""
+        child.block_table = list(parent.block_table)
+        for block in child.block_table:
+            self.allocator.share(block)
+
+    def free(self, seq: HasBlocks) -> None:
+        self.allocator.release_all(seq.block_table)
+
+    def allocate_table(self, num_tokens: int) -> list[int]:
+        """A scratch block table for ``num_tokens`` (scoring); give it back with ``free_table``."""
+        need = self.blocks_for(num_tokens)
+        if need > self.allocator.num_free:
+            raise ValueError(f"scoring needs {need} free KV blocks, {self.allocator.num_free} are free")
+        return [self.allocator.allocate() for _ in range(need)]
+
+    def free_table(self, table: list[int]) -> None:
+        self.allocator.release_all(table)
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

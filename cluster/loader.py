@@ -10,17 +10,52 @@ import torch
 
 from cluster.checkpoint import Checkpoint, load_coordinator_weights, load_expert_weights
 from cluster.config import ModelConfig, parse_dtype
-from cluster.engine import LLMEngine, kv_cache_blocks, resolve_device, resolve_max_model_len
+from cluster.engine import LLMEngine
 from cluster.engine_config import EngineConfig
-from cluster.kv_cache import kv_bytes_per_block
+from cluster.kv_cache import blocks_for, kv_bytes_per_block
 from cluster.model import MixtralTransformer, MoEBackend
 from cluster.moe import LocalMoE
 from cluster.tokenizer import Tokenizer
+from cluster.validation import resolve_max_model_len
 
 log = logging.getLogger("moe_cluster.loader")
 
 # (model config, checkpoint, dtype, device) -> the MoE backend of the engine
 MoEFactory = Callable[[ModelConfig, Checkpoint, torch.dtype, torch.device], MoEBackend]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available")
+    return device
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 4 * 2**30
+
+
+def kv_cache_blocks(model_cfg: ModelConfig, engine_cfg: EngineConfig, dtype: torch.dtype,
+                    device: torch.device, max_model_len: int) -> int:
+    """Blocks that fit the budget, capped at what max_num_seqs full-length sequences could ever use."""
+    if engine_cfg.num_kv_blocks is not None:
+        return engine_cfg.num_kv_blocks
+    per_block = kv_bytes_per_block(model_cfg, engine_cfg.block_size, dtype)
+    budget = (engine_cfg.kv_cache_gib * 2**30 if engine_cfg.kv_cache_gib is not None
+              else available_memory_bytes(device) * engine_cfg.kv_cache_fraction)
+    blocks = int(budget // per_block)
+    if blocks < 1:
+        raise ValueError(f"the KV cache budget ({budget / 2**30:.3f} GiB) is smaller than one block "
+                         f"({per_block} bytes)")
+    return min(blocks, engine_cfg.max_num_seqs * blocks_for(max_model_len, engine_cfg.block_size))
 
 
 def engine_dtype(model_cfg: ModelConfig, engine_cfg: EngineConfig) -> torch.dtype:

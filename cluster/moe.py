@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cluster.errors import WorkerFailure
 from cluster.ops import combine, expert_swiglu, grouped_expert_swiglu, route
 
 
@@ -151,7 +152,24 @@ class LocalMoE:
         self.expert_map = ExpertMap((experts.expert_ids,), num_experts)
         self.stats = RoutingStats(len(experts.w13), self.expert_map)
 
+    can_recover = False
+
     def begin_step(self, num_tokens: int) -> None:
+        pass
+
+    def routing_counts(self) -> list[list[int]]:
+        return self.stats.counts
+
+    def timings(self) -> dict[str, float]:
+        return {}
+
+    def heartbeat(self) -> None:
+        pass
+
+    def recover(self, failure: WorkerFailure) -> None:
+        raise failure
+
+    def close(self) -> None:
         pass
 
     def moe(self, layer: int, x: Tensor, gate_weight: Tensor) -> Tensor:

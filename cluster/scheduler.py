@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from cluster.kv_cache import BlockAllocator, blocks_for
+from cluster.kv_cache import KVCacheManager
 from cluster.sequence import Seq, SeqStatus
 
 
@@ -36,10 +36,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
-        self.allocator = allocator
-        self.block_size = block_size
+    """Decides which sequences run and with how many tokens; every block decision is the KV cache manager's."""
+
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Seq] = deque()
@@ -64,7 +64,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
-        self.allocator.release_all(seq.block_table)
+        self.kv.free(seq)
         seq.status = SeqStatus.FINISHED
 
     def schedule(self) -> SchedulerOutput:
@@ -75,63 +75,37 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n_new = min(seq.num_uncomputed, budget)
-            while not self._can_append(seq, n_new):
+            while (copies := self.kv.allocate_slots(seq, n_new)) is None:
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                self._append_slots(seq, n_new, out)
+                out.block_copies += copies
                 out.scheduled.append(ScheduledSeq(seq, n_new))
                 budget -= n_new
                 i += 1
         if out.preempted:
             return out  # the cache is short: admit nobody new this step
         # Blocks that running prefills will still claim: admitting against them would only cause preemptions.
-        reserved = sum(blocks_for(len(s.token_ids), self.block_size) - len(s.block_table) for s in self.running)
+        reserved = sum(self.kv.blocks_still_needed(s) for s in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = seq.request.params.n if not seq.request.forked else 1
-            if len(self.running) + n > self.max_num_seqs:
-                break
-            needed = blocks_for(len(seq.token_ids), self.block_size)
-            if needed > self.allocator.num_free - reserved:
+            n = seq.request.params.n if seq.request.needs_fork else 1
+            if len(self.running) + n > self.max_num_seqs or not self.kv.can_admit(seq, reserved):
                 break
             self.waiting.popleft()
             n_new = min(seq.num_uncomputed, budget)
-            self._append_slots(seq, n_new, out)
+            copies = self.kv.allocate_slots(seq, n_new)
+            assert copies is not None, "admission checked that the whole context fits"
+            out.block_copies += copies
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n_new))
             budget -= n_new
-            reserved += needed - len(seq.block_table)
+            reserved += self.kv.blocks_still_needed(seq)
         return out
-
-    def _blocks_needed(self, seq: Seq, n_new: int) -> int:
-        needed = blocks_for(seq.num_computed + n_new, self.block_size) - len(seq.block_table)
-        return needed + (1 if self._cow_block(seq) is not None else 0)
-
-    def _can_append(self, seq: Seq, n_new: int) -> bool:
-        return self._blocks_needed(seq, n_new) <= self.allocator.num_free
-
-    def _cow_block(self, seq: Seq) -> int | None:
-        """Index in the block table of a shared, partly filled block the next token would write into."""
-        if seq.num_computed % self.block_size == 0:
-            return None
-        idx = seq.num_computed // self.block_size
-        return idx if self.allocator.refcount(seq.block_table[idx]) > 1 else None
-
-    def _append_slots(self, seq: Seq, n_new: int, out: SchedulerOutput) -> None:
-        cow = self._cow_block(seq)
-        if cow is not None:
-            src = seq.block_table[cow]
-            dst = self.allocator.allocate()
-            self.allocator.release(src)
-            seq.block_table[cow] = dst
-            out.block_copies.append((src, dst))
-        while len(seq.block_table) < blocks_for(seq.num_computed + n_new, self.block_size):
-            seq.block_table.append(self.allocator.allocate())
 
     def preempt_all(self) -> int:
         """Preempt every running sequence (after a failed step: the cache state is unknown). Returns how many."""
@@ -143,7 +117,7 @@ class Scheduler:
     def _preempt(self, seq: Seq) -> None:
         """Free the sequence's blocks and put it back at the head of the queue, to be recomputed."""
         self.running.remove(seq)
-        self.allocator.release_all(seq.block_table)
+        self.kv.free(seq)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         # Preempted sequences are older than anything waiting, so they go first, in arrival order.

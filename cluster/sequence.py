@@ -8,9 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
-
-from cluster.sampling import SamplingParams, TokenLogprob
+from cluster.sampling import SamplingParams, TokenLogprob, new_request_seed
 from cluster.tokenizer import IncrementalDetokenizer
 
 FINISH_STOP = "stop"
@@ -34,10 +32,6 @@ class RequestMetrics:
     @property
     def ttft(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
-
-    @property
-    def queue_time(self) -> float | None:
-        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
     @property
     def e2e(self) -> float | None:
@@ -127,7 +121,8 @@ class Request:
         self.arrival_order = next(_arrival_counter)
         self.metrics = RequestMetrics(arrival_time if arrival_time is not None else time.monotonic())
         self.seqs: list[Seq] = []
-        self.forked = params.n == 1
+        self.seed = params.seed if params.seed is not None else new_request_seed()
+        self.needs_fork = params.n > 1  # forks into n samples when its prompt is computed
         self.prompt_logprobs: list[TokenLogprob | None] | None = (
             [None] if params.echo and params.logprobs is not None else None)
         self.sent_prompt = False
@@ -146,7 +141,7 @@ class Seq:
     """One sample of a request: its tokens, its KV blocks and its output state."""
 
     def __init__(self, seq_id: int, request: Request, index: int, token_ids: list[int],
-                 generator: torch.Generator | None, detok: IncrementalDetokenizer) -> None:
+                 seed: int, detok: IncrementalDetokenizer) -> None:
         self.seq_id = seq_id
         self.request = request
         self.index = index
@@ -155,7 +150,7 @@ class Seq:
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
         self.status = SeqStatus.WAITING
-        self.generator = generator
+        self.seed = seed  # this sample's seed; token i is drawn with token_seed(seed, i)
         self.detok = detok
         self.text = ""  # output text so far (stop strings already cut)
         self.emitted_chars = 0

@@ -129,11 +129,11 @@ def test_preemption_recomputes_and_gives_the_same_tokens(demo_dir: Path) -> None
         tight.add_request(str(i), p, params, got.sink(str(i)))
     while tight.has_work():
         tight.step()
-        assert tight.allocator.num_used <= 14
+        assert tight.kv.num_used <= 14
     assert tight.scheduler.num_preemptions > 0
     for i in range(len(prompts)):
         assert got.tokens(str(i)) == want.tokens(str(i))  # seeded sampling continues the same stream
-    assert tight.allocator.num_free == 14
+    assert tight.kv.num_free == 14
 
 
 def test_parallel_samples_share_the_prompt_blocks(demo_dir: Path) -> None:
@@ -147,16 +147,16 @@ def test_parallel_samples_share_the_prompt_blocks(demo_dir: Path) -> None:
     assert len(seqs) == 4
     shared = set(seqs[0].block_table[:10])
     assert all(set(s.block_table[:10]) == shared for s in seqs)
-    assert all(engine.allocator.refcount(b) == 4 for b in shared)
-    used_shared = engine.allocator.num_used
+    assert all(engine.kv.refcount(b) == 4 for b in shared)
+    used_shared = engine.kv.num_used
     assert used_shared == blocks_for(40, 4)  # one copy of the prompt for all four samples
     while engine.has_work():
         engine.step()
         # Unshared, four samples of 40+ tokens would need at least 4 * 11 blocks.
-        assert engine.allocator.num_used <= 10 + 4 * 2
+        assert engine.kv.num_used <= 10 + 4 * 2
     outs = got.outputs["n4"]
     assert outs[-1].finished and sorted({d.index for o in outs for d in o.outputs}) == [0, 1, 2, 3]
-    assert engine.allocator.num_free == 200
+    assert engine.kv.num_free == 200
 
 
 def test_finished_and_aborted_requests_free_blocks_at_once(demo_dir: Path) -> None:
@@ -167,16 +167,16 @@ def test_finished_and_aborted_requests_free_blocks_at_once(demo_dir: Path) -> No
     engine.step()
     engine.step()  # y is finished now
     assert got.outputs["y"][-1].finished
-    used = engine.allocator.num_used
+    used = engine.kv.num_used
     assert used == len(engine.requests["x"].seqs[0].block_table)
     assert engine.abort("x")
-    assert engine.allocator.num_used == 0 and not engine.has_work()
+    assert engine.kv.num_used == 0 and not engine.has_work()
     final = got.outputs["x"][-1]
     assert final.finished and final.outputs[0].finish_reason == "abort"
 
 
 def test_queue_limit_refuses_new_requests(demo_dir: Path) -> None:
-    from cluster.engine import QueueFullError
+    from cluster.errors import QueueFullError
 
     engine = make_engine(demo_dir, max_queue_len=2, num_kv_blocks=50)
     for i in range(2):

@@ -1,0 +1,93 @@
+"""What happens to a sampled token: append it, detokenize it, decide whether the sample is finished (stop
+token, EOS, stop string, length), and build the report a request's consumer receives (text deltas held back
+while they could still grow into a stop string). No model math and no cache: the engine calls it after a step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Sequence
+
+from cluster.sampling import TokenLogprob
+from cluster.sequence import FINISH_LENGTH, FINISH_STOP, CompletionDelta, Request, RequestOutput, Seq
+
+
+class OutputProcessor:
+    def __init__(self, eos_ids: Collection[int]) -> None:
+        self.eos_ids = frozenset(eos_ids)
+
+    def append_token(self, seq: Seq, token: int, logprob: TokenLogprob | None) -> None:
+        """Add ``token`` to ``seq``, extend its text, and finish it when a stop condition is met."""
+        params = seq.request.params
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+        if token in params.stop_token_ids:
+            _finish(seq, FINISH_STOP, token)
+        elif not params.ignore_eos and token in self.eos_ids:
+            _finish(seq, FINISH_STOP, None)
+        else:
+            before = len(seq.text)
+            seq.text += seq.detok.add(token)
+            if not _cut_at_stop_string(seq, before) and seq.num_generated >= seq.request.max_tokens:
+                _finish(seq, FINISH_LENGTH, None)
+
+    @staticmethod
+    def build_output(request: Request, seqs: Sequence[Seq], finished: bool, error: str | None = None
+                     ) -> RequestOutput:
+        """The report of what ``seqs`` produced since the last one; the first report carries the prompt."""
+        deltas = []
+        for seq in seqs:
+            done = seq.finish_reason is not None
+            end = len(seq.text) if done else len(seq.text) - stop_holdback(seq.text, request.params.stop)
+            text = seq.text[seq.emitted_chars:max(end, seq.emitted_chars)]
+            new_tokens = seq.token_ids[seq.num_prompt_tokens + seq.emitted_tokens:]
+            seq.emitted_chars += len(text)
+            seq.emitted_tokens += len(new_tokens)
+            logprobs = seq.pending_logprobs if request.params.logprobs is not None else None
+            seq.pending_logprobs = []
+            deltas.append(CompletionDelta(seq.index, text, new_tokens, logprobs, seq.finish_reason,
+                                          seq.stop_reason))
+        out = RequestOutput(request.request_id, deltas, finished=finished,
+                            num_prompt_tokens=len(request.prompt_ids),
+                            num_generated_tokens=request.num_generated, error=error)
+        if not request.sent_prompt:
+            request.sent_prompt = True
+            out.prompt_token_ids = list(request.prompt_ids)
+            out.prompt_logprobs = request.prompt_logprobs
+        if finished:
+            request.metrics.finished_time = time.monotonic()
+            out.metrics = request.metrics
+        return out
+
+
+def _finish(seq: Seq, reason: str, stop_reason: str | int | None) -> None:
+    if seq.finish_reason is None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+
+
+def _cut_at_stop_string(seq: Seq, before: int) -> bool:
+    """If the text (new since ``before``) completes a stop string, cut the text there and finish. True if so."""
+    stops = seq.request.params.stop
+    if not stops:
+        return False
+    longest = max(len(s) for s in stops)
+    search_from = max(0, before - longest + 1)
+    hits = [(i, s) for s in stops if (i := seq.text.find(s, search_from)) != -1]
+    if not hits:
+        return False
+    index, stop = min(hits)
+    seq.text = seq.text[:index]
+    _finish(seq, FINISH_STOP, stop)
+    return True
+
+
+def stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that could still grow into a stop string."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    return hold
