@@ -27,7 +27,7 @@ RUN echo "ray==${RAY_VERSION}" > /tmp/ray-pin.txt \
     fi \
  && rm /tmp/ray-pin.txt \
  && python -c "import ray, sys; sys.exit(ray.__version__ != '${RAY_VERSION}' and f'Ray {ray.__version__} installed')" \
- && python -c "import importlib; from router_service.cli import grpc_servicer_functions as fns; \
+ && python -c "import importlib; from router_service.serve_config import grpc_servicer_functions as fns; \
 [getattr(importlib.import_module(f.rsplit('.', 1)[0]), f.rsplit('.', 1)[1]) for f in fns()]"
 
 USER root

@@ -19,10 +19,10 @@ import torch
 
 from bench.common import machine, progress, table, write_section
 from bench.models import bench_model, describe
-from cluster.cluster_engine import ClusterEngine
-from cluster.engine_config import ClusterConfig, EngineConfig
+from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.engine_loop import LocalEngine
 from cluster.sampling import SamplingParams
+from workers.cluster_engine import ClusterEngine
 
 Engine = Any  # LocalEngine | ClusterEngine
 
@@ -41,8 +41,8 @@ def timed_generate(engine: Engine, batch: list[list[int]], max_tokens: int) -> f
 def moe_timings(engine: Engine) -> dict[str, float]:
     timings = dict(engine.stats().backend)
     if isinstance(engine, ClusterEngine):
-        workers = engine.worker_timings()
-        timings["expert_compute"] = sum(w["compute"] for w in workers) / len(workers)
+        workers = engine.worker_stats()
+        timings["expert_compute"] = sum(w["compute_s"] for w in workers) / len(workers)
     return timings
 
 
@@ -106,9 +106,9 @@ def main() -> None:
                                   num_kv_blocks=max(256, args.batch * 64))
         engines: dict[str, Engine] = {"local engine": LocalEngine.from_config(engine_cfg)}
         for epw in (1, 2):
-            cluster_cfg = ClusterConfig(experts_per_worker=epw, threads_per_actor=1, worker_num_cpus=1)
             progress(f"starting cluster, {epw} expert(s) per worker")
-            engines[f"cluster, {epw} expert/worker"] = ClusterEngine.start(engine_cfg, cluster_cfg)
+            engines[f"cluster, {epw} expert/worker"] = ClusterEngine.start(
+                engine_cfg, ClusterConfig(), PoolConfig(experts_per_worker=epw, threads_per_worker=1))
         vocab = engines["local engine"].model_config.vocab_size
         try:
             results = measure(engines, args, vocab)

@@ -1,7 +1,9 @@
-"""Shared by the benchmarks: timing, the machine's description, and writing tables into docs/benchmarks.md."""
+"""Shared by the benchmarks: workload flags, timing, the machine's description, and writing tables into
+docs/benchmarks.md."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -30,26 +32,6 @@ def machine() -> str:
             f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
 
 
-def command() -> str:
-    """This run's command line, with the script's path relative to the repository root when it is inside it."""
-    script = Path(sys.argv[0]).resolve()
-    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else Path(sys.argv[0])
-    return "python " + " ".join([shown.as_posix(), *sys.argv[1:]])
-
-
-def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1, min_seconds: float = 0.0) -> float:
-    """Median wall time of ``fn`` in seconds (after warm-up)."""
-    for _ in range(warmup):
-        fn()
-    samples: list[float] = []
-    started = time.perf_counter()
-    while len(samples) < repeats or time.perf_counter() - started < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
 def time_interleaved(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 1) -> list[float]:
     """Median wall time of each function, run in turn each repeat so machine noise hits all alike."""
     for fn in fns:
@@ -62,6 +44,20 @@ def time_interleaved(fns: Sequence[Callable[[], object]], repeats: int, warmup: 
             fn()
             out.append(time.perf_counter() - t0)
     return [statistics.median(s) for s in samples]
+
+
+def add_workload_flags(parser: argparse.ArgumentParser) -> None:
+    """The workload flags of the throughput benchmarks: model size, concurrency levels, prompt and output lengths."""
+    parser.add_argument("--size", default="demo")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=64)
+
+
+def workload_argv(args: argparse.Namespace) -> list[str]:
+    """The workload flags of ``args`` as a command line, for a benchmark's peer subprocess."""
+    return ["--size", args.size, "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len),
+            "--concurrency", *map(str, args.concurrency)]
 
 
 def percentile(values: Sequence[float], q: float) -> float:

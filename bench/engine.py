@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bench.common import machine, progress, table, write_section
+from bench.common import add_workload_flags, machine, progress, table, workload_argv, write_section
 from bench.models import bench_model, describe
 
 PEERS = ["transformers", "local", "cluster-1", "cluster-2", "cluster-4"]
@@ -59,7 +59,7 @@ def run_peer(peer: str, args: argparse.Namespace) -> dict[str, list[float]]:
         vocab = hf.config.vocab_size
         shutdown = None
     else:
-        from cluster.engine_config import ClusterConfig, EngineConfig
+        from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
         from cluster.sampling import SamplingParams
 
         engine_cfg = EngineConfig(model=str(model), progress=False, max_num_seqs=64, max_num_batched_tokens=2048,
@@ -72,11 +72,11 @@ def run_peer(peer: str, args: argparse.Namespace) -> dict[str, list[float]]:
         else:
             import ray
 
-            from cluster.cluster_engine import ClusterEngine
+            from workers.cluster_engine import ClusterEngine
 
             ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
-            engine = ClusterEngine.start(engine_cfg, ClusterConfig(experts_per_worker=int(peer.split("-")[1]),
-                                                                   threads_per_actor=1))
+            engine = ClusterEngine.start(engine_cfg, ClusterConfig(), PoolConfig(
+                experts_per_worker=int(peer.split("-")[1]), threads_per_worker=1))
         params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
 
         def generate(batch: list[list[int]]) -> None:
@@ -101,10 +101,7 @@ def run_peer(peer: str, args: argparse.Namespace) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", default="demo")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--output-len", type=int, default=64)
+    add_workload_flags(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peers", nargs="+", default=PEERS)
     parser.add_argument("--peer", help=argparse.SUPPRESS)  # internal: run one peer and print JSON
@@ -118,9 +115,8 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {}
     for peer in args.peers:
         progress(f"running {label(peer)} in its own process")
-        cmd = [sys.executable, "-m", "bench.engine", "--peer", peer, "--size", args.size, "--prompt-len",
-               str(args.prompt_len), "--output-len", str(args.output_len), "--repeats", str(args.repeats),
-               "--concurrency", *map(str, args.concurrency)]
+        cmd = [sys.executable, "-m", "bench.engine", "--peer", peer, "--repeats", str(args.repeats),
+               *workload_argv(args)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SystemExit(f"peer {peer} failed:\n{done.stderr[-3000:]}")

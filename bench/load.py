@@ -96,7 +96,7 @@ def main() -> None:
     from ray import serve
 
     from router_service.app import build_app
-    from router_service.cli import grpc_servicer_functions
+    from router_service.serve_config import grpc_servicer_functions
 
     model = bench_model(args.size)
     http_port, grpc_port = free_port(), free_port()
@@ -107,7 +107,7 @@ def main() -> None:
         "model": str(model), "served_model_name": args.size, "engine": "cluster",
         "engine_options": {"max_num_seqs": args.max_num_seqs, "max_queue_len": args.max_queue_len,
                            "kv_cache_gib": 0.25},
-        "cluster_options": {"experts_per_worker": 2, "threads_per_actor": 1}}
+        "pool_options": {"experts_per_worker": 2, "threads_per_worker": 1}}
     serve.run(build_app(app_args), name="load", route_prefix="/")
     results = {}
     try:

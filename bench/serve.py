@@ -21,7 +21,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import free_port, machine, percentile, progress, table, write_section
+from bench.common import (
+    add_workload_flags,
+    free_port,
+    machine,
+    percentile,
+    progress,
+    table,
+    workload_argv,
+    write_section,
+)
 from bench.models import bench_model, describe
 
 
@@ -125,8 +134,8 @@ def run_server(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]
 
     from cluster.config import ModelConfig
     from router_service.app import build_app
-    from router_service.cli import grpc_servicer_functions
     from router_service.client import AsyncGenerationClient
+    from router_service.serve_config import grpc_servicer_functions
 
     model = bench_model(args.size)
     http_port, grpc_port = free_port(), free_port()
@@ -135,7 +144,7 @@ def run_server(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": grpc_servicer_functions()})
     app_args = {"model": str(model), "served_model_name": args.size, "engine": args.engine,
                 "engine_options": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "kv_cache_gib": 0.5},
-                "cluster_options": {"experts_per_worker": args.experts_per_worker, "threads_per_actor": 1}}
+                "pool_options": {"experts_per_worker": args.experts_per_worker, "threads_per_worker": 1}}
     serve.run(build_app(app_args), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{http_port}"
     results: dict[str, dict[str, dict[str, float]]] = {"http": {}, "grpc": {}}
@@ -171,10 +180,7 @@ def run_server(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", default="demo")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--output-len", type=int, default=64)
+    add_workload_flags(parser)
     parser.add_argument("--rounds", type=int, default=2, help="requests per client at each level (x4 at 1)")
     parser.add_argument("--engine", default="cluster", choices=["cluster", "local"])
     parser.add_argument("--experts-per-worker", type=int, default=2)
@@ -186,8 +192,7 @@ def main() -> None:
         return
     bench_model(args.size)
     progress("transformers batched generate, in its own process")
-    cmd = [sys.executable, "-m", "bench.serve", "--hf-peer", "--size", args.size, "--prompt-len", str(args.prompt_len),
-           "--output-len", str(args.output_len), "--concurrency", *map(str, args.concurrency)]
+    cmd = [sys.executable, "-m", "bench.serve", "--hf-peer", *workload_argv(args)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"transformers peer failed:\n{done.stderr[-3000:]}")

@@ -1,94 +1,197 @@
-"""DistributedMoE: the MoE backend of the cluster engine. Experts live on ExpertWorker actors.
+"""DistributedMoE: the MoE backend of a coordinator whose experts live in an expert pool (workers/pool.py).
 
 This computes exactly what ``reference_moe`` computes - route, run the chosen experts, combine with the routing
 weights - and shares its routing, dispatch plan and combine with the local path (cluster/moe.py). Only the
 middle differs: instead of running the experts in-process, the rows travel to the workers and back.
 
-Per layer, on the coordinator (rank 0):
+Per layer, on the coordinator:
   1. route: top-k softmax gate -> (weights, expert_ids)                          [ops.route]
-  2. group the token rows by destination worker, then local expert             [moe.plan_dispatch]
-  3. exchange counts: each worker learns how many rows each of its experts gets
-  4. send the rows (one uneven all-to-all; only rank 0's splits are non-zero; in the sparse form the
-     counts and the rows travel in one message, to the workers that have rows only)
-  5. each worker runs its experts on its rows (workers/expert_worker.py)
-  6. receive the results (the reverse all-to-all), in the order the rows were sent
-  7. combine: weight each row, add it to its token                             [ops.combine]
+  2. group the token rows by destination worker, then local expert slot          [moe.plan_dispatch]
+  3. send each worker that has rows one message: its row counts per slot and its rows (workers with no rows in
+     this layer are not sent anything, nor woken)                                [exchange: one link per worker]
+  4. each worker runs its experts on its rows, merged with any other coordinator's rows of the same layer that
+     are waiting (workers/expert_loop.py)
+  5. receive each worker's results, in the order the rows were sent
+  6. combine: weight each row, add it to its token                             [ops.combine]
 
-Shape legend: T tokens, H hidden, K top-k, R = T*K rows.
+Steps 1-3 are ``dispatch`` and 5-6 ``collect``, so that a caller can do other work (another micro-batch's
+attention) while the workers compute. Shape legend: T tokens, H hidden, K top-k, R = T*K rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
+import ray
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from cluster.errors import WorkerFailure
-from cluster.moe import ExpertMap, RoutingStats, plan_dispatch
+from cluster.engine_config import ClusterConfig
+from cluster.errors import WorkerFailure, first_line
+from cluster.exchange import (
+    OP_NOOP,
+    OP_WORK,
+    CoordinatorEnd,
+    LinkClosed,
+    PgCoordinatorEnd,
+    ShmCoordinatorEnd,
+    pair_group,
+)
+from cluster.moe import DispatchPlan, RoutingStats, plan_dispatch
 from cluster.ops import combine, route
-from cluster.transport import OP_NOOP, OP_SHUTDOWN, CoordinatorLink, leave_group
+from cluster.pool_api import PoolHandle, PoolView, WorkerEndpoint
 
-# Turns an exception raised by a collective into a WorkerFailure naming the member at fault.
-Diagnose = Callable[[BaseException], WorkerFailure]
-# Replaces failed members and rebuilds the process group; returns the new link.
-Rebuild = Callable[[WorkerFailure], CoordinatorLink]
+log = logging.getLogger("moe_cluster.dispatch")
+
+
+@dataclass
+class InFlight:
+    """One layer's rows out at the workers: what ``collect`` needs to finish the layer."""
+
+    layer: int
+    plan: DispatchPlan
+    num_tokens: int
+    sent: list[tuple[int, int, int, int]]  # (worker, tag, first row, rows) per message, in send order
+    out: Tensor  # (R, H) results, filled by collect
 
 
 class DistributedMoE:
-    def __init__(self, link: CoordinatorLink, expert_map: ExpertMap, num_layers: int, top_k: int,
-                 diagnose: Diagnose, rebuild: Rebuild | None) -> None:
-        self.link = link
-        self.rebuild = rebuild
-        self.expert_map = expert_map
+    def __init__(self, pool: PoolHandle, coordinator_id: str, cluster_cfg: ClusterConfig, num_layers: int,
+                 top_k: int, device: torch.device) -> None:
+        self.pool = pool
+        self.coordinator_id = coordinator_id
+        self.cluster_cfg = cluster_cfg
         self.num_layers = num_layers
         self.top_k = top_k
-        self.diagnose = diagnose
-        self.stats = RoutingStats(num_layers, expert_map)
+        self.device = device
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self._store: Any = None  # TCPStore for process-group links, made on first need
+        self._links_made = 0
         self._timings: dict[str, float] = defaultdict(float)  # seconds, accumulated
-        self._step = 0
-        self._closed = False
+        self._tags: list[int] = []
+        self.links: list[CoordinatorEnd] = []
+        self._connect(pool.attach(coordinator_id))
+        self.stats = RoutingStats(num_layers, self.view.expert_map)
 
-    def _guarded(self, what: str, fn: Callable[[], Tensor | None]) -> Tensor | None:
-        started = time.perf_counter()
+    # ------------------------------------------------------------------------------------------- links
+
+    def _connect(self, view: PoolView) -> None:
+        if self.cluster_cfg.heartbeat_s >= view.spec.timeout_s:
+            raise ValueError(f"heartbeat_s={self.cluster_cfg.heartbeat_s} must be shorter than the pool's "
+                             f"link_timeout_s={view.spec.timeout_s}")
+        self.view = view
+        self.dispatch_rank = view.expert_map.dispatch_rank
+        self.links = [self._open(endpoint) for endpoint in view.workers]
+        self._tags = [0] * len(self.links)
+        kinds = sorted({link.kind for link in self.links})
+        log.info("coordinator %s: linked to %d expert workers of pool %s (%s)", self.coordinator_id,
+                 len(self.links), view.pool_id, ", ".join(kinds))
+
+    def _open(self, endpoint: WorkerEndpoint) -> CoordinatorEnd:
+        spec = self.view.spec
+        kind = self.cluster_cfg.link
+        if kind == "auto":
+            kind = "shm" if endpoint.node_id == self.node_id and self.device.type == "cpu" \
+                and endpoint.device == "cpu" else "pg"
         try:
-            return fn()
-        except WorkerFailure:
-            raise
-        except Exception as err:  # a collective failed: find out which member, and say so
-            raise self.diagnose(err) from err
-        finally:
-            self._timings[what] += time.perf_counter() - started
+            if kind == "shm":
+                return ShmCoordinatorEnd(endpoint.address, spec)
+            return self._open_pg(endpoint)
+        except LinkClosed as err:
+            raise self._failure(endpoint.index, f"cannot link to it: {err}") from None
 
-    def begin_step(self, num_tokens: int) -> None:
-        self._step += 1
-        self._timings["steps"] += 1
-        self._guarded("control", lambda: self.link.begin_step(self.num_layers, num_tokens))
+    def _open_pg(self, endpoint: WorkerEndpoint) -> CoordinatorEnd:
+        backend = self.cluster_cfg.backend
+        if backend == "auto":
+            backend = "nccl" if self.device.type == "cuda" and endpoint.device.startswith("cuda") else "gloo"
+        if self._store is None:
+            self._store = dist.TCPStore(ray.util.get_node_ip_address(), 0, is_master=True, wait_for_workers=False,
+                                        timeout=datetime.timedelta(seconds=self.view.spec.timeout_s),
+                                        multi_tenant=True)
+        self._links_made += 1
+        key = f"{self.coordinator_id}/{endpoint.index}.{endpoint.generation}/{self._links_made}"
+        joined = endpoint.actor.open_pg_link.remote(ray.util.get_node_ip_address(), self._store.port, key, backend)
+        try:
+            group = pair_group(self._store, key, 0, backend, self.view.spec.timeout_s)
+            ray.get(joined, timeout=self.view.spec.timeout_s)
+        except Exception as err:
+            raise LinkClosed(f"process group with it failed: {first_line(err)}") from None
+        link_device = self.device if backend == "nccl" else torch.device("cpu")
+        return PgCoordinatorEnd(group, self.view.spec, link_device)
 
-    def moe(self, layer: int, x: Tensor, gate_weight: Tensor) -> Tensor:
-        started = time.perf_counter()
-        weights, expert_ids = route(x, gate_weight, self.top_k)  # 1
-        plan = plan_dispatch(weights, expert_ids, self.expert_map.dispatch_rank)  # 2
-        self.stats.record(layer, plan.rows_per_expert)
-        rows = x[plan.row_token]  # (R, H), grouped by worker, then local expert
-        rows_per_expert = plan.rows_per_expert.tolist()
-        counts, start = [], 0
-        for experts in self.expert_map.workers:
-            counts.append(rows_per_expert[start:start + len(experts)])
-            start += len(experts)
-        self._timings["route"] += time.perf_counter() - started
-        out_rows = self._guarded("exchange", lambda: self.link.exchange(layer, counts, rows))  # 3, 4, 5, 6
-        assert out_rows is not None
-        started = time.perf_counter()
-        out = combine(out_rows, plan.row_weight, plan.row_token, x.shape[0])  # 7
-        self._timings["combine"] += time.perf_counter() - started
-        return out
+    def _failure(self, worker: int, reason: str) -> WorkerFailure:
+        endpoint = self.view.workers[worker]
+        return WorkerFailure(endpoint.describe(self.view.expert_map.workers[worker]), reason, worker,
+                             endpoint.generation)
+
+    @contextlib.contextmanager
+    def _link_of(self, worker: int) -> Iterator[CoordinatorEnd]:
+        """The link to ``worker``; a LinkClosed inside becomes a WorkerFailure naming it."""
+        try:
+            yield self.links[worker]
+        except LinkClosed as err:
+            raise self._failure(worker, str(err)) from None
+
+    # --------------------------------------------------------------------------------------- MoEBackend
 
     @property
     def can_recover(self) -> bool:
-        return self.rebuild is not None
+        return self.cluster_cfg.recover_workers
+
+    def begin_step(self, num_tokens: int) -> None:
+        self._timings["steps"] += 1
+
+    def micro_batches(self, num_tokens: int, num_seqs: int) -> int:
+        """The configured count, or (auto) 2 once a step has enough tokens to pay for a second exchange per
+        layer; never more than the messages a link may have in flight."""
+        wanted = self.cluster_cfg.micro_batches
+        if wanted == 0:
+            wanted = 2 if num_tokens >= self.cluster_cfg.micro_batch_min_tokens else 1
+        return max(1, min(wanted, num_seqs, self.view.spec.slots))
+
+    def dispatch(self, layer: int, x: Tensor, gate_weight: Tensor) -> InFlight:
+        """Steps 1-3: route the rows and send each worker its share; returns at once."""
+        started = time.perf_counter()
+        weights, expert_ids = route(x, gate_weight, self.top_k)  # 1
+        plan = plan_dispatch(weights, expert_ids, self.dispatch_rank)  # 2
+        self.stats.record(layer, plan.rows_per_expert)
+        rows = x[plan.row_token]  # (R, H), grouped by worker, then local slot
+        rows_per_expert = plan.rows_per_expert.tolist()
+        link_rows = rows if self.links and self.links[0].kind == "pg" and self.device.type == "cuda" else rows.cpu()
+        sent, expert, first = [], 0, 0
+        for w, experts in enumerate(self.view.expert_map.workers):
+            counts = rows_per_expert[expert:expert + len(experts)]
+            expert += len(experts)
+            n = sum(counts)
+            if n:  # 3
+                tag = self._tags[w]
+                self._tags[w] += 1
+                with self._link_of(w) as link:
+                    link.send(OP_WORK, layer, tag, 0, counts, link_rows[first:first + n])
+                sent.append((w, tag, first, n))
+                first += n
+        self._timings["route_and_send"] += time.perf_counter() - started
+        return InFlight(layer, plan, x.shape[0], sent, torch.empty_like(link_rows))
+
+    def collect(self, flight: InFlight) -> Tensor:
+        """Steps 5-6: wait for every worker's results and combine them onto the tokens."""
+        started = time.perf_counter()
+        for w, tag, first, n in flight.sent:  # 5
+            with self._link_of(w) as link:
+                link.recv_result(tag, flight.out[first:first + n])
+        waited = time.perf_counter()
+        out = combine(flight.out.to(self.device), flight.plan.row_weight, flight.plan.row_token, flight.num_tokens)
+        self._timings["wait"] += waited - started
+        self._timings["combine"] += time.perf_counter() - waited
+        return out
 
     def routing_counts(self) -> list[list[int]]:
         return self.stats.counts
@@ -96,20 +199,35 @@ class DistributedMoE:
     def timings(self) -> dict[str, float]:
         return dict(self._timings)
 
+    def heartbeat(self) -> None:
+        """Tell every worker this coordinator is alive (and find out whether each still is)."""
+        for w in range(len(self.links)):
+            with self._link_of(w) as link:
+                link.send(OP_NOOP)
+
     def recover(self, failure: WorkerFailure) -> None:
-        assert self.rebuild is not None
+        """Drop every link (results still in flight on the others included), have the pool replace the failed
+        worker (once, whichever coordinators report it), and link to the pool as it is now."""
         started = time.perf_counter()
-        self.link = self.rebuild(failure)
+        self._close_links()
+        if failure.worker is not None and failure.generation is not None:
+            view = self.pool.replace(failure.worker, failure.generation, str(failure))
+        else:
+            view = self.pool.attach(self.coordinator_id)
+        self._connect(view)
         self._timings["recovery"] += time.perf_counter() - started
 
-    def heartbeat(self) -> None:
-        self._guarded("control", lambda: self.link.send_control(OP_NOOP))
+    def _close_links(self) -> None:
+        for link in self.links:
+            with contextlib.suppress(Exception):
+                link.close()
+        self.links = []
+
+    def describe(self) -> dict[str, Any]:
+        return {"pool_id": self.view.pool_id, "links": [link.kind for link in self.links],
+                "workers": [e.describe(self.view.expert_map.workers[e.index]) for e in self.view.workers]}
 
     def close(self) -> None:
-        """Tell the workers to leave their loops (best effort) and leave the group."""
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(Exception):  # a dead member: the group is going away anyway
-            self.link.send_control(OP_SHUTDOWN)
-        leave_group()
+        self._close_links()
+        with contextlib.suppress(Exception):
+            self.pool.detach(self.coordinator_id)

@@ -26,7 +26,7 @@ from cluster.output_processor import OutputProcessor
 from cluster.sampling import SamplingParams, TokenLogprob, sample, sample_seed, token_logprobs, token_seed
 from cluster.scheduler import ScheduledSeq, Scheduler
 from cluster.sequence import FINISH_ABORT, OutputSink, Request, Seq, SeqStatus
-from cluster.step_batch import SeqChunk, build_step_batch
+from cluster.step_batch import SeqChunk, build_step_batch, split_micro_batches
 from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
 from cluster.validation import resolve_max_model_len, validate_request
 
@@ -146,8 +146,18 @@ class LLMEngine:
                 ) -> tuple[Tensor, list[list[int]]]:
         """One forward pass -> (logits (N_out, V), per chunk the indices of its logits rows)."""
         self.cache.copy_blocks(list(block_copies))
-        batch = build_step_batch(chunks, self.block_size, self.model_cfg.sliding_window, self.device)
-        return self.transformer.forward(batch, self.cache, self.moe), batch.chunk_logit_rows
+        num_tokens = sum(len(c.token_ids) for c in chunks)
+        groups = split_micro_batches(chunks, self.moe.micro_batches(num_tokens, len(chunks)))
+        batches = [build_step_batch([chunks[i] for i in group], self.block_size, self.model_cfg.sliding_window,
+                                    self.device) for group in groups]
+        logits = self.transformer.forward(batches, self.cache, self.moe)
+        rows: list[list[int]] = [[] for _ in chunks]
+        offset = 0
+        for group, batch, part in zip(groups, batches, logits, strict=True):
+            for i, local_rows in zip(group, batch.chunk_logit_rows, strict=True):
+                rows[i] = [offset + r for r in local_rows]
+            offset += part.shape[0]
+        return torch.cat(logits) if len(logits) > 1 else logits[0], rows
 
     def _logits_mode(self, s: ScheduledSeq) -> str:
         seq, request = s.seq, s.seq.request

@@ -1,12 +1,13 @@
 """Serving-side configuration, separate from the model's architecture (ModelConfig).
 
-``EngineConfig`` says how one engine runs (device, dtype, batching limits, KV cache budget);
-``ClusterConfig`` says how the expert-parallel cluster is laid out on Ray. Both are frozen and checked.
+``EngineConfig`` says how one engine runs (device, dtype, batching limits, KV cache budget); ``ClusterConfig``
+how a coordinator runs and talks to its expert pool; ``PoolConfig`` the expert pool's shape and placement.
+All are frozen and checked.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from cluster.config import parse_dtype
@@ -55,68 +56,112 @@ class EngineConfig:
     def with_(self, **changes: Any) -> EngineConfig:
         return replace(self, **changes)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> EngineConfig:
-        return cls(**_known(cls, raw, "engine"))
+        return cls(**known_fields(cls, raw, "engine"))
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    experts_per_worker: int = 1  # experts hosted by one ExpertWorker actor
+    """A coordinator of the expert-parallel cluster: where it runs and how it talks to the expert pool."""
+
     address: str | None = None  # Ray address; None starts (or joins) a local embedded Ray
-    use_gpus: bool | None = None  # None: one GPU per actor when the Ray cluster has GPUs
-    worker_num_cpus: float = 1.0  # CPUs reserved per actor
-    placement_timeout_s: float = 60.0  # give up gang scheduling after this long
-    collective_timeout_s: float = 60.0  # a member silent this long is reported stuck
-    heartbeat_s: float = 2.0  # idle workers are pinged this often through the process group
-    backend: str = "auto"  # "auto" (nccl when all members use CUDA, else gloo), "gloo", "nccl"
-    exchange: str = "auto"  # "auto" (collective on nccl, sparse on gloo), "collective", "sparse"
-    inline_message_bytes: int = 16 * 1024  # sparse exchange: rows up to this size travel inside the work message
-    placement_strategy: str = "PACK"  # Ray placement group strategy for the cluster's bundles
-    threads_per_actor: int | None = None  # torch intra-op threads per actor; None: max(1, worker_num_cpus)
-    start_timeout_s: float = 300.0  # loading weights and joining the process group must end within this
-    recover_workers: bool = True  # replace a failed expert worker and recompute (False: fail every request)
+    use_gpus: bool | None = None  # the coordinator on a GPU; None: when the Ray cluster has GPUs
+    coordinator_num_cpus: float = 1.0  # CPUs reserved for a coordinator (a ClusterEngine actor, a Serve replica)
+    coordinator_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources it needs too
+    coordinator_threads: int = 1  # torch intra-op threads of the coordinator's engine
+    link: str = "auto"  # "auto" (shared memory with workers on its node when tensors are on CPU, else "pg"),
+    #                     "shm", or "pg" (a process group of two per worker)
+    backend: str = "auto"  # pg links: "auto" (nccl when both ends use CUDA, else gloo), "gloo", "nccl"
+    heartbeat_s: float = 2.0  # an idle coordinator tells its workers it is alive this often
+    # Micro-batches per step (ping-pong: one's attention runs while the experts work on another's rows):
+    # 0 = auto (2 once a step has micro_batch_min_tokens tokens, else 1), or a fixed count (1 = serial).
+    micro_batches: int = 0
+    micro_batch_min_tokens: int = 32
+    start_timeout_s: float = 300.0  # loading weights and attaching to the pool must end within this
+    recover_workers: bool = True  # have the pool replace a failed expert worker and recompute (False: fail)
 
     def __post_init__(self) -> None:
-        _check_positive("experts_per_worker", self.experts_per_worker)
-        for name in ("worker_num_cpus", "placement_timeout_s", "collective_timeout_s", "heartbeat_s"):
+        for name in ("coordinator_num_cpus", "heartbeat_s", "start_timeout_s"):
             _check_positive(name, getattr(self, name), integer=False)
+        _check_positive("coordinator_threads", self.coordinator_threads)
+        _check_positive("micro_batch_min_tokens", self.micro_batch_min_tokens)
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) \
+                or not 0 <= self.micro_batches <= 8:
+            raise ValueError(f"micro_batches must be an integer in [0, 8] (0: auto), got {self.micro_batches!r}")
+        _check_resources("coordinator_resources", self.coordinator_resources)
+        if self.link not in ("auto", "shm", "pg"):
+            raise ValueError(f"link must be 'auto', 'shm' or 'pg', got {self.link!r}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"backend must be 'auto', 'gloo' or 'nccl', got {self.backend!r}")
-        if self.exchange not in ("auto", "collective", "sparse"):
-            raise ValueError(f"exchange must be 'auto', 'collective' or 'sparse', got {self.exchange!r}")
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
-                             f"got {self.placement_strategy!r}")
-        if isinstance(self.inline_message_bytes, bool) or not isinstance(self.inline_message_bytes, int) \
-                or self.inline_message_bytes < 0:
-            raise ValueError(f"inline_message_bytes must be an integer >= 0, got {self.inline_message_bytes!r}")
-        if self.threads_per_actor is not None:
-            _check_positive("threads_per_actor", self.threads_per_actor)
-        _check_positive("start_timeout_s", self.start_timeout_s, integer=False)
-        if self.heartbeat_s >= self.collective_timeout_s:
-            raise ValueError(f"heartbeat_s={self.heartbeat_s} must be shorter than "
-                             f"collective_timeout_s={self.collective_timeout_s}")
-
-    @property
-    def actor_threads(self) -> int:
-        return self.threads_per_actor or max(1, int(self.worker_num_cpus))
 
     def with_(self, **changes: Any) -> ClusterConfig:
         return replace(self, **changes)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ClusterConfig:
-        return cls(**_known(cls, raw, "cluster"))
+        return cls(**known_fields(cls, raw, "cluster"))
 
 
-def _known(cls: type, raw: dict[str, Any], section: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PoolConfig:
+    """The expert pool of one model: its workers' shape and placement, apart from any coordinator."""
+
+    experts_per_worker: int = 1  # experts hosted by one ExpertWorker actor
+    use_gpus: bool | None = None  # one GPU per worker; None: when the Ray cluster has GPUs
+    worker_num_cpus: float = 1.0  # CPUs reserved per worker
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each worker needs too
+    threads_per_worker: int | None = None  # torch intra-op threads per worker; None: max(1, worker_num_cpus)
+    placement_strategy: str = "PACK"  # Ray placement group strategy for the workers' bundles
+    placement_timeout_s: float = 60.0  # give up gang scheduling after this long
+    start_timeout_s: float = 300.0  # a worker must load its experts within this
+    link_timeout_s: float = 60.0  # a link silent this long in the middle of an exchange is dead
+    link_slots: int = 4  # messages one coordinator may have in flight to one worker
+    link_slot_bytes: int = 1 << 20  # shared-memory links: rows up to this size per message go through memory
+    # A worker holding one coordinator's rows of a layer waits up to this long for another busy coordinator's
+    # rows of the same layer, to run each expert once on both (0: never wait).
+    merge_wait_ms: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_positive("experts_per_worker", self.experts_per_worker)
+        for name in ("worker_num_cpus", "placement_timeout_s", "start_timeout_s", "link_timeout_s"):
+            _check_positive(name, getattr(self, name), integer=False)
+        for name in ("link_slots", "link_slot_bytes"):
+            _check_positive(name, getattr(self, name))
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                             f"got {self.placement_strategy!r}")
+        if isinstance(self.merge_wait_ms, bool) or not isinstance(self.merge_wait_ms, (int, float)) \
+                or not 0 <= self.merge_wait_ms <= 1000:
+            raise ValueError(f"merge_wait_ms must be in [0, 1000], got {self.merge_wait_ms!r}")
+        if self.threads_per_worker is not None:
+            _check_positive("threads_per_worker", self.threads_per_worker)
+        _check_resources("worker_resources", self.worker_resources)
+
+    @property
+    def actor_threads(self) -> int:
+        return self.threads_per_worker or max(1, int(self.worker_num_cpus))
+
+    def with_(self, **changes: Any) -> PoolConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PoolConfig:
+        return cls(**known_fields(cls, raw, "pool"))
+
+
+def _check_resources(name: str, value: Any) -> None:
+    """Custom Ray resources: {name: amount}; CPU and GPU have fields of their own."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                              and not isinstance(v, bool) and v > 0 for k, v in value.items()):
+        raise ValueError(f"{name} must map resource names to positive amounts, got {value!r}")
+    reserved = sorted(set(value) & {"CPU", "GPU", "memory", "object_store_memory"})
+    if reserved:
+        raise ValueError(f"{name} may not set {reserved}: they have fields of their own")
+
+
+def known_fields(cls: type, raw: dict[str, Any], section: str) -> dict[str, Any]:
+    """``raw`` as keyword arguments of the dataclass ``cls``, or a ValueError naming the unknown keys."""
     if not isinstance(raw, dict):
         raise ValueError(f"{section} config must be a mapping, got {raw!r}")
     names = {f.name for f in fields(cls)}

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 
 class WorkerFailure(RuntimeError):
-    """An expert worker died or stopped answering; ``member`` names it."""
+    """An expert worker died or stopped answering; ``member`` names it, ``worker`` and ``generation`` identify it
+    in its pool (None when the failure cannot be pinned on one worker)."""
 
-    def __init__(self, member: str, reason: str) -> None:
+    def __init__(self, member: str, reason: str, worker: int | None = None, generation: int | None = None) -> None:
         super().__init__(f"{member} failed: {reason}")
         self.member = member
         self.reason = reason
+        self.worker = worker
+        self.generation = generation
+
+    def __reduce__(self) -> tuple[object, ...]:  # crosses Ray processes with its fields
+        return (WorkerFailure, (self.member, self.reason, self.worker, self.generation))
 
 
 class RequestError(ValueError):

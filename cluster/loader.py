@@ -1,5 +1,5 @@
 """Builds engines from a checkpoint directory: the coordinator part is loaded here, the experts by a
-MoE backend factory (all of them in-process for the local engine; on Ray actors for the cluster)."""
+MoE backend factory (all of them in-process for the local engine; an expert pool's for a coordinator)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import torch
 
 from cluster.checkpoint import Checkpoint, load_coordinator_weights, load_expert_weights
 from cluster.config import ModelConfig, parse_dtype
+from cluster.dispatch import DistributedMoE
 from cluster.engine import LLMEngine
-from cluster.engine_config import EngineConfig
+from cluster.engine_config import ClusterConfig, EngineConfig
 from cluster.kv_cache import blocks_for, kv_bytes_per_block
 from cluster.model import MixtralTransformer, MoEBackend
 from cluster.moe import LocalMoE
+from cluster.pool_api import PoolHandle
 from cluster.tokenizer import Tokenizer
 from cluster.validation import resolve_max_model_len
 
@@ -86,6 +88,15 @@ def local_moe(progress: bool = True) -> MoEFactory:
     def make(model_cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> MoEBackend:
         experts = load_expert_weights(ckpt, model_cfg, range(model_cfg.num_experts), dtype, device, progress)
         return LocalMoE(experts, model_cfg.num_experts, model_cfg.experts_per_token)
+
+    return make
+
+
+def distributed_moe(pool: PoolHandle, coordinator_id: str, cluster_cfg: ClusterConfig) -> MoEFactory:
+    """The experts of an expert pool: attach to it and link to each of its workers."""
+    def make(model_cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> MoEBackend:
+        return DistributedMoE(pool, coordinator_id, cluster_cfg, model_cfg.num_layers, model_cfg.experts_per_token,
+                              device)
 
     return make
 

@@ -1,6 +1,10 @@
 """The coordinator's part of the Mixtral forward pass: embeddings, attention over the paged KV cache,
 norms, routing gates and the LM head. The MoE feed-forward is delegated to a ``MoEBackend`` (local experts
-or the expert-parallel cluster), which is the only thing that differs between engines.
+or an expert pool), which is the only thing that differs between engines.
+
+A step may be split into micro-batches (disjoint sets of sequences) that take turns, layer by layer: while the
+experts work on one micro-batch's rows, the coordinator runs the next one's attention (the ping-pong pipeline of
+MegaScale-Infer; dual-batch overlap in vLLM and SGLang). The plan is in ``MixtralTransformer.forward``.
 
 Shape legend: T new tokens in the step (all sequences, flattened), H hidden, Q/KV heads, D head dim,
 Bd sequences decoding one token, S keys attended, V vocabulary, N_out rows whose logits are wanted.
@@ -9,7 +13,8 @@ The step's token rows are laid out by step_batch.py.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +39,16 @@ class MoEBackend(Protocol):
     def begin_step(self, num_tokens: int) -> None:
         """Called once before the layers of a forward step run."""
 
-    def moe(self, layer: int, x: Tensor, gate_weight: Tensor) -> Tensor:
-        """x (T, H) -> the MoE output (T, H) of ``layer``."""
+    def micro_batches(self, num_tokens: int, num_seqs: int) -> int:
+        """How many micro-batches a step of this size should be split into (1: the serial schedule)."""
+        ...
+
+    def dispatch(self, layer: int, x: Tensor, gate_weight: Tensor) -> Any:
+        """Start the MoE of ``layer`` on x (T, H); the experts may still be working when this returns."""
+        ...
+
+    def collect(self, pending: Any) -> Tensor:
+        """The MoE output (T, H) of a ``dispatch``, once the experts are done."""
         ...
 
     def routing_counts(self) -> list[list[int]]:
@@ -67,19 +80,36 @@ class MixtralTransformer:
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(self.device)
 
     @torch.inference_mode()
-    def forward(self, batch: StepBatch, cache: PagedKVCache, moe: MoEBackend) -> Tensor:
-        """-> float32 logits (N_out, V) for ``batch.logits_rows``."""
+    def forward(self, batches: Sequence[StepBatch], cache: PagedKVCache, moe: MoEBackend) -> list[Tensor]:
+        """Micro-batches of one step -> float32 logits (N_out, V) of each, for its ``logits_rows``.
+
+        The ping-pong plan: for each layer, each micro-batch i in turn
+          1. collects its experts' output of the layer before (they ran while the other micro-batches' attention
+             did) and adds it to its residual stream;
+          2. runs its attention (writing its keys and values into the cache);
+          3. routes its rows and sends them to the experts (dispatch), and the next micro-batch goes on.
+        After the last layer each collects its last experts, then the final norm and the LM head run.
+        With one micro-batch this is the serial schedule; with any number the results are the same, since the
+        micro-batches hold disjoint sequences and attention reads only a sequence's own keys.
+        """
         cfg = self.cfg
-        x = F.embedding(batch.token_ids, self.w.embed)  # (T, H)
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.dtype)  # (T, D) each
-        moe.begin_step(x.shape[0])
+        xs = [F.embedding(b.token_ids, self.w.embed) for b in batches]  # (T_i, H) each
+        ropes = [rope_cos_sin(b.positions, self.inv_freq, self.dtype) for b in batches]  # (T_i, D) x2 each
+        moe.begin_step(sum(x.shape[0] for x in xs))
+        pending: list[Any] = [None] * len(batches)
         for layer, lw in enumerate(self.w.layers):
-            h = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
-            x = x + self._attention(layer, h, cos, sin, batch, cache)
-            h = rms_norm(x, lw.moe_norm, cfg.rms_norm_eps)
-            x = x + moe.moe(layer, h, lw.gate)
-        x = rms_norm(x[batch.logits_rows], self.w.final_norm, cfg.rms_norm_eps)  # (N_out, H)
-        return F.linear(x, self.w.lm_head).float()
+            for i, batch in enumerate(batches):
+                if pending[i] is not None:
+                    xs[i] = xs[i] + moe.collect(pending[i])  # 1
+                h = rms_norm(xs[i], lw.attn_norm, cfg.rms_norm_eps)
+                xs[i] = xs[i] + self._attention(layer, h, *ropes[i], batch, cache)  # 2
+                pending[i] = moe.dispatch(layer, rms_norm(xs[i], lw.moe_norm, cfg.rms_norm_eps), lw.gate)  # 3
+        logits = []
+        for i, batch in enumerate(batches):
+            x = xs[i] + moe.collect(pending[i])
+            x = rms_norm(x[batch.logits_rows], self.w.final_norm, cfg.rms_norm_eps)  # (N_out, H)
+            logits.append(F.linear(x, self.w.lm_head).float())
+        return logits
 
     def _attention(self, layer: int, x: Tensor, cos: Tensor, sin: Tensor, batch: StepBatch,
                    cache: PagedKVCache) -> Tensor:

@@ -157,6 +157,15 @@ class LocalMoE:
     def begin_step(self, num_tokens: int) -> None:
         pass
 
+    def micro_batches(self, num_tokens: int, num_seqs: int) -> int:
+        return 1  # nothing to overlap: the experts run in this process, on this thread
+
+    def dispatch(self, layer: int, x: Tensor, gate_weight: Tensor) -> Tensor:
+        return self.moe(layer, x, gate_weight)
+
+    def collect(self, pending: Tensor) -> Tensor:
+        return pending
+
     def routing_counts(self) -> list[list[int]]:
         return self.stats.counts
 

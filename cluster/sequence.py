@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any, Protocol, TypeVar
 
 from cluster.sampling import SamplingParams, TokenLogprob, new_request_seed
 from cluster.tokenizer import IncrementalDetokenizer
@@ -90,20 +91,41 @@ class RequestResult:
     @classmethod
     def fold(cls, outputs: Sequence[RequestOutput]) -> RequestResult:
         first, last = outputs[0], outputs[-1]
-        result = cls(first.request_id, list(first.prompt_token_ids or []), [],
-                     first.prompt_logprobs, last.num_prompt_tokens, last.num_generated_tokens, last.metrics)
-        by_index: dict[int, Completion] = {}
-        for out in outputs:
-            for d in out.outputs:
-                c = by_index.setdefault(d.index, Completion(d.index))
-                c.text += d.text
-                c.token_ids.extend(d.token_ids)
-                if d.logprobs is not None:
-                    c.logprobs = (c.logprobs or []) + d.logprobs
-                if d.finish_reason is not None:
-                    c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
-        result.completions = [by_index[i] for i in sorted(by_index)]
-        return result
+        completions = fold_deltas((d for out in outputs for d in out.outputs), Completion)
+        return cls(first.request_id, list(first.prompt_token_ids or []), completions,
+                   first.prompt_logprobs, last.num_prompt_tokens, last.num_generated_tokens, last.metrics)
+
+
+class Delta(Protocol):
+    """What a sample produced, since the last report or in all: CompletionDelta, Completion, or any class of the
+    same fields."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[Any] | None
+    finish_reason: str | None
+    stop_reason: str | int | None
+
+
+D = TypeVar("D", bound=Delta)
+
+
+def fold_deltas(deltas: Iterable[Delta], new: Callable[[int], D]) -> list[D]:
+    """Join each sample's deltas in order, by index, into one ``new(index)`` each: texts, token ids and logprobs
+    concatenated, the last finish and stop reasons."""
+    by_index: dict[int, D] = {}
+    for d in deltas:
+        c = by_index.get(d.index)
+        if c is None:
+            c = by_index[d.index] = new(d.index)
+        c.text += d.text
+        c.token_ids.extend(d.token_ids)
+        if d.logprobs is not None:
+            c.logprobs = (c.logprobs or []) + d.logprobs
+        if d.finish_reason is not None:
+            c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+    return [by_index[i] for i in sorted(by_index)]
 
 
 OutputSink = Callable[[RequestOutput], None]

@@ -115,3 +115,18 @@ def build_step_batch(chunks: Sequence[SeqChunk], block_size: int, sliding_window
 
     return StepBatch(as_long(tokens), as_long(positions), as_long(slot_mapping), decode, prefills,
                      as_long(logits_rows), chunk_logit_rows)
+
+
+def split_micro_batches(chunks: Sequence[SeqChunk], count: int) -> list[list[int]]:
+    """Split a step's chunks into at most ``count`` micro-batches of about equal tokens: indices of each, in
+    order. A chunk is never split (its tokens attend to each other within one layer's attention)."""
+    count = max(1, min(count, len(chunks)))
+    if count == 1:
+        return [list(range(len(chunks)))]
+    groups: list[list[int]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for i in sorted(range(len(chunks)), key=lambda i: -len(chunks[i].token_ids)):  # largest first, to the lightest
+        lightest = loads.index(min(loads))
+        groups[lightest].append(i)
+        loads[lightest] += len(chunks[i].token_ids)
+    return [sorted(group) for group in groups if group]

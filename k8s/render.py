@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from router_service.cli import DEFAULT_CONFIG, load_serve_config
+from router_service.serve_config import DEFAULT_CONFIG, load_serve_config
 from router_service.settings import AppSettings
 
 K8S = Path(__file__).resolve().parent

@@ -9,12 +9,15 @@ from ray.serve import Application
 
 from router_service.engine_deployment import SHUTDOWN_WAIT_LOOP_S, build_engine_deployment
 from router_service.ingress import Ingress
+from router_service.pool_deployment import build_pool_deployment
 from router_service.settings import AppSettings
 
 
 def build_app(args: dict[str, Any]) -> Application:
     settings = AppSettings.from_args(args)
-    engine = build_engine_deployment(settings).bind(settings)
+    # The cluster engine: one expert pool for the app, every engine replica a coordinator attached to it.
+    pool = build_pool_deployment(settings).bind(settings) if settings.engine == "cluster" else None
+    engine = build_engine_deployment(settings).bind(settings, pool)
     # The ingress outlives the engine replicas' grace period, so every request ends as an answer or a clean error.
     ingress_options: dict[str, Any] = {"max_queued_requests": settings.max_queued_requests,
                                        "graceful_shutdown_timeout_s": settings.ingress_grace_s,

@@ -1,184 +1,246 @@
-"""``moe-cluster serve``: deploy the Serve app (defaults from configs/serve.yaml, or --config FILE) on an
-embedded local Ray or an existing cluster, print where it listens, and shut down cleanly on Ctrl-C/SIGTERM."""
+"""The ``moe-cluster`` command: init-demo, generate, serve.
+
+Every user error (bad path, bad config, bad flag) ends as one line on stderr and a non-zero exit.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
+import asyncio
+import json
 import logging
-import signal
-import threading
-from collections.abc import Iterator
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import yaml
-
-from cluster.errors import ClusterStartError
-
-log = logging.getLogger("moe_cluster.serve")
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "serve.yaml"
-DEMO_DIR = Path("~/.cache/moe-cluster/demo").expanduser()
+EXIT_USAGE = 2
+EXIT_ERROR = 1
 
 
-def load_serve_config(path: Path) -> dict[str, Any]:
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
     try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot read Serve config {path}: {err}") from None
-    if not isinstance(config, dict) or not config.get("applications"):
-        raise ValueError(f"Serve config {path} has no applications")
-    return config
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
-def grpc_servicer_functions() -> list[str]:
-    """The gRPC services the app registers with Serve's gRPC proxy (from the shared Serve config)."""
-    return list(load_serve_config(DEFAULT_CONFIG)["grpc_options"]["grpc_servicer_functions"])
+def version() -> str:
+    """The installed distribution's version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
 
-
-def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The Serve config to deploy: the file's, with the command-line flags applied on top."""
-    config = copy.deepcopy(load_serve_config(Path(args.config) if args.config else DEFAULT_CONFIG))
-    app = config["applications"][0]
-    app_args = app.setdefault("args", {})
-    if args.model:
-        app_args["model"] = str(Path(args.model).expanduser().resolve())
-        if not args.config:
-            app_args["served_model_name"] = Path(args.model).name
-    model_dir = Path(str(app_args.get("model", DEMO_DIR))).expanduser()
-    if not (model_dir / "config.json").exists():
-        if args.model or (args.config and model_dir != DEMO_DIR):
-            raise ValueError(f"model directory {str(model_dir)!r} has no config.json")
-        from cluster.demo import init_demo
-
-        log.info("no model given: writing the demo checkpoint to %s", model_dir)
-        init_demo(model_dir)
-    app_args["model"] = str(model_dir)
-    if args.engine:
-        app_args["engine"] = args.engine
-    if args.num_engines:
-        app_args["num_engines"] = args.num_engines
-    if args.drain_timeout is not None:
-        app_args["drain_timeout_s"] = args.drain_timeout
-    if args.experts_per_worker:
-        app_args.setdefault("cluster_options", {})["experts_per_worker"] = args.experts_per_worker
-    if args.api_key:
-        app_args["api_key_env"] = "MOE_CLUSTER_API_KEY"
-    elif args.api_key_env:
-        app_args["api_key_env"] = args.api_key_env
-    config.setdefault("http_options", {}).update({"host": args.host, "port": args.http_port})
-    config.setdefault("grpc_options", {})["port"] = args.grpc_port
-    return config
-
-
-class DropMessages(logging.Filter):
-    """Drops the records whose message starts with one of ``prefixes``."""
-
-    def __init__(self, *prefixes: str) -> None:
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
-
-
-@contextlib.contextmanager
-def dropped(logger_name: str, *prefixes: str) -> Iterator[None]:
-    """Within the block, the logger ``logger_name`` drops the records that start with one of ``prefixes``."""
-    log_filter = DropMessages(*prefixes)
-    logger = logging.getLogger(logger_name)
-    logger.addFilter(log_filter)
     try:
-        yield
-    finally:
-        logger.removeFilter(log_filter)
+        return dist_version("moe-cluster")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
-def begin_drain(app_name: str, drain_timeout_s: float) -> None:
-    """Start the drain deadline on every engine replica now (EngineDeployment.begin_drain). Serve's own shutdown,
-    which deleting the app starts, calls nothing on a replica until its running requests are done; without this
-    call, a request still running at the engine's grace period is cut by Serve's kill (a 503 all the same)."""
-    from ray import serve
+def serve_config_defaults() -> dict[str, Any]:
+    """What ``serve`` takes from the bundled Serve config when no flag says otherwise (for --help)."""
+    from router_service.serve_config import DEFAULT_CONFIG, load_serve_config
 
-    from cluster.errors import describe_failure
-    from router_service.engine_deployment import DEPLOYMENT_NAME
-
-    log.info("shutting down: running requests have %gs to finish", drain_timeout_s)
-    try:  # (a new handle's router logs "Started <...SharedRouterLongPollClient object at 0x...>": noise here)
-        with dropped("ray.serve", "Started <ray.serve._private.router."):
-            serve.get_deployment_handle(DEPLOYMENT_NAME, app_name).broadcast("begin_drain").results(timeout_s=10)
-    except Exception as err:
-        log.warning("could not start the drain on the engine replicas (%s); Serve's grace period still bounds "
-                    "the shutdown", describe_failure(err))
-
-
-def serve_command(args: argparse.Namespace) -> int:
-    import os
-
-    import ray
-    from ray import serve
-
-    from router_service.app import build_app
-    from router_service.client import key_from_env
-    from router_service.settings import AppSettings
-
-    config = resolve_config(args)
-    app_cfg = config["applications"][0]
-    settings = AppSettings.from_args(app_cfg["args"])  # validate before starting anything
-    if args.api_key:
-        os.environ["MOE_CLUSTER_API_KEY"] = args.api_key  # inherited by the Ray workers this process starts
-    elif args.api_key_env:
-        key_from_env(args.api_key_env)  # the replicas read it; fail here, before anything starts
-    started_ray = not ray.is_initialized()
-    embedded = started_ray and not args.address  # a local Ray of our own, gone when we stop
-    if started_ray:
-        if args.address:
-            ray.init(address=args.address, log_to_driver=False)
-        else:
-            # Embedded and single-node: Ray's node address is loopback, so what Ray binds to it stays local.
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-                     num_cpus=max(os.cpu_count() or 1, 16), _metrics_export_port=args.metrics_port)
-    app_name = app_cfg.get("name", "moe-cluster")
-    deployed = False
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
-        http, grpc = config["http_options"], config.get("grpc_options", {})
-        serve.start(http_options={k: v for k, v in http.items() if k in ("host", "port", "request_timeout_s")},
-                    grpc_options=grpc)
-        log.info("deploying %s (%s engine, %d engine replica(s))", settings.model_name, settings.engine,
-                 settings.num_engines)
-        # serve.run connects to the Serve that serve.start just started with our options, and says so in a line
-        # ("Connecting to existing Serve app ... New http_options ... will not be applied") that reads as if
-        # they were lost: it is about options serve.run was not given, so it is dropped.
-        with dropped("ray.serve", "Connecting to existing Serve app"):
-            serve.run(build_app(app_cfg["args"]), name=app_name, route_prefix=app_cfg.get("route_prefix", "/"),
-                      blocking=False)
-        deployed = True
-        print(f"HTTP (OpenAI API): http://{http['host']}:{http['port']}/v1  (model {settings.model_name!r})")
-        print(f"gRPC (moe_cluster.v1.GenerationService): {http['host']}:{grpc.get('port', 9000)}")
-        if embedded:
-            print(f"metrics (Prometheus): http://127.0.0.1:{args.metrics_port}/metrics")
-        print("moe-cluster ready; Ctrl-C to stop", flush=True)
-        while not stop.wait(1.0):
-            pass
-        print("shutting down", flush=True)
-    except ClusterStartError:
-        raise
-    finally:
-        try:
-            # Start the one drain deadline on the engine replicas, then delete the app: Serve routes nothing new
-            # to its replicas and waits for their running requests (the engines' grace: the deadline plus time
-            # to fail what is left; the ingress's: longer), while the proxies still carry the responses; then
-            # stop Serve and Ray.
-            if deployed:
-                begin_drain(app_name, settings.drain_timeout_s)
-            serve.delete(app_name)
-            if not embedded:
-                serve.shutdown()  # an embedded Ray's shutdown below takes Serve with it
-        finally:
-            if started_ray:
-                ray.shutdown()
+        args: dict[str, Any] = load_serve_config(DEFAULT_CONFIG)["applications"][0].get("args") or {}
+    except (ValueError, KeyError, IndexError, TypeError):
+        return {}
+    return args
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every option's help says what it does and its default (``%(default)s`` where argparse holds it)."""
+    parser = OneLineParser(prog="moe-cluster", description="Expert-parallel Mixtral serving on Ray.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}",
+                        help="print the installed version and exit")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="level of moe-cluster's own log messages on stderr (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    demo = sub.add_parser("init-demo", help="write the small demo checkpoint (no network needed)",
+                          description="Write the small demo checkpoint (random weights, real Mixtral format).")
+    demo.add_argument("directory", help="where to write it (created if missing)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    demo.add_argument("--shards", type=_positive_int, default=3,
+                      help="number of safetensors shards (default: %(default)s)")
+    demo.add_argument("--force", action="store_true", help="overwrite an existing checkpoint (default: refuse)")
+
+    gen = sub.add_parser("generate", help="generate a completion for one prompt",
+                         description="Generate a completion for one prompt: in this process (--model) or by "
+                                     "asking a running server (--grpc).")
+    gen.add_argument("--model", metavar="DIR",
+                     help="checkpoint directory for the local and cluster engines (required without --grpc)")
+    gen.add_argument("--prompt", required=True, help="the prompt text (required)")
+    gen.add_argument("--max-tokens", type=_positive_int, default=32,
+                     help="most tokens to generate (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="sampling temperature; 0 is greedy (default: %(default)s, greedy)")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="nucleus sampling: keep the most likely tokens up to this probability mass "
+                          "(default: %(default)s, all)")
+    gen.add_argument("--top-k", type=int, default=-1,
+                     help="keep only the K most likely tokens; -1 keeps all (default: %(default)s)")
+    gen.add_argument("--seed", type=int,
+                     help="seed for reproducible sampling (default: none, a different sample on every run)")
+    gen.add_argument("--stop", action="append", default=[],
+                     help="stop generating at this string; repeatable (default: none)")
+    gen.add_argument("--json", action="store_true",
+                     help="print {text, token_ids, finish_reason} as JSON (default: the text only)")
+    gen.add_argument("--engine", choices=["local", "cluster"], default="local",
+                     help="local: one process; cluster: expert workers as Ray actors (default: %(default)s)")
+    gen.add_argument("--experts-per-worker", type=_positive_int, default=1,
+                     help="with --engine cluster: experts each worker holds (default: %(default)s)")
+    gen.add_argument("--address", help="Ray address for --engine cluster (default: a local embedded Ray)")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                     help="weight and compute dtype (default: the checkpoint's)")
+    gen.add_argument("--device", default="auto",
+                     help="torch device, e.g. cpu or cuda:0; auto picks CUDA when present (default: %(default)s)")
+    gen.add_argument("--grpc", metavar="HOST:PORT",
+                     help="ask a running server over gRPC instead (default: generate in this process)")
+    gen.add_argument("--stream", action="store_true",
+                     help="print text as it is generated (default: all at the end)")
+    gen.add_argument("--api-key-env", metavar="VAR",
+                     help="with --grpc: send the API key held in environment variable VAR (default: no key)")
+
+    # serve: some defaults come from the Serve config (the bundled serve.yaml, or --config FILE).
+    cfg = serve_config_defaults()
+    bundled = "the bundled router_service/configs/serve.yaml"
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API and gRPC on Ray Serve",
+                           description="Serve the OpenAI-compatible HTTP API and gRPC on Ray Serve. Options "
+                                       "without a flag here take their value from the Serve config (--config, "
+                                       f"default: {bundled}).")
+    serve.add_argument("--model", metavar="DIR",
+                       help="checkpoint directory (default: the config's model; in the bundled config the demo "
+                            "model, written to ~/.cache/moe-cluster/demo if missing)")
+    serve.add_argument("--address", help="Ray address of an existing cluster (default: start a local embedded Ray)")
+    serve.add_argument("--host", default="127.0.0.1", help="address the HTTP API binds (default: %(default)s)")
+    serve.add_argument("--http-port", type=int, default=8000,
+                       help="port of the HTTP (OpenAI) API (default: %(default)s)")
+    serve.add_argument("--grpc-port", type=int, default=9000, help="port of the gRPC API (default: %(default)s)")
+    serve.add_argument("--metrics-port", type=int, default=8080,
+                       help="Prometheus metrics port of the embedded Ray (default: %(default)s)")
+    serve.add_argument("--experts-per-worker", type=_positive_int,
+                       help="with the cluster engine: experts each worker holds (default: from the config, "
+                            f"{(cfg.get('pool_options') or {}).get('experts_per_worker', 1)} in the bundled one)")
+    serve.add_argument("--num-engines", type=_positive_int,
+                       help="independent engine replicas behind the API (default: from the config, "
+                            f"{cfg.get('num_engines', 1)} in the bundled one)")
+    serve.add_argument("--engine", choices=["local", "cluster"],
+                       help="local: one process per engine replica; cluster: expert workers as Ray actors "
+                            f"(default: from the config, {cfg.get('engine', 'cluster')} in the bundled one)")
+    serve.add_argument("--drain-timeout", type=_non_negative_float, metavar="SECONDS",
+                       help="on shutdown, how long running requests may take to finish before they end with a "
+                            "retryable 'server is shutting down' error (default: from the config, "
+                            f"{cfg.get('drain_timeout_s', 30)} in the bundled one)")
+    serve.add_argument("--config", metavar="FILE",
+                       help=f"a Serve config file (YAML, `serve deploy` format) to deploy (default: {bundled})")
+    key = serve.add_mutually_exclusive_group()
+    key.add_argument("--api-key", help="require this bearer token (HTTP) / metadata key (gRPC) (default: no key)")
+    key.add_argument("--api-key-env", metavar="VAR",
+                     help="as --api-key, the key read from environment variable VAR, kept out of `ps` "
+                          "(default: the config's api_key_env; none in the bundled one)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "init-demo":
+            return _init_demo(args)
+        if args.command == "generate":
+            return _generate(args)
+        from router_service.serve_command import serve_command  # imports Ray Serve only when serving
+
+        return serve_command(args)
+    except (ValueError, TypeError, FileNotFoundError, PermissionError) as err:
+        print(f"moe-cluster: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # a failure of the engine or the cluster: still one line
+        from cluster.errors import describe_failure
+
+        print(f"moe-cluster: error: {describe_failure(err)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _init_demo(args: argparse.Namespace) -> int:
+    from cluster.demo import init_demo
+
+    path = init_demo(args.directory, seed=args.seed, shards=args.shards, overwrite=args.force)
+    print(f"demo checkpoint written to {path}")
     return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from cluster.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    if args.grpc:
+        from router_service.client import grpc_generate_command
+
+        return grpc_generate_command(args, params)
+    if not args.model:
+        raise ValueError("--model DIR is required (or --grpc HOST:PORT to ask a server)")
+    if not Path(args.model).is_dir():
+        raise ValueError(f"model directory {args.model!r} does not exist")
+    engine = _make_engine(args)
+    try:
+        if args.stream:
+            asyncio.run(_print_stream(engine, args.prompt, params))
+            return 0
+        result = engine.generate([args.prompt], params)[0]
+    finally:
+        engine.shutdown()
+    completion = result.completions[0]
+    if args.json:
+        print(json.dumps({"text": completion.text, "token_ids": completion.token_ids,
+                          "finish_reason": completion.finish_reason}))
+    else:
+        print(completion.text)
+    return 0
+
+
+async def _print_stream(engine: Any, prompt: str, params: Any) -> None:
+    async for out in engine.stream(prompt, params):
+        for delta in out.outputs:
+            print(delta.text, end="", flush=True)
+    print()
+
+
+def _make_engine(args: argparse.Namespace) -> Any:
+    from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
+
+    engine_cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device)
+    if args.engine == "local":
+        from cluster.engine_loop import LocalEngine
+
+        return LocalEngine.from_config(engine_cfg)
+    from workers.cluster_engine import ClusterEngine
+
+    return ClusterEngine.start(engine_cfg, ClusterConfig(address=args.address),
+                               PoolConfig(experts_per_worker=args.experts_per_worker))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.sampling import SamplingParams, TokenLogprob
-from cluster.sequence import RequestOutput
+from cluster.sequence import RequestOutput, fold_deltas
 from cluster.tokenizer import Tokenizer
 
 
@@ -90,16 +90,6 @@ def to_chunk(tokenizer: Tokenizer, out: RequestOutput) -> GenerateChunk:
 def merge(chunks: Sequence[GenerateChunk]) -> GenerateChunk:
     """Fold a stream's chunks into one (for non-streaming responses)."""
     first, last = chunks[0], chunks[-1]
-    by_index: dict[int, ChoiceDelta] = {}
-    for chunk in chunks:
-        for d in chunk.choices:
-            c = by_index.setdefault(d.index, ChoiceDelta(d.index, "", [], None))
-            c.text += d.text
-            c.token_ids.extend(d.token_ids)
-            if d.logprobs is not None:
-                c.logprobs = (c.logprobs or []) + d.logprobs
-            if d.finish_reason is not None:
-                c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
-    return GenerateChunk(first.request_id, [by_index[i] for i in sorted(by_index)], last.finished,
-                         first.prompt_token_ids, first.prompt_text, first.prompt_logprobs, last.prompt_tokens,
-                         last.completion_tokens, last.ttft_s, last.e2e_s)
+    choices = fold_deltas((d for chunk in chunks for d in chunk.choices), lambda i: ChoiceDelta(i, "", []))
+    return GenerateChunk(first.request_id, choices, last.finished, first.prompt_token_ids, first.prompt_text,
+                         first.prompt_logprobs, last.prompt_tokens, last.completion_tokens, last.ttft_s, last.e2e_s)

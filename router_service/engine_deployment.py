@@ -1,6 +1,7 @@
-"""EngineDeployment: a Serve deployment whose replica owns one engine - a cluster (coordinator and expert
-workers, gang-scheduled in the replica's own placement group) or a local engine. Replicas are independent
-expert-parallel groups; the ingress reaches them through a DeploymentHandle (least-loaded routing)."""
+"""EngineDeployment: a Serve deployment whose replica runs one engine. With the cluster engine the replica is a
+coordinator (scheduler, KV cache, attention, routing, LM head) attached to the app's one expert pool
+(pool_deployment.py): R replicas are R coordinators on the same experts, and Serve may scale them. With the local
+engine each replica holds every expert itself. The ingress reaches the replicas through a DeploymentHandle."""
 
 from __future__ import annotations
 
@@ -16,16 +17,18 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
-from cluster.coordinator import Coordinator
+from cluster.coordinator import new_coordinator_id
 from cluster.engine_loop import EngineLoop, LocalEngine
 from cluster.errors import EngineDeadError
-from cluster.moe import ExpertMap
-from cluster.placement import cluster_bundles, use_gpus
+from cluster.loader import build_engine, distributed_moe
 from cluster.sequence import RequestOutput
 from router_service.engine_api import Accepted, GenerateChunk, GenerateRequest, merge, to_chunk
-from router_service.metrics import EngineMetrics, stats_dict
+from router_service.metrics import EngineMetrics
+from router_service.pool_deployment import ServePool
 from router_service.settings import AppSettings
+from workers.placement import use_gpus
 
 log = logging.getLogger("moe_cluster.serve")
 DEPLOYMENT_NAME = "EngineDeployment"
@@ -34,23 +37,20 @@ SHUTDOWN_WAIT_LOOP_S = 0.5  # how often a stopping replica checks whether its re
 
 
 class EngineDeployment:
-    def __init__(self, settings: AppSettings) -> None:
+    def __init__(self, settings: AppSettings, pool: DeploymentHandle | None) -> None:
         self.settings = settings
-        self.engine_id = f"engine-{uuid.uuid4().hex[:6]}"
+        self.pool = pool
         engine_cfg = settings.engine_config()
-        self.coordinator: Coordinator | None = None
-        if settings.engine == "local":
+        if pool is None:
+            self.engine_id = f"engine-{uuid.uuid4().hex[:6]}"
             self.engine: EngineLoop = LocalEngine.from_config(engine_cfg)
         else:
-            # This replica is the coordinator (bundle 0 of its placement group); its expert workers take the
-            # other bundles. Tokens reach the ingress with one Ray hop, not two.
+            # This replica is a coordinator: the engine runs here, in-process, so tokens reach the ingress with one
+            # Ray hop; its MoE layers go to the pool's workers over links of its own.
+            self.engine_id = new_coordinator_id()
             cluster_cfg = settings.cluster_config()
-            pg = ray.util.get_current_placement_group()
-            gpus = int(ray.get_runtime_context().get_assigned_resources().get("GPU", 0) > 0)
-            self.coordinator = Coordinator(engine_cfg, cluster_cfg, pg, first_worker_bundle=1, worker_gpus=gpus)
-            self.coordinator.start_in_process()
-            assert self.coordinator.loop is not None
-            self.engine = self.coordinator.loop
+            moe = distributed_moe(ServePool(pool, cluster_cfg.start_timeout_s), self.engine_id, cluster_cfg)
+            self.engine = EngineLoop(lambda: build_engine(engine_cfg, moe), cluster_cfg.heartbeat_s)
         self.tokenizer = self.engine.tokenizer
         self.metrics = EngineMetrics(settings.model_name, self.engine_id)
         self._sampler: asyncio.Task[None] | None = None  # started by the first async call, on Serve's loop
@@ -140,7 +140,10 @@ class EngineDeployment:
         return ids, [self.tokenizer.token_text(i) for i in ids]
 
     async def stats(self) -> dict[str, Any]:
-        return stats_dict(await asyncio.to_thread(self.engine.stats)) | {"engine_id": self.engine_id}
+        stats = (await asyncio.to_thread(self.engine.stats)).as_dict() | {"engine_id": self.engine_id}
+        if self.pool is not None:  # the workers this coordinator shares with the others
+            stats["pool_workers"] = await self.pool.worker_stats.remote()
+        return stats
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and Serve replaces it."""
@@ -180,35 +183,29 @@ class EngineDeployment:
         with contextlib.suppress(Exception):
             if self._sampler is not None:
                 self._sampler.cancel()
-            if self.coordinator is not None:
-                self.coordinator.close()
-            else:
-                self.engine.shutdown()
+            self.engine.shutdown()  # a coordinator detaches from the pool; the pool and its workers stay
 
 
 def engine_deployment_options(settings: AppSettings) -> dict[str, Any]:
-    """Serve options: with the cluster engine, one placement group per replica holds the whole group."""
+    """Serve options of the engine replicas: each one CPU (the local engine) or a coordinator's resources."""
     options: dict[str, Any] = {
-        "num_replicas": settings.num_engines,
         "max_ongoing_requests": settings.max_ongoing_requests,
         "health_check_period_s": 5.0,
         "health_check_timeout_s": 30.0,
         "graceful_shutdown_timeout_s": settings.engine_grace_s,
         "graceful_shutdown_wait_loop_s": SHUTDOWN_WAIT_LOOP_S,
     }
+    if settings.engine_autoscaling:
+        options["autoscaling_config"] = settings.engine_autoscaling
+    else:
+        options["num_replicas"] = settings.num_engines
     if settings.engine == "local":
         options["ray_actor_options"] = {"num_cpus": 1}
         return options
-    from cluster.config import ModelConfig
-
     cluster_cfg = settings.cluster_config()
-    model_cfg = ModelConfig.from_file(settings.model)
-    workers = ExpertMap.contiguous(model_cfg.num_experts, cluster_cfg.experts_per_worker).num_workers
-    gpus = use_gpus(cluster_cfg) if ray.is_initialized() else bool(cluster_cfg.use_gpus)
-    bundles = cluster_bundles(cluster_cfg, workers, gpus)  # the first is the coordinator's: this replica's
-    options["ray_actor_options"] = {"num_cpus": bundles[0]["CPU"], "num_gpus": bundles[0].get("GPU", 0)}
-    options["placement_group_bundles"] = bundles
-    options["placement_group_strategy"] = cluster_cfg.placement_strategy
+    gpus = use_gpus(cluster_cfg.use_gpus) if ray.is_initialized() else bool(cluster_cfg.use_gpus)
+    options["ray_actor_options"] = {"num_cpus": cluster_cfg.coordinator_num_cpus, "num_gpus": int(gpus),
+                                    "resources": dict(cluster_cfg.coordinator_resources)}
     return options
 
 

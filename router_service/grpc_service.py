@@ -1,12 +1,12 @@
-"""The gRPC API on the ingress deployment: moe_cluster.v1.GenerationService and the standard
-grpc.health.v1.Health/Check. Serve's gRPC proxy calls these methods by name; they share the HTTP path's
-engine handle, so both protocols reach the same engine replicas."""
+"""The gRPC API: moe_cluster.v1.GenerationService and the standard grpc.health.v1.Health/Check, translated
+between protobuf and the gateway that the HTTP API shares, so both protocols reach the same engine replicas.
+Serve's gRPC proxy calls the ingress deployment's methods by name; each hands its call to GrpcApi."""
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, NoReturn
 
 import grpc
@@ -16,14 +16,10 @@ from ray.serve.grpc_util import RayServegRPCContext
 from cluster.sampling import SamplingParams
 from protos.moe_cluster.v1 import generation_pb2 as pb
 from router_service.engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, TokenInfo, merge
-from router_service.openai_protocol import ApiError, new_id
+from router_service.errors import ApiError
+from router_service.gateway import EngineGateway, new_id
 
-log = logging.getLogger("moe_cluster.grpc")
 SERVICE = "moe_cluster.v1.GenerationService"
-STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-          404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
-          429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
-          504: grpc.StatusCode.DEADLINE_EXCEEDED}
 # SamplingParams' field names as the proto spells them, for error messages that name the bad field.
 PROTO_FIELDS = {"max_tokens": "stopping.max_new_tokens", "temperature": "sampling.temperature",
                 "top_p": "sampling.top_p", "top_k": "sampling.top_k", "seed": "sampling.seed",
@@ -33,7 +29,7 @@ PROTO_FIELDS = {"max_tokens": "stopping.max_new_tokens", "temperature": "samplin
 
 def fail(context: RayServegRPCContext, err: ApiError) -> NoReturn:
     """Set the call's status from an API error and end the call."""
-    context.set_code(STATUS.get(err.status, grpc.StatusCode.INTERNAL))
+    context.set_code(grpc.StatusCode[err.grpc_status])
     context.set_details(err.message)
     raise err
 
@@ -84,33 +80,22 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
         raise ApiError(400, message, param=PROTO_FIELDS.get(field)) from None
 
 
-class GrpcMethods:
-    """Mixed into the Ingress deployment, which provides what is declared here."""
+class GrpcApi:
+    """The gRPC methods of one ingress replica, on its gateway."""
 
-    engine: Any  # DeploymentHandle of the engine deployment
-    model_name: str
+    def __init__(self, gateway: EngineGateway) -> None:
+        self.gateway = gateway
 
-    def check_model(self, model: str) -> None:
-        raise NotImplementedError
+    def authorize(self, context: RayServegRPCContext) -> None:
+        """Metadata 'authorization: Bearer <key>' (or 'x-api-key: <key>'), when a key is configured."""
+        metadata = dict(context.invocation_metadata())
+        if not self.gateway.authorized(metadata.get("authorization"), metadata.get("x-api-key")):
+            raise ApiError(401, "missing or invalid API key (metadata 'authorization: Bearer <key>')",
+                           "authentication_error", code="invalid_api_key")
 
-    def deadline(self, timeout: float | None) -> float:
-        raise NotImplementedError
-
-    def authorize_grpc(self, context: Any) -> None:
-        raise NotImplementedError
-
-    async def model_info(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    async def open_all(self, requests: list[GenerateRequest]) -> list[Any]:
-        raise NotImplementedError
-
-    def iterate(self, streams: list[Any]) -> AsyncIterator[tuple[int, GenerateChunk]]:
-        raise NotImplementedError
-
-    def grpc_request(self, request: pb.GenerateRequest) -> GenerateRequest:
+    def generate_request(self, request: pb.GenerateRequest) -> GenerateRequest:
         if request.model:  # empty: the one model this server serves
-            self.check_model(request.model)
+            self.gateway.check_model(request.model)
         params = sampling_params(request)
         which = request.WhichOneof("input")
         if which is None:
@@ -119,74 +104,69 @@ class GrpcMethods:
         if not prompt:
             raise ApiError(400, f"{which} must not be empty", param=which)
         rid = request.request_id or new_id("grpc")
-        return GenerateRequest(rid, params, prompt=prompt, deadline=self.deadline(None))
+        return GenerateRequest(rid, params, prompt=prompt, deadline=self.gateway.deadline(None))
 
-    async def Generate(self, request: pb.GenerateRequest,
-                       grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
+    async def generate(self, request: pb.GenerateRequest, context: RayServegRPCContext) -> pb.GenerateResponse:
         try:
-            self.authorize_grpc(grpc_context)
-            streams = await self.open_all([self.grpc_request(request)])
-            merged = merge([chunk async for _, chunk in self.iterate(streams)])
+            self.authorize(context)
+            streams = await self.gateway.open_all([self.generate_request(request)])
+            merged = merge([chunk async for _, chunk in self.gateway.iterate(streams)])
         except ApiError as err:
-            fail(grpc_context, err)
+            fail(context, err)
         choice = merged.choices[0]
-        return pb.GenerateResponse(request_id=merged.request_id, model=self.model_name, text=choice.text,
+        return pb.GenerateResponse(request_id=merged.request_id, model=self.gateway.model_name, text=choice.text,
                                    token_ids=choice.token_ids, usage=usage_pb(merged),
                                    logprobs=logprobs_pb(choice.logprobs), **stop_fields(choice))
 
-    async def GenerateStream(self, request: pb.GenerateRequest,
-                             grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def generate_stream(self, request: pb.GenerateRequest,
+                              context: RayServegRPCContext) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
         try:
-            self.authorize_grpc(grpc_context)
-            gen_request = self.grpc_request(request)
-            streams = await self.open_all([gen_request])
-            async for _, chunk in self.iterate(streams):
-                for choice in chunk.choices:
-                    message = pb.GenerateStreamResponse(request_id=gen_request.request_id, text=choice.text,
-                                                        token_ids=choice.token_ids,
-                                                        logprobs=logprobs_pb(choice.logprobs))
-                    if chunk.finished:
-                        message.MergeFrom(pb.GenerateStreamResponse(usage=usage_pb(chunk), **stop_fields(choice)))
-                    yield message
+            self.authorize(context)
+            gen_request = self.generate_request(request)
+            streams = await self.gateway.open_all([gen_request])
+            async with contextlib.aclosing(self.gateway.iterate(streams)) as chunks:
+                async for _, chunk in chunks:
+                    for choice in chunk.choices:
+                        message = pb.GenerateStreamResponse(request_id=gen_request.request_id, text=choice.text,
+                                                            token_ids=choice.token_ids,
+                                                            logprobs=logprobs_pb(choice.logprobs))
+                        if chunk.finished:
+                            message.MergeFrom(pb.GenerateStreamResponse(usage=usage_pb(chunk),
+                                                                        **stop_fields(choice)))
+                        yield message
         except ApiError as err:
-            fail(grpc_context, err)
+            fail(context, err)
 
-    async def Tokenize(self, request: pb.TokenizeRequest,
-                       grpc_context: RayServegRPCContext) -> pb.TokenizeResponse:
+    async def tokenize(self, request: pb.TokenizeRequest, context: RayServegRPCContext) -> pb.TokenizeResponse:
         try:
-            self.authorize_grpc(grpc_context)
+            self.authorize(context)
             if request.model:  # empty: the one model this server serves
-                self.check_model(request.model)
+                self.gateway.check_model(request.model)
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            ids, texts = await self.engine.tokenize_with_text.remote(request.text, add_special)
+            ids, texts = await self.gateway.tokenize_with_text(request.text, add_special)
         except ApiError as err:
-            fail(grpc_context, err)
-        except Exception as err:
-            from router_service.ingress import engine_error
-
-            fail(grpc_context, engine_error(err))
+            fail(context, err)
         return pb.TokenizeResponse(token_ids=ids, tokens=texts)
 
-    async def ModelInfo(self, request: pb.ModelInfoRequest,
-                        grpc_context: RayServegRPCContext) -> pb.ModelInfoResponse:
+    async def model_info(self, request: pb.ModelInfoRequest, context: RayServegRPCContext) -> pb.ModelInfoResponse:
         try:
-            self.authorize_grpc(grpc_context)
-            info = await self.model_info()
+            self.authorize(context)
+            info = await self.gateway.model_info()
         except ApiError as err:
-            fail(grpc_context, err)
-        return pb.ModelInfoResponse(model=self.model_name, max_model_len=info["max_model_len"],
+            fail(context, err)
+        return pb.ModelInfoResponse(model=self.gateway.model_name, max_model_len=info["max_model_len"],
                                     vocab_size=info["vocab_size"], num_layers=info["num_layers"],
                                     num_experts=info["num_experts"], experts_per_token=info["experts_per_token"],
                                     hidden_size=info["hidden_size"], engine=info["engine"])
 
-    async def Check(self, request: health_pb2.HealthCheckRequest,
-                    grpc_context: RayServegRPCContext) -> health_pb2.HealthCheckResponse:
+    async def check(self, request: health_pb2.HealthCheckRequest,
+                    context: RayServegRPCContext) -> health_pb2.HealthCheckResponse:
         """grpc.health.v1: SERVING when an engine answers and is alive, for "" and our service."""
         if request.service not in ("", SERVICE):
-            fail(grpc_context, ApiError(404, f"unknown service {request.service!r}"))
+            fail(context, ApiError(404, f"unknown service {request.service!r}"))
         try:
-            alive = bool((await self.engine.health.remote()).get("alive"))
-        except Exception:
+            alive = bool((await self.gateway.health()).get("alive"))
+        except ApiError:
             alive = False
         status = health_pb2.HealthCheckResponse.SERVING if alive else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)

@@ -36,9 +36,9 @@ class EngineMetrics:
         self.generation_tokens = Counter("moe_cluster_generation_tokens_total", "Generated tokens", tag_keys=keys)
         self.expert_tokens = Counter("moe_cluster_expert_tokens_total", "Token rows routed to each expert",
                                      tag_keys=(*keys, "layer", "expert"))
-        self.alltoall = Gauge("moe_cluster_alltoall_seconds_per_step",
-                              "Mean all-to-all time (rows out, experts, results back) per forward step, "
-                              "since the last sample", tag_keys=keys)
+        self.expert_wait = Gauge("moe_cluster_expert_wait_seconds_per_step",
+                                 "Mean time a forward step spent sending rows to the expert pool and waiting for "
+                                 "their results, since the last sample", tag_keys=keys)
         self.requests = Counter("moe_cluster_requests_total", "Finished requests by finish reason",
                                 tag_keys=(*keys, "finish_reason"))
         self._last: EngineStats | None = None
@@ -71,8 +71,9 @@ class EngineMetrics:
                 self._increase(self.expert_tokens, count, before, {"layer": str(layer), "expert": str(expert)})
         steps = stats.backend.get("steps", 0.0) - (last.backend.get("steps", 0.0) if last else 0.0)
         if steps > 0:
-            spent = stats.backend.get("exchange", 0.0) - (last.backend.get("exchange", 0.0) if last else 0.0)
-            self.alltoall.set(spent / steps, self.tags)
+            spent = sum(stats.backend.get(k, 0.0) - (last.backend.get(k, 0.0) if last else 0.0)
+                        for k in ("route_and_send", "wait"))
+            self.expert_wait.set(spent / steps, self.tags)
         self._last = stats
 
     def _increase(self, counter: Counter, now: float, before: float, extra: dict[str, str] | None = None) -> None:
@@ -80,5 +81,36 @@ class EngineMetrics:
             counter.inc(now - before, self.tags | (extra or {}))
 
 
-def stats_dict(stats: EngineStats) -> dict[str, Any]:
-    return {k: v for k, v in vars(stats).items()}
+class PoolMetrics:
+    """The expert pool's workers, exported once by the pool's replica (whatever number of coordinators)."""
+
+    def __init__(self, model: str, pool_id: str) -> None:
+        self.tags = {"model": model, "pool": pool_id}
+        keys = ("model", "pool", "worker")
+        self.rows = Counter("moe_cluster_worker_rows_total", "Rows computed by each expert worker", tag_keys=keys)
+        self.calls = Counter("moe_cluster_worker_expert_calls_total",
+                             "Grouped expert calls of each worker (one per layer message, or fewer when rows from "
+                             "several coordinators were merged)", tag_keys=keys)
+        self.messages = Counter("moe_cluster_worker_messages_total", "Layer messages answered by each worker",
+                                tag_keys=keys)
+        self.rows_per_call = Gauge("moe_cluster_worker_rows_per_call",
+                                   "Rows per grouped expert call of each worker, since the last sample", tag_keys=keys)
+        self._last: dict[str, dict[str, Any]] = {}
+
+    def sample(self, workers: list[dict[str, Any]]) -> None:
+        for stats in workers:
+            if "rows" not in stats:
+                continue  # a worker that did not answer
+            worker = str(stats["worker_index"])
+            # A replaced worker starts from zero: count from there.
+            last = self._last.get(worker)
+            if last is None or last.get("generation") != stats["generation"]:
+                last = {"rows": 0, "calls": 0, "messages": 0}
+            tags = self.tags | {"worker": worker}
+            new = {k: stats[k] - last[k] for k in ("rows", "calls", "messages")}
+            for counter, key in ((self.rows, "rows"), (self.calls, "calls"), (self.messages, "messages")):
+                if new[key] > 0:
+                    counter.inc(new[key], tags)
+            if new["calls"] > 0:
+                self.rows_per_call.set(new["rows"] / new["calls"], tags)
+            self._last[worker] = stats

@@ -10,25 +10,10 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 
 from cluster.sampling import SamplingParams
 from router_service.engine_api import GenerateChunk, TokenInfo
+from router_service.errors import ApiError
 
 Number = StrictInt | StrictFloat
 TokenIds = list[StrictInt]
-
-
-class ApiError(Exception):
-    """An error with its HTTP status and OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def __reduce__(self) -> tuple[Any, ...]:  # crosses Ray processes intact (Serve re-raises it in the proxy)
-        return (ApiError, (self.status, self.message, self.type, self.param, self.code, self.headers))
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class StreamOptions(BaseModel):
@@ -159,12 +144,6 @@ class ChatCompletionRequest(_Common):
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.sampling(max_tokens, logprobs, echo=False)
-
-
-def new_id(prefix: str) -> str:
-    import uuid
-
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

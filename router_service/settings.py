@@ -3,11 +3,11 @@ file, which ``moe-cluster serve`` and the Kubernetes manifests share) and passed
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.engine_config import ClusterConfig, EngineConfig
+from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig, known_fields
 
 DEMO_MODEL_NAME = "moe-cluster-demo"
 SHUTDOWN_ERROR_S = 5.0  # engine replica: from the drain deadline to Serve's force-kill
@@ -18,10 +18,12 @@ INGRESS_MARGIN_S = 5.0  # ingress replica: outlives the engine replicas' force-k
 class AppSettings:
     model: str  # checkpoint directory
     served_model_name: str = ""  # the name clients pass as "model"; default: the directory's name
-    engine: str = "cluster"  # "cluster" (expert-parallel on Ray actors) or "local" (one process)
-    num_engines: int = 1  # independent engine replicas behind the ingress
+    engine: str = "cluster"  # "cluster" (coordinators on one expert pool) or "local" (each replica one process)
+    num_engines: int = 1  # engine replicas (coordinators) behind the ingress, all on the app's one expert pool
+    engine_autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config for the engine replicas
     engine_options: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
-    cluster_options: dict[str, Any] = field(default_factory=dict)  # ClusterConfig fields
+    cluster_options: dict[str, Any] = field(default_factory=dict)  # ClusterConfig fields (each coordinator)
+    pool_options: dict[str, Any] = field(default_factory=dict)  # PoolConfig fields (the expert pool's shape)
     max_ongoing_requests: int = 256  # per engine replica; more wait in Serve's queue
     max_queued_requests: int = 512  # per ingress handle: beyond this a request gets 429
     max_request_bytes: int = 1 << 20  # request bodies above this are refused (413)
@@ -55,8 +57,12 @@ class AppSettings:
             raise ValueError(f"stream_interval_ms must be in [0, 1000], got {self.stream_interval_ms!r}")
         if not isinstance(self.stream_chunks_per_s, (int, float)) or self.stream_chunks_per_s < 0:
             raise ValueError(f"stream_chunks_per_s must be >= 0 (0: no cap), got {self.stream_chunks_per_s!r}")
+        if self.engine_autoscaling is not None and not isinstance(self.engine_autoscaling, dict):
+            raise ValueError(f"engine_autoscaling must be a Serve autoscaling_config mapping, "
+                             f"got {self.engine_autoscaling!r}")
         self.engine_config()  # validate the nested options now, with their own messages
         self.cluster_config()
+        self.pool_config()
 
     @property
     def model_name(self) -> str:
@@ -80,17 +86,12 @@ class AppSettings:
     def cluster_config(self) -> ClusterConfig:
         return ClusterConfig.from_dict(self.cluster_options)
 
-    def as_args(self) -> dict[str, Any]:
-        return asdict(self)
+    def pool_config(self) -> PoolConfig:
+        return PoolConfig.from_dict(self.pool_options)
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> AppSettings:
-        if not isinstance(args, dict):
-            raise ValueError(f"application args must be a mapping, got {args!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ValueError(f"unknown application arg(s) {unknown}; known: {sorted(known)}")
+        args = known_fields(cls, args, "application")
         if "model" not in args:
             raise ValueError("application args need 'model' (a checkpoint directory)")
         return cls(**args)

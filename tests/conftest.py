@@ -98,12 +98,19 @@ def ray_local() -> Iterator[None]:
 
 
 def cluster_config(**overrides: Any) -> Any:
-    """Test cluster defaults: short timeouts so failures surface fast, one thread per actor."""
+    """Test coordinator defaults: short timeouts so failures surface fast, one thread."""
     from cluster.engine_config import ClusterConfig
 
-    base: dict[str, Any] = {"worker_num_cpus": 1, "threads_per_actor": 1, "placement_timeout_s": 20,
-                            "collective_timeout_s": 20, "heartbeat_s": 1.0, "start_timeout_s": 120}
-    return ClusterConfig(**(base | overrides))
+    return ClusterConfig(**({"heartbeat_s": 1.0, "start_timeout_s": 120} | overrides))
+
+
+def pool_config(**overrides: Any) -> Any:
+    """Test pool defaults: one CPU and one thread per worker, short timeouts."""
+    from cluster.engine_config import PoolConfig
+
+    base: dict[str, Any] = {"worker_num_cpus": 1, "threads_per_worker": 1, "placement_timeout_s": 20,
+                            "link_timeout_s": 20, "start_timeout_s": 120}
+    return PoolConfig(**(base | overrides))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import build_parser
 from cluster.engine_config import EngineConfig
 from cluster.engine_loop import LocalEngine
 from cluster.sampling import SamplingParams
+from router_service.cli import build_parser
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", "--log-level", "ERROR", *args],
+    return subprocess.run([sys.executable, "-m", "router_service.cli", "--log-level", "ERROR", *args],
                           capture_output=True, text=True, timeout=timeout)
 
 

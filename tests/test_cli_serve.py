@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import yaml
 
-from router_service.cli import DEFAULT_CONFIG
+from router_service.serve_config import DEFAULT_CONFIG
 from tests.serving.conftest import free_port
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], list[str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "--log-level", "WARNING", "serve", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "router_service.cli", "--log-level", "WARNING", "serve", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=None if env is None else os.environ | env)
     lines: list[str] = []
@@ -97,8 +97,8 @@ def test_serve_with_a_config_file(demo_dir: Path, tmp_path: Path) -> None:
 
 def test_api_key_env_must_be_set(demo_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "UNSET_SERVE_KEY"}
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--model", str(demo_dir), "--api-key-env",
-                           "UNSET_SERVE_KEY"], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "router_service.cli", "serve", "--model", str(demo_dir),
+                           "--api-key-env", "UNSET_SERVE_KEY"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode != 0
     assert "UNSET_SERVE_KEY" in done.stderr and "Traceback" not in done.stderr
 

@@ -1,7 +1,9 @@
-"""The expert-parallel cluster on a real local Ray: parity with the local engine, failures, shutdown."""
+"""The expert-parallel cluster on a real local Ray: one expert pool shared by several coordinators, parity with
+the local engine, merging across coordinators, failures, shutdown."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -12,21 +14,28 @@ from typing import Any
 import pytest
 import ray
 
-from cluster.cluster_engine import ClusterEngine
+from cluster.engine_api import EngineClient
 from cluster.engine_config import EngineConfig
 from cluster.engine_loop import LocalEngine
-from cluster.errors import ClusterStartError, EngineDeadError, RequestFailedError
+from cluster.errors import ClusterStartError, RequestFailedError
 from cluster.sampling import SamplingParams
-from tests.conftest import HFCheckpoint, cluster_config, make_hf_checkpoint
+from tests.conftest import HFCheckpoint, cluster_config, make_hf_checkpoint, pool_config
 from tests.test_parity_hf import PARITY_CONFIGS, prompt_ids
+from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-LENGTHS = (40, 7, 23, 1)
+LENGTHS = (40, 7, 23, 1, 12)
+E8, E4 = "e8-top2-gqa4-window8-untied-sharded", "e4-top1-gqa1-window16-tied-single"
 
 
-def assert_same_outputs(cluster: ClusterEngine, local: LocalEngine, vocab: int) -> None:
-    prompts = [prompt_ids(vocab, n, seed=100 + n) for n in LENGTHS]
+def engines_share_one_api(local: LocalEngine, cluster: ClusterEngine) -> list[EngineClient]:
+    """Checked by mypy, not at run time: both engines implement the EngineClient protocol."""
+    return [local, cluster]
+
+
+def assert_same_outputs(cluster: ClusterEngine, local: LocalEngine, vocab: int, seed: int = 100) -> None:
+    prompts = [prompt_ids(vocab, n, seed=seed + n) for n in LENGTHS]
     for ours, theirs in zip(cluster.score(prompts), local.score(prompts), strict=True):
         assert (ours - theirs).abs().max().item() <= 1e-5
     got = cluster.generate(prompts, GREEDY)
@@ -45,7 +54,7 @@ def routed_since(before: list[list[int]], after: list[list[int]]) -> list[list[i
 @pytest.fixture(scope="module")
 def parity_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[HFCheckpoint, LocalEngine]]]:
     models: dict[str, tuple[HFCheckpoint, LocalEngine]] = {}
-    for name in ("e8-top2-gqa4-window8-untied-sharded", "e4-top1-gqa1-window16-tied-single"):
+    for name in (E8, E4):
         ckpt = make_hf_checkpoint(tmp_path_factory.mktemp("cluster-parity"), **PARITY_CONFIGS[name])
         engine_cfg = EngineConfig(model=str(ckpt.path), progress=False, num_kv_blocks=128, block_size=8)
         models[name] = (ckpt, LocalEngine.from_config(engine_cfg))
@@ -54,174 +63,131 @@ def parity_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
         local.shutdown()
 
 
-@pytest.mark.parametrize(("name", "experts_per_worker", "exchange", "inline_bytes"), [
-    ("e8-top2-gqa4-window8-untied-sharded", 1, "auto", 16 * 1024),
-    ("e8-top2-gqa4-window8-untied-sharded", 2, "collective", 16 * 1024),
-    ("e8-top2-gqa4-window8-untied-sharded", 8, "auto", 16 * 1024),
-    ("e4-top1-gqa1-window16-tied-single", 1, "sparse", 0),  # counts and rows always as two messages
-    ("e4-top1-gqa1-window16-tied-single", 3, "auto", 2048),  # 16 rows inline: decodes inline, prefills not
-])
-def test_cluster_equals_local_engine(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]], name: str,
-                                     experts_per_worker: int, exchange: str, inline_bytes: int) -> None:
-    ckpt, local = parity_models[name]
-    cluster = ClusterEngine.start(local.engine.engine_cfg, cluster_config(
-        experts_per_worker=experts_per_worker, exchange=exchange, inline_message_bytes=inline_bytes))
-    try:
-        num_experts = ckpt.config.get("num_local_experts", 8)
-        assert len(cluster.info["workers"]) == -(-num_experts // experts_per_worker)
-        before = {"cluster": cluster.stats().tokens_per_expert, "local": local.stats().tokens_per_expert}
-        assert_same_outputs(cluster, local, ckpt.config["vocab_size"])
-        # The same requests routed the same rows to the same experts, layer by layer, in the cluster as in the
-        # local engine (counted from here: the local engine is shared by the module's tests); every expert got some.
-        routed = routed_since(before["cluster"], cluster.stats().tokens_per_expert)
-        assert routed == routed_since(before["local"], local.stats().tokens_per_expert)
-        assert len(routed) == ckpt.config["num_hidden_layers"]
-        assert all(len(layer) == num_experts and min(layer) > 0 for layer in routed), routed
-    finally:
-        cluster.shutdown()
+@pytest.fixture(scope="module")
+def pool2(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]]) -> Iterator[Any]:
+    """An expert pool of the 8-expert model, 2 experts per worker (4 workers), shared by this module's tests. Its
+    merge window is wide, so that merging shows even on a loaded machine."""
+    pool = start_pool(parity_models[E8][1].engine.engine_cfg, pool_config(experts_per_worker=2, merge_wait_ms=20))
+    yield pool
+    stop_pool(pool)
 
 
-def test_workers_read_only_their_experts_shards(hf_small: HFCheckpoint) -> None:
-    import json
-
-    index = json.loads((hf_small.path / "model.safetensors.index.json").read_text())["weight_map"]
-    cluster = ClusterEngine.start(EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=32),
-                                  cluster_config(experts_per_worker=4))
-    try:
-        for worker in cluster.info["workers"]:
-            own = {f for name, f in index.items()
-                   if ".experts." in name and int(name.split(".")[5]) in worker["experts"]}
-            assert set(worker["files_opened"]) == own
-    finally:
-        cluster.shutdown()
-
-
-def test_two_clusters_on_one_machine_do_not_collide(hf_small: HFCheckpoint) -> None:
-    cfg = EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=64)
-    engines: list[ClusterEngine] = []
+def test_three_coordinators_on_one_pool_equal_the_local_engine(
+        parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]], pool2: Any) -> None:
+    """Two coordinators (one on shared-memory links, one on process-group links) generate at the same time, and
+    a third attaches while they do; each equals the local engine, token for token."""
+    ckpt, local = parity_models[E8]
+    vocab, cfg = ckpt.config["vocab_size"], local.engine.engine_cfg
+    first = ClusterEngine.start(cfg, cluster_config(), pool=pool2)
+    second = ClusterEngine.start(cfg, cluster_config(link="pg"), pool=pool2)
+    third: list[ClusterEngine] = []
     errors: list[BaseException] = []
 
-    def start() -> None:
+    def check(engine: ClusterEngine, seed: int) -> None:
         try:
-            engines.append(ClusterEngine.start(cfg, cluster_config(experts_per_worker=4)))
+            assert_same_outputs(engine, local, vocab, seed)
         except BaseException as err:
             errors.append(err)
 
-    threads = [threading.Thread(target=start) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
     try:
-        assert not errors and len(engines) == 2
-        assert len({e.info["rendezvous"] for e in engines}) == 2  # each picked its own free port
-        a, b = (e.generate([[5, 6, 7, 8]], GREEDY)[0].completions[0].token_ids for e in engines)
-        assert a == b
+        assert first.describe()["links"] == ["shm"] * 4 and second.describe()["links"] == ["pg"] * 4
+        before = {"cluster": first.stats().tokens_per_expert, "local": local.stats().tokens_per_expert}
+        check(first, 100)
+        # The same requests routed the same rows to the same experts, layer by layer, as in the local engine.
+        routed = routed_since(before["cluster"], first.stats().tokens_per_expert)
+        assert routed == routed_since(before["local"], local.stats().tokens_per_expert)
+        assert len(routed) == ckpt.config["num_hidden_layers"] and all(min(layer) > 0 for layer in routed)
+        running = [threading.Thread(target=check, args=pair) for pair in ((first, 200), (second, 300))]
+        for thread in running:
+            thread.start()
+        third.append(ClusterEngine.start(cfg, cluster_config(), pool=pool2))  # attaches while the others generate
+        check(third[0], 400)
+        for thread in running:
+            thread.join()
+        assert not errors, errors
+        pool = ray.get(pool2.describe.remote())
+        assert len(pool["workers"]) == 4 and len(pool["coordinators"]) >= 3
     finally:
-        for e in engines:
-            e.shutdown()
+        for engine in (first, second, *third):
+            engine.shutdown()
+    assert ray.get(pool2.describe.remote())["coordinators"] == []
+    # The pool outlived its coordinators: every worker still serves, and dropped every link it had.
+    for stats in ray.get(pool2.worker_stats.remote()):
+        assert stats["links_closed"] == stats["links_opened"] >= 3
 
 
-def _kill(cluster: ClusterEngine, worker_index: int) -> dict[str, Any]:
-    info = cluster.info["workers"][worker_index]
-    os.kill(info["pid"], signal.SIGKILL)
-    return info
+def rows_per_call(pool: Any, run: Any) -> float:
+    """Rows per grouped expert call over the pool's workers while ``run()`` runs."""
+    def totals() -> tuple[int, int]:
+        stats = ray.get(pool.worker_stats.remote())
+        return sum(s["rows"] for s in stats), sum(s["calls"] for s in stats)
+
+    rows, calls = totals()
+    run()
+    rows_after, calls_after = totals()
+    return (rows_after - rows) / (calls_after - calls)
 
 
-def test_worker_killed_while_idle_is_reported_by_name(hf_small: HFCheckpoint) -> None:
-    """With recovery off, a dead worker fails the engine with an error naming it."""
-    cluster = ClusterEngine.start(EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=64),
-                                  cluster_config(experts_per_worker=2, recover_workers=False))
+def test_rows_of_two_coordinators_merge_into_one_expert_call(
+        parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]], pool2: Any) -> None:
+    """At the same batch per coordinator, two coordinators give each expert call about twice the rows of one."""
+    cfg = parity_models[E8][1].engine.engine_cfg
+    engines = [ClusterEngine.start(cfg, cluster_config(), pool=pool2) for _ in range(2)]
+    batch = [prompt_ids(96, 6, seed=s) for s in range(8)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+    def together() -> None:
+        threads = [threading.Thread(target=e.generate, args=(batch, params)) for e in engines]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
     try:
-        assert cluster.generate([[5, 6, 7]], GREEDY)[0].completions[0].token_ids
-        killed = _kill(cluster, 2)
-        started = time.monotonic()
-        while cluster.health()["alive"] and time.monotonic() - started < 30:
-            time.sleep(0.2)
-        health = cluster.health()
-        assert not health["alive"], "the death was not noticed within 30 s"
-        assert f"expert worker 2 (rank 3, experts [4, 5], pid {killed['pid']}" in health["reason"]
-        assert "died" in health["reason"]
-        with pytest.raises(EngineDeadError, match="expert worker 2"):
-            cluster.generate([[5, 6, 7]], GREEDY)
+        alone = rows_per_call(pool2, lambda: engines[0].generate(batch, params))
+        merged = rows_per_call(pool2, together)
+        print(f"\nrows per expert call: 1 coordinator {alone:.1f}, 2 coordinators {merged:.1f}")
+        assert merged >= 1.5 * alone
     finally:
-        cluster.shutdown()
-    _assert_released(cluster)
+        for engine in engines:
+            engine.shutdown()
 
 
-def test_worker_killed_mid_generation_fails_requests_naming_it(hf_small: HFCheckpoint) -> None:
-    cluster = ClusterEngine.start(EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=256,
-                                               max_model_len=512),
-                                  cluster_config(experts_per_worker=2, recover_workers=False))
+def test_one_expert_per_worker_and_uneven_workers(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]]
+                                                  ) -> None:
+    ckpt, local = parity_models[E4]
+    pool = start_pool(local.engine.engine_cfg, pool_config(experts_per_worker=1))
+    engines = [ClusterEngine.start(local.engine.engine_cfg, cluster_config(), pool=pool) for _ in range(2)]
     try:
-        result: dict[str, Any] = {}
-
-        def run() -> None:
-            started = time.monotonic()
-            try:
-                cluster.generate([[5, 6, 7]] * 4, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
-                result["error"] = None
-            except Exception as err:
-                result["error"] = err
-            result["seconds"] = time.monotonic() - started
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        while cluster.stats().num_running == 0:
-            time.sleep(0.05)
-        time.sleep(0.3)
-        killed_at = time.monotonic()
-        killed = _kill(cluster, 1)
-        thread.join(timeout=60)
-        assert not thread.is_alive()
-        err = result["error"]
-        assert isinstance(err, RequestFailedError)
-        assert f"expert worker 1 (rank 2, experts [2, 3], pid {killed['pid']}" in str(err)
-        assert time.monotonic() - killed_at < 30
+        assert len(ray.get(pool.describe.remote())["workers"]) == 4
+        for engine in engines:
+            assert_same_outputs(engine, local, ckpt.config["vocab_size"])
     finally:
-        cluster.shutdown()
-    _assert_released(cluster)
+        for engine in engines:
+            engine.shutdown()
+        stop_pool(pool)
+    ckpt, local = parity_models[E8]
+    uneven = ClusterEngine.start(local.engine.engine_cfg, cluster_config(), pool_config(experts_per_worker=3))
+    try:  # experts [0, 1, 2], [3, 4, 5], [6, 7]
+        assert [w["experts"] for w in uneven.describe()["pool"]["workers"]] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+        assert_same_outputs(uneven, local, ckpt.config["vocab_size"])
+    finally:
+        uneven.shutdown()
 
 
-def test_missing_resources_fail_fast_with_what_is_missing(hf_small: HFCheckpoint) -> None:
-    started = time.monotonic()
-    with pytest.raises(ClusterStartError) as err:
-        ClusterEngine.start(EngineConfig(model=str(hf_small.path), progress=False),
-                            cluster_config(use_gpus=True, placement_timeout_s=3))
-    assert time.monotonic() - started < 20
-    text = str(err.value)
-    assert "could not place the cluster's 9 actors within 3s" in text and "missing: GPU 9" in text
-    assert not [pg for pg in ray.util.placement_group_table().values() if pg["state"] not in ("REMOVED",)]
+def test_workers_read_only_their_experts_shards(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]],
+                                                pool2: Any) -> None:
+    ckpt, _ = parity_models[E8]
+    index = json.loads((ckpt.path / "model.safetensors.index.json").read_text())["weight_map"]
+    for worker in ray.get(pool2.describe.remote())["workers"]:
+        own = {f for name, f in index.items() if ".experts." in name and int(name.split(".")[5]) in worker["experts"]}
+        assert set(worker["files_opened"]) == own
 
 
-def _assert_released(cluster: ClusterEngine) -> None:
-    """Every resource of this cluster is back, its placement group is removed, its coordinator is gone."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        free, total = (sum(r.get(k, 0) for k in ("CPU", "GPU")) for r in (ray.available_resources(),
-                                                                           ray.cluster_resources()))
-        pg = cluster.placement_group
-        pg_state = ray.util.placement_group_table(pg)["state"] if pg is not None else "REMOVED"
-        if free == total and pg_state == "REMOVED":
-            break
-        time.sleep(0.3)
-    assert free == total, f"{total - free} CPUs/GPUs still held after shutdown"
-    assert pg_state == "REMOVED"
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(cluster.coordinator.health.remote(), timeout=10)
-
-
-def test_shutdown_releases_every_actor_and_the_placement_group(hf_small: HFCheckpoint) -> None:
-    cluster = ClusterEngine.start(EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=32),
-                                  cluster_config(experts_per_worker=1))
-    assert cluster.generate([[9, 10]], GREEDY)[0].completions[0].token_ids
-    cluster.shutdown()
-    _assert_released(cluster)
-
-
-def test_bad_request_through_the_cluster_is_a_value_error(hf_small: HFCheckpoint) -> None:
-    cluster = ClusterEngine.start(EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=32,
-                                               max_model_len=64), cluster_config(experts_per_worker=8))
+def test_bad_request_through_the_cluster_is_a_value_error(
+        parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]], pool2: Any) -> None:
+    cfg = parity_models[E8][1].engine.engine_cfg.with_(max_model_len=64)
+    cluster = ClusterEngine.start(cfg, cluster_config(), pool=pool2)
     try:
         with pytest.raises(ValueError, match="prompt token id 999 at position 0 is outside the vocabulary"):
             cluster.generate([[999]], GREEDY)
@@ -231,7 +197,94 @@ def test_bad_request_through_the_cluster_is_a_value_error(hf_small: HFCheckpoint
         cluster.shutdown()
 
 
-def test_engine_api_is_shared() -> None:
-    """LocalEngine and ClusterEngine offer the same public methods."""
-    public = {"generate", "stream", "stream_batches", "abort", "score", "stats", "health", "shutdown"}
-    assert public <= set(dir(ClusterEngine)) and public <= set(dir(LocalEngine))
+def test_worker_killed_mid_generation_fails_requests_naming_it(hf_small: HFCheckpoint) -> None:
+    """With recovery off, a dead worker fails the running requests with an error naming it, at once."""
+    before = held()
+    cluster = ClusterEngine.start(EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=256,
+                                               max_model_len=512),
+                                  cluster_config(recover_workers=False), pool_config(experts_per_worker=2))
+    try:
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                cluster.generate([[5, 6, 7]] * 4, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+                result["error"] = None
+            except Exception as err:
+                result["error"] = err
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        while cluster.stats().num_running == 0:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        killed_at = time.monotonic()
+        killed = cluster.describe()["pool"]["workers"][1]
+        os.kill(killed["pid"], signal.SIGKILL)
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        err = result["error"]
+        assert isinstance(err, RequestFailedError)
+        assert f"expert worker 1 (experts [2, 3], generation 0, pid {killed['pid']}" in str(err)
+        assert time.monotonic() - killed_at < 20
+        assert not cluster.health()["alive"]
+    finally:
+        cluster.shutdown()
+    assert_released(before)
+
+
+def test_missing_resources_fail_fast_with_what_is_missing(hf_small: HFCheckpoint) -> None:
+    before = held()
+    started = time.monotonic()
+    with pytest.raises(ClusterStartError) as err:
+        ClusterEngine.start(EngineConfig(model=str(hf_small.path), progress=False),
+                            cluster_config(), pool_config(use_gpus=True, placement_timeout_s=3))
+    assert time.monotonic() - started < 20
+    text = str(err.value)
+    assert "could not place the pool's 8 expert workers within 3s" in text and "missing: GPU 8" in text
+    assert_released(before)
+
+
+def held() -> tuple[float, set[str]]:
+    """CPUs and GPUs held now, and the placement groups not removed."""
+    free, total = (sum(r.get(k, 0) for k in ("CPU", "GPU")) for r in (ray.available_resources(),
+                                                                       ray.cluster_resources()))
+    return total - free, {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+
+
+def assert_released(before: tuple[float, set[str]]) -> None:
+    """Every CPU, GPU and placement group taken since ``before = held()`` is back (what earlier tests still held
+    then may have been released since)."""
+    def released(now: tuple[float, set[str]]) -> bool:
+        return now[0] <= before[0] and now[1] <= before[1]
+
+    deadline = time.monotonic() + 20
+    while not released(held()) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    now = held()
+    assert now[0] <= before[0], f"{now[0] - before[0]} CPUs/GPUs still held after shutdown"
+    assert now[1] <= before[1], f"placement groups {now[1] - before[1]} still there"
+
+
+def test_shutdown_releases_every_actor_and_the_placement_group(hf_small: HFCheckpoint) -> None:
+    before = held()
+    cluster = ClusterEngine.start(EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=32),
+                                  cluster_config(), pool_config(experts_per_worker=4))
+    assert cluster.generate([[9, 10]], GREEDY)[0].completions[0].token_ids
+    workers = cluster.describe()["pool"]["workers"]
+    cluster.shutdown()
+    assert_released(before)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(cluster.coordinator.health.remote(), timeout=10)
+    deadline = time.monotonic() + 15
+    while any(pid_alive(w["pid"]) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(pid_alive(w["pid"]) for w in workers), "an expert worker process outlived the shutdown"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

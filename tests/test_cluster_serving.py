@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cluster_engine import ClusterEngine
 from cluster.engine_config import EngineConfig
 from cluster.sampling import SamplingParams
-from tests.conftest import cluster_config
+from tests.conftest import cluster_config, pool_config
+from workers.cluster_engine import ClusterEngine
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 NUM_BLOCKS = 24  # 24 blocks of 8 tokens: far less than 64 requests need at once
@@ -23,7 +23,7 @@ NUM_BLOCKS = 24  # 24 blocks of 8 tokens: far less than 64 requests need at once
 def tight_cluster(demo_dir: Path) -> Iterator[ClusterEngine]:
     engine_cfg = EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=NUM_BLOCKS, block_size=8,
                               max_num_seqs=32, max_num_batched_tokens=128, max_model_len=256)
-    cluster = ClusterEngine.start(engine_cfg, cluster_config(experts_per_worker=4))
+    cluster = ClusterEngine.start(engine_cfg, cluster_config(), pool_config(experts_per_worker=4))
     yield cluster
     cluster.shutdown()
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cluster.config import ModelConfig
-from cluster.engine_config import ClusterConfig, EngineConfig
+from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 
 # The config.json published with Mixtral-8x7B-v0.1 (classic form).
 MIXTRAL_8X7B = {
@@ -91,9 +91,12 @@ def test_config_is_frozen() -> None:
     (EngineConfig, {"model": "m", "dtype": "fp8"}, "dtype 'fp8' is not supported"),
     (EngineConfig, {"model": "m", "device": "tpu"}, "device must be"),
     (EngineConfig, {"model": "m", "kv_cache_fraction": 1.5}, "kv_cache_fraction must be in"),
-    (ClusterConfig, {"experts_per_worker": 0}, "experts_per_worker must be a positive integer, got 0"),
+    (PoolConfig, {"experts_per_worker": 0}, "experts_per_worker must be a positive integer, got 0"),
+    (PoolConfig, {"link_slots": 0}, "link_slots must be a positive integer, got 0"),
+    (PoolConfig, {"placement_strategy": "RANDOM"}, "placement_strategy must be PACK"),
     (ClusterConfig, {"backend": "mpi"}, "backend must be"),
-    (ClusterConfig, {"heartbeat_s": 10, "collective_timeout_s": 5}, "heartbeat_s=10 must be shorter"),
+    (ClusterConfig, {"link": "tcp"}, "link must be 'auto', 'shm' or 'pg', got 'tcp'"),
+    (ClusterConfig, {"heartbeat_s": 0}, "heartbeat_s must be a positive number, got 0"),
 ])
 def test_serving_config_errors(cls: type, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):

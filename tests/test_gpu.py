@@ -8,7 +8,7 @@ import torch
 from cluster.engine_config import EngineConfig
 from cluster.engine_loop import LocalEngine
 from cluster.sampling import SamplingParams
-from tests.conftest import HFCheckpoint, cluster_config
+from tests.conftest import HFCheckpoint, cluster_config, pool_config
 from tests.test_parity_hf import hf_greedy, prompt_ids
 
 GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
@@ -41,8 +41,8 @@ def test_local_engine_on_cuda_matches_transformers(hf_small: HFCheckpoint, dtype
 def test_cluster_over_nccl_equals_local_engine(hf_small: HFCheckpoint) -> None:
     import ray
 
-    from cluster.cluster_engine import ClusterEngine
     from tests.test_cluster import assert_same_outputs
+    from workers.cluster_engine import ClusterEngine
 
     gpus = torch.cuda.device_count()
     experts_per_worker = -(-8 // (gpus - 1))  # the coordinator takes one GPU, the workers the rest
@@ -50,11 +50,12 @@ def test_cluster_over_nccl_equals_local_engine(hf_small: HFCheckpoint) -> None:
         ray.shutdown()
     ray.init(address="local", num_cpus=16, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     engine_cfg = EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=128)
-    cluster = ClusterEngine.start(engine_cfg, cluster_config(experts_per_worker=experts_per_worker))
+    cluster = ClusterEngine.start(engine_cfg, cluster_config(), pool_config(experts_per_worker=experts_per_worker))
     local = LocalEngine.from_config(engine_cfg.with_(device="cuda"))
     try:
-        assert cluster.info["backend"] == "nccl" and cluster.info["exchange"] == "collective"
-        assert all(w["device"].startswith("cuda") for w in cluster.info["workers"])
+        described = cluster.describe()
+        assert described["links"] == ["pg"] * len(described["pool"]["workers"])  # NCCL pairs between GPUs
+        assert all(w["device"].startswith("cuda") for w in described["pool"]["workers"])
         assert_same_outputs(cluster, local, 96)
     finally:
         cluster.shutdown()

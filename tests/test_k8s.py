@@ -4,18 +4,21 @@ The overlays are rendered here in Python (the kustomize subset they use: resourc
 where kubectl is on PATH, compared with `kubectl kustomize`. Every RayService, and the RayCluster inside it,
 validates against the KubeRay CRD schemas (defaults filled first, as the API server does; fields the API server
 would prune are errors); every serveConfigV2 parses with Ray's own ServeDeploySchema and is exactly what
-k8s/render.py makes from the CLI's Serve config. Then the cpu-demo overlay's serveConfigV2 is deployed with
-`serve deploy` on a real `ray start --head` cluster and answers HTTP and gRPC.
+k8s/render.py makes from the CLI's Serve config; the app's actors (the expert pool, the coordinators, the ingress)
+fit the worker groups, each kind on its own group where custom resources say so. Then the cpu-demo overlay's
+serveConfigV2 is deployed with `serve deploy` on a real `ray start --head` cluster and answers HTTP and gRPC.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -23,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +39,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k8s.render import BASE_OVERRIDES, K8S, PATCH, overlays, render_patch, serve_config
-from router_service.cli import grpc_servicer_functions
 from router_service.client import GenerationClient
+from router_service.serve_config import grpc_servicer_functions
 from router_service.settings import AppSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +50,11 @@ KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "patches", "images"}  #
 HEAD_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "serve-grpc": 9000, "metrics": 8080}
 API_KEY_ENV, API_KEY_SECRET = "MOE_CLUSTER_API_KEY", {"name": "moe-cluster-api-key", "key": "api-key"}
 WEIGHTS_CLAIM, WEIGHTS_MOUNT = "moe-cluster-weights", "/models"
-MIXTRAL_8X7B_EXPERTS = 8  # per layer; the gpu overlay's checkpoint is not here to read it from
+# The architecture of Mixtral-8x7B-v0.1 (its config.json): the gpu overlay's checkpoint is not here to read it from.
+MIXTRAL_8X7B: dict[str, Any] = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_layers": 32, "num_heads": 32,
+    "num_kv_heads": 8, "head_dim": 128, "num_experts": 8, "experts_per_token": 2, "max_position_embeddings": 32768,
+    "dtype": "bfloat16"}
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.I)
 
 
@@ -320,32 +327,232 @@ def test_no_secret_values_and_the_api_key_comes_from_a_secret(overlay: str) -> N
     assert "runtime_env" not in config["applications"][0]  # env vars (and keys) come from the pods, not Serve
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_engine_and_ingress_fit_the_minimum_cluster(overlay: str) -> None:
-    """The engine's placement group (coordinator + workers, one bundle each) and the ingress's minimum replicas
-    fit on the worker pods that exist at minReplicas, so the app comes up without waiting for the autoscaler."""
-    from cluster.demo import demo_config
-    from cluster.engine_config import ClusterConfig
-    from cluster.moe import ExpertMap
-    from cluster.placement import cluster_bundles
+# ----------------------------------------------------- the app's actors on the pods: pool, coordinators, ingress
 
-    service = rayservice(overlay)
-    settings = AppSettings.from_args(yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"])
-    cluster_cfg = ClusterConfig.from_dict(settings.cluster_options)
-    experts = demo_config(1024).num_experts if overlay == "cpu-demo" else MIXTRAL_8X7B_EXPERTS
-    workers = ExpertMap.contiguous(experts, cluster_cfg.experts_per_worker).num_workers
-    bundles = cluster_bundles(cluster_cfg, workers, bool(cluster_cfg.use_gpus)) * settings.num_engines
-    assert settings.ingress_autoscaling is not None
-    bundles += [{"CPU": 1.0}] * settings.ingress_autoscaling["min_replicas"]  # Serve's default: 1 CPU per replica
-    pods = [{"CPU": float(g["rayStartParams"]["num-cpus"]), "GPU": float(g["rayStartParams"].get("num-gpus", 0))}
-            for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"] for _ in range(g["minReplicas"])]
-    for bundle in sorted(bundles, key=lambda b: (-b.get("GPU", 0), -b["CPU"])):  # first fit, decreasing
-        pod = next((p for p in pods if all(p.get(k, 0) >= v for k, v in bundle.items())), None)
-        assert pod is not None, f"{overlay}: {bundle} does not fit on the minimum worker pods (left: {pods})"
-        for key, value in bundle.items():
-            pod[key] -= value
-    if overlay == "gpu-mixtral-8x7b":
-        assert workers == 8 and len([b for b in bundles if b.get("GPU")]) == 9
+Resources = dict[str, float]
+Demand = tuple[str, Resources, str | None]  # what, the resources it holds, a STRICT_SPREAD key (else None)
+EPSILON = 1e-9
+
+
+def checkpoint_config(overlay: str) -> Any:
+    """The ModelConfig of the overlay's checkpoint, which is not here (the demo's is baked into the image, Mixtral's
+    is on the weights volume): the shape its config.json has."""
+    from cluster.config import ModelConfig
+    from cluster.demo import demo_config
+
+    configs = {"cpu-demo": lambda: demo_config(1024), "gpu-mixtral-8x7b": lambda: ModelConfig(**MIXTRAL_8X7B)}
+    assert overlay in configs, f"add the checkpoint shape of overlay {overlay} here"
+    return configs[overlay]()
+
+
+SettingsOf = Callable[[str], AppSettings]
+
+
+@pytest.fixture
+def app_settings(tmp_path: Path) -> SettingsOf:
+    """The overlay's AppSettings, with its model path pointing at a config.json of the overlay's checkpoint shape
+    (the pool's deployment options read the number of experts from it)."""
+    def make(overlay: str) -> AppSettings:
+        args = yaml.safe_load(rayservice(overlay)["spec"]["serveConfigV2"])["applications"][0]["args"]
+        model = tmp_path / overlay
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps(checkpoint_config(overlay).to_hf_dict()))
+        return dataclasses.replace(AppSettings.from_args(args), model=str(model))
+    return make
+
+
+def config_deployment(overlay: str, name: str) -> dict[str, Any]:
+    """The Serve config's own options for one deployment (its `deployments` entry), which win over the code's."""
+    (app,) = yaml.safe_load(rayservice(overlay)["spec"]["serveConfigV2"])["applications"]
+    entries = [{k: v for k, v in entry.items() if k != "name"} for entry in app.get("deployments", [])
+               if entry["name"] == name]
+    return entries[0] if entries else {}
+
+
+def replica_range(options: dict[str, Any]) -> tuple[int, int]:
+    """(fewest, most) replicas of a deployment with these options."""
+    from ray.serve.config import AutoscalingConfig
+
+    if options.get("autoscaling_config"):
+        autoscaling = AutoscalingConfig(**options["autoscaling_config"])
+        return autoscaling.min_replicas, autoscaling.max_replicas
+    return options["num_replicas"], options["num_replicas"]
+
+
+def actor_resources(ray_actor_options: dict[str, Any]) -> Resources:
+    """What a Serve replica actor holds (Serve's default: 1 CPU)."""
+    resources = {"CPU": float(ray_actor_options.get("num_cpus", 1)), "GPU": float(ray_actor_options.get("num_gpus", 0))}
+    return resources | {k: float(v) for k, v in (ray_actor_options.get("resources") or {}).items()}
+
+
+class AppShape:
+    """The Ray resources of the app's replicas, from the functions that make its deployments' options."""
+
+    def __init__(self, overlay: str, settings: AppSettings) -> None:
+        from router_service.engine_deployment import DEPLOYMENT_NAME, engine_deployment_options
+        from router_service.ingress import Ingress
+        from router_service.pool_deployment import POOL_DEPLOYMENT, pool_deployment_options
+
+        pool = pool_deployment_options(settings) | config_deployment(overlay, POOL_DEPLOYMENT)
+        assert replica_range(pool) == (1, 1)
+        self.pool_bundles = [{k: float(v) for k, v in bundle.items()} for bundle in pool["placement_group_bundles"]]
+        self.pool_strategy: str = pool["placement_group_strategy"]
+        assert fits(self.pool_bundles[0], actor_resources(pool["ray_actor_options"]))  # the manager: bundle 0
+        engine = engine_deployment_options(settings) | config_deployment(overlay, DEPLOYMENT_NAME)
+        self.coordinator = actor_resources(engine["ray_actor_options"])
+        self.engines = replica_range(engine)
+        ingress_options = ({"autoscaling_config": settings.ingress_autoscaling} if settings.ingress_autoscaling else
+                           {"num_replicas": settings.ingress_replicas})
+        ingress_deployment: Any = Ingress  # a Serve Deployment (the decorator's type is not visible to mypy)
+        ingress = ({"ray_actor_options": ingress_deployment.ray_actor_options} | ingress_options |
+                   config_deployment(overlay, ingress_deployment.name))
+        self.ingress = actor_resources(ingress["ray_actor_options"])
+        self.ingresses = replica_range(ingress)
+
+    @property
+    def workers(self) -> list[Resources]:
+        return self.pool_bundles[1:]
+
+    def demands(self, engines: int, ingresses: int) -> list[Demand]:
+        pool: list[Demand]
+        if self.pool_strategy == "STRICT_PACK":  # all of the pool on one node
+            total: Resources = {}
+            for bundle in self.pool_bundles:
+                for key, value in bundle.items():
+                    total[key] = total.get(key, 0.0) + value
+            pool = [("the expert pool", total, None)]
+        else:
+            spread = "pool" if self.pool_strategy == "STRICT_SPREAD" else None
+            pool = [("the pool manager", self.pool_bundles[0], spread)]
+            pool += [(f"expert worker {i}", bundle, spread) for i, bundle in enumerate(self.workers)]
+        return (pool + [(f"coordinator {i}", self.coordinator, None) for i in range(engines)] +
+                [(f"ingress {i}", self.ingress, None) for i in range(ingresses)])
+
+
+def group_resources(group: dict[str, Any], is_head: bool = False) -> Resources:
+    """One pod's Ray resources as the Ray autoscaler reads them from the group (rayStartParams, then limits)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
+
+    resources = _get_ray_resources_from_group_spec(group, is_head=is_head)
+    return {key: float(value) for key, value in resources.items() if key != "memory"}
+
+
+def ray_nodes(service: dict[str, Any], count: str) -> list[tuple[str, Resources]]:
+    """The Ray nodes (group name, resources) with every worker group at `count` ("minReplicas", "maxReplicas")."""
+    cluster = service["spec"]["rayClusterConfig"]
+    nodes = [("head", group_resources(cluster["headGroupSpec"], is_head=True))]
+    for group in cluster["workerGroupSpecs"]:
+        nodes += [(group["groupName"], group_resources(group)) for _ in range(group[count])]
+    return nodes
+
+
+def fits(node: Resources, demand: Resources) -> bool:
+    return all(node.get(key, 0.0) + EPSILON >= value for key, value in demand.items() if value)
+
+
+def _nonzero(free: list[tuple[str, Resources, set[str]]]) -> list[tuple[str, Resources]]:
+    return [(group, {k: v for k, v in resources.items() if v > EPSILON}) for group, resources, _ in free]
+
+
+def place(nodes: list[tuple[str, Resources]], demands: list[Demand]) -> dict[str, str]:
+    """First fit, most constrained first (custom resources, then GPUs, then CPUs): the group each demand lands in.
+    Fails naming the first demand that fits nowhere."""
+    free = [(group, dict(resources), set[str]()) for group, resources in nodes]
+    placed: dict[str, str] = {}
+    order = sorted(demands, key=lambda d: (-len(set(d[1]) - {"CPU", "GPU"}), -d[1].get("GPU", 0), -d[1].get("CPU", 0)))
+    for what, demand, spread in order:
+        node = next((n for n in free if fits(n[1], demand) and (spread is None or spread not in n[2])), None)
+        assert node is not None, f"{what} ({demand}) fits on no node; free: {_nonzero(free)}"
+        for key, value in demand.items():
+            node[1][key] = node[1].get(key, 0.0) - value
+        if spread is not None:
+            node[2].add(spread)
+        placed[what] = node[0]
+    return placed
+
+
+def groups_that_fit(service: dict[str, Any], demand: Resources) -> set[str]:
+    """The worker groups one of whose (empty) pods can hold ``demand``."""
+    return {g["groupName"] for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+            if fits(group_resources(g), demand)}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pool_coordinators_and_ingress_fit_the_minimum_cluster(overlay: str, app_settings: SettingsOf) -> None:
+    """The expert pool's placement group (manager + one bundle per worker), the fewest engine replicas (one
+    coordinator each) and the fewest ingress replicas fit on the pods that exist at minReplicas, custom resources
+    included, so the app comes up without waiting for the autoscaler."""
+    settings = app_settings(overlay)
+    # GPU use is explicit: never what the Ray cluster happens to have when the app starts.
+    assert settings.pool_config().use_gpus is not None and settings.cluster_config().use_gpus is not None
+    shape = AppShape(overlay, settings)
+    workers = -(-checkpoint_config(overlay).num_experts // settings.pool_config().experts_per_worker)
+    assert len(shape.workers) == workers
+    assert all(bundle.get("GPU", 0) == int(bool(settings.pool_config().use_gpus)) for bundle in shape.workers)
+    assert shape.engines[0] >= 1 and shape.ingresses[0] >= 1
+    place(ray_nodes(rayservice(overlay), "minReplicas"), shape.demands(shape.engines[0], shape.ingresses[0]))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_most_engine_replicas_fit_the_maximum_cluster(overlay: str, app_settings: SettingsOf) -> None:
+    """At maxReplicas the groups hold the pool, the most engine replicas and the most ingress replicas; and the
+    groups where coordinators can go hold the most coordinators by themselves."""
+    service, shape = rayservice(overlay), AppShape(overlay, app_settings(overlay))
+    place(ray_nodes(service, "maxReplicas"), shape.demands(shape.engines[1], shape.ingresses[1]))
+    homes = groups_that_fit(service, shape.coordinator)
+    assert homes
+    place([node for node in ray_nodes(service, "maxReplicas") if node[0] in homes],
+          [(f"coordinator {i}", shape.coordinator, None) for i in range(shape.engines[1])])
+
+
+def slots(group: dict[str, Any]) -> dict[str, float]:
+    """A group's custom resources per pod, as `ray start --resources` gets them (KubeRay passes the value to a
+    shell, which drops its quotes), and checked equal to what the Ray autoscaler reads."""
+    value = group["rayStartParams"].get("resources")
+    if value is None:
+        return {}
+    (word,) = shlex.split(value)
+    parsed = json.loads(word)
+    autoscaler = {k: v for k, v in group_resources(group).items() if k not in ("CPU", "GPU")}
+    assert parsed == autoscaler, group["groupName"]
+    return {k: float(v) for k, v in parsed.items()}
+
+
+def test_gpu_overlay_puts_experts_and_coordinators_on_their_own_groups(app_settings: SettingsOf) -> None:
+    """Mixtral-8x7B: 8 expert workers, one expert and one GPU each, only on the experts group, which is exactly
+    their size and does not scale; each coordinator on a GPU of the coordinators group, which scales with the
+    engine replicas. Custom resources (one slot per GPU) keep each kind on its group."""
+    overlay = "gpu-mixtral-8x7b"
+    service, settings = rayservice(overlay), app_settings(overlay)
+    shape = AppShape(overlay, settings)
+    groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "experts", "coordinators"}
+    experts, coordinators = groups["experts"], groups["coordinators"]
+    assert settings.pool_config().experts_per_worker == 1 and len(shape.workers) == 8
+    assert all(worker.get("GPU") == 1 for worker in shape.workers) and shape.coordinator.get("GPU") == 1
+    assert settings.pool_config().worker_resources == {"moe_expert_slot": 1}
+    assert settings.cluster_config().coordinator_resources == {"moe_coordinator_slot": 1}
+    for group, slot in ((experts, "moe_expert_slot"), (coordinators, "moe_coordinator_slot")):
+        # one slot per GPU: a pod's GPUs and slots run out together
+        assert slots(group) == {slot: float(group["rayStartParams"]["num-gpus"])}, group["groupName"]
+    assert "resources" not in groups["cpu"]["rayStartParams"]
+    # Each kind fits only its own group; what needs no GPU (the pool's manager, the ingress) takes no slot.
+    assert all(groups_that_fit(service, worker) == {"experts"} for worker in shape.workers)
+    assert groups_that_fit(service, shape.coordinator) == {"coordinators"}
+    for demand in (shape.pool_bundles[0], shape.ingress):
+        assert not demand.get("GPU") and set(demand) <= {"CPU", "GPU"}
+    # The pool is fixed: the experts group is exactly its workers, always up.
+    per_pod = slots(experts)["moe_expert_slot"]
+    assert experts["minReplicas"] == experts["replicas"] == experts["maxReplicas"]
+    assert experts["minReplicas"] * per_pod == len(shape.workers)
+    # The engine replicas scale: the coordinators group from the fewest to the most of them.
+    per_pod = slots(coordinators)["moe_coordinator_slot"]
+    assert shape.engines[0] < shape.engines[1]
+    assert coordinators["minReplicas"] * per_pod == shape.engines[0] <= coordinators["replicas"] * per_pod
+    assert coordinators["maxReplicas"] * per_pod == shape.engines[1]
+    placed = place(ray_nodes(service, "maxReplicas"), shape.demands(shape.engines[1], shape.ingresses[1]))
+    assert {placed[f"expert worker {i}"] for i in range(8)} == {"experts"}
+    assert {placed[f"coordinator {i}"] for i in range(shape.engines[1])} == {"coordinators"}
 
 
 def test_grpc_service_reaches_the_serve_pods() -> None:

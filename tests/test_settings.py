@@ -18,7 +18,9 @@ from router_service.settings import AppSettings
     ({"stream_interval_ms": 5000}, ("stream_interval_ms", "5000")),
     ({"stream_chunks_per_s": -3}, ("stream_chunks_per_s", "-3")),
     ({"engine_options": {"max_num_seqs": 0}}, ("max_num_seqs", "0")),
-    ({"cluster_options": {"experts_per_worker": 0}}, ("experts_per_worker", "0")),
+    ({"pool_options": {"experts_per_worker": 0}}, ("experts_per_worker", "0")),
+    ({"cluster_options": {"experts_per_worker": 2}}, ("unknown cluster config field", "experts_per_worker")),
+    ({"engine_autoscaling": 3}, ("engine_autoscaling", "3")),
     ({"typo_arg": 1}, ("typo_arg",)),
 ])
 def test_bad_args_name_the_field_and_value(demo_dir: Path, args: dict[str, Any], names: tuple[str, ...]) -> None:

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from cluster.sampling import SamplingParams
 from protos.moe_cluster.v1 import generation_pb2 as pb
+from router_service.errors import ApiError
 from router_service.grpc_service import sampling_params
-from router_service.openai_protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from router_service.openai_protocol import ChatCompletionRequest, CompletionRequest
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True)
                     | st.text(max_size=20), lambda inner: st.lists(inner, max_size=4)

@@ -1,10 +1,9 @@
 """ExpertWorker: a Ray actor holding some experts' w1/w2/w3 for every layer, pinned to its own GPU when the
-cluster has GPUs. After one ``start_loop`` call it is driven only by the process group: the coordinator's
-control messages say what comes next (forward all layers, heartbeat, shutdown, rejoin), so there is no Ray
-call per step and none per layer.
+pool has GPUs. After ``start`` it is driven only by its links (workers/expert_loop.py): no Ray call per step and
+none per layer; Ray calls are for the pool (start, ping, stats) and for setting up process-group links.
 
-Global vs local expert ids: ``expert_ids[j]`` is the global id of local expert j; rows arrive grouped by
-local id, with ``counts[j]`` rows for local expert j.
+Global vs local expert ids: ``expert_ids[j]`` is the global id of local expert slot j; rows arrive grouped by
+local slot, with ``counts[j]`` rows for slot j.
 """
 
 from __future__ import annotations
@@ -12,36 +11,24 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import queue
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import ray
 import torch
+import torch.distributed as dist
 
 from cluster.checkpoint import Checkpoint, load_expert_weights
 from cluster.config import ModelConfig
 from cluster.engine_config import EngineConfig
+from cluster.errors import first_line
+from cluster.exchange import LinkSpec, PgWorkerEnd, pair_group
 from cluster.loader import engine_dtype
-from cluster.transport import (
-    OP_FORWARD,
-    OP_NOOP,
-    OP_REJOIN,
-    OP_SHUTDOWN,
-    Rendezvous,
-    RowLayout,
-    WorkerLink,
-    join_group,
-    leave_group,
-)
+from cluster.moe import LocalExperts
+from workers.expert_loop import ExpertLoop, pick_address
 
 log = logging.getLogger("moe_cluster.worker")
-
-
-def row_layout(model_cfg: ModelConfig, dtype: torch.dtype, rdv: Rendezvous) -> RowLayout:
-    return RowLayout(model_cfg.hidden_size, dtype, rdv.max_local_experts, rdv.inline_limit_bytes)
 
 
 def actor_device() -> torch.device:
@@ -52,131 +39,92 @@ def actor_device() -> torch.device:
 
 
 class ExpertWorker:
-    """All torch work of the worker (loading, joining, the loop) runs on one compute thread, fed by a job
-    queue: Ray may run actor methods on other threads, and CPU intra-op parallelism issued from two threads
-    of one process is several times slower."""
+    """The weights load on a thread of their own while Ray calls are answered; then the loop runs on a daemon
+    thread (a process ending must never wait for it), the only one issuing torch ops from there on."""
 
-    def __init__(self, engine_cfg: EngineConfig, expert_ids: tuple[int, ...], worker_index: int,
-                 threads: int) -> None:
+    def __init__(self, engine_cfg: EngineConfig, expert_ids: tuple[int, ...], worker_index: int, generation: int,
+                 pool_id: str, threads: int, spec: LinkSpec, merge_wait_s: float) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.worker_index = worker_index
+        self.generation = generation
         self.expert_ids = tuple(expert_ids)
-        self.link: WorkerLink | None = None
-        self.rank: int | None = None
+        self.spec = spec
+        self.merge_wait_s = merge_wait_s
+        self.threads = threads
+        self.address = pick_address(pool_id, worker_index, generation)
+        self.loop: ExpertLoop | None = None
         self.loop_error: str | None = None
-        self.in_loop = False
-        self.layers_run = 0
-        self.compute_seconds = 0.0
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run_jobs, name=f"expert-worker-{worker_index}", daemon=True)
-        self._thread.start()
-        self._loaded = self._submit(lambda: self._load(engine_cfg, threads))
-
-    # --------------------------------------------------------------------------------- compute thread
-
-    def _run_jobs(self) -> None:
-        while True:
-            self._jobs.get()()
-
-    def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-        def job() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as err:
-                future.set_exception(err)
-
-        self._jobs.put(job)
-        return future
+        loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"expert-worker-{worker_index}-load")
+        self._loaded = loader.submit(self._load, engine_cfg, threads)
+        loader.shutdown(wait=False)
+        self._running: threading.Thread | None = None
 
     def _load(self, engine_cfg: EngineConfig, threads: int) -> None:
         torch.set_num_threads(threads)
         started = time.perf_counter()
-        self.model_cfg = ModelConfig.from_file(engine_cfg.model)
-        self.dtype = engine_dtype(self.model_cfg, engine_cfg)
+        model_cfg = ModelConfig.from_file(engine_cfg.model)
+        self.num_layers = model_cfg.num_layers
         self.device = actor_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         ckpt = Checkpoint(engine_cfg.model)
-        self.experts = load_expert_weights(ckpt, self.model_cfg, self.expert_ids, self.dtype, self.device,
-                                           progress=False)
+        self.experts: LocalExperts = load_expert_weights(ckpt, model_cfg, self.expert_ids,
+                                                         engine_dtype(model_cfg, engine_cfg), self.device,
+                                                         progress=False)
         self.files_opened = list(ckpt.files_opened)
         self.load_seconds = time.perf_counter() - started
         log.info("expert worker %d loaded experts %s on %s in %.1fs", self.worker_index, list(self.expert_ids),
                  self.device, self.load_seconds)
 
-    # ---------------------------------------------------------------------------------- Ray methods
+    def _run_experts(self, layer: int, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        rows = rows.to(self.device, non_blocking=True)
+        out = self.experts.run_grouped(layer, rows, torch.tensor(counts[: self.experts.n_local_experts]))
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        return out
 
-    def info(self) -> dict[str, Any]:
-        self._loaded.result()  # waits for the weights; re-raises a failed load
-        return {"worker_index": self.worker_index, "experts": list(self.expert_ids),
+    # ------------------------------------------------------------------------------------------ Ray methods
+
+    def start(self) -> dict[str, Any]:
+        """Wait for the weights (re-raises a failed load), start the loop, and say where it listens."""
+        self._loaded.result()
+        if self.loop is None:
+            self.loop = ExpertLoop(self.address, self.spec, self._run_experts, lambda: 0, self.num_layers,
+                                   self.merge_wait_s)
+            self._running = threading.Thread(target=self._run_loop, name=f"expert-loop-{self.worker_index}",
+                                             daemon=True)
+            self._running.start()
+        return {"worker_index": self.worker_index, "experts": list(self.expert_ids), "address": self.address,
                 "node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "device": str(self.device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "files_opened": self.files_opened, "load_seconds": self.load_seconds}
 
-    def join(self, rdv: Rendezvous, rank: int) -> None:
-        """Join the cluster's process group (blocks until every member has joined). After a failure the
-        old loop may still be ending: wait for it first."""
-        if not self.wait_loop_exit(rdv.timeout_s):
-            raise RuntimeError(f"expert worker {self.worker_index} is still in its loop")
-
-        def do_join() -> None:
-            join_group(rdv, rank)
-            self.rank = rank
-            self.link = WorkerLink(rdv, rank, self.device, row_layout(self.model_cfg, self.dtype, rdv))
-            self.loop_error = None
-
-        self._submit(do_join).result()
-
-    def start_loop(self) -> None:
-        if self.link is None:
-            raise RuntimeError("join the process group before starting the loop")
-        self.in_loop = True
-        self._submit(self._loop)
-
-    def _loop(self) -> None:
-        link = self.link
-        assert link is not None
-        n_local = self.experts.n_local_experts
+    def _run_loop(self) -> None:
+        assert self.loop is not None
+        torch.set_num_threads(self.threads)  # per thread on some builds: set it where the experts run
         try:
-            while True:
-                work = link.next_work()
-                if work.op == OP_FORWARD:
-                    assert work.counts is not None and work.rows is not None
-                    started = time.perf_counter()
-                    out = self.experts.run_grouped(work.layer, work.rows, torch.tensor(work.counts[:n_local]))
-                    if out.is_cuda:
-                        torch.cuda.synchronize()
-                    self.compute_seconds += time.perf_counter() - started
-                    link.send_results(out)
-                    self.layers_run += 1
-                elif work.op == OP_NOOP:
-                    continue
-                elif work.op in (OP_SHUTDOWN, OP_REJOIN):
-                    break
-                else:
-                    raise RuntimeError(f"unknown control op {work.op}")
-        except Exception as err:  # the coordinator learns of it through ping() and the failed collective
-            self.loop_error = f"{type(err).__name__}: {err}".splitlines()[0]
-            log.warning("expert worker %d left its loop: %s", self.worker_index, self.loop_error)
-        finally:
-            self.link = None
-            self.in_loop = False
-            leave_group()
+            self.loop.run()
+        except Exception as err:  # the pool sees it in ping(); coordinators see their links close
+            self.loop_error = f"{type(err).__name__}: {first_line(err)}"
+            log.error("expert worker %d: its loop failed: %s", self.worker_index, self.loop_error)
+
+    def open_pg_link(self, host: str, port: int, key: str, backend: str) -> None:
+        """Join a coordinator's process group of two (it joins as rank 0 at the same time)."""
+        assert self.loop is not None, "start the worker first"
+        import datetime
+
+        store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=self.spec.timeout_s))
+        group = pair_group(store, key, 1, backend, self.spec.timeout_s)
+        self.loop.add_link(PgWorkerEnd(group, self.spec, self.device))
 
     def ping(self) -> dict[str, Any]:
-        return {"loop_alive": self.in_loop, "error": self.loop_error, "layers_run": self.layers_run}
+        alive = self._running is not None and self._running.is_alive()
+        return {"loop_alive": alive, "error": self.loop_error, "links": len(self.loop.links) if self.loop else 0}
 
-    def timings(self) -> dict[str, float]:
-        return {"compute": self.compute_seconds, "layers_run": float(self.layers_run)}
+    def stats(self) -> dict[str, Any]:
+        return {"worker_index": self.worker_index, "generation": self.generation,
+                **(self.loop.stats.snapshot() if self.loop else {})}
 
-    def reset_timings(self) -> None:
-        self.compute_seconds = 0.0
-        self.layers_run = 0
-
-    def wait_loop_exit(self, timeout_s: float) -> bool:
-        """Wait for the loop to end (after a shutdown or rejoin control message)."""
-        deadline = time.monotonic() + timeout_s
-        while self.in_loop and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return not self.in_loop
+    def stop(self) -> None:
+        if self.loop is not None:
+            self.loop.stop()

@@ -1,5 +1,5 @@
-"""A Serve instance with two apps: "guarded" (local engine, API key on, a 2-deep queue) and "pair" (two
-independent cluster-engine replicas)."""
+"""A Serve instance with two apps: "guarded" (local engine, API key on, a 16 KiB body limit, a 2-deep queue) and
+"pair" (two independent cluster-engine replicas)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from router_service.cli import grpc_servicer_functions
+from router_service.serve_config import grpc_servicer_functions
 from tests.serving.conftest import app_args, free_port
 
 KEY_ENV = "MOE_CLUSTER_TEST_API_KEY"
+MAX_REQUEST_BYTES = 16384  # the guarded app's body limit
 
 
 @dataclass
@@ -45,6 +46,7 @@ def apps(demo_dir: Path) -> Iterator[Apps]:
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": grpc_servicer_functions()})
     guarded = app_args(demo_dir, engine="local", api_key_env=KEY_ENV, served_model_name="guarded",
+                       max_request_bytes=MAX_REQUEST_BYTES,
                        engine_options={"max_num_seqs": 2, "max_queue_len": 2, "num_kv_blocks": 64,
                                        "max_model_len": 512})
     pair = app_args(demo_dir, served_model_name="pair", num_engines=2)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
+from urllib.parse import urlsplit
 
 import grpc
 import httpx
@@ -13,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.moe_cluster.v1 import generation_pb2_grpc as pb_grpc
 from router_service.client import build_request
-from tests.reliability.conftest import Apps
+from tests.reliability.conftest import MAX_REQUEST_BYTES, Apps
 
 LONG = {"max_tokens": 300, "ignore_eos": True, "temperature": 0}
 
@@ -38,6 +40,29 @@ def test_http_api_key(apps: Apps) -> None:
     assert httpx.get(apps.url("guarded", "/v1/models"), timeout=60).status_code == 401
     assert httpx.get(apps.url("guarded", "/health"), timeout=60).status_code == 200  # probes need no key
     assert httpx.post(apps.url("pair", "/v1/completions"), json=body | {"model": "pair"}, timeout=60).status_code == 200
+
+
+def test_http_api_key_guards_every_path_but_the_open_ones(apps: Apps) -> None:
+    for method, path in (("GET", "/v1/no-such-endpoint"), ("POST", "/tokenize"), ("DELETE", "/v1/models")):
+        r = httpx.request(method, apps.url("guarded", path), timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (method, path, r.text)
+    assert httpx.get(apps.url("guarded", "/v1/no-such-endpoint"), headers=auth(apps), timeout=60).status_code == 404
+    for path in ("/health", "/docs", "/openapi.json", "/redoc"):
+        assert httpx.get(apps.url("guarded", path), timeout=60).status_code == 200, path
+
+
+def test_http_body_over_the_limit_is_413_before_it_is_read(apps: Apps) -> None:
+    big = {"model": "guarded", "prompt": "x" * MAX_REQUEST_BYTES, "max_tokens": 2}
+    r = httpx.post(apps.url("guarded", "/v1/completions"), json=big, headers=auth(apps), timeout=60)
+    assert r.status_code == 413 and str(MAX_REQUEST_BYTES) in r.json()["error"]["message"], r.text
+    assert httpx.post(apps.url("guarded", "/v1/completions"), json=big, timeout=60).status_code == 401  # key first
+    # Headers announcing a huge body, and no body at all: the answer comes without waiting for it.
+    url = urlsplit(apps.url("guarded", "/v1/completions"))
+    with socket.create_connection((url.hostname, url.port), timeout=30) as conn:
+        conn.sendall(f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {apps.api_key}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {100 * MAX_REQUEST_BYTES}\r\n\r\n".encode())
+        status_line = conn.recv(4096).split(b"\r\n", 1)[0]
+    assert status_line.split()[1] == b"413", status_line
 
 
 def test_grpc_api_key(apps: Apps) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from cluster.engine_config import EngineConfig
 from cluster.engine_loop import LocalEngine
-from router_service.cli import grpc_servicer_functions
+from router_service.serve_config import grpc_servicer_functions
 
 MODEL_NAME = "demo"
 
@@ -28,7 +28,7 @@ class EngineOptions(TypedDict):
     max_queue_len: int
 
 
-COLLECTIVE_TIMEOUT_S = 6.0  # short, so that the idle test can outlast it cheaply
+LINK_TIMEOUT_S = 6.0  # short, so that the idle test can outlast it cheaply
 
 ENGINE_OPTIONS: EngineOptions = {"max_num_seqs": 32, "max_num_batched_tokens": 512, "num_kv_blocks": 160,
                                  "block_size": 16, "max_model_len": 512, "max_queue_len": 256}
@@ -52,8 +52,9 @@ class Served:
 def app_args(model_dir: Path, **extra: Any) -> dict[str, Any]:
     return {"model": str(model_dir), "served_model_name": MODEL_NAME, "engine": "cluster",
             "engine_options": ENGINE_OPTIONS,
-            "cluster_options": {"experts_per_worker": 4, "threads_per_actor": 1, "worker_num_cpus": 1,
-                                "collective_timeout_s": COLLECTIVE_TIMEOUT_S, "heartbeat_s": 1.0}} | extra
+            "cluster_options": {"heartbeat_s": 1.0},
+            "pool_options": {"experts_per_worker": 4, "threads_per_worker": 1, "worker_num_cpus": 1,
+                             "link_timeout_s": LINK_TIMEOUT_S}} | extra
 
 
 GRPC_SERVICERS = grpc_servicer_functions()

@@ -180,17 +180,17 @@ def test_cli_generate_over_grpc(served: Served, client: GenerationClient) -> Non
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "--log-level", "ERROR", "generate", "--grpc",
+    out = subprocess.run([sys.executable, "-m", "router_service.cli", "--log-level", "ERROR", "generate", "--grpc",
                           served.grpc, "--prompt", PROMPT, "--max-tokens", "9", "--json"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     want = client.generate(PROMPT, max_new_tokens=9, temperature=0)
     assert json.loads(out.stdout) == {"text": want.text, "token_ids": list(want.token_ids),
                                       "finish_reason": "length"}
-    streamed = subprocess.run([sys.executable, "-m", "cluster.cli", "--log-level", "ERROR", "generate", "--grpc",
+    streamed = subprocess.run([sys.executable, "-m", "router_service.cli", "--log-level", "ERROR", "generate", "--grpc",
                                served.grpc, "--prompt", PROMPT, "--max-tokens", "9", "--stream"],
                               capture_output=True, text=True, timeout=120)
     assert streamed.returncode == 0 and streamed.stdout.rstrip("\n") == want.text
-    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--grpc", "127.0.0.1:1",
+    bad = subprocess.run([sys.executable, "-m", "router_service.cli", "generate", "--grpc", "127.0.0.1:1",
                           "--prompt", "x"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "UNAVAILABLE" in bad.stderr

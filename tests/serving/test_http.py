@@ -260,7 +260,9 @@ def test_metrics_are_exported(served: Served, client: openai.OpenAI) -> None:
               "ray_moe_cluster_e2e_request_latency_seconds_bucket", "ray_moe_cluster_requests_running",
               "ray_moe_cluster_requests_waiting", "ray_moe_cluster_kv_blocks_used",
               "ray_moe_cluster_prompt_tokens_total", "ray_moe_cluster_generation_tokens_total",
-              "ray_moe_cluster_expert_tokens_total", "ray_moe_cluster_alltoall_seconds_per_step"]
+              "ray_moe_cluster_expert_tokens_total", "ray_moe_cluster_expert_wait_seconds_per_step",
+              "ray_moe_cluster_worker_rows_total", "ray_moe_cluster_worker_expert_calls_total",
+              "ray_moe_cluster_worker_messages_total", "ray_moe_cluster_worker_rows_per_call"]
     deadline = time.monotonic() + 30
     missing = wanted
     while missing and time.monotonic() < deadline:
@@ -270,3 +272,5 @@ def test_metrics_are_exported(served: Served, client: openai.OpenAI) -> None:
     assert not missing
     routed = [line for line in text.splitlines() if line.startswith("ray_moe_cluster_expert_tokens_total{")]
     assert {'layer="0"' in line for line in routed} == {True, False}  # per layer and per expert series
+    per_worker = [line for line in text.splitlines() if line.startswith("ray_moe_cluster_worker_rows_total{")]
+    assert len({line.split('worker="')[1].split('"')[0] for line in per_worker}) == 2  # 8 experts, 4 per worker

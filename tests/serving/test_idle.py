@@ -8,13 +8,13 @@ import time
 import httpx
 from ray import serve
 
-from tests.serving.conftest import COLLECTIVE_TIMEOUT_S, Served
+from tests.serving.conftest import LINK_TIMEOUT_S, Served
 
 
-def test_idle_cluster_outlives_the_collective_timeout(served: Served) -> None:
+def test_idle_cluster_outlives_the_link_timeout(served: Served) -> None:
     engine = serve.get_deployment_handle("EngineDeployment", app_name="moe-cluster")
     before = engine.stats.remote().result()
-    deadline = time.monotonic() + 2 * COLLECTIVE_TIMEOUT_S
+    deadline = time.monotonic() + 2 * LINK_TIMEOUT_S
     while time.monotonic() < deadline:  # wake the engine loop more often than its heartbeat interval
         engine.stats.remote().result()
         time.sleep(0.3)

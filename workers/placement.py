@@ -1,18 +1,17 @@
-"""Ray start-up and gang scheduling: one placement group per cluster, one bundle per actor
-(bundle 0: the coordinator; bundles 1..N: expert workers). Placement either succeeds within a bounded time
-or fails with a message naming what the Ray cluster lacks."""
+"""Ray start-up and gang scheduling of an expert pool: one bundle per worker (one GPU each when the Ray cluster
+has GPUs), reserved all at once in a placement group. Placement either succeeds within a bounded time or fails
+with a message naming what the Ray cluster lacks."""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.engine_config import ClusterConfig
+from cluster.engine_config import PoolConfig
 from cluster.errors import ClusterStartError
 
 log = logging.getLogger("moe_cluster.placement")
@@ -37,34 +36,23 @@ def ensure_ray(address: str | None, min_cpus: float) -> bool:
     return True
 
 
-def use_gpus(cluster_cfg: ClusterConfig) -> bool:
-    if cluster_cfg.use_gpus is not None:
-        return cluster_cfg.use_gpus
+def use_gpus(flag: bool | None) -> bool:
+    """An explicit choice, or (None) whether the Ray cluster has GPUs."""
+    if flag is not None:
+        return flag
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-@dataclass(frozen=True)
-class ActorShape:
-    num_cpus: float
-    num_gpus: int
-
-    def bundle(self) -> dict[str, float]:
-        return {"CPU": self.num_cpus, "GPU": self.num_gpus} if self.num_gpus else {"CPU": self.num_cpus}
+def worker_bundle(pool_cfg: PoolConfig, gpus: bool) -> dict[str, float]:
+    """What one expert worker reserves."""
+    bundle = {"CPU": pool_cfg.worker_num_cpus, **pool_cfg.worker_resources}
+    return bundle | {"GPU": 1.0} if gpus else bundle
 
 
-def actor_shape(cluster_cfg: ClusterConfig, gpus: bool) -> ActorShape:
-    return ActorShape(cluster_cfg.worker_num_cpus, 1 if gpus else 0)
-
-
-def cluster_bundles(cluster_cfg: ClusterConfig, num_workers: int, gpus: bool) -> list[dict[str, float]]:
-    """One bundle for the coordinator, then one per expert worker."""
-    shape = actor_shape(cluster_cfg, gpus)
-    return [shape.bundle() for _ in range(1 + num_workers)]
-
-
-def place(bundles: list[dict[str, float]], strategy: str, timeout_s: float, name: str) -> PlacementGroup:
-    """Reserve all bundles at once, or fail within ``timeout_s`` saying what is missing."""
-    log.info("placing %d actors (%s) with strategy %s", len(bundles), _total(bundles), strategy)
+def place(bundles: list[dict[str, float]], strategy: str, timeout_s: float, name: str, what: str) -> PlacementGroup:
+    """Reserve all bundles at once, or fail within ``timeout_s`` saying what is missing. ``what`` names the
+    actors for messages ("the pool's 8 expert workers")."""
+    log.info("placing %s (%s) with strategy %s", what, _total(bundles), strategy)
     pg = placement_group(bundles, strategy=strategy, name=name)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if ready:
@@ -75,7 +63,7 @@ def place(bundles: list[dict[str, float]], strategy: str, timeout_s: float, name
     missing = {k: v - free.get(k, 0.0) for k, v in need.items() if v > free.get(k, 0.0)}
     detail = ", ".join(f"{k} {v:g}" for k, v in missing.items()) or "a node that can hold one bundle"
     raise ClusterStartError(
-        f"could not place the cluster's {len(bundles)} actors within {timeout_s:g}s: they need "
+        f"could not place {what} within {timeout_s:g}s: they need "
         f"{_fmt(need)} ({len(bundles)} bundles of {_fmt(bundles[0])}), the Ray cluster has {_fmt(total)} "
         f"in total and {_fmt(free)} free; missing: {detail}")
 

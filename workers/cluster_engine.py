@@ -1,56 +1,87 @@
-"""ClusterEngine: the expert-parallel engine, seen from the driver (a script, the CLI or a Serve replica).
+"""ClusterEngine: the expert-parallel engine seen from a driver (a script, the CLI, a benchmark, a test).
 
-Same interface as LocalEngine (generate, stream, abort, score, stats, health, shutdown); every call goes to
-the cluster's Coordinator actor. ``start`` gang-schedules the coordinator and its expert workers in one
-placement group - its own, or bundles of the caller's (a Serve replica's ``placement_group_bundles``).
+It runs a Coordinator actor (scheduler, KV cache, attention, routing, LM head) attached to an ExpertPool (the
+expert workers). ``start`` creates a pool of its own, or attaches to a pool someone else started
+(``start_pool``, or ``find_pool`` by name): several ClusterEngines then share one set of experts, which is the
+M attention : N experts shape of the Serve app.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import ray
-from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
-from ray.util.placement_group import PlacementGroup, remove_placement_group
 from torch import Tensor
 
 from cluster.config import ModelConfig
 from cluster.coordinator import Coordinator
 from cluster.engine_api import EngineStats, Prompt, new_request_id
-from cluster.engine_config import ClusterConfig, EngineConfig
+from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.engine_loop import each_output
-from cluster.errors import ClusterStartError, EngineDeadError
-from cluster.moe import ExpertMap
-from cluster.placement import actor_shape, bundle_strategy, cluster_bundles, ensure_ray, place, use_gpus
+from cluster.errors import ClusterStartError, EngineDeadError, first_line, root_cause
 from cluster.sampling import SamplingParams
 from cluster.sequence import RequestOutput, RequestResult
 from cluster.tokenizer import Tokenizer
 from cluster.validation import resolve_max_model_len
+from workers.placement import ensure_ray, use_gpus
+from workers.pool import ExpertPool
 
 log = logging.getLogger("moe_cluster.cluster")
+NAMESPACE = "moe-cluster"
 
 
 def unwrap(err: BaseException) -> BaseException:
     """The exception raised inside the actor (ValueError, ...) instead of Ray's wrapper."""
-    if isinstance(err, RayTaskError) and isinstance(err.cause, BaseException):
-        return err.cause
     if isinstance(err, RayActorError):
-        return EngineDeadError(f"the cluster's coordinator died: {str(err).strip().splitlines()[0]}")
-    return err
+        return EngineDeadError(f"the cluster's coordinator died: {first_line(err)}")
+    return root_cause(err)
+
+
+def start_pool(engine_cfg: EngineConfig, pool_cfg: PoolConfig, name: str | None = None) -> Any:
+    """Start an ExpertPool actor (named ``name`` in the moe-cluster namespace, if given) and its workers."""
+    ModelConfig.from_file(engine_cfg.model)  # fail fast on a bad checkpoint, before any actor starts
+    gpus = use_gpus(pool_cfg.use_gpus)
+    options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 64, "namespace": NAMESPACE}
+    if name:
+        options["name"] = name
+    pool: Any = ray.remote(ExpertPool).options(**options).remote(engine_cfg, pool_cfg, name, gpus=gpus)
+    try:
+        ray.get(pool.start.remote())
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            ray.get(pool.shutdown.remote(), timeout=30)
+        ray.kill(pool, no_restart=True)
+        cause = unwrap(err)
+        if isinstance(cause, (ValueError, TypeError, ClusterStartError)):
+            raise cause from None
+        raise ClusterStartError(f"the expert pool failed to start: {cause}") from None
+    return pool
+
+
+def find_pool(name: str) -> Any:
+    """The running ExpertPool actor called ``name``."""
+    return ray.get_actor(name, namespace=NAMESPACE)
+
+
+def stop_pool(pool: Any) -> None:
+    with contextlib.suppress(Exception):
+        ray.get(pool.shutdown.remote(), timeout=60)
+    with contextlib.suppress(Exception):
+        ray.kill(pool, no_restart=True)
 
 
 class ClusterEngine:
-    def __init__(self, coordinator: ActorHandle, engine_cfg: EngineConfig, cluster_cfg: ClusterConfig,
-                 placement_group: PlacementGroup | None, owns_ray: bool, info: dict[str, Any]) -> None:
+    def __init__(self, coordinator: Any, pool: Any, owns_pool: bool, engine_cfg: EngineConfig,
+                 cluster_cfg: ClusterConfig, owns_ray: bool, info: dict[str, Any]) -> None:
         self.coordinator = coordinator
+        self.pool = pool
+        self.owns_pool = owns_pool
         self.engine_cfg = engine_cfg
         self.cluster_cfg = cluster_cfg
-        self.placement_group = placement_group  # removed on shutdown when this engine made it
         self.owns_ray = owns_ray
         self.info = info
         self.model_config = ModelConfig.from_file(engine_cfg.model)
@@ -59,35 +90,33 @@ class ClusterEngine:
         self._closed = False
 
     @classmethod
-    def start(cls, engine_cfg: EngineConfig, cluster_cfg: ClusterConfig,
-              placement_group: PlacementGroup | None = None, first_bundle: int = 0) -> ClusterEngine:
-        """Place and start a cluster. With ``placement_group``, use its bundles from ``first_bundle`` on
-        (coordinator, then one per worker); otherwise create (and later remove) a placement group."""
+    def start(cls, engine_cfg: EngineConfig, cluster_cfg: ClusterConfig | None = None,
+              pool_cfg: PoolConfig | None = None, pool: Any | None = None) -> ClusterEngine:
+        """Start a coordinator attached to ``pool`` (an ExpertPool actor), or to a new pool of its own."""
+        cluster_cfg = cluster_cfg or ClusterConfig()
+        pool_cfg = pool_cfg or PoolConfig()
         model_cfg = ModelConfig.from_file(engine_cfg.model)  # fail fast on a bad checkpoint, before Ray
-        expert_map = ExpertMap.contiguous(model_cfg.num_experts, cluster_cfg.experts_per_worker)
-        owns_ray = ensure_ray(cluster_cfg.address, (1 + expert_map.num_workers) * cluster_cfg.worker_num_cpus)
-        gpus = use_gpus(cluster_cfg)
-        own_pg = placement_group is None
-        pg = placement_group
-        if pg is None:
-            pg = place(cluster_bundles(cluster_cfg, expert_map.num_workers, gpus), cluster_cfg.placement_strategy,
-                       cluster_cfg.placement_timeout_s, name=f"moe-cluster-{uuid.uuid4().hex[:8]}")
-        shape = actor_shape(cluster_cfg, gpus)
+        workers = -(-model_cfg.num_experts // pool_cfg.experts_per_worker)
+        owns_ray = ensure_ray(cluster_cfg.address, (1 + workers) * pool_cfg.worker_num_cpus)
+        owns_pool = pool is None
+        if pool is None:
+            pool = start_pool(engine_cfg, pool_cfg)
+        gpus = use_gpus(cluster_cfg.use_gpus)
         coordinator: Any = ray.remote(Coordinator).options(
-            num_cpus=shape.num_cpus, num_gpus=shape.num_gpus, max_restarts=0, max_concurrency=1000,
-            scheduling_strategy=bundle_strategy(pg, first_bundle),
-        ).remote(engine_cfg, cluster_cfg, pg, first_bundle + 1, shape.num_gpus)
+            num_cpus=cluster_cfg.coordinator_num_cpus, num_gpus=int(gpus),
+            resources=dict(cluster_cfg.coordinator_resources), max_restarts=0, max_concurrency=1000,
+        ).remote(engine_cfg, cluster_cfg, pool)
         try:
             info: dict[str, Any] = ray.get(coordinator.start.remote())
         except BaseException as err:
             ray.kill(coordinator, no_restart=True)
-            if own_pg:
-                remove_placement_group(pg)
+            if owns_pool:
+                stop_pool(pool)
             cause = unwrap(err)
             if isinstance(cause, (ValueError, TypeError, ClusterStartError)):
                 raise cause from None
             raise ClusterStartError(f"the cluster failed to start: {cause}") from None
-        return cls(coordinator, engine_cfg, cluster_cfg, pg if own_pg else None, owns_ray, info)
+        return cls(coordinator, pool, owns_pool, engine_cfg, cluster_cfg, owns_ray, info)
 
     # ---------------------------------------------------------------------------------------- calls
 
@@ -138,17 +167,17 @@ class ClusterEngine:
         try:
             return dict(ray.get(self.coordinator.health.remote(), timeout=10))
         except Exception as err:
-            return {"alive": False, "reason": str(unwrap(err)).splitlines()[0]}
+            return {"alive": False, "reason": first_line(unwrap(err))}
 
     def describe(self) -> dict[str, Any]:
-        """The cluster now: workers (pids, nodes, GPUs), backend, rendezvous, recoveries so far."""
-        return dict(self._call(self.coordinator.describe_now.remote()))
+        """This coordinator's links and the pool now: workers (pids, nodes, generations), replacements so far."""
+        return {**self._call(self.coordinator.describe.remote()), "pool": self._call(self.pool.describe.remote())}
 
-    def worker_timings(self, reset: bool = False) -> list[dict[str, float]]:
-        return list(self._call(self.coordinator.worker_timings.remote(reset)))
+    def worker_stats(self) -> list[dict[str, Any]]:
+        return list(self._call(self.pool.worker_stats.remote()))
 
     def shutdown(self) -> None:
-        """Release every actor and the placement group (and the embedded Ray, if this engine started it)."""
+        """Detach and stop the coordinator; stop the pool if this engine started it (and Ray, likewise)."""
         if self._closed:
             return
         self._closed = True
@@ -156,9 +185,8 @@ class ClusterEngine:
             ray.get(self.coordinator.shutdown.remote(), timeout=60)
         with contextlib.suppress(Exception):
             ray.kill(self.coordinator, no_restart=True)
-        if self.placement_group is not None:
-            with contextlib.suppress(Exception):
-                remove_placement_group(self.placement_group)
+        if self.owns_pool:
+            stop_pool(self.pool)
         if self.owns_ray:
             ray.shutdown()
-        log.info("cluster shut down")
+        log.info("cluster engine shut down")

@@ -1,0 +1,455 @@
+"""Links between one coordinator and one expert worker: the M:N exchange is one link per (coordinator, worker)
+pair, so coordinators attach and detach at any time without touching anyone else's links.
+
+Every message is a fixed-size header (int64 words: op, layer, tag, map version, rows, where the rows are, slot,
+then one row count per local expert slot) followed, for WORK and RESULT, by its rows. The coordinator numbers
+its messages with a ``tag``; a worker answers each WORK with a RESULT carrying the same tag, in order.
+
+Two kinds of link, chosen per pair when the coordinator attaches:
+  * ``shm``: coordinator and worker on one node, tensors on CPU. Headers travel over a Unix socket (abstract
+    namespace); rows and results are copied into two shared-memory buffers (memfd, handed to the worker over the
+    socket with SCM_RIGHTS; nothing to clean up, they vanish with the last process that maps them), ``slots``
+    fixed-size slots each, slot = tag % slots. A message larger than a slot travels inline on the socket. One
+    wake-up per message, and a closed socket is a dead peer at once.
+  * ``pg``: anywhere else - a torch.distributed process group of exactly two members (gloo on CPUs, NCCL on
+    GPUs), built directly from a store, a rank and a size. The worker's end receives on a thread of its own and
+    signals a pipe, so the worker's loop waits on both kinds of link alike.
+
+Shape legend: R rows of one message, H hidden, L local expert slots of the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import mmap
+import os
+import queue
+import select
+import socket
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from cluster.config import parse_dtype
+
+# Header ops
+OP_NOOP = 0  # heartbeat: keeps an idle link's peers sure of each other
+OP_WORK = 1  # coordinator -> worker: a layer's rows, grouped by local expert slot
+OP_RESULT = 2  # worker -> coordinator: the expert outputs of one WORK, same order
+OP_BYE = 3  # coordinator -> worker: this link is closing
+# Where a message's rows are
+IN_SLOT, INLINE = 1, 2
+HEADER_FIELDS = 8  # op, layer, tag, version, rows, where, slot, reserved; then L counts
+
+
+class LinkClosed(RuntimeError):
+    """The peer closed the link, died, or did not answer within the timeout."""
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """What both ends of a link agree on."""
+
+    hidden: int
+    dtype: str
+    max_local: int  # L: counts per message (the most expert slots a worker of the pool hosts)
+    slots: int = 4  # messages a coordinator may have outstanding on one link (pipeline depth)
+    slot_bytes: int = 1 << 20  # rows up to this size travel in shared memory, larger ones inline (shm links)
+    timeout_s: float = 60.0  # a peer silent this long in the middle of an exchange is dead
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
+
+    @property
+    def header_words(self) -> int:
+        return HEADER_FIELDS + self.max_local
+
+    @property
+    def header_bytes(self) -> int:
+        return 8 * self.header_words
+
+    def row_bytes(self, rows: int) -> int:
+        return rows * self.hidden * self.torch_dtype.itemsize
+
+
+@dataclass
+class Message:
+    op: int
+    layer: int = 0
+    tag: int = 0
+    version: int = 0
+    counts: list[int] | None = None  # rows per local expert slot (WORK)
+    rows: Tensor | None = None  # (R, H)
+
+
+def pack_header(spec: LinkSpec, op: int, layer: int, tag: int, version: int, rows: int, where: int, slot: int,
+                counts: Sequence[int] = ()) -> bytes:
+    words = [op, layer, tag, version, rows, where, slot, 0, *counts]
+    words += [0] * (spec.header_words - len(words))
+    return struct.pack(f"<{spec.header_words}q", *words)
+
+
+def unpack_header(spec: LinkSpec, data: bytes | bytearray) -> tuple[int, ...]:
+    return struct.unpack(f"<{spec.header_words}q", data)
+
+
+def as_bytes(t: Tensor) -> memoryview:
+    """A contiguous CPU tensor's memory as bytes (any dtype, bfloat16 included)."""
+    return t.contiguous().view(-1).view(torch.uint8).numpy().data
+
+
+# ------------------------------------------------------------------------------------------ shared memory
+
+class _Socket:
+    """Exact-size reads and writes on a stream socket; every failure is LinkClosed."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+        self.sock = sock
+        self.timeout_s = timeout_s
+
+    def send(self, *parts: bytes | memoryview) -> None:
+        """Send every part, in order, in as few system calls as the socket allows."""
+        views = [memoryview(p).cast("B") for p in parts]
+        try:
+            while views:
+                sent = self.sock.sendmsg(views)
+                while views and sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                if views:
+                    views[0] = views[0][sent:]
+        except OSError as err:
+            raise LinkClosed(f"send failed: {err}") from None
+
+    def recv_into(self, view: memoryview) -> None:
+        """Fill ``view`` exactly; the socket's timeout bounds each wait."""
+        got, n = 0, len(view)
+        while got < n:
+            try:
+                k = self.sock.recv_into(view[got:])
+            except TimeoutError:
+                raise LinkClosed(f"no answer within {self.timeout_s:g}s") from None
+            except OSError as err:
+                raise LinkClosed(f"receive failed: {err}") from None
+            if k == 0:
+                raise LinkClosed("the peer closed the link")
+            got += k
+
+    def recv(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        self.recv_into(memoryview(buf))
+        return buf
+
+    def has_data(self) -> bool:
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _shared_buffer(fd: int, size: int) -> Tensor:
+    """A uint8 tensor over ``size`` bytes of the shared memory behind ``fd`` (closed here: the map keeps it)."""
+    mapped = mmap.mmap(fd, size)
+    os.close(fd)
+    return torch.frombuffer(mapped, dtype=torch.uint8)
+
+
+class ShmCoordinatorEnd:
+    """The coordinator's end of a shared-memory link: it creates both buffers and hands them over."""
+
+    kind = "shm"
+
+    def __init__(self, address: str, spec: LinkSpec) -> None:
+        self.spec = spec
+        size = spec.slots * spec.slot_bytes
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(spec.timeout_s)
+        try:
+            sock.connect("\0" + address)
+        except OSError as err:
+            sock.close()
+            raise LinkClosed(f"cannot connect to {address}: {err}") from None
+        fds = [os.memfd_create("moe-cluster-rows"), os.memfd_create("moe-cluster-results")]
+        for fd in fds:
+            os.ftruncate(fd, size)
+        self.io = _Socket(sock, spec.timeout_s)
+        try:
+            socket.send_fds(sock, [struct.pack("<q", size)], fds)
+        except OSError as err:
+            raise LinkClosed(f"cannot hand over the shared buffers: {err}") from None
+        self.rows_buf, self.results_buf = (_shared_buffer(fd, size) for fd in fds)
+
+    def _slot(self, buf: Tensor, tag: int, nbytes: int) -> Tensor:
+        start = (tag % self.spec.slots) * self.spec.slot_bytes
+        return buf[start:start + nbytes]
+
+    def send(self, op: int, layer: int = 0, tag: int = 0, version: int = 0, counts: Sequence[int] = (),
+             rows: Tensor | None = None) -> None:
+        n = 0 if rows is None else rows.shape[0]
+        nbytes = self.spec.row_bytes(n)
+        if n and nbytes <= self.spec.slot_bytes:
+            self._slot(self.rows_buf, tag, nbytes).copy_(rows.reshape(-1).view(torch.uint8))  # type: ignore[union-attr]
+            self.io.send(pack_header(self.spec, op, layer, tag, version, n, IN_SLOT, tag % self.spec.slots, counts))
+        elif n:
+            assert rows is not None
+            self.io.send(pack_header(self.spec, op, layer, tag, version, n, INLINE, 0, counts), as_bytes(rows))
+        else:
+            self.io.send(pack_header(self.spec, op, layer, tag, version, 0, 0, 0, counts))
+
+    def recv_result(self, tag: int, out: Tensor) -> int:
+        """Wait for the RESULT of ``tag`` and copy its rows into ``out`` (R, H). Returns the worker's map version."""
+        header = unpack_header(self.spec, self.io.recv(self.spec.header_bytes))
+        op, _, got_tag, version, n, where = header[:6]
+        if op != OP_RESULT or got_tag != tag or n != out.shape[0]:
+            raise LinkClosed(f"expected the result of message {tag} ({out.shape[0]} rows), got op {op} "
+                             f"tag {got_tag} with {n} rows")
+        if where == IN_SLOT:
+            out.view(-1).view(torch.uint8).copy_(self._slot(self.results_buf, tag, self.spec.row_bytes(n)))
+        elif n:
+            self.io.recv_into(as_bytes(out))
+        return version
+
+    def close(self) -> None:
+        with contextlib.suppress(LinkClosed):
+            self.io.send(pack_header(self.spec, OP_BYE, 0, 0, 0, 0, 0, 0))
+        self.io.close()
+
+
+class ShmWorkerEnd:
+    """A worker's end of a shared-memory link, made from a connection its listening socket accepted."""
+
+    kind = "shm"
+
+    def __init__(self, sock: socket.socket, spec: LinkSpec) -> None:
+        self.spec = spec
+        sock.settimeout(spec.timeout_s)
+        msg, fds, _, _ = socket.recv_fds(sock, 8, 2)
+        if len(fds) != 2 or len(msg) != 8:
+            sock.close()
+            raise LinkClosed("a peer connected without handing over its shared buffers")
+        size = struct.unpack("<q", msg)[0]
+        self.rows_buf, self.results_buf = (_shared_buffer(fd, size) for fd in fds)
+        self.io = _Socket(sock, spec.timeout_s)
+
+    def fileno(self) -> int:
+        return self.io.sock.fileno()
+
+    def read(self) -> list[Message]:
+        """Every whole message available now (at least one: call when the socket is readable)."""
+        messages = [self._read_one()]
+        while self.io.has_data():
+            messages.append(self._read_one())
+        return messages
+
+    def _read_one(self) -> Message:
+        header = unpack_header(self.spec, self.io.recv(self.spec.header_bytes))
+        op, layer, tag, version, n, where, slot = header[:7]
+        if op != OP_WORK:
+            return Message(op, layer, tag, version)
+        counts = list(header[HEADER_FIELDS:])
+        nbytes = self.spec.row_bytes(n)
+        if where == IN_SLOT:
+            raw = self.rows_buf[slot * self.spec.slot_bytes: slot * self.spec.slot_bytes + nbytes]
+            rows = raw.view(self.spec.torch_dtype).view(n, self.spec.hidden)
+        else:
+            rows = torch.empty(n, self.spec.hidden, dtype=self.spec.torch_dtype)
+            if n:
+                self.io.recv_into(as_bytes(rows))
+        return Message(op, layer, tag, version, counts, rows)
+
+    def send_result(self, tag: int, version: int, out: Tensor) -> None:
+        n = out.shape[0]
+        nbytes = self.spec.row_bytes(n)
+        if nbytes <= self.spec.slot_bytes:
+            start = (tag % self.spec.slots) * self.spec.slot_bytes
+            if n:
+                self.results_buf[start:start + nbytes].copy_(out.contiguous().view(-1).view(torch.uint8))
+            self.io.send(pack_header(self.spec, OP_RESULT, 0, tag, version, n, IN_SLOT, tag % self.spec.slots))
+        else:
+            self.io.send(pack_header(self.spec, OP_RESULT, 0, tag, version, n, INLINE, 0), as_bytes(out))
+
+    def close(self) -> None:
+        self.io.close()
+
+
+def listen(address: str) -> socket.socket:
+    """A worker's listening socket for shared-memory links (abstract Unix namespace: nothing on disk)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind("\0" + address)
+    sock.listen(64)
+    return sock
+
+
+# ------------------------------------------------------------------------------------ process group of two
+
+def pair_group(store: dist.Store, key: str, rank: int, backend: str, timeout_s: float) -> Any:
+    """A process group of exactly two members, built directly (no default group): rank 0 is the coordinator."""
+    prefixed = dist.PrefixStore(f"moe-cluster/link/{key}", store)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(prefixed, rank, 2, dist.ProcessGroupNCCL.Options())
+    return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
+
+
+def _wait(work: Any, what: str) -> None:
+    try:
+        work.wait()
+    except Exception as err:  # a dead or stuck peer
+        raise LinkClosed(f"{what} failed: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from None
+
+
+class PgCoordinatorEnd:
+    """The coordinator's end of a process-group link."""
+
+    kind = "pg"
+
+    def __init__(self, group: Any, spec: LinkSpec, device: torch.device) -> None:
+        self.group = group
+        self.spec = spec
+        self.device = device
+        self._sends: list[Any] = []
+
+    def send(self, op: int, layer: int = 0, tag: int = 0, version: int = 0, counts: Sequence[int] = (),
+             rows: Tensor | None = None) -> None:
+        n = 0 if rows is None else rows.shape[0]
+        words = list(struct.unpack(f"<{self.spec.header_words}q",
+                                   pack_header(self.spec, op, layer, tag, version, n, INLINE, 0, counts)))
+        header = torch.tensor(words, dtype=torch.long, device=self.device)
+        try:
+            self._sends.append(self.group.send([header], 1, 0))
+            if n:
+                assert rows is not None
+                self._sends.append(self.group.send([rows.contiguous()], 1, 0))
+        except Exception as err:
+            raise LinkClosed(f"send failed: {err}") from None
+
+    def recv_result(self, tag: int, out: Tensor) -> int:
+        header = torch.empty(self.spec.header_words, dtype=torch.long, device=self.device)
+        _wait(self.group.recv([header], 1, 0), "receiving a result header")
+        op, _, got_tag, version, n = header[:5].tolist()
+        if op != OP_RESULT or got_tag != tag or n != out.shape[0]:
+            raise LinkClosed(f"expected the result of message {tag}, got op {op} tag {got_tag} with {n} rows")
+        if n:
+            _wait(self.group.recv([out], 1, 0), "receiving results")
+        sends, self._sends = self._sends, []
+        for work in sends:
+            _wait(work, "sending rows")
+        return int(version)
+
+    def close(self) -> None:
+        try:
+            self.send(OP_BYE)
+            for work in self._sends:
+                work.wait()
+        except Exception:
+            pass
+        _abort(self.group)
+
+
+def _abort(group: Any) -> None:
+    with contextlib.suppress(Exception):
+        group.abort()
+
+
+class PgWorkerEnd:
+    """A worker's end of a process-group link: a thread receives, the worker's loop waits on a pipe."""
+
+    kind = "pg"
+
+    def __init__(self, group: Any, spec: LinkSpec, device: torch.device) -> None:
+        self.group = group
+        self.spec = spec
+        self.device = device
+        self._inbox: queue.SimpleQueue[Message | LinkClosed] = queue.SimpleQueue()
+        self._notify_r, self._notify_w = os.pipe()
+        os.set_blocking(self._notify_r, False)
+        self._closed = False
+        threading.Thread(target=self._receive, name="moe-link-recv", daemon=True).start()
+
+    def _receive(self) -> None:
+        try:
+            while not self._closed:
+                header = torch.empty(self.spec.header_words, dtype=torch.long, device=self.device)
+                _wait(self.group.recv([header], 0, 0), "receiving a header")
+                words = header.tolist()
+                op, layer, tag, version, n = words[:5]
+                message = Message(op, layer, tag, version)
+                if op == OP_WORK:
+                    rows = torch.empty(n, self.spec.hidden, dtype=self.spec.torch_dtype, device=self.device)
+                    if n:
+                        _wait(self.group.recv([rows], 0, 0), "receiving rows")
+                    message.counts, message.rows = list(words[HEADER_FIELDS:]), rows
+                self._inbox.put(message)
+                os.write(self._notify_w, b"m")
+                if op == OP_BYE:
+                    return
+        except LinkClosed as err:
+            self._inbox.put(err)
+            os.write(self._notify_w, b"x")
+
+    def fileno(self) -> int:
+        return self._notify_r
+
+    def read(self) -> list[Message]:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._notify_r, 4096)
+        messages: list[Message] = []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return messages
+            if isinstance(item, LinkClosed):
+                if messages:  # deliver what came before the failure first
+                    self._inbox.put(item)
+                    os.write(self._notify_w, b"x")
+                    return messages
+                raise item
+            messages.append(item)
+
+    def send_result(self, tag: int, version: int, out: Tensor) -> None:
+        n = out.shape[0]
+        words = list(struct.unpack(f"<{self.spec.header_words}q",
+                                   pack_header(self.spec, OP_RESULT, 0, tag, version, n, INLINE, 0)))
+        header = torch.tensor(words, dtype=torch.long, device=self.device)
+        _wait(self.group.send([header], 0, 0), "sending a result header")
+        if n:
+            _wait(self.group.send([out.contiguous()], 0, 0), "sending results")
+
+    def close(self) -> None:
+        self._closed = True
+        _abort(self.group)
+        for fd in (self._notify_r, self._notify_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class CoordinatorEnd(Protocol):
+    kind: str
+
+    def send(self, op: int, layer: int = 0, tag: int = 0, version: int = 0, counts: Sequence[int] = (),
+             rows: Tensor | None = None) -> None: ...
+
+    def recv_result(self, tag: int, out: Tensor) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class WorkerEnd(Protocol):
+    kind: str
+
+    def fileno(self) -> int: ...
+
+    def read(self) -> list[Message]: ...
+
+    def send_result(self, tag: int, version: int, out: Tensor) -> None: ...
+
+    def close(self) -> None: ...

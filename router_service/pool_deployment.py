@@ -1,0 +1,106 @@
+"""The app's expert pool as a one-replica Serve deployment, and the PoolHandle coordinators use to reach it.
+
+Its replica *is* the pool (workers/pool.py): the expert workers take the other bundles of the replica's
+placement group (bundle 0 is the replica itself), so Serve gang-schedules them with it and removes them with
+the app. Every engine replica attaches to it through a DeploymentHandle; scaling the engine deployment (or a
+replica restarting) only attaches or detaches coordinators, and never reloads an expert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cluster.pool_api import PoolView
+from router_service.metrics import PoolMetrics
+from router_service.settings import AppSettings
+from workers.placement import use_gpus, worker_bundle
+from workers.pool import ExpertPool
+
+log = logging.getLogger("moe_cluster.serve")
+POOL_DEPLOYMENT = "ExpertPool"
+POOL_MANAGER_CPUS = 0.1  # the replica only manages the workers (Ray calls, no tensors)
+STATS_INTERVAL_S = 2.0
+
+
+class ExpertPoolDeployment:
+    async def __init__(self, settings: AppSettings) -> None:  # type: ignore[misc]  # Serve awaits it
+        pool_cfg = settings.pool_config()
+        pg = ray.util.get_current_placement_group()
+        gpus = pg is not None and any("GPU" in bundle for bundle in pg.bundle_specs[1:])
+        self.pool = ExpertPool(settings.engine_config(), pool_cfg, f"{settings.model_name}-{uuid.uuid4().hex[:6]}",
+                               placement_group=pg, first_bundle=1, gpus=gpus)
+        await self.pool.start()
+        self.metrics = PoolMetrics(settings.model_name, self.pool.pool_id)
+        self._sampler = asyncio.get_running_loop().create_task(self._sample())
+
+    async def _sample(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            with contextlib.suppress(Exception):
+                self.metrics.sample(await self.pool.worker_stats())
+
+    async def attach(self, coordinator_id: str) -> PoolView:
+        return await self.pool.attach(coordinator_id)
+
+    async def replace(self, worker_index: int, generation: int, reason: str) -> PoolView:
+        return await self.pool.replace(worker_index, generation, reason)
+
+    async def detach(self, coordinator_id: str) -> None:
+        await self.pool.detach(coordinator_id)
+
+    async def describe(self) -> dict[str, Any]:
+        return await self.pool.describe()
+
+    async def worker_stats(self) -> list[dict[str, Any]]:
+        return await self.pool.worker_stats()
+
+    async def __del__(self) -> None:
+        self._sampler.cancel()
+        await self.pool.shutdown()
+
+
+class ServePool:
+    """A PoolHandle over the pool deployment's handle, for the coordinator in an engine replica (called from the
+    engine loop's thread, never from the replica's event loop)."""
+
+    def __init__(self, handle: DeploymentHandle, timeout_s: float) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    def attach(self, coordinator_id: str) -> PoolView:
+        view: PoolView = self.handle.attach.remote(coordinator_id).result(timeout_s=self.timeout_s)
+        return view
+
+    def replace(self, worker_index: int, generation: int, reason: str) -> PoolView:
+        view: PoolView = self.handle.replace.remote(worker_index, generation, reason).result(timeout_s=self.timeout_s)
+        return view
+
+    def detach(self, coordinator_id: str) -> None:
+        self.handle.detach.remote(coordinator_id).result(timeout_s=self.timeout_s)
+
+
+def pool_deployment_options(settings: AppSettings) -> dict[str, Any]:
+    """One replica; its placement group: the replica, then one bundle per expert worker."""
+    from cluster.config import ModelConfig
+    from cluster.moe import ExpertMap
+
+    pool_cfg = settings.pool_config()
+    workers = ExpertMap.contiguous(ModelConfig.from_file(settings.model).num_experts,
+                                   pool_cfg.experts_per_worker).num_workers
+    gpus = use_gpus(pool_cfg.use_gpus) if ray.is_initialized() else bool(pool_cfg.use_gpus)
+    return {"num_replicas": 1, "max_ongoing_requests": 1000, "health_check_period_s": 10.0,
+            "ray_actor_options": {"num_cpus": POOL_MANAGER_CPUS},
+            "placement_group_bundles": [{"CPU": POOL_MANAGER_CPUS}] + [worker_bundle(pool_cfg, gpus)] * workers,
+            "placement_group_strategy": pool_cfg.placement_strategy}
+
+
+def build_pool_deployment(settings: AppSettings) -> Any:
+    return serve.deployment(ExpertPoolDeployment, name=POOL_DEPLOYMENT, **pool_deployment_options(settings))

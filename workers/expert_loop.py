@@ -1,0 +1,223 @@
+"""The expert worker's persistent loop: wait on every link at once, take whatever work has arrived, run it,
+send each result back on the link it came from. No Ray call per step or per layer.
+
+Rows of one layer that are waiting from several coordinators (or from several micro-batches of one) are merged
+into one grouped expert call and the results split back to their senders: every expert then runs once on the
+rows of all of them, which is the point of sharing one pool between many coordinators.
+
+Shape legend: R rows of one message, H hidden, L local expert slots, M messages merged into one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from cluster.exchange import OP_BYE, OP_WORK, LinkClosed, LinkSpec, Message, ShmWorkerEnd, WorkerEnd, listen
+
+log = logging.getLogger("moe_cluster.worker")
+# (layer, rows grouped by local slot (R, H), rows per local slot (L,)) -> expert outputs (R, H)
+RunExperts = Callable[[int, Tensor, list[int]], Tensor]
+
+
+@dataclass
+class LoopStats:
+    """What the loop did since it started (read by the pool for metrics; merged calls are the M:N payoff)."""
+
+    messages: int = 0  # WORK messages answered
+    calls: int = 0  # grouped expert calls (fewer than messages when rows were merged)
+    rows: int = 0  # rows computed
+    compute_s: float = 0.0  # time in expert calls
+    links_opened: int = 0
+    links_closed: int = 0
+    rows_per_slot: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, local slot) -> rows
+
+    def snapshot(self) -> dict[str, object]:
+        return {"messages": self.messages, "calls": self.calls, "rows": self.rows, "compute_s": self.compute_s,
+                "links_opened": self.links_opened, "links_closed": self.links_closed,
+                "rows_per_slot": dict(self.rows_per_slot)}
+
+
+def merge_messages(messages: list[Message]) -> tuple[Tensor, list[int], Tensor]:
+    """Rows of several messages of one layer as one call: -> rows (sum R, H) grouped by local slot, rows per
+    slot (L,), and ``order`` such that merged row i came from concatenated row order[i]."""
+    counts = torch.tensor([m.counts for m in messages], dtype=torch.long)  # (M, L)
+    sizes = counts.sum(dim=1)  # (M,)
+    starts = torch.cumsum(sizes, 0) - sizes  # first row of each message in the concatenation
+    slot_starts = torch.cumsum(counts, 1) - counts  # (M, L) first row of each slot inside its message
+    pieces = [torch.arange(int(n)) + int(starts[i] + slot_starts[i, j])
+              for j in range(counts.shape[1]) for i, n in enumerate(counts[:, j].tolist()) if n]
+    order = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    rows = torch.cat([m.rows for m in messages if m.rows is not None])  # (sum R, H)
+    return rows[order], counts.sum(dim=0).tolist(), order
+
+
+class ExpertLoop:
+    """Owns the links of one worker. ``run`` blocks until ``stop`` (called from another thread)."""
+
+    def __init__(self, address: str, spec: LinkSpec, run_experts: RunExperts, version: Callable[[], int],
+                 num_layers: int, merge_wait_s: float) -> None:
+        self.spec = spec
+        self.run_experts = run_experts
+        self.version = version
+        self.num_layers = num_layers
+        self.merge_wait_s = merge_wait_s
+        self._last_layer: dict[WorkerEnd, tuple[int, float]] = {}  # link -> (layer of its last work, when)
+        self.stats = LoopStats()
+        self.links: dict[int, WorkerEnd] = {}  # by file descriptor
+        self._selector = selectors.DefaultSelector()
+        self._listener = listen(address)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._pending_links: list[WorkerEnd] = []
+        self._stopping = False
+        self._selector.register(self._listener, selectors.EVENT_READ, "accept")
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+
+    # --------------------------------------------------------------------------- called from other threads
+
+    def add_link(self, end: WorkerEnd) -> None:
+        """Hand over a link built elsewhere (a process-group link); the loop starts waiting on it."""
+        self._pending_links.append(end)
+        os.write(self._wake_w, b"l")
+
+    def stop(self) -> None:
+        self._stopping = True
+        os.write(self._wake_w, b"s")
+
+    # ---------------------------------------------------------------------------------------------- loop
+
+    def run(self) -> None:
+        work: list[tuple[WorkerEnd, Message]] = []  # arrived, not served yet
+        serve_by = 0.0  # when the oldest waiting work must be served, merged or not
+        try:
+            while not self._stopping:
+                timeout = None if not work else max(0.0, serve_by - time.monotonic())
+                ready: list[WorkerEnd] = []
+                for key, _ in self._selector.select(timeout):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._take_pending()
+                    else:
+                        ready.append(key.data)
+                now = time.monotonic()
+                for end in ready:
+                    for message in self._read(end):
+                        if not work:
+                            serve_by = now + self.merge_wait_s
+                        work.append((end, message))
+                        self._last_layer[end] = (message.layer, now)
+                if work and (now >= serve_by or not self._worth_waiting(work, now)):
+                    self._serve(work)
+                    work = []
+        finally:
+            for end in list(self.links.values()):
+                self._drop(end, "the worker is stopping")
+            self._selector.close()
+            self._listener.close()
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+
+    def _worth_waiting(self, work: list[tuple[WorkerEnd, Message]], now: float) -> bool:
+        """Whether another coordinator's rows of the oldest waiting layer are probably on their way: a link that
+        was busy a moment ago, whose last work was the layer before, and that has sent nothing for this layer.
+        Coordinators that are waited for get their results together with the others, so they fall into step
+        and keep arriving together: every expert then runs once on the rows of all of them."""
+        layer = work[0][1].layer
+        previous = (layer - 1) % self.num_layers
+        have = {end for end, message in work if message.layer == layer}
+        busy = 0.05 + 10 * self.merge_wait_s  # a link quiet for longer is idle, not on its way
+        return any(end not in have and last == previous and now - at < busy
+                   for end, (last, at) in self._last_layer.items())
+
+    def _accept(self) -> None:
+        conn, _ = self._listener.accept()
+        try:
+            end = ShmWorkerEnd(conn, self.spec)
+        except (LinkClosed, OSError) as err:
+            log.warning("refused a link: %s", err)
+            conn.close()
+            return
+        self._register(end)
+
+    def _take_pending(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+        while self._pending_links:
+            self._register(self._pending_links.pop())
+
+    def _register(self, end: WorkerEnd) -> None:
+        self.links[end.fileno()] = end
+        self._selector.register(end.fileno(), selectors.EVENT_READ, end)
+        self.stats.links_opened += 1
+        log.info("link opened (%s); %d links", end.kind, len(self.links))
+
+    def _drop(self, end: WorkerEnd, why: str) -> None:
+        fd = end.fileno()
+        self._last_layer.pop(end, None)
+        if self.links.pop(fd, None) is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(fd)
+        end.close()
+        self.stats.links_closed += 1
+        log.info("link closed (%s): %s; %d links", end.kind, why, len(self.links))
+
+    def _read(self, end: WorkerEnd) -> list[Message]:
+        try:
+            messages = end.read()
+        except LinkClosed as err:
+            self._drop(end, str(err))
+            return []
+        if any(m.op == OP_BYE for m in messages):
+            self._drop(end, "the coordinator detached")
+        return [m for m in messages if m.op == OP_WORK]
+
+    def _serve(self, work: list[tuple[WorkerEnd, Message]]) -> None:
+        """Run the waiting work layer by layer (oldest layer group first), merging each layer's messages."""
+        by_layer: dict[int, list[tuple[WorkerEnd, Message]]] = {}
+        for item in work:
+            by_layer.setdefault(item[1].layer, []).append(item)
+        version = self.version()
+        for layer, items in by_layer.items():
+            messages = [m for _, m in items]
+            started = time.perf_counter()
+            if len(messages) == 1:
+                counts = messages[0].counts or []
+                assert messages[0].rows is not None
+                outs = [self.run_experts(layer, messages[0].rows, counts)]
+                slot_rows = counts
+            else:
+                rows, slot_rows, order = merge_messages(messages)
+                merged = self.run_experts(layer, rows, slot_rows)
+                unmerged = torch.empty_like(merged)
+                unmerged[order] = merged
+                outs = list(unmerged.split([sum(m.counts or []) for m in messages]))
+            self.stats.compute_s += time.perf_counter() - started
+            self.stats.calls += 1
+            self.stats.messages += len(messages)
+            for slot, n in enumerate(slot_rows):
+                if n:
+                    self.stats.rows_per_slot[(layer, slot)] = self.stats.rows_per_slot.get((layer, slot), 0) + n
+                    self.stats.rows += n
+            for (end, message), out in zip(items, outs, strict=True):
+                if end.fileno() not in self.links:
+                    continue  # the link closed meanwhile
+                try:
+                    end.send_result(message.tag, version, out)
+                except LinkClosed as err:
+                    self._drop(end, str(err))
+
+
+def pick_address(pool_id: str, worker_index: int, generation: int) -> str:
+    """The abstract socket name a worker listens on (unique per pool, worker and replacement)."""
+    return f"moe-cluster/{pool_id}/worker-{worker_index}.{generation}/{os.getpid()}"
