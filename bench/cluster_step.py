@@ -1,16 +1,27 @@
-"""Cluster engine vs local engine, same model and batch, side by side in one run: decode step latency and
-prefill tokens/s, with a breakdown of where a cluster decode step's time goes.
+"""A decode step of the cluster against the local engine, same model and batch, side by side in one run, with
+where every millisecond of a cluster step goes.
 
-    python -m bench.cluster_step [--sizes demo mid] [--batch 16] [--decode-tokens 24] [--prefill-len 128]
+    python -m bench.cluster_step [--sizes bench demo] [--batch 32] [--decode-tokens 16] [--experts-per-worker 4]
 
-Decode step = (time for 1 + D tokens - time for 1 token) / D over the whole batch; prefill = batch x
-prefill-len prompt tokens with one output token. Each engine is measured in turn, repeatedly (median).
+Peers: the local engine (1 and 2 intra-op threads), and coordinators on one expert pool: serial (1 micro-batch),
+ping-pong (2 micro-batches), and two coordinators running the batch at the same time (the pool merges their
+rows). Decode step = (time for 1 + D tokens - time for 1 token) / D over the whole batch; median of repeats.
+
+Breakdown of a cluster step (ms per step, summed over layers): *coordinator* = everything but the MoE phases
+(embeddings, attention, norms, LM head, sampling, scheduling); *route+send* = routing, the dispatch plan and
+the sends, wall time, with in brackets the coordinator thread's CPU time (the rest is waiting for a core: a worker
+woken by a send may take the sender's core); then the wait for the last worker of each layer, split by clock stamps
+(one node, one clock): *wake* (sent -> the worker read it), *hold* (read -> its expert call started: merge window,
+earlier work), *expert* (the call, wall; in brackets the worker thread's CPU time: the rest is waiting for a core),
+*back* (finished -> the coordinator had the results); *combine* = weighting rows back onto tokens. The fixed cost
+of one layer's exchange is route+send CPU + wake + back + combine, per layer.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
 from typing import Any
 
@@ -19,12 +30,11 @@ import torch
 
 from bench.common import machine, progress, table, write_section
 from bench.models import bench_model, describe
+from cluster.config import ModelConfig
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.engine_loop import LocalEngine
 from cluster.sampling import SamplingParams
-from workers.cluster_engine import ClusterEngine
-
-Engine = Any  # LocalEngine | ClusterEngine
+from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -32,110 +42,133 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (length,), generator=gen).tolist() for _ in range(batch)]
 
 
-def timed_generate(engine: Engine, batch: list[list[int]], max_tokens: int) -> float:
-    started = time.perf_counter()
-    engine.generate(batch, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
-    return time.perf_counter() - started
+class Peer:
+    """One or more engines that run the batch at the same time; a decode step is measured across all of them."""
+
+    def __init__(self, name: str, engines: list[Any], pool: Any = None, threads: int | None = None) -> None:
+        self.name, self.engines, self.pool, self.threads = name, engines, pool, threads
+
+    def generate(self, batch: list[list[int]], tokens: int) -> float:
+        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        started = time.perf_counter()
+        threads = [threading.Thread(target=e.generate, args=(batch, params)) for e in self.engines]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - started
+
+    def counters(self) -> dict[str, float]:
+        """Phase seconds of the first engine, and the pool's worker compute (wall and CPU, mean over workers)."""
+        stats = self.engines[0].stats()
+        out = {k: float(v) for k, v in (stats.backend | stats.step_seconds).items()}
+        if self.pool is not None:
+            workers = ray.get(self.pool.worker_stats.remote())
+            out["worker_compute"] = sum(w["compute_s"] for w in workers) / len(workers)
+            out["worker_cpu"] = sum(w["compute_cpu_s"] for w in workers) / len(workers)
+            out["worker_rows"] = sum(w["rows"] for w in workers)
+            out["worker_calls"] = sum(w["calls"] for w in workers)
+        return out
 
 
-def moe_timings(engine: Engine) -> dict[str, float]:
-    timings = dict(engine.stats().backend)
-    if isinstance(engine, ClusterEngine):
-        workers = engine.worker_stats()
-        timings["expert_compute"] = sum(w["compute_s"] for w in workers) / len(workers)
-    return timings
+def measure(peers: list[Peer], batch: list[list[int]], decode_tokens: int, repeats: int) -> dict[str, dict[str, float]]:
+    for peer in peers:  # warm-up
+        peer.generate(batch, 2)
+    steps: dict[str, list[float]] = {p.name: [] for p in peers}
+    phases: dict[str, dict[str, float]] = {p.name: {} for p in peers}
+    for rep in range(repeats):
+        for peer in peers:
+            c0 = peer.counters()
+            short = peer.generate(batch, 1)
+            c1 = peer.counters()
+            long = peer.generate(batch, 1 + decode_tokens)
+            c2 = peer.counters()
+            steps[peer.name].append((long - short) / decode_tokens)
+            for key in c2:  # the long run's counters minus the short run's: its decode steps alone
+                value = (c2[key] - c1.get(key, 0.0)) - (c1.get(key, 0.0) - c0.get(key, 0.0))
+                phases[peer.name][key] = phases[peer.name].get(key, 0.0) + value / repeats / decode_tokens
+        progress(f"repeat {rep + 1}/{repeats} done")
+    counts = ("worker_rows", "worker_calls", "timed_layers")  # per step, not seconds
+    return {p.name: {"step_ms": 1000 * statistics.median(steps[p.name]),
+                     **{k: v if k in counts else 1000 * v for k, v in phases[p.name].items()}} for p in peers}
 
 
-def measure(engines: dict[str, Engine], args: argparse.Namespace, vocab: int) -> dict[str, dict[str, float]]:
-    decode_batch = prompts(args.batch, 16, vocab, seed=1)
-    prefill_batch = prompts(args.batch, args.prefill_len, vocab, seed=2)
-    samples: dict[str, dict[str, list[float]]] = {name: {"decode": [], "prefill": []} for name in engines}
-    breakdown: dict[str, dict[str, float]] = {name: {} for name in engines}
-    for engine in engines.values():  # warm-up
-        timed_generate(engine, decode_batch, 2)
-    for rep in range(args.repeats):
-        for name, engine in engines.items():
-            t0 = moe_timings(engine)
-            short = timed_generate(engine, decode_batch, 1)
-            t1 = moe_timings(engine)
-            long = timed_generate(engine, decode_batch, 1 + args.decode_tokens)
-            t2 = moe_timings(engine)
-            samples[name]["decode"].append((long - short) / args.decode_tokens)
-            # The long run's backend time minus the short run's: what its decode steps alone spent.
-            for key in t2:
-                value = (t2[key] - t1.get(key, 0.0)) - (t1.get(key, 0.0) - t0.get(key, 0.0))
-                breakdown[name][key] = breakdown[name].get(key, 0.0) + value / args.repeats
-            samples[name]["prefill"].append(len(prefill_batch) * args.prefill_len /
-                                            timed_generate(engine, prefill_batch, 1))
-        progress(f"repeat {rep + 1}/{args.repeats} done")
-    results: dict[str, dict[str, float]] = {}
-    for name in engines:
-        r = {"decode_ms": 1000 * statistics.median(samples[name]["decode"]),
-             "prefill_tps": statistics.median(samples[name]["prefill"])}
-        b = breakdown[name]
-        if b.get("steps", 0.0):
-            per_step = {k: 1000 * v / args.decode_tokens for k, v in b.items() if k != "steps"}
-            moe = sum(per_step.get(k, 0.0) for k in ("route", "control", "exchange", "combine"))
-            r |= {"coordinator_ms": r["decode_ms"] - moe, "route_ms": per_step.get("route", 0.0),
-                  "control_ms": per_step.get("control", 0.0),
-                  "transfer_ms": per_step.get("exchange", 0.0) - per_step.get("expert_compute", 0.0),
-                  "experts_ms": per_step.get("expert_compute", 0.0), "combine_ms": per_step.get("combine", 0.0)}
-        results[name] = r
-    return results
+def row(name: str, r: dict[str, float], base_ms: float, layers: int, sequences: int) -> list[object]:
+    step = r["step_ms"]
+    cells: list[object] = [name, step, f"{base_ms / step:.2f}x", f"{1000 * sequences / step:,.0f}"]
+    if "wait" not in r:
+        return cells + ["-"] * 9
+    moe = r.get("route_and_send", 0.0) + r.get("wait", 0.0) + r.get("combine", 0.0)
+    fixed = (r.get("route_and_send_cpu", 0.0) + r.get("wake", 0.0) + r.get("back", 0.0) + r.get("combine", 0.0))
+    calls = r.get("worker_calls", 0.0)
+    on_core = r.get("worker_cpu", 0.0) / r["worker_compute"] if r.get("worker_compute") else 1.0
+    cells += [f"{step - moe:.1f}", f"{r.get('route_and_send', 0.0):.1f} [{r.get('route_and_send_cpu', 0.0):.1f}]",
+              f"{r.get('wake', 0.0):.1f}", f"{r.get('hold', 0.0):.1f}",
+              f"{r.get('expert', 0.0):.1f} [{on_core * r.get('expert', 0.0):.1f}]",
+              f"{r.get('back', 0.0):.1f}", f"{r.get('combine', 0.0):.1f}", f"{fixed / layers:.2f}",
+              f"{r.get('worker_rows', 0.0) / calls:.1f}" if calls else "-"]
+    return cells
+
+
+def run_size(size: str, args: argparse.Namespace) -> str:
+    model = bench_model(size)
+    cfg = ModelConfig.from_file(model)
+    progress(f"model {describe(size)}")
+    engine_cfg = EngineConfig(model=str(model), progress=False, max_num_batched_tokens=4096, max_num_seqs=128,
+                              num_kv_blocks=max(512, args.batch * 16))
+    batch = prompts(args.batch, 16, cfg.vocab_size, seed=1)
+    peers = [Peer("local engine, 1 thread", [LocalEngine.from_config(engine_cfg)], threads=1),
+             Peer("local engine, 2 threads", [LocalEngine.from_config(engine_cfg)], threads=2)]
+    progress(f"starting an expert pool ({args.experts_per_worker} experts per worker) and its coordinators")
+    pool = start_pool(engine_cfg, PoolConfig(experts_per_worker=args.experts_per_worker, threads_per_worker=1,
+                                             merge_wait_ms=args.merge_wait_ms))
+    try:
+        def coordinator(micro_batches: int) -> ClusterEngine:
+            return ClusterEngine.start(engine_cfg, ClusterConfig(micro_batches=micro_batches), pool=pool)
+
+        peers += [Peer("cluster, serial (1 micro-batch)", [coordinator(1)], pool, threads=1),
+                  Peer("cluster, ping-pong (2 micro-batches)", [coordinator(2)], pool, threads=1),
+                  Peer("cluster, 2 coordinators on one pool", [coordinator(1), coordinator(1)], pool, threads=1)]
+        results = measure(peers, batch, args.decode_tokens, args.repeats)
+    finally:
+        for peer in peers:
+            for engine in peer.engines:
+                engine.shutdown()
+        stop_pool(pool)
+    base = min(results[p.name]["step_ms"] for p in peers[:2])  # the local engine at its best thread count
+    rows = [row(p.name, results[p.name], base, cfg.num_layers, args.batch * len(p.engines)) for p in peers]
+    return "\n".join([
+        f"### Model {describe(size)}; {args.batch} sequences per engine, {args.experts_per_worker} experts per worker",
+        "",
+        table(["engine", "decode step ms", "vs best local", "tokens/s", "coordinator", "route+send [cpu]", "wake",
+               "hold", "expert [cpu]", "back", "combine", "fixed cost per layer", "rows per expert call"], rows),
+        ""])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", nargs="+", default=["demo", "mid"])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--decode-tokens", type=int, default=24)
-    parser.add_argument("--prefill-len", type=int, default=128)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["bench"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--experts-per-worker", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--merge-wait-ms", type=float, default=PoolConfig.merge_wait_ms)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-
     ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
-    sections = [f"Machine: {machine()}; actors use 1 intra-op thread each, the local engine "
-                f"{torch.get_num_threads()}. Command: `python -m bench.cluster_step --sizes {' '.join(args.sizes)}`.",
-                f"Batch {args.batch}: decode step = one token for each of the {args.batch} sequences; prefill = "
-                f"{args.batch} x {args.prefill_len}-token prompts. Breakdown columns are per decode step (ms).", ""]
+    sections = [f"Machine: {machine()}; coordinators and expert workers use 1 intra-op thread each. Command: "
+                f"`python -m bench.cluster_step --sizes {' '.join(args.sizes)} --batch {args.batch} "
+                f"--experts-per-worker {args.experts_per_worker}`.", ""]
     for size in args.sizes:
-        model = bench_model(size)
-        progress(f"model {describe(size)}")
-        engine_cfg = EngineConfig(model=str(model), progress=False, max_num_batched_tokens=4096,
-                                  num_kv_blocks=max(256, args.batch * 64))
-        engines: dict[str, Engine] = {"local engine": LocalEngine.from_config(engine_cfg)}
-        for epw in (1, 2):
-            progress(f"starting cluster, {epw} expert(s) per worker")
-            engines[f"cluster, {epw} expert/worker"] = ClusterEngine.start(
-                engine_cfg, ClusterConfig(), PoolConfig(experts_per_worker=epw, threads_per_worker=1))
-        vocab = engines["local engine"].model_config.vocab_size
-        try:
-            results = measure(engines, args, vocab)
-        finally:
-            for engine in engines.values():
-                engine.shutdown()
-        base = results["local engine"]
-        rows = []
-        for name, r in results.items():
-            rows.append([name, r["decode_ms"], base["decode_ms"] / r["decode_ms"], r["prefill_tps"],
-                         r["prefill_tps"] / base["prefill_tps"],
-                         *(f"{r[k]:.2f}" if k in r else "-" for k in (
-                             "coordinator_ms", "route_ms", "control_ms", "transfer_ms", "experts_ms", "combine_ms"))])
-        sections += [f"### Model {describe(size)}", "",
-                     table(["engine", "decode step ms", "speed vs local", "prefill tok/s", "prefill vs local",
-                            "coordinator", "routing", "control", "counts+rows out, results back", "expert compute",
-                            "combine"], rows), ""]
-    sections += [
-        "Columns: *coordinator* = attention, norms, LM head and sampling (the step minus the MoE parts); "
-        "*control* = the step's control message; *counts+rows out, results back* = the per-layer exchange "
-        "with the workers, minus their expert compute: message latency, including waking each worker process; "
-        "*expert compute* = the experts' matmuls, averaged over workers (they run in parallel).",
-    ]
+        sections.append(run_size(size, args))
+    sections.append("Times in ms per decode step; *tokens/s* counts every engine of the row (the 2-coordinator row "
+                    "runs two batches at once). The columns are explained in `bench/cluster_step.py`'s docstring.")
     body = "\n".join(sections)
     print(body)
     if not args.no_write:
-        write_section("cluster_step", "Cluster decode step and prefill vs the local engine", body)
+        write_section("cluster_step", "Cluster decode step vs the local engine, and where its time goes", body)
 
 
 if __name__ == "__main__":

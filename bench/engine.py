@@ -1,37 +1,35 @@
-"""Offline throughput: our engine (local, and the cluster) against transformers' batched ``generate``, with the
-same weights, prompts and output lengths, at several concurrencies, side by side in one run.
+"""Offline throughput: transformers' batched ``generate``, our local engine, and the cluster (coordinators on one
+expert pool: serial, ping-pong micro-batches, the default policy, two coordinators sharing the pool), with the same
+weights, prompts and output lengths, at several concurrencies, side by side in one run.
 
-    python -m bench.engine [--size demo] [--concurrency 1 8 32] [--prompt-len 32] [--output-len 64]
+    python -m bench.engine [--size bench] [--concurrency 1 8 32] [--prompt-len 64] [--output-len 64]
 
-Each peer runs in its own fresh subprocess (same machine, one after the other), so no peer's thread pools
-interfere with another's. Output tokens/s = concurrency x output-len / wall time (median of repeats).
+All peers live in one process (the cluster's workers in their own) and every repeat runs each peer in turn, so
+a machine that drifts slows all alike; single-process peers are run at 1 and at 2 intra-op threads and the
+better one is their baseline. Output tokens/s = concurrency x output-len / wall time (median of repeats). The two
+coordinators split the N sequences between them (N/2 each, at once).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+import ray
 import torch
 
-from bench.common import add_workload_flags, machine, progress, table, workload_argv, write_section
+from bench.common import add_workload_flags, machine, progress, table, write_section
 from bench.models import bench_model, describe
+from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
+from cluster.engine_loop import LocalEngine
+from cluster.sampling import SamplingParams
+from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 
-PEERS = ["transformers", "local", "cluster-1", "cluster-2", "cluster-4"]
-
-
-def label(peer: str) -> str:
-    if peer == "transformers":
-        return "transformers generate"
-    if peer == "local":
-        return "ours, local engine"
-    k = int(peer.split("-")[1])
-    return f"ours, cluster ({k} expert{'s' if k > 1 else ''}/worker)"
+Generate = Callable[[list[list[int]]], None]
 
 
 def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
@@ -39,112 +37,141 @@ def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (length,), generator=gen).tolist() for _ in range(n)]
 
 
-def run_peer(peer: str, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Inside the peer's subprocess: tokens/s for each concurrency."""
-    model = bench_model(args.size)
-    results: dict[str, list[float]] = {}
-    if peer == "transformers":
-        from transformers import AutoModelForCausalLM
+def transformers_peer(model: str, output_len: int) -> Generate:
+    from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(model).eval()
-        hf.generation_config.eos_token_id = None
-        hf.generation_config.pad_token_id = 0
+    hf = AutoModelForCausalLM.from_pretrained(model).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
 
-        def generate(batch: list[list[int]]) -> None:
-            with torch.inference_mode():
-                out = hf.generate(torch.tensor(batch), attention_mask=torch.ones(len(batch), len(batch[0]),
-                                                                                 dtype=torch.long),
-                                  max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False)
-            assert out.shape[1] == len(batch[0]) + args.output_len
-        vocab = hf.config.vocab_size
-        shutdown = None
-    else:
-        from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
-        from cluster.sampling import SamplingParams
+    def generate(batch: list[list[int]]) -> None:
+        with torch.inference_mode():
+            mask = torch.ones(len(batch), len(batch[0]), dtype=torch.long)
+            out = hf.generate(torch.tensor(batch), attention_mask=mask,
+                              max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False)
+        assert out.shape[1] == len(batch[0]) + output_len
 
-        engine_cfg = EngineConfig(model=str(model), progress=False, max_num_seqs=64, max_num_batched_tokens=2048,
-                                  num_kv_blocks=64 * ((args.prompt_len + args.output_len) // 16 + 2))
-        engine: Any
-        if peer == "local":
-            from cluster.engine_loop import LocalEngine
+    return generate
 
-            engine = LocalEngine.from_config(engine_cfg)
-        else:
-            import ray
 
-            from workers.cluster_engine import ClusterEngine
+def engines_peer(engines: list[Any], output_len: int) -> Generate:
+    """The batch split over ``engines``, all at once."""
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
 
-            ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
-            engine = ClusterEngine.start(engine_cfg, ClusterConfig(), PoolConfig(
-                experts_per_worker=int(peer.split("-")[1]), threads_per_worker=1))
-        params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    def run(engine: Any, part: list[list[int]]) -> None:
+        out = engine.generate(part, params)
+        assert all(len(r.completions[0].token_ids) == output_len for r in out)
 
-        def generate(batch: list[list[int]]) -> None:
-            out = engine.generate(batch, params)
-            assert all(len(r.completions[0].token_ids) == args.output_len for r in out)
-        vocab = engine.model_config.vocab_size
-        shutdown = engine.shutdown
-    generate(prompts(2, args.prompt_len, vocab))  # warm-up
-    for c in args.concurrency:
-        batch = prompts(c, args.prompt_len, vocab)
-        samples = []
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            generate(batch)
-            samples.append(c * args.output_len / (time.perf_counter() - started))
-        results[str(c)] = samples
-        print(f"[bench] {peer}: concurrency {c}: {statistics.median(samples):,.0f} tok/s", file=sys.stderr, flush=True)
-    if shutdown is not None:
-        shutdown()
-    return results
+    def generate(batch: list[list[int]]) -> None:
+        parts = [batch[i::len(engines)] for i in range(len(engines))]
+        threads = [threading.Thread(target=run, args=(e, p)) for e, p in zip(engines, parts, strict=True) if p]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    return generate
+
+
+def with_threads(threads: int, generate: Generate) -> Generate:
+    def run(batch: list[list[int]]) -> None:
+        torch.set_num_threads(threads)
+        generate(batch)
+
+    return run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_flags(parser)
+    parser.set_defaults(size="bench", prompt_len=64)
+    parser.add_argument("--experts-per-worker", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peers", nargs="+", default=PEERS)
-    parser.add_argument("--peer", help=argparse.SUPPRESS)  # internal: run one peer and print JSON
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    if args.peer:
-        print(json.dumps(run_peer(args.peer, args)))
-        return
 
-    bench_model(args.size)  # create the checkpoint once, before the peers start
-    results: dict[str, dict[str, list[float]]] = {}
-    for peer in args.peers:
-        progress(f"running {label(peer)} in its own process")
-        cmd = [sys.executable, "-m", "bench.engine", "--peer", peer, "--repeats", str(args.repeats),
-               *workload_argv(args)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise SystemExit(f"peer {peer} failed:\n{done.stderr[-3000:]}")
-        results[peer] = json.loads(done.stdout.strip().splitlines()[-1])
+    model = str(bench_model(args.size))
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
+    engine_cfg = EngineConfig(model=model, progress=False, max_num_seqs=64, max_num_batched_tokens=2048,
+                              num_kv_blocks=64 * ((args.prompt_len + args.output_len) // 16 + 2))
+    progress("loading transformers, the local engine, an expert pool and its coordinators")
+    pool = start_pool(engine_cfg, PoolConfig(experts_per_worker=args.experts_per_worker, threads_per_worker=1))
+    local = LocalEngine.from_config(engine_cfg)
 
-    base = {c: statistics.median(results["transformers"][c]) for c in map(str, args.concurrency)} \
-        if "transformers" in results else None
+    def coordinator(micro_batches: int = 0) -> ClusterEngine:
+        return ClusterEngine.start(engine_cfg, ClusterConfig(micro_batches=micro_batches), pool=pool)
+
+    coordinators: dict[str, list[ClusterEngine]] = {
+        "default": [coordinator()], "serial": [coordinator(1)], "ping-pong": [coordinator(2)],
+        "pair": [coordinator(), coordinator()]}
+    hf = transformers_peer(model, args.output_len)
+    peers: dict[str, Generate] = {
+        "transformers generate, 1 thread": with_threads(1, hf),
+        "transformers generate, 2 threads": with_threads(2, hf),
+        "local engine, 1 thread": with_threads(1, engines_peer([local], args.output_len)),
+        "local engine, 2 threads": with_threads(2, engines_peer([local], args.output_len)),
+        "cluster, default (auto micro-batches)": engines_peer(coordinators["default"], args.output_len),
+        "cluster, serial (1 micro-batch)": engines_peer(coordinators["serial"], args.output_len),
+        "cluster, ping-pong (2 micro-batches)": engines_peer(coordinators["ping-pong"], args.output_len),
+        "cluster, 2 coordinators on one pool": engines_peer(coordinators["pair"], args.output_len),
+    }
+    vocab = local.model_config.vocab_size
+    samples: dict[str, dict[int, list[float]]] = {name: {c: [] for c in args.concurrency} for name in peers}
+    try:
+        for generate in peers.values():  # warm-up
+            generate(prompts(2, args.prompt_len, vocab))
+        for rep in range(args.repeats):
+            for c in args.concurrency:
+                batch = prompts(c, args.prompt_len, vocab)
+                for name, generate in peers.items():
+                    torch.set_num_threads(1)  # the coordinators' client threads; the peers set their own
+                    started = time.perf_counter()
+                    generate(batch)
+                    samples[name][c].append(c * args.output_len / (time.perf_counter() - started))
+            progress(f"repeat {rep + 1}/{args.repeats} done")
+    finally:
+        local.shutdown()
+        for group in coordinators.values():
+            for engine in group:
+                engine.shutdown()
+        stop_pool(pool)
+    print(report(args, {name: {c: statistics.median(v) for c, v in by_c.items()} for name, by_c in samples.items()}))
+
+
+def report(args: argparse.Namespace, tps: dict[str, dict[int, float]]) -> str:
+    def best(prefix: str, c: int) -> float:
+        return max(v[c] for name, v in tps.items() if name.startswith(prefix))
+
     rows = []
-    for peer in args.peers:
-        row: list[object] = [label(peer)]
-        for c in map(str, args.concurrency):
-            tps = statistics.median(results[peer][c])
-            row += [tps, f"{tps / base[c]:.2f}x" if base else "-"]
+    for name, by_c in tps.items():
+        row: list[object] = [name]
+        for c in args.concurrency:
+            row += [by_c[c], f"{by_c[c] / best('transformers', c):.2f}x", f"{by_c[c] / best('local', c):.2f}x"]
         rows.append(row)
-    headers = ["engine"] + [h for c in args.concurrency for h in (f"{c} seqs tok/s", f"{c} seqs vs transformers")]
+    headers = ["engine"] + [h for c in args.concurrency
+                            for h in (f"{c} seqs tok/s", f"{c}: vs transformers", f"{c}: vs local")]
+    top = max(args.concurrency)
+    summary = [f"- At {top} sequences, best of each kind: " + "; ".join(
+        f"{kind} {best(kind, top):,.0f} tok/s ({best(kind, top) / best('transformers', top):.2f}x transformers, "
+        f"{best(kind, top) / best('local', top):.2f}x local)"
+        for kind in ("local", "cluster, default", "cluster, serial", "cluster, ping-pong", "cluster, 2 coordinators")
+    ) + "."]
     body = "\n".join([
-        f"Machine: {machine()}. Model {describe(args.size)}.",
+        f"Machine: {machine()}. Model {describe(args.size)}; {args.experts_per_worker} experts per worker.",
         f"Each of N sequences: {args.prompt_len}-token prompt, exactly {args.output_len} greedy output tokens "
-        f"(EOS ignored), all N submitted at once; output tokens/s, median of {args.repeats}. transformers runs "
-        "`generate` on the whole batch (its static batching); ours batches continuously. Each peer runs in a "
-        "fresh process. Command: `python -m bench.engine " + " ".join(sys.argv[1:]) + "`.",
+        f"(EOS ignored), all N submitted at once; output tokens/s, median of {args.repeats}; the ratios compare "
+        "with the better thread count of transformers and of the local engine. Command: `python -m bench.engine "
+        f"--size {args.size} --concurrency {' '.join(map(str, args.concurrency))} --prompt-len {args.prompt_len} "
+        f"--output-len {args.output_len}`.",
         "",
         table(headers, rows),
+        "",
+        *summary,
     ])
-    print(body)
     if not args.no_write:
         write_section(f"engine_{args.size}", f"Offline throughput vs transformers generate ({args.size} model)",
                       body)
+    return body
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from cluster.exchange import (
     CoordinatorEnd,
     LinkClosed,
     PgCoordinatorEnd,
+    Result,
     ShmCoordinatorEnd,
     pair_group,
 )
@@ -59,7 +60,7 @@ class InFlight:
     layer: int
     plan: DispatchPlan
     num_tokens: int
-    sent: list[tuple[int, int, int, int]]  # (worker, tag, first row, rows) per message, in send order
+    sent: list[tuple[int, int, int, int, int]]  # (worker, tag, first row, rows, sent at ns) per message
     out: Tensor  # (R, H) results, filled by collect
 
 
@@ -159,13 +160,14 @@ class DistributedMoE:
 
     def dispatch(self, layer: int, x: Tensor, gate_weight: Tensor) -> InFlight:
         """Steps 1-3: route the rows and send each worker its share; returns at once."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         weights, expert_ids = route(x, gate_weight, self.top_k)  # 1
         plan = plan_dispatch(weights, expert_ids, self.dispatch_rank)  # 2
         self.stats.record(layer, plan.rows_per_expert)
         rows = x[plan.row_token]  # (R, H), grouped by worker, then local slot
         rows_per_expert = plan.rows_per_expert.tolist()
         link_rows = rows if self.links and self.links[0].kind == "pg" and self.device.type == "cuda" else rows.cpu()
+        out = torch.empty_like(link_rows)  # (R, H) results land here, in the order the rows were sent
         sent, expert, first = [], 0, 0
         for w, experts in enumerate(self.view.expert_map.workers):
             counts = rows_per_expert[expert:expert + len(experts)]
@@ -175,19 +177,32 @@ class DistributedMoE:
                 tag = self._tags[w]
                 self._tags[w] += 1
                 with self._link_of(w) as link:
-                    link.send(OP_WORK, layer, tag, 0, counts, link_rows[first:first + n])
-                sent.append((w, tag, first, n))
+                    sent_ns = link.send(OP_WORK, layer, tag, 0, counts, link_rows[first:first + n],
+                                        out[first:first + n])
+                sent.append((w, tag, first, n, sent_ns))
                 first += n
         self._timings["route_and_send"] += time.perf_counter() - started
-        return InFlight(layer, plan, x.shape[0], sent, torch.empty_like(link_rows))
+        # On a busy CPU a woken worker may take this thread's core in the middle of a send: that is waiting for
+        # a core, not work; the thread's CPU time says which is which.
+        self._timings["route_and_send_cpu"] += time.thread_time() - cpu_started
+        return InFlight(layer, plan, x.shape[0], sent, out)
 
     def collect(self, flight: InFlight) -> Tensor:
         """Steps 5-6: wait for every worker's results and combine them onto the tokens."""
         started = time.perf_counter()
-        for w, tag, first, n in flight.sent:  # 5
+        last: tuple[int, Result] | None = None  # the message whose worker finished last: the critical path
+        for w, tag, _, _, sent_ns in flight.sent:  # 5
             with self._link_of(w) as link:
-                link.recv_result(tag, flight.out[first:first + n])
+                result = link.recv_result(tag)
+            if link.kind == "shm" and (last is None or result.finished_ns > last[1].finished_ns):
+                last = (sent_ns, result)
         waited = time.perf_counter()
+        if last is not None:  # one node, one clock: where the wait for this layer's experts went
+            sent_ns, r = last
+            for key, ns in (("wake", r.read_ns - sent_ns), ("hold", r.started_ns - r.read_ns),
+                            ("expert", r.finished_ns - r.started_ns), ("back", time.monotonic_ns() - r.finished_ns)):
+                self._timings[key] += ns / 1e9
+            self._timings["timed_layers"] += 1
         out = combine(flight.out.to(self.device), flight.plan.row_weight, flight.plan.row_token, flight.num_tokens)
         self._timings["wait"] += waited - started
         self._timings["combine"] += time.perf_counter() - waited

@@ -123,7 +123,9 @@ class LLMEngine:
                 request.metrics.first_scheduled_time = now
             chunks.append(SeqChunk(seq.token_ids[seq.num_computed:seq.num_computed + s.num_new_tokens],
                                    seq.num_computed, seq.block_table, self._logits_mode(s)))
+        forward_started = time.perf_counter()
         logits, chunk_rows = self.execute(chunks, scheduled.block_copies)
+        sample_started = time.perf_counter()
 
         to_sample: list[tuple[Seq, int]] = []
         for s, chunk, rows in zip(scheduled.scheduled, chunks, chunk_rows, strict=True):
@@ -137,9 +139,15 @@ class LLMEngine:
         if to_sample:
             self._sample_and_append(to_sample, logits)
         self._report(to_sample)
-        self._stats.num_steps += 1
-        self._stats.last_step_tokens = scheduled.num_tokens
-        self._stats.last_step_seconds = time.perf_counter() - started
+        done = time.perf_counter()
+        stats = self._stats
+        stats.num_steps += 1
+        stats.last_step_tokens = scheduled.num_tokens
+        stats.last_step_seconds = done - started
+        # Where steps go: scheduling and layout, the forward pass (MoE included), sampling and reports.
+        for phase, seconds in (("schedule", forward_started - started), ("forward", sample_started - forward_started),
+                               ("sample_and_report", done - sample_started)):
+            stats.step_seconds[phase] = stats.step_seconds.get(phase, 0.0) + seconds
         return scheduled.num_tokens
 
     def execute(self, chunks: Sequence[SeqChunk], block_copies: Sequence[tuple[int, int]] = ()
@@ -287,4 +295,4 @@ class LLMEngine:
         s.num_preemptions = self.scheduler.num_preemptions
         s.tokens_per_expert = self.moe.routing_counts()
         s.backend = self.moe.timings()
-        return EngineStats(**vars(s))
+        return EngineStats(**(vars(s) | {"step_seconds": dict(s.step_seconds)}))

@@ -38,6 +38,7 @@ class EngineStats:
     last_recovery_seconds: float = 0.0
     tokens_per_expert: list[list[int]] = field(default_factory=list)  # [layer][global expert]
     backend: dict[str, Any] = field(default_factory=dict)  # MoE backend timings (cluster: exchange time)
+    step_seconds: dict[str, float] = field(default_factory=dict)  # schedule / forward / sample_and_report, summed
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))

@@ -75,9 +75,11 @@ class ClusterConfig:
     backend: str = "auto"  # pg links: "auto" (nccl when both ends use CUDA, else gloo), "gloo", "nccl"
     heartbeat_s: float = 2.0  # an idle coordinator tells its workers it is alive this often
     # Micro-batches per step (ping-pong: one's attention runs while the experts work on another's rows):
-    # 0 = auto (2 once a step has micro_batch_min_tokens tokens, else 1), or a fixed count (1 = serial).
+    # 0 = auto (2 once a step has micro_batch_min_tokens tokens, else 1), or a fixed count (1 = serial). Splitting
+    # halves the rows of every expert call, which costs more than it overlaps until calls are large: on the
+    # 2-core CPU of docs/benchmarks.md the crossover is about 512 tokens per step.
     micro_batches: int = 0
-    micro_batch_min_tokens: int = 32
+    micro_batch_min_tokens: int = 512
     start_timeout_s: float = 300.0  # loading weights and attaching to the pool must end within this
     recover_workers: bool = True  # have the pool replace a failed expert worker and recompute (False: fail)
 
@@ -119,8 +121,9 @@ class PoolConfig:
     link_slots: int = 4  # messages one coordinator may have in flight to one worker
     link_slot_bytes: int = 1 << 20  # shared-memory links: rows up to this size per message go through memory
     # A worker holding one coordinator's rows of a layer waits up to this long for another busy coordinator's
-    # rows of the same layer, to run each expert once on both (0: never wait).
-    merge_wait_ms: float = 2.0
+    # rows of the same layer, to run each expert once on both (0: never wait). It must cover how far apart
+    # coordinators' layers may drift (about one layer of attention) for them to fall into step.
+    merge_wait_ms: float = 10.0
 
     def __post_init__(self) -> None:
         _check_positive("experts_per_worker", self.experts_per_worker)

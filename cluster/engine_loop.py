@@ -294,9 +294,7 @@ class EngineLoop:
             self._cond.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
-        close = getattr(self.engine.moe, "close", None)
-        if close is not None:
-            close()
+        self.engine.moe.close()
 
 
 class LocalEngine(EngineLoop):

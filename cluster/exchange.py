@@ -2,7 +2,10 @@
 pair, so coordinators attach and detach at any time without touching anyone else's links.
 
 Every message is a fixed-size header (int64 words: op, layer, tag, map version, rows, where the rows are, slot,
-then one row count per local expert slot) followed, for WORK and RESULT, by its rows. The coordinator numbers
+three clock stamps, then one row count per local expert slot) followed, for WORK and RESULT, by its rows. The
+stamps (CLOCK_MONOTONIC nanoseconds, one clock for every process of a node) say when a WORK was sent, and when
+its worker read it, started and finished it: on one node the time a layer waits for its experts splits exactly
+into wake-up, waiting at the worker, expert compute, and the way back. The coordinator numbers
 its messages with a ``tag``; a worker answers each WORK with a RESULT carrying the same tag, in order.
 
 Two kinds of link, chosen per pair when the coordinator attaches:
@@ -29,8 +32,10 @@ import select
 import socket
 import struct
 import threading
+import time
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -38,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from cluster.config import parse_dtype
+from cluster.errors import first_line
 
 # Header ops
 OP_NOOP = 0  # heartbeat: keeps an idle link's peers sure of each other
@@ -46,7 +52,7 @@ OP_RESULT = 2  # worker -> coordinator: the expert outputs of one WORK, same ord
 OP_BYE = 3  # coordinator -> worker: this link is closing
 # Where a message's rows are
 IN_SLOT, INLINE = 1, 2
-HEADER_FIELDS = 8  # op, layer, tag, version, rows, where, slot, reserved; then L counts
+HEADER_FIELDS = 10  # op, layer, tag, version, rows, where, slot, 3 clock stamps; then L counts
 
 
 class LinkClosed(RuntimeError):
@@ -80,25 +86,64 @@ class LinkSpec:
         return rows * self.hidden * self.torch_dtype.itemsize
 
 
-@dataclass
-class Message:
+@dataclass(frozen=True)
+class Header:
     op: int
     layer: int = 0
     tag: int = 0
     version: int = 0
-    counts: list[int] | None = None  # rows per local expert slot (WORK)
-    rows: Tensor | None = None  # (R, H)
+    rows: int = 0
+    where: int = 0
+    slot: int = 0
+    stamps: tuple[int, int, int] = (0, 0, 0)  # WORK: (sent, 0, 0); RESULT: (read, started, finished)
+    counts: tuple[int, ...] = ()  # WORK: rows per local expert slot
+
+    def pack(self, spec: LinkSpec) -> bytes:
+        words = [self.op, self.layer, self.tag, self.version, self.rows, self.where, self.slot, *self.stamps,
+                 *self.counts]
+        return struct.pack(f"<{spec.header_words}q", *words, *[0] * (spec.header_words - len(words)))
+
+    @classmethod
+    def unpack(cls, spec: LinkSpec, data: bytes | bytearray | Sequence[int]) -> Header:
+        w = struct.unpack(f"<{spec.header_words}q", data) if isinstance(data, (bytes, bytearray)) else tuple(data)
+        return cls(op=w[0], layer=w[1], tag=w[2], version=w[3], rows=w[4], where=w[5], slot=w[6],
+                   stamps=(w[7], w[8], w[9]), counts=tuple(w[HEADER_FIELDS:]))
 
 
-def pack_header(spec: LinkSpec, op: int, layer: int, tag: int, version: int, rows: int, where: int, slot: int,
-                counts: Sequence[int] = ()) -> bytes:
-    words = [op, layer, tag, version, rows, where, slot, 0, *counts]
-    words += [0] * (spec.header_words - len(words))
-    return struct.pack(f"<{spec.header_words}q", *words)
+@dataclass
+class Message:
+    """A message a worker read: its header, and for WORK its rows (R, H)."""
+
+    header: Header
+    rows: Tensor | None = None
+    read_ns: int = 0  # when the worker read it
+
+    @property
+    def op(self) -> int:
+        return self.header.op
+
+    @property
+    def layer(self) -> int:
+        return self.header.layer
+
+    @property
+    def tag(self) -> int:
+        return self.header.tag
+
+    @property
+    def counts(self) -> list[int]:
+        return list(self.header.counts)
 
 
-def unpack_header(spec: LinkSpec, data: bytes | bytearray) -> tuple[int, ...]:
-    return struct.unpack(f"<{spec.header_words}q", data)
+@dataclass(frozen=True)
+class Result:
+    """What came back with a RESULT: the worker's map version and the clock stamps of its message's trip."""
+
+    version: int
+    read_ns: int  # the worker read the WORK
+    started_ns: int  # the worker started its expert call (after any merge wait or earlier work)
+    finished_ns: int  # ... and finished it
+    arrived_ns: int  # the coordinator had the results
 
 
 def as_bytes(t: Tensor) -> memoryview:
@@ -186,41 +231,71 @@ class ShmCoordinatorEnd:
         except OSError as err:
             raise LinkClosed(f"cannot hand over the shared buffers: {err}") from None
         self.rows_buf, self.results_buf = (_shared_buffer(fd, size) for fd in fds)
+        self._expected: deque[tuple[int, Tensor]] = deque()  # (tag, where its results go), in send order
+        self._arrived: dict[int, Result] = {}  # results read ahead of their recv_result
 
     def _slot(self, buf: Tensor, tag: int, nbytes: int) -> Tensor:
         start = (tag % self.spec.slots) * self.spec.slot_bytes
         return buf[start:start + nbytes]
 
     def send(self, op: int, layer: int = 0, tag: int = 0, version: int = 0, counts: Sequence[int] = (),
-             rows: Tensor | None = None) -> None:
+             rows: Tensor | None = None, out: Tensor | None = None) -> int:
+        """Send a message (a WORK's results will be copied into ``out``); returns its sent stamp (ns)."""
         n = 0 if rows is None else rows.shape[0]
         nbytes = self.spec.row_bytes(n)
-        if n and nbytes <= self.spec.slot_bytes:
-            self._slot(self.rows_buf, tag, nbytes).copy_(rows.reshape(-1).view(torch.uint8))  # type: ignore[union-attr]
-            self.io.send(pack_header(self.spec, op, layer, tag, version, n, IN_SLOT, tag % self.spec.slots, counts))
-        elif n:
-            assert rows is not None
-            self.io.send(pack_header(self.spec, op, layer, tag, version, n, INLINE, 0, counts), as_bytes(rows))
+        header = Header(op, layer, tag, version, n, counts=tuple(counts))
+        if rows is not None and n and nbytes <= self.spec.slot_bytes:
+            self._slot(self.rows_buf, tag, nbytes).copy_(rows.reshape(-1).view(torch.uint8))
+            header = replace(header, where=IN_SLOT, slot=tag % self.spec.slots, stamps=(time.monotonic_ns(), 0, 0))
+            self.io.send(header.pack(self.spec))
+        elif rows is not None and n:
+            # Rows too large for a slot go inline. A worker blocked writing large results to us would then never
+            # read them, and we would block writing them: take every result still due first.
+            while self._expected:
+                self._read_result()
+            header = replace(header, where=INLINE, stamps=(time.monotonic_ns(), 0, 0))
+            self.io.send(header.pack(self.spec), as_bytes(rows))
         else:
-            self.io.send(pack_header(self.spec, op, layer, tag, version, 0, 0, 0, counts))
+            self.io.send(header.pack(self.spec))
+        if op == OP_WORK:
+            assert out is not None and out.shape[0] == n, "a WORK needs room for its results"
+            self._expected.append((tag, out))
+        return header.stamps[0]
 
-    def recv_result(self, tag: int, out: Tensor) -> int:
-        """Wait for the RESULT of ``tag`` and copy its rows into ``out`` (R, H). Returns the worker's map version."""
-        header = unpack_header(self.spec, self.io.recv(self.spec.header_bytes))
-        op, _, got_tag, version, n, where = header[:6]
-        if op != OP_RESULT or got_tag != tag or n != out.shape[0]:
-            raise LinkClosed(f"expected the result of message {tag} ({out.shape[0]} rows), got op {op} "
-                             f"tag {got_tag} with {n} rows")
-        if where == IN_SLOT:
-            out.view(-1).view(torch.uint8).copy_(self._slot(self.results_buf, tag, self.spec.row_bytes(n)))
-        elif n:
+    def _read_result(self) -> None:
+        """Read the next result due (results come back in the order the work was sent)."""
+        tag, out = self._expected.popleft()
+        header = Header.unpack(self.spec, self.io.recv(self.spec.header_bytes))
+        _check_result(header, tag, out.shape[0])
+        if header.where == IN_SLOT:
+            out.view(-1).view(torch.uint8).copy_(self._slot(self.results_buf, tag, self.spec.row_bytes(header.rows)))
+        elif header.rows:
             self.io.recv_into(as_bytes(out))
-        return version
+        self._arrived[tag] = _result(header)
+
+    def recv_result(self, tag: int) -> Result:
+        """Wait until the results of ``tag`` are in the ``out`` given to its send."""
+        while tag not in self._arrived:
+            if not self._expected:
+                raise LinkClosed(f"no message {tag} is waiting for results")
+            self._read_result()
+        return self._arrived.pop(tag)
 
     def close(self) -> None:
         with contextlib.suppress(LinkClosed):
-            self.io.send(pack_header(self.spec, OP_BYE, 0, 0, 0, 0, 0, 0))
+            self.io.send(Header(OP_BYE).pack(self.spec))
         self.io.close()
+
+
+def _check_result(header: Header, tag: int, rows: int) -> None:
+    if header.op != OP_RESULT or header.tag != tag or header.rows != rows:
+        raise LinkClosed(f"expected the result of message {tag} ({rows} rows), got op {header.op} tag {header.tag} "
+                         f"with {header.rows} rows")
+
+
+def _result(header: Header) -> Result:
+    read, started, finished = header.stamps
+    return Result(header.version, read, started, finished, time.monotonic_ns())
 
 
 class ShmWorkerEnd:
@@ -250,31 +325,33 @@ class ShmWorkerEnd:
         return messages
 
     def _read_one(self) -> Message:
-        header = unpack_header(self.spec, self.io.recv(self.spec.header_bytes))
-        op, layer, tag, version, n, where, slot = header[:7]
-        if op != OP_WORK:
-            return Message(op, layer, tag, version)
-        counts = list(header[HEADER_FIELDS:])
-        nbytes = self.spec.row_bytes(n)
-        if where == IN_SLOT:
-            raw = self.rows_buf[slot * self.spec.slot_bytes: slot * self.spec.slot_bytes + nbytes]
-            rows = raw.view(self.spec.torch_dtype).view(n, self.spec.hidden)
+        header = Header.unpack(self.spec, self.io.recv(self.spec.header_bytes))
+        read_ns = time.monotonic_ns()
+        if header.op != OP_WORK:
+            return Message(header, None, read_ns)
+        n, nbytes = header.rows, self.spec.row_bytes(header.rows)
+        if header.where == IN_SLOT:
+            start = header.slot * self.spec.slot_bytes
+            rows = self.rows_buf[start:start + nbytes].view(self.spec.torch_dtype).view(n, self.spec.hidden)
         else:
             rows = torch.empty(n, self.spec.hidden, dtype=self.spec.torch_dtype)
             if n:
                 self.io.recv_into(as_bytes(rows))
-        return Message(op, layer, tag, version, counts, rows)
+        return Message(header, rows, read_ns)
 
-    def send_result(self, tag: int, version: int, out: Tensor) -> None:
-        n = out.shape[0]
+    def send_result(self, message: Message, version: int, out: Tensor, started_ns: int) -> None:
+        n, tag = out.shape[0], message.tag
         nbytes = self.spec.row_bytes(n)
+        header = Header(OP_RESULT, message.layer, tag, version, n)
         if nbytes <= self.spec.slot_bytes:
             start = (tag % self.spec.slots) * self.spec.slot_bytes
             if n:
                 self.results_buf[start:start + nbytes].copy_(out.contiguous().view(-1).view(torch.uint8))
-            self.io.send(pack_header(self.spec, OP_RESULT, 0, tag, version, n, IN_SLOT, tag % self.spec.slots))
+            stamps = (message.read_ns, started_ns, time.monotonic_ns())
+            self.io.send(replace(header, where=IN_SLOT, slot=tag % self.spec.slots, stamps=stamps).pack(self.spec))
         else:
-            self.io.send(pack_header(self.spec, OP_RESULT, 0, tag, version, n, INLINE, 0), as_bytes(out))
+            stamps = (message.read_ns, started_ns, time.monotonic_ns())
+            self.io.send(replace(header, where=INLINE, stamps=stamps).pack(self.spec), as_bytes(out))
 
     def close(self) -> None:
         self.io.close()
@@ -303,11 +380,12 @@ def _wait(work: Any, what: str) -> None:
     try:
         work.wait()
     except Exception as err:  # a dead or stuck peer
-        raise LinkClosed(f"{what} failed: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from None
+        raise LinkClosed(f"{what} failed: {first_line(err)}") from None
 
 
 class PgCoordinatorEnd:
-    """The coordinator's end of a process-group link."""
+    """The coordinator's end of a process-group link: every receive is posted at send time, so results land in
+    place while the coordinator does other work."""
 
     kind = "pg"
 
@@ -316,41 +394,50 @@ class PgCoordinatorEnd:
         self.spec = spec
         self.device = device
         self._sends: list[Any] = []
+        self._expected: dict[int, tuple[Tensor, Any, Tensor, Any]] = {}  # tag -> (header, its recv, out, recv)
+
+    def _header_tensor(self, header: Header) -> Tensor:
+        words = struct.unpack(f"<{self.spec.header_words}q", header.pack(self.spec))
+        return torch.tensor(words, dtype=torch.long, device=self.device)
 
     def send(self, op: int, layer: int = 0, tag: int = 0, version: int = 0, counts: Sequence[int] = (),
-             rows: Tensor | None = None) -> None:
+             rows: Tensor | None = None, out: Tensor | None = None) -> int:
         n = 0 if rows is None else rows.shape[0]
-        words = list(struct.unpack(f"<{self.spec.header_words}q",
-                                   pack_header(self.spec, op, layer, tag, version, n, INLINE, 0, counts)))
-        header = torch.tensor(words, dtype=torch.long, device=self.device)
+        header = Header(op, layer, tag, version, n, INLINE, stamps=(time.monotonic_ns(), 0, 0),
+                        counts=tuple(counts))
         try:
-            self._sends.append(self.group.send([header], 1, 0))
-            if n:
-                assert rows is not None
+            self._sends.append(self.group.send([self._header_tensor(header)], 1, 0))
+            if rows is not None and n:
                 self._sends.append(self.group.send([rows.contiguous()], 1, 0))
+            if op == OP_WORK:
+                assert out is not None and out.shape[0] == n, "a WORK needs room for its results"
+                words = torch.empty(self.spec.header_words, dtype=torch.long, device=self.device)
+                header_recv = self.group.recv([words], 1, 0)
+                rows_recv = self.group.recv([out], 1, 0) if n else None
+                self._expected[tag] = (words, header_recv, out, rows_recv)
         except Exception as err:
-            raise LinkClosed(f"send failed: {err}") from None
+            raise LinkClosed(f"send failed: {first_line(err)}") from None
+        return header.stamps[0]
 
-    def recv_result(self, tag: int, out: Tensor) -> int:
-        header = torch.empty(self.spec.header_words, dtype=torch.long, device=self.device)
-        _wait(self.group.recv([header], 1, 0), "receiving a result header")
-        op, _, got_tag, version, n = header[:5].tolist()
-        if op != OP_RESULT or got_tag != tag or n != out.shape[0]:
-            raise LinkClosed(f"expected the result of message {tag}, got op {op} tag {got_tag} with {n} rows")
-        if n:
-            _wait(self.group.recv([out], 1, 0), "receiving results")
+    def recv_result(self, tag: int) -> Result:
+        if tag not in self._expected:
+            raise LinkClosed(f"no message {tag} is waiting for results")
+        words, header_recv, out, rows_recv = self._expected.pop(tag)
+        _wait(header_recv, "receiving a result header")
+        header = Header.unpack(self.spec, words.tolist())
+        _check_result(header, tag, out.shape[0])
+        if rows_recv is not None:
+            _wait(rows_recv, "receiving results")
         sends, self._sends = self._sends, []
         for work in sends:
             _wait(work, "sending rows")
-        return int(version)
+        return _result(header)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.send(OP_BYE)
             for work in self._sends:
                 work.wait()
-        except Exception:
-            pass
         _abort(self.group)
 
 
@@ -377,19 +464,17 @@ class PgWorkerEnd:
     def _receive(self) -> None:
         try:
             while not self._closed:
-                header = torch.empty(self.spec.header_words, dtype=torch.long, device=self.device)
-                _wait(self.group.recv([header], 0, 0), "receiving a header")
-                words = header.tolist()
-                op, layer, tag, version, n = words[:5]
-                message = Message(op, layer, tag, version)
-                if op == OP_WORK:
-                    rows = torch.empty(n, self.spec.hidden, dtype=self.spec.torch_dtype, device=self.device)
-                    if n:
+                words = torch.empty(self.spec.header_words, dtype=torch.long, device=self.device)
+                _wait(self.group.recv([words], 0, 0), "receiving a header")
+                header = Header.unpack(self.spec, words.tolist())
+                rows = None
+                if header.op == OP_WORK:
+                    rows = torch.empty(header.rows, self.spec.hidden, dtype=self.spec.torch_dtype, device=self.device)
+                    if header.rows:
                         _wait(self.group.recv([rows], 0, 0), "receiving rows")
-                    message.counts, message.rows = list(words[HEADER_FIELDS:]), rows
-                self._inbox.put(message)
+                self._inbox.put(Message(header, rows, time.monotonic_ns()))
                 os.write(self._notify_w, b"m")
-                if op == OP_BYE:
+                if header.op == OP_BYE:
                     return
         except LinkClosed as err:
             self._inbox.put(err)
@@ -415,13 +500,13 @@ class PgWorkerEnd:
                 raise item
             messages.append(item)
 
-    def send_result(self, tag: int, version: int, out: Tensor) -> None:
-        n = out.shape[0]
-        words = list(struct.unpack(f"<{self.spec.header_words}q",
-                                   pack_header(self.spec, OP_RESULT, 0, tag, version, n, INLINE, 0)))
-        header = torch.tensor(words, dtype=torch.long, device=self.device)
-        _wait(self.group.send([header], 0, 0), "sending a result header")
-        if n:
+    def send_result(self, message: Message, version: int, out: Tensor, started_ns: int) -> None:
+        header = Header(OP_RESULT, message.layer, message.tag, version, out.shape[0], INLINE,
+                        stamps=(message.read_ns, started_ns, time.monotonic_ns()))
+        words = struct.unpack(f"<{self.spec.header_words}q", header.pack(self.spec))
+        _wait(self.group.send([torch.tensor(words, dtype=torch.long, device=self.device)], 0, 0),
+              "sending a result header")
+        if out.shape[0]:
             _wait(self.group.send([out.contiguous()], 0, 0), "sending results")
 
     def close(self) -> None:
@@ -436,9 +521,9 @@ class CoordinatorEnd(Protocol):
     kind: str
 
     def send(self, op: int, layer: int = 0, tag: int = 0, version: int = 0, counts: Sequence[int] = (),
-             rows: Tensor | None = None) -> None: ...
+             rows: Tensor | None = None, out: Tensor | None = None) -> int: ...
 
-    def recv_result(self, tag: int, out: Tensor) -> int: ...
+    def recv_result(self, tag: int) -> Result: ...
 
     def close(self) -> None: ...
 
@@ -450,6 +535,6 @@ class WorkerEnd(Protocol):
 
     def read(self) -> list[Message]: ...
 
-    def send_result(self, tag: int, version: int, out: Tensor) -> None: ...
+    def send_result(self, message: Message, version: int, out: Tensor, started_ns: int) -> None: ...
 
     def close(self) -> None: ...

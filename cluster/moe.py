@@ -12,6 +12,7 @@ Every MoE path computes the same thing:  out[t] = sum_k  w[t,k] * expert_{id[t,k
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -151,6 +152,7 @@ class LocalMoE:
         self.top_k = top_k
         self.expert_map = ExpertMap((experts.expert_ids,), num_experts)
         self.stats = RoutingStats(len(experts.w13), self.expert_map)
+        self._expert_seconds = 0.0
 
     can_recover = False
 
@@ -170,7 +172,7 @@ class LocalMoE:
         return self.stats.counts
 
     def timings(self) -> dict[str, float]:
-        return {}
+        return {"expert": self._expert_seconds}
 
     def heartbeat(self) -> None:
         pass
@@ -186,7 +188,9 @@ class LocalMoE:
         weights, expert_ids = route(x, gate_weight, self.top_k)
         plan = plan_dispatch(weights, expert_ids, self.expert_map.dispatch_rank)
         self.stats.record(layer, plan.rows_per_expert)
+        started = time.perf_counter()
         expert_out = self.experts.run_grouped(layer, x[plan.row_token], plan.rows_per_expert)  # (R, H)
+        self._expert_seconds += time.perf_counter() - started
         return combine(expert_out, plan.row_weight, plan.row_token, x.shape[0])
 
 

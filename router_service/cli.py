@@ -12,7 +12,11 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command needs them
+    from cluster.engine_api import EngineClient
+    from cluster.sampling import SamplingParams
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -221,14 +225,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _print_stream(engine: Any, prompt: str, params: Any) -> None:
+async def _print_stream(engine: EngineClient, prompt: str, params: SamplingParams) -> None:
     async for out in engine.stream(prompt, params):
         for delta in out.outputs:
             print(delta.text, end="", flush=True)
     print()
 
 
-def _make_engine(args: argparse.Namespace) -> Any:
+def _make_engine(args: argparse.Namespace) -> EngineClient:
     from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 
     engine_cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device)

@@ -35,13 +35,15 @@ class LoopStats:
     messages: int = 0  # WORK messages answered
     calls: int = 0  # grouped expert calls (fewer than messages when rows were merged)
     rows: int = 0  # rows computed
-    compute_s: float = 0.0  # time in expert calls
+    compute_s: float = 0.0  # wall time in expert calls
+    compute_cpu_s: float = 0.0  # ... of which this thread was on a core (the rest: waiting for one)
     links_opened: int = 0
     links_closed: int = 0
     rows_per_slot: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, local slot) -> rows
 
     def snapshot(self) -> dict[str, object]:
         return {"messages": self.messages, "calls": self.calls, "rows": self.rows, "compute_s": self.compute_s,
+                "compute_cpu_s": self.compute_cpu_s,
                 "links_opened": self.links_opened, "links_closed": self.links_closed,
                 "rows_per_slot": dict(self.rows_per_slot)}
 
@@ -190,9 +192,9 @@ class ExpertLoop:
         version = self.version()
         for layer, items in by_layer.items():
             messages = [m for _, m in items]
-            started = time.perf_counter()
+            started_ns, cpu_started = time.monotonic_ns(), time.thread_time()
             if len(messages) == 1:
-                counts = messages[0].counts or []
+                counts = messages[0].counts
                 assert messages[0].rows is not None
                 outs = [self.run_experts(layer, messages[0].rows, counts)]
                 slot_rows = counts
@@ -201,8 +203,9 @@ class ExpertLoop:
                 merged = self.run_experts(layer, rows, slot_rows)
                 unmerged = torch.empty_like(merged)
                 unmerged[order] = merged
-                outs = list(unmerged.split([sum(m.counts or []) for m in messages]))
-            self.stats.compute_s += time.perf_counter() - started
+                outs = list(unmerged.split([sum(m.counts) for m in messages]))
+            self.stats.compute_s += (time.monotonic_ns() - started_ns) / 1e9
+            self.stats.compute_cpu_s += time.thread_time() - cpu_started
             self.stats.calls += 1
             self.stats.messages += len(messages)
             for slot, n in enumerate(slot_rows):
@@ -213,7 +216,7 @@ class ExpertLoop:
                 if end.fileno() not in self.links:
                     continue  # the link closed meanwhile
                 try:
-                    end.send_result(message.tag, version, out)
+                    end.send_result(message, version, out, started_ns)
                 except LinkClosed as err:
                     self._drop(end, str(err))
 

@@ -140,6 +140,19 @@ def engine_replicas(app: str) -> list[str]:
             if a["namespace"] == "serve" and f"{app}#EngineDeployment" in a["name"]]
 
 
+def test_two_engine_replicas_share_one_expert_pool(apps: Apps) -> None:
+    """Experts are loaded once: the app's two engine replicas are two coordinators on one pool of N workers (the
+    demo's 8 experts, 4 per worker: 2 ExpertWorker processes, not 4)."""
+    from ray import serve
+
+    pool = serve.get_deployment_handle("ExpertPool", app_name="pair").describe.remote().result()
+    assert len(pool["coordinators"]) == 2 and len(pool["workers"]) == 2
+    # Every live ExpertWorker actor of this Ray (the GCS's actor table; the guarded app runs none).
+    alive = [a for a in ray._private.state.actors().values()
+             if a["ActorClassName"] == "ExpertWorker" and a["State"] == "ALIVE"]
+    assert sorted(a["Pid"] for a in alive) == sorted(w["pid"] for w in pool["workers"])
+
+
 def test_engine_replica_killed_while_two_serve(apps: Apps) -> None:
     replicas = engine_replicas("pair")
     assert len(replicas) == 2
