@@ -3,9 +3,10 @@ where every millisecond of a cluster step goes.
 
     python -m bench.cluster_step [--sizes bench demo] [--batch 32] [--decode-tokens 16] [--experts-per-worker 4]
 
-Peers: the local engine (1 and 2 intra-op threads), and coordinators on one expert pool: serial (1 micro-batch),
-ping-pong (2 micro-batches), and two coordinators running the batch at the same time (the pool merges their
-rows). Decode step = (time for 1 + D tokens - time for 1 token) / D over the whole batch; median of repeats.
+Peers: the local engine (1 and 2 intra-op threads), and coordinators on one expert pool: serial (1 micro-batch;
+also over process-group (gloo) links instead of shared memory), ping-pong (2 micro-batches), and two coordinators
+running the batch at the same time (the pool merges their rows). Decode step = (time for 1 + D tokens - time for
+1 token) / D over the whole batch; median of repeats.
 
 Breakdown of a cluster step (ms per step, summed over layers): *coordinator* = everything but the MoE phases
 (embeddings, attention, norms, LM head, sampling, scheduling); *route+send* = routing, the dispatch plan and
@@ -125,10 +126,11 @@ def run_size(size: str, args: argparse.Namespace) -> str:
     pool = start_pool(engine_cfg, PoolConfig(experts_per_worker=args.experts_per_worker, threads_per_worker=1,
                                              merge_wait_ms=args.merge_wait_ms))
     try:
-        def coordinator(micro_batches: int) -> ClusterEngine:
-            return ClusterEngine.start(engine_cfg, ClusterConfig(micro_batches=micro_batches), pool=pool)
+        def coordinator(micro_batches: int, link: str = "auto") -> ClusterEngine:
+            return ClusterEngine.start(engine_cfg, ClusterConfig(micro_batches=micro_batches, link=link), pool=pool)
 
         peers += [Peer("cluster, serial (1 micro-batch)", [coordinator(1)], pool, threads=1),
+                  Peer("cluster, serial, gloo links", [coordinator(1, "pg")], pool, threads=1),
                   Peer("cluster, ping-pong (2 micro-batches)", [coordinator(2)], pool, threads=1),
                   Peer("cluster, 2 coordinators on one pool", [coordinator(1), coordinator(1)], pool, threads=1)]
         results = measure(peers, batch, args.decode_tokens, args.repeats)
@@ -139,12 +141,19 @@ def run_size(size: str, args: argparse.Namespace) -> str:
         stop_pool(pool)
     base = min(results[p.name]["step_ms"] for p in peers[:2])  # the local engine at its best thread count
     rows = [row(p.name, results[p.name], base, cfg.num_layers, args.batch * len(p.engines)) for p in peers]
+    step = {p.name.split(" (")[0]: results[p.name]["step_ms"] for p in peers}
+    serial = step["cluster, serial"]
+    derived = [
+        f"- Decode step at {args.batch} sequences: the serial cluster takes {serial / base:.2f}x the best local "
+        f"engine's time; ping-pong {step['cluster, ping-pong'] / serial:.2f}x the serial cluster's; the same serial "
+        f"schedule over gloo links {step['cluster, serial, gloo links'] / serial:.2f}x over shared memory.",
+    ]
     return "\n".join([
         f"### Model {describe(size)}; {args.batch} sequences per engine, {args.experts_per_worker} experts per worker",
         "",
         table(["engine", "decode step ms", "vs best local", "tokens/s", "coordinator", "route+send [cpu]", "wake",
                "hold", "expert [cpu]", "back", "combine", "fixed cost per layer", "rows per expert call"], rows),
-        ""])
+        "", *derived, ""])
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def write_section(name: str, title: str, body: str) -> None:
-    """Replace (or append) the section ``name`` of docs/benchmarks.md."""
+    """Replace (or append) the section ``name`` of docs/benchmarks.md, then refresh the summary at its top."""
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
     block = f"{start}\n## {title}\n\n{body.strip()}\n{end}"
     header = "# Benchmarks\n\nEvery table here is written by a script in `bench/`.\n"
@@ -86,8 +86,30 @@ def write_section(name: str, title: str, body: str) -> None:
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text)
+    DOCS.write_text(with_summary(text))
     print(f"wrote section '{name}' of {DOCS}", file=sys.stderr)
+
+
+SUMMARY_START, SUMMARY_END = "<!-- bench:summary:start -->", "<!-- bench:summary:end -->"
+
+
+def with_summary(text: str) -> str:
+    """The summary block: each section's conclusions (the '- ' lines its script derived from its table), under the
+    section's title, in page order. Nobody types a number into it."""
+    sections = re.findall(r"<!-- bench:(\w+):start -->\n## (.*?)\n(.*?)<!-- bench:\1:end -->", text, re.S)
+    lines = [SUMMARY_START, "## Summary", "", "Collected from the sections below by `bench/common.py` (each line is "
+             "computed from its section's table by the script that wrote it):", ""]
+    for name, title, body in sections:
+        if name == "summary":
+            continue
+        derived = [line for line in body.splitlines() if line.startswith("- ")]
+        lines += [f"- **{title}**"] + [f"  {line}" for line in derived] if derived else []
+    block = "\n".join(lines) + "\n" + SUMMARY_END
+    pattern = re.compile(re.escape(SUMMARY_START) + ".*?" + re.escape(SUMMARY_END), re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text)
+    first = text.find("<!-- bench:")
+    return text + "\n" + block + "\n" if first < 0 else text[:first] + block + "\n\n" + text[first:]
 
 
 def free_port() -> int:

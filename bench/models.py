@@ -30,10 +30,12 @@ def describe(size: str) -> str:
             f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size}, {cfg.dtype}")
 
 
-def bench_model(size: str) -> Path:
+def bench_model(size: str, router_skew: float = 0.0) -> Path:
+    """The checkpoint of ``size``; with ``router_skew`` > 0, its routers prefer some experts per layer
+    (cluster/demo.py), for the load-balancing benchmark."""
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
-    path = CACHE / size
+    path = CACHE / (f"{size}-skew{router_skew:g}" if router_skew else size)
     if not (path / "config.json").exists():
-        init_demo(path, seed=0, shards=4, overwrite=True, **SIZES[size])
+        init_demo(path, seed=0, shards=4, overwrite=True, router_skew=router_skew, **SIZES[size])
     return path

@@ -38,7 +38,7 @@ def main() -> None:
         for p in theirs.parameters():
             p.normal_(0, 0.02)
     # Same tensors, our layout: w13 = [w1; w3] is exactly transformers' fused gate_up_proj.
-    experts = LocalExperts(tuple(range(args.experts)), [theirs.experts.gate_up_proj.detach()],
+    experts = LocalExperts((tuple(range(args.experts)),), [theirs.experts.gate_up_proj.detach()],
                            [theirs.experts.down_proj.detach()])
     ours = LocalMoE(experts, args.experts, args.top_k)
     gate = theirs.gate.weight.detach()

@@ -33,6 +33,8 @@ from bench.common import (
 )
 from bench.models import bench_model, describe
 
+PROTOCOLS = ("http", "http-unary", "grpc")  # SSE stream, one JSON answer, gRPC stream
+
 
 @dataclass
 class Sample:
@@ -66,6 +68,16 @@ async def http_request(client: Any, base: str, model: str, prompt: list[int], ou
                 tokens = chunk["usage"]["completion_tokens"]
     e2e = time.perf_counter() - started
     return Sample(ttft or e2e, e2e, tokens)
+
+
+async def http_unary(client: Any, base: str, model: str, prompt: list[int], output_len: int) -> Sample:
+    """A non-streamed completion: the whole answer at once, so its TTFT is its latency."""
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True}
+    started = time.perf_counter()
+    r = await client.post(f"{base}/v1/completions", json=body, timeout=600)
+    r.raise_for_status()
+    e2e = time.perf_counter() - started
+    return Sample(e2e, e2e, r.json()["usage"]["completion_tokens"])
 
 
 async def grpc_request(client: Any, model: str, prompt: list[int], output_len: int) -> Sample:
@@ -143,11 +155,12 @@ def run_server(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": grpc_servicer_functions()})
     app_args = {"model": str(model), "served_model_name": args.size, "engine": args.engine,
+                "num_engines": args.num_engines,
                 "engine_options": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "kv_cache_gib": 0.5},
                 "pool_options": {"experts_per_worker": args.experts_per_worker, "threads_per_worker": 1}}
     serve.run(build_app(app_args), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{http_port}"
-    results: dict[str, dict[str, dict[str, float]]] = {"http": {}, "grpc": {}}
+    results: dict[str, dict[str, dict[str, float]]] = {proto: {} for proto in PROTOCOLS}
     vocab = ModelConfig.from_file(model).vocab_size
 
     async def levels() -> None:
@@ -156,11 +169,15 @@ def run_server(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]
             await http_request(http, base, args.size, prompt_ids(0, args.prompt_len, vocab), 4)  # warm-up
             for c in args.concurrency:
                 rounds = max(1, args.rounds if c > 1 else 4 * args.rounds)
-                for proto in ("http", "grpc"):
+                for proto in PROTOCOLS:
                     if proto == "http":
                         async def send(i: int) -> Sample:
                             return await http_request(http, base, args.size, prompt_ids(i, args.prompt_len, vocab),
                                                       args.output_len)
+                    elif proto == "http-unary":
+                        async def send(i: int) -> Sample:
+                            return await http_unary(http, base, args.size, prompt_ids(i, args.prompt_len, vocab),
+                                                    args.output_len)
                     else:
                         async def send(i: int) -> Sample:
                             return await grpc_request(grpc_client, args.size, prompt_ids(i, args.prompt_len, vocab),
@@ -184,6 +201,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client at each level (x4 at 1)")
     parser.add_argument("--engine", default="cluster", choices=["cluster", "local"])
     parser.add_argument("--experts-per-worker", type=int, default=2)
+    parser.add_argument("--num-engines", type=int, default=1, help="engine replicas (coordinators) on the pool")
     parser.add_argument("--hf-peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -197,27 +215,38 @@ def main() -> None:
     if done.returncode:
         raise SystemExit(f"transformers peer failed:\n{done.stderr[-3000:]}")
     hf = json.loads(done.stdout.strip().splitlines()[-1])
-    progress(f"server ({args.engine} engine, {args.experts_per_worker} experts/worker): HTTP and gRPC")
+    progress(f"server ({args.engine} engine x {args.num_engines}, {args.experts_per_worker} experts/worker): "
+             "HTTP and gRPC")
     ours = run_server(args)
 
     rows = []
+    top = max(args.concurrency)
     for c in map(str, args.concurrency):
         for name, r in (("transformers generate (batched)", hf[c]), ("ours, HTTP (SSE)", ours["http"][c]),
-                        ("ours, gRPC (stream)", ours["grpc"][c])):
+                        ("ours, HTTP (non-streamed)", ours["http-unary"][c]), ("ours, gRPC (stream)", ours["grpc"][c])):
             rows.append([c, name, r["tps"], f"{r['tps'] / hf[c]['tps']:.2f}x", 1000 * r["ttft50"], 1000 * r["ttft99"],
                          1000 * r["tpot50"], 1000 * r["tpot99"]])
     body = "\n".join([
-        f"Machine: {machine()}. Model {describe(args.size)}. Server: {args.engine} engine, "
-        f"{args.experts_per_worker} experts per worker, on a local Ray; clients on the same machine (loopback).",
+        f"Machine: {machine()}. Model {describe(args.size)}. Server: {args.engine} engine, {args.num_engines} "
+        f"engine replica(s), {args.experts_per_worker} experts per worker, on a local Ray; clients on the same "
+        "machine (loopback).",
         f"Each request: {args.prompt_len}-token prompt, {args.output_len} greedy output tokens (EOS ignored), "
-        f"streamed. Closed loop: N clients, each sending its next request when the last ends. "
-        f"Command: `python -m bench.serve --size {args.size}`.",
+        f"streamed or not. Closed loop: N clients, each sending its next request when the last ends. "
+        f"Command: `python -m bench.serve --size {args.size} --concurrency {' '.join(map(str, args.concurrency))} "
+        f"--prompt-len {args.prompt_len} --output-len {args.output_len} --engine {args.engine} --num-engines "
+        f"{args.num_engines} --experts-per-worker {args.experts_per_worker}`.",
         "",
         table(["concurrency", "peer", "output tok/s", "vs transformers", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
                "TPOT p99 ms"], rows),
         "",
         "transformers' TTFT is its prefill of the whole batch and its TPOT the batch's mean step, the same for "
-        "every sequence (it has no per-request streaming server); ours are measured per request at the client.",
+        "every sequence (it has no per-request streaming server); ours are measured per request at the client; a "
+        "non-streamed request's TTFT is its whole latency.",
+        "",
+        f"- At {top} concurrent requests: " + "; ".join(
+            f"{name} {ours[proto][str(top)]['tps'] / hf[str(top)]['tps']:.2f}x transformers' offline throughput"
+            for name, proto in (("HTTP streamed", "http"), ("HTTP non-streamed", "http-unary"),
+                                ("gRPC streamed", "grpc"))) + ".",
     ])
     print(body)
     if not args.no_write:

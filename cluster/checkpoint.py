@@ -76,15 +76,19 @@ def coordinator_shapes(cfg: ModelConfig, include_lm_head: bool) -> dict[str, tup
 
 
 def expert_shapes(cfg: ModelConfig, experts: Iterable[int]) -> dict[str, tuple[int, ...]]:
+    return layer_expert_shapes(cfg, [(layer, e) for e in experts for layer in range(cfg.num_layers)])
+
+
+def layer_expert_shapes(cfg: ModelConfig, pairs: Iterable[tuple[int, int]]) -> dict[str, tuple[int, ...]]:
+    """w1/w2/w3 names and shapes of the given (layer, global expert) pairs."""
     h, i = cfg.hidden_size, cfg.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {}
-    for expert in experts:
+    for layer, expert in pairs:
         if not 0 <= expert < cfg.num_experts:
             raise ValueError(f"expert id {expert} is outside [0, {cfg.num_experts})")
-        for layer in range(cfg.num_layers):
-            shapes[expert_tensor_name(layer, expert, "w1")] = (i, h)
-            shapes[expert_tensor_name(layer, expert, "w2")] = (h, i)
-            shapes[expert_tensor_name(layer, expert, "w3")] = (i, h)
+        shapes[expert_tensor_name(layer, expert, "w1")] = (i, h)
+        shapes[expert_tensor_name(layer, expert, "w2")] = (h, i)
+        shapes[expert_tensor_name(layer, expert, "w3")] = (i, h)
     return shapes
 
 
@@ -176,11 +180,43 @@ def load_coordinator_weights(ckpt: Checkpoint, cfg: ModelConfig, dtype: torch.dt
 def load_expert_weights(ckpt: Checkpoint, cfg: ModelConfig, expert_ids: Sequence[int], dtype: torch.dtype,
                         device: torch.device | str = "cpu", progress: bool = True) -> LocalExperts:
     """w1/w2/w3 of ``expert_ids`` (global ids, in local-id order) for every layer, and nothing else."""
-    t = ckpt.load(expert_shapes(cfg, expert_ids), dtype, device,
-                  desc=f"loading experts {list(expert_ids)}", progress=progress)
+    return load_layer_experts(ckpt, cfg, (tuple(expert_ids),) * cfg.num_layers, dtype, device, progress)
+
+
+def load_layer_experts(ckpt: Checkpoint, cfg: ModelConfig, layer_experts: Sequence[Sequence[int]],
+                       dtype: torch.dtype, device: torch.device | str = "cpu", progress: bool = True,
+                       have: LocalExperts | None = None) -> LocalExperts:
+    """w1/w2/w3 of ``layer_experts[layer]`` (global ids in local-id order, per layer). Experts that ``have``
+    already holds in a layer are taken from it (a layer whose list is unchanged shares its tensors); only the
+    others are read, from only the shards that hold them."""
+    if len(layer_experts) != cfg.num_layers:
+        raise ValueError(f"expected expert ids for {cfg.num_layers} layers, got {len(layer_experts)}")
+    held = {} if have is None else {(layer, e): j for layer, ids in enumerate(have.layer_experts)
+                                    for j, e in enumerate(ids)}
+    missing = [(layer, e) for layer, ids in enumerate(layer_experts) for e in ids if (layer, e) not in held]
+    t = ckpt.load(layer_expert_shapes(cfg, missing), dtype, device,
+                  desc=f"loading {len(missing)} expert-layers", progress=progress)
     w13, w2 = [], []
-    for layer in range(cfg.num_layers):
-        w13.append(torch.stack([torch.cat([t.pop(expert_tensor_name(layer, e, "w1")),
-                                           t.pop(expert_tensor_name(layer, e, "w3"))]) for e in expert_ids]))
-        w2.append(torch.stack([t.pop(expert_tensor_name(layer, e, "w2")) for e in expert_ids]))
-    return LocalExperts(expert_ids=tuple(expert_ids), w13=w13, w2=w2)
+    i, h = cfg.intermediate_size, cfg.hidden_size
+    for layer, ids in enumerate(layer_experts):
+        if have is not None and tuple(have.layer_experts[layer]) == tuple(ids):
+            w13.append(have.w13[layer])
+            w2.append(have.w2[layer])
+            continue
+        if not ids:  # no expert of this layer here: empty stacks
+            w13.append(torch.empty(0, 2 * i, h, dtype=dtype, device=device))
+            w2.append(torch.empty(0, h, i, dtype=dtype, device=device))
+            continue
+        parts13, parts2 = [], []
+        for e in ids:
+            if (layer, e) in held:
+                assert have is not None
+                parts13.append(have.w13[layer][held[layer, e]])
+                parts2.append(have.w2[layer][held[layer, e]])
+            else:
+                parts13.append(torch.cat([t.pop(expert_tensor_name(layer, e, "w1")),
+                                          t.pop(expert_tensor_name(layer, e, "w3"))]))
+                parts2.append(t.pop(expert_tensor_name(layer, e, "w2")))
+        w13.append(torch.stack(parts13))
+        w2.append(torch.stack(parts2))
+    return LocalExperts(layer_experts=tuple(tuple(ids) for ids in layer_experts), w13=w13, w2=w2)

@@ -4,6 +4,9 @@ fallback, trained here on a built-in text), tokenizer_config.json with a chat te
 
 The weights are random (seeded), so the model's text is word salad, but every byte of the format is real:
 ``transformers`` loads it as a MixtralForCausalLM, and so does this project.
+
+With ``router_skew`` Z > 0 the routers prefer a different group of experts in each layer (skew_routers), so that
+expert load balancing has something to balance; Z = 0 writes exactly the unskewed checkpoint.
 """
 
 from __future__ import annotations
@@ -94,6 +97,61 @@ def random_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
+SKEW_SEED_OFFSET = 2**32  # the skew's own random stream: the base weights stay those of the unskewed model
+SKEW_SHIFT = 1.0  # the embeddings' component along u, in norms of a random embedding row
+SKEW_GAIN = 0.02  # per unit of router_skew: one std of the random logits, in the first layer (see skew_routers)
+
+
+def skew_routers(tensors: dict[str, torch.Tensor], cfg: ModelConfig, router_skew: float,
+                 seed: int) -> dict[str, torch.Tensor]:
+    """The same model with routers that prefer one group of ``experts_per_token`` adjacent experts per layer.
+
+    Random routers see no direction shared by all tokens, so they spread rows evenly. This adds one: a private
+    routing channel along a fixed unit direction u (H,). Every token embedding gets exactly ``SKEW_SHIFT`` times
+    a random embedding row's norm along u; every other matrix is made blind to u (those that read the hidden state
+    lose their component along u, those that write it stop writing along u), so the residual stream carries u
+    unchanged to every layer and nothing but the routers reads it. Each layer's hot group of gate rows then gains
+    ``router_skew * SKEW_GAIN * u``: it raises those experts' logits for every token, by about ``router_skew``
+    standard deviations of the random logits in the first layer (later layers, whose hidden states have grown,
+    see less of u). Hot groups are adjacent experts (under a contiguous placement they share a worker: the case
+    balancing must fix) and differ from layer to layer. Returns a new dict; ``tensors`` is left as it was.
+    """
+    if not router_skew >= 0:  # also refuses nan
+        raise ValueError(f"router_skew must be a number >= 0, got {router_skew}")
+    if router_skew == 0:
+        return dict(tensors)
+    u, hot = _skew_plan(cfg, seed)
+    out = dict(tensors)
+    for name, weight in tensors.items():
+        if weight.ndim != 2:
+            continue  # norms: ones, they keep u where it is
+        if name.endswith(("o_proj.weight", "w2.weight")):  # (H, in): writes the residual stream
+            out[name] = weight - torch.outer(u, u @ weight)
+        else:  # (out, H): reads the hidden state
+            out[name] = weight - torch.outer(weight @ u, u)
+    row_norm = 0.02 * cfg.hidden_size**0.5  # of a random embedding row
+    out["model.embed_tokens.weight"] = out["model.embed_tokens.weight"] + SKEW_SHIFT * row_norm * u  # (V, H)
+    for layer in range(cfg.num_layers):
+        out[f"model.layers.{layer}.block_sparse_moe.gate.weight"][hot[layer]] += router_skew * SKEW_GAIN * u
+    return out
+
+
+def _skew_plan(cfg: ModelConfig, seed: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """The skew's direction u (H,) and each layer's hot experts (a group of experts_per_token adjacent ids)."""
+    gen = torch.Generator().manual_seed(seed + SKEW_SEED_OFFSET)
+    u = torch.randn(cfg.hidden_size, generator=gen)
+    group = cfg.experts_per_token
+    order = torch.randperm(cfg.num_experts // group, generator=gen).tolist()  # hot group of each layer, cycled
+    hot = [list(range(order[layer % len(order)] * group, (order[layer % len(order)] + 1) * group))
+           for layer in range(cfg.num_layers)]
+    return u / u.norm(), hot
+
+
+def hot_experts(cfg: ModelConfig, seed: int) -> list[list[int]]:
+    """[layer] -> the experts skew_routers makes hot in that layer."""
+    return _skew_plan(cfg, seed)[1]
+
+
 def write_checkpoint(directory: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], shards: int) -> None:
     """Safetensors shards split by layer (non-expert tensors in the first shard) and their index."""
     if not 1 <= shards <= cfg.num_layers + 1:
@@ -123,9 +181,10 @@ def write_checkpoint(directory: Path, cfg: ModelConfig, tensors: dict[str, torch
 
 
 def init_demo(directory: str | Path, seed: int = 0, shards: int = 3, overwrite: bool = False,
-              **architecture: Any) -> Path:
+              router_skew: float = 0.0, **architecture: Any) -> Path:
     """Write the demo checkpoint into ``directory`` (created if needed); returns its path.
 
+    ``router_skew`` > 0 makes the routers prefer a group of experts per layer (skew_routers); 0 is the plain demo.
     ``architecture`` overrides ModelConfig fields (benchmarks use it for larger models of the same format).
     """
     directory = Path(directory)
@@ -143,6 +202,6 @@ def init_demo(directory: str | Path, seed: int = 0, shards: int = 3, overwrite: 
     (directory / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
     (directory / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids[0]}, indent=2) + "\n")
-    write_checkpoint(directory, cfg, random_weights(cfg, seed), shards)
+    write_checkpoint(directory, cfg, skew_routers(random_weights(cfg, seed), cfg, router_skew, seed), shards)
     return directory
 

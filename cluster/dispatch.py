@@ -6,9 +6,10 @@ middle differs: instead of running the experts in-process, the rows travel to th
 
 Per layer, on the coordinator:
   1. route: top-k softmax gate -> (weights, expert_ids)                          [ops.route]
-  2. group the token rows by destination worker, then local expert slot          [moe.plan_dispatch]
-  3. send each worker that has rows one message: its row counts per slot and its rows (workers with no rows in
-     this layer are not sent anything, nor woken)                                [exchange: one link per worker]
+  2. group the token rows by destination worker, then local expert slot; an expert with replicas on several
+     workers has its rows cut into even contiguous chunks, one per replica      [moe.plan_dispatch]
+  3. send each worker that has rows one message: the expert map version, its row counts per slot and its rows
+     (workers with no rows in this layer are not sent anything, nor woken)     [exchange: one link per worker]
   4. each worker runs its experts on its rows, merged with any other coordinator's rows of the same layer that
      are waiting (workers/expert_loop.py)
   5. receive each worker's results, in the order the rows were sent
@@ -16,6 +17,10 @@ Per layer, on the coordinator:
 
 Steps 1-3 are ``dispatch`` and 5-6 ``collect``, so that a caller can do other work (another micro-batch's
 attention) while the workers compute. Shape legend: T tokens, H hidden, K top-k, R = T*K rows.
+
+The expert map changes when the pool rebalances (workers/pool.py). Results carry the newest map version their
+worker is ready for (an idle coordinator asks the pool instead, at each heartbeat); a newer one is fetched and
+switched to in ``begin_step``, between two steps, when no message of the old map is in flight.
 """
 
 from __future__ import annotations
@@ -36,19 +41,12 @@ from torch import Tensor
 
 from cluster.engine_config import ClusterConfig
 from cluster.errors import WorkerFailure, first_line
-from cluster.exchange import (
-    OP_NOOP,
-    OP_WORK,
-    CoordinatorEnd,
-    LinkClosed,
-    PgCoordinatorEnd,
-    Result,
-    ShmCoordinatorEnd,
-    pair_group,
-)
+from cluster.exchange import OP_NOOP, OP_WORK, CoordinatorEnd, LinkClosed, Result
 from cluster.moe import DispatchPlan, RoutingStats, plan_dispatch
 from cluster.ops import combine, route
+from cluster.pg_link import PgCoordinatorEnd, pair_group
 from cluster.pool_api import PoolHandle, PoolView, WorkerEndpoint
+from cluster.shm_link import ShmCoordinatorEnd
 
 log = logging.getLogger("moe_cluster.dispatch")
 
@@ -79,8 +77,10 @@ class DistributedMoE:
         self._timings: dict[str, float] = defaultdict(float)  # seconds, accumulated
         self._tags: list[int] = []
         self.links: list[CoordinatorEnd] = []
+        self._announced = 0  # the newest expert map version a worker or the pool has mentioned
+        self._retry_view_at = 0.0  # after a failed fetch of the new view, not before this (monotonic s)
         self._connect(pool.attach(coordinator_id))
-        self.stats = RoutingStats(num_layers, self.view.expert_map)
+        self.stats = RoutingStats(num_layers, self.view.expert_map.num_experts)
 
     # ------------------------------------------------------------------------------------------- links
 
@@ -89,7 +89,7 @@ class DistributedMoE:
             raise ValueError(f"heartbeat_s={self.cluster_cfg.heartbeat_s} must be shorter than the pool's "
                              f"link_timeout_s={view.spec.timeout_s}")
         self.view = view
-        self.dispatch_rank = view.expert_map.dispatch_rank
+        self._announced = max(self._announced, view.expert_map.version)
         self.links = [self._open(endpoint) for endpoint in view.workers]
         self._tags = [0] * len(self.links)
         kinds = sorted({link.kind for link in self.links})
@@ -130,7 +130,7 @@ class DistributedMoE:
 
     def _failure(self, worker: int, reason: str) -> WorkerFailure:
         endpoint = self.view.workers[worker]
-        return WorkerFailure(endpoint.describe(self.view.expert_map.workers[worker]), reason, worker,
+        return WorkerFailure(endpoint.describe(self.view.expert_map.hosted(worker)), reason, worker,
                              endpoint.generation)
 
     @contextlib.contextmanager
@@ -149,6 +149,31 @@ class DistributedMoE:
 
     def begin_step(self, num_tokens: int) -> None:
         self._timings["steps"] += 1
+        self._follow_pool()
+
+    def _follow_pool(self) -> None:
+        """Between steps: move to the pool's current expert map. The links stay (the same workers), unless the pool
+        replaced a worker meanwhile. A failed fetch is tried again a second later: the workers keep the old map's
+        weights until this coordinator moves."""
+        if self._announced <= self.view.expert_map.version or time.monotonic() < self._retry_view_at:
+            return
+        try:
+            view = self.pool.view()
+        except Exception as err:
+            self._retry_view_at = time.monotonic() + 1.0
+            log.warning("coordinator %s: cannot fetch the pool's expert map version %d yet: %s", self.coordinator_id,
+                        self._announced, first_line(err))
+            return
+        before = self.view.expert_map.version
+        if [(e.index, e.generation, e.address) for e in view.workers] == \
+                [(e.index, e.generation, e.address) for e in self.view.workers]:
+            self.view = view
+            self._announced = max(self._announced, view.expert_map.version)
+        else:
+            self._close_links()
+            self._connect(view)
+        log.info("coordinator %s: expert map version %d -> %d", self.coordinator_id, before,
+                 view.expert_map.version)
 
     def micro_batches(self, num_tokens: int, num_seqs: int) -> int:
         """The configured count, or (auto) 2 once a step has enough tokens to pay for a second exchange per
@@ -161,24 +186,26 @@ class DistributedMoE:
     def dispatch(self, layer: int, x: Tensor, gate_weight: Tensor) -> InFlight:
         """Steps 1-3: route the rows and send each worker its share; returns at once."""
         started, cpu_started = time.perf_counter(), time.thread_time()
+        expert_map = self.view.expert_map
+        slots = expert_map.slots(layer, x.device)
         weights, expert_ids = route(x, gate_weight, self.top_k)  # 1
-        plan = plan_dispatch(weights, expert_ids, self.dispatch_rank)  # 2
-        self.stats.record(layer, plan.rows_per_expert)
+        plan = plan_dispatch(weights, expert_ids, slots)  # 2
+        self.stats.record(layer, plan.rows_per_slot, slots.slot_expert)
         rows = x[plan.row_token]  # (R, H), grouped by worker, then local slot
-        rows_per_expert = plan.rows_per_expert.tolist()
+        rows_per_slot = plan.rows_per_slot.tolist()
         link_rows = rows if self.links and self.links[0].kind == "pg" and self.device.type == "cuda" else rows.cpu()
         out = torch.empty_like(link_rows)  # (R, H) results land here, in the order the rows were sent
-        sent, expert, first = [], 0, 0
-        for w, experts in enumerate(self.view.expert_map.workers):
-            counts = rows_per_expert[expert:expert + len(experts)]
-            expert += len(experts)
+        sent, slot, first = [], 0, 0
+        for w, n_local in enumerate(slots.worker_slots):
+            counts = rows_per_slot[slot:slot + n_local]
+            slot += n_local
             n = sum(counts)
             if n:  # 3
                 tag = self._tags[w]
                 self._tags[w] += 1
                 with self._link_of(w) as link:
-                    sent_ns = link.send(OP_WORK, layer, tag, 0, counts, link_rows[first:first + n],
-                                        out[first:first + n])
+                    sent_ns = link.send(OP_WORK, layer, tag, expert_map.version, counts,
+                                        link_rows[first:first + n], out[first:first + n])
                 sent.append((w, tag, first, n, sent_ns))
                 first += n
         self._timings["route_and_send"] += time.perf_counter() - started
@@ -194,6 +221,7 @@ class DistributedMoE:
         for w, tag, _, _, sent_ns in flight.sent:  # 5
             with self._link_of(w) as link:
                 result = link.recv_result(tag)
+            self._announced = max(self._announced, result.version)
             if link.kind == "shm" and (last is None or result.finished_ns > last[1].finished_ns):
                 last = (sent_ns, result)
         waited = time.perf_counter()
@@ -215,10 +243,16 @@ class DistributedMoE:
         return dict(self._timings)
 
     def heartbeat(self) -> None:
-        """Tell every worker this coordinator is alive (and find out whether each still is)."""
+        """Tell every worker this coordinator is alive and which expert map version it uses (and find out whether
+        each still is alive). Idle, it sees no results: it asks the pool whether the map changed, and follows."""
+        try:
+            self._announced = max(self._announced, self.pool.map_version())
+        except Exception as err:  # the pool is busy or away: the heartbeat itself must go on
+            log.debug("coordinator %s: no map version from the pool: %s", self.coordinator_id, first_line(err))
+        self._follow_pool()
         for w in range(len(self.links)):
             with self._link_of(w) as link:
-                link.send(OP_NOOP)
+                link.send(OP_NOOP, version=self.view.expert_map.version)
 
     def recover(self, failure: WorkerFailure) -> None:
         """Drop every link (results still in flight on the others included), have the pool replace the failed
@@ -240,7 +274,8 @@ class DistributedMoE:
 
     def describe(self) -> dict[str, Any]:
         return {"pool_id": self.view.pool_id, "links": [link.kind for link in self.links],
-                "workers": [e.describe(self.view.expert_map.workers[e.index]) for e in self.view.workers]}
+                "map_version": self.view.expert_map.version,
+                "workers": [e.describe(self.view.expert_map.hosted(e.index)) for e in self.view.workers]}
 
     def close(self) -> None:
         self._close_links()

@@ -25,7 +25,7 @@ from cluster.model import MixtralTransformer, MoEBackend
 from cluster.output_processor import OutputProcessor
 from cluster.sampling import SamplingParams, TokenLogprob, sample, sample_seed, token_logprobs, token_seed
 from cluster.scheduler import ScheduledSeq, Scheduler
-from cluster.sequence import FINISH_ABORT, OutputSink, Request, Seq, SeqStatus
+from cluster.sequence import FINISH_ABORT, Continuation, OutputSink, Request, Seq, SeqStatus
 from cluster.step_batch import SeqChunk, build_step_batch, split_micro_batches
 from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
 from cluster.validation import resolve_max_model_len, validate_request
@@ -57,24 +57,45 @@ class LLMEngine:
 
     # ----------------------------------------------------------------------------------------- requests
 
-    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> int:
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                 continuation: Continuation | None = None) -> int:
         """Check a request against the model and the cache; returns max_tokens resolved. Thread-safe."""
         return validate_request(prompt_ids, params, vocab_size=self.model_cfg.vocab_size,
                                 max_model_len=self.max_model_len, kv_blocks=self.kv.num_blocks,
-                                block_size=self.block_size)
+                                block_size=self.block_size, continuation=continuation)
 
     def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                    sink: OutputSink, arrival_time: float | None = None) -> None:
+                    sink: OutputSink, arrival_time: float | None = None,
+                    continuation: Continuation | None = None) -> None:
+        """Queue a request; with ``continuation``, the rest of one another engine started (sequence.Continuation)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        max_tokens = self.validate(prompt_ids, params)
+        max_tokens = self.validate(prompt_ids, params, continuation)
         if len(self.scheduler.waiting) >= self.engine_cfg.max_queue_len:
             raise QueueFullError(f"the engine's queue is full ({self.engine_cfg.max_queue_len} waiting "
                                  "requests); retry later")
         request = Request(request_id, list(prompt_ids), params, max_tokens, sink, arrival_time)
-        seq = self._new_seq(request, 0, list(prompt_ids))
+        seqs = [self._new_seq(request, 0, list(prompt_ids))] if continuation is None else \
+            self._resumed_seqs(request, continuation)
         self.requests[request_id] = request
-        self.scheduler.add(seq)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _resumed_seqs(self, request: Request, continuation: Continuation) -> list[Seq]:
+        """A continuation's samples, each its own sequence of prompt + its tokens (no fork: they differ); the
+        finished ones only hold their tokens, for usage. Returns the open ones, to be scheduled. The prompt (and
+        its logprobs) went out with the first report of the engine that started the request."""
+        request.needs_fork, request.prompt_logprobs, request.sent_prompt = False, None, True
+        open_seqs = []
+        for index, so_far in enumerate(continuation.samples):
+            seq = self._new_seq(request, index, list(request.prompt_ids))
+            if so_far.finished:
+                seq.token_ids.extend(so_far.token_ids)
+                seq.status = SeqStatus.FINISHED
+            else:
+                self.outputs.replay(seq, so_far)
+                open_seqs.append(seq)
+        return open_seqs
 
     def _new_seq(self, request: Request, index: int, token_ids: list[int]) -> Seq:
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids, request.params.skip_special_tokens)

@@ -124,9 +124,28 @@ class PoolConfig:
     # rows of the same layer, to run each expert once on both (0: never wait). It must cover how far apart
     # coordinators' layers may drift (about one layer of attention) for them to fall into step.
     merge_wait_ms: float = 10.0
+    # Expert load balancing (cluster/eplb.py): this many extra expert slots across the pool (per layer) hold
+    # replicas of the hottest experts once a rebalance has placed them; every rebalance_interval_s seconds
+    # (0: never by itself) the pool measures the load of the last rebalance_window intervals and, when its
+    # imbalance (the most loaded worker's rows over the mean) exceeds rebalance_threshold, moves to a better map.
+    redundant_experts: int = 0
+    rebalance_interval_s: float = 0.0
+    rebalance_threshold: float = 1.1
+    rebalance_window: int = 4
 
     def __post_init__(self) -> None:
         _check_positive("experts_per_worker", self.experts_per_worker)
+        if isinstance(self.redundant_experts, bool) or not isinstance(self.redundant_experts, int) \
+                or self.redundant_experts < 0:
+            raise ValueError(f"redundant_experts must be an integer >= 0, got {self.redundant_experts!r}")
+        if isinstance(self.rebalance_interval_s, bool) or not isinstance(self.rebalance_interval_s, (int, float)) \
+                or not 0 <= self.rebalance_interval_s < float("inf"):
+            raise ValueError(f"rebalance_interval_s must be a number of seconds >= 0 (0: never), "
+                             f"got {self.rebalance_interval_s!r}")
+        if isinstance(self.rebalance_threshold, bool) or not isinstance(self.rebalance_threshold, (int, float)) \
+                or not 1 <= self.rebalance_threshold < float("inf"):
+            raise ValueError(f"rebalance_threshold must be a number >= 1, got {self.rebalance_threshold!r}")
+        _check_positive("rebalance_window", self.rebalance_window)
         for name in ("worker_num_cpus", "placement_timeout_s", "start_timeout_s", "link_timeout_s"):
             _check_positive(name, getattr(self, name), integer=False)
         for name in ("link_slots", "link_slot_bytes"):

@@ -25,7 +25,7 @@ from cluster.engine_config import EngineConfig
 from cluster.errors import EngineDeadError, RequestFailedError, WorkerFailure
 from cluster.loader import build_local_engine
 from cluster.sampling import SamplingParams
-from cluster.sequence import RequestOutput, RequestResult
+from cluster.sequence import Continuation, RequestOutput, RequestResult
 
 log = logging.getLogger("moe_cluster.engine")
 T = TypeVar("T")
@@ -166,19 +166,22 @@ class EngineLoop:
 
     def submit(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams],
                sinks: Sequence[Callable[[RequestOutput], None]],
-               request_ids: Sequence[str] | None = None) -> concurrent.futures.Future[list[str]]:
-        """Validate now (errors raise here), then add all requests together at the next step."""
+               request_ids: Sequence[str] | None = None,
+               continuations: Sequence[Continuation | None] | None = None) -> concurrent.futures.Future[list[str]]:
+        """Validate now (errors raise here), then add all requests together at the next step. A request with a
+        continuation resumes one another engine started (sequence.Continuation)."""
         self._check_alive()
         ids = list(request_ids) if request_ids is not None else [new_request_id() for _ in prompts]
         encoded = [self.encode(p) for p in prompts]
-        for prompt_ids, p in zip(encoded, params, strict=True):
-            self.engine.validate(prompt_ids, p)
+        resumed = list(continuations) if continuations is not None else [None] * len(prompts)
+        for prompt_ids, p, continuation in zip(encoded, params, resumed, strict=True):
+            self.engine.validate(prompt_ids, p, continuation)
 
         def add_all() -> list[str]:
             added: list[str] = []
             try:
-                for rid, prompt_ids, p, sink in zip(ids, encoded, params, sinks, strict=True):
-                    self.engine.add_request(rid, prompt_ids, p, sink)
+                for rid, prompt_ids, p, sink, continuation in zip(ids, encoded, params, sinks, resumed, strict=True):
+                    self.engine.add_request(rid, prompt_ids, p, sink, continuation=continuation)
                     added.append(rid)
             except BaseException:
                 for rid in added:  # all or nothing
@@ -212,10 +215,12 @@ class EngineLoop:
 
     async def stream_batches(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
                              interval_s: Callable[[], float] | None = None,
+                             continuation: Continuation | None = None,
                              ) -> AsyncGenerator[list[RequestOutput], None]:
         """Reports of one request as they come, coalesced: each item holds every report that arrived
         since the last one. With ``interval_s``, items after the first are at least ``interval_s()`` apart,
-        except the last, which comes at once. Leaving the iteration early aborts the request."""
+        except the last, which comes at once. Leaving the iteration early aborts the request. With
+        ``continuation``, the rest of a request another engine started."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         rid = request_id or new_request_id()
@@ -224,7 +229,7 @@ class EngineLoop:
             if not loop.is_closed():  # the consumer may be gone; its request is being aborted
                 loop.call_soon_threadsafe(queue.put_nowait, out)
 
-        await asyncio.wrap_future(self.submit([prompt], [params], [sink], [rid]))
+        await asyncio.wrap_future(self.submit([prompt], [params], [sink], [rid], [continuation]))
         finished, sent_at = False, None
         try:
             while not finished:
@@ -248,10 +253,10 @@ class EngineLoop:
             if not finished:
                 self.abort(rid)
 
-    def stream(self, prompt: Prompt, params: SamplingParams,
-               request_id: str | None = None) -> AsyncGenerator[RequestOutput, None]:
+    def stream(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+               continuation: Continuation | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Reports of one request as they come; leaving the iteration early aborts the request."""
-        return each_output(self.stream_batches(prompt, params, request_id))
+        return each_output(self.stream_batches(prompt, params, request_id, continuation=continuation))
 
     def abort(self, request_id: str) -> None:
         if self.dead_reason is None and not self._stopping:

@@ -8,8 +8,17 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Sequence
 
+from cluster.errors import RequestError
 from cluster.sampling import TokenLogprob
-from cluster.sequence import FINISH_LENGTH, FINISH_STOP, CompletionDelta, Request, RequestOutput, Seq
+from cluster.sequence import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    CompletionDelta,
+    Request,
+    RequestOutput,
+    SampleSoFar,
+    Seq,
+)
 
 
 class OutputProcessor:
@@ -31,6 +40,20 @@ class OutputProcessor:
             seq.text += seq.detok.add(token)
             if not _cut_at_stop_string(seq, before) and seq.num_generated >= seq.request.max_tokens:
                 _finish(seq, FINISH_LENGTH, None)
+
+    @staticmethod
+    def replay(seq: Seq, sample: SampleSoFar) -> None:
+        """Rebuild the output state of an open sample that another engine started (a continuation): its tokens,
+        and its text as that engine's detokenizer had it (replayed the same way, so held-back characters and stop
+        strings go on exactly), with every token and the first ``text_chars`` characters already reported. None
+        of its tokens ended it there, so none ends it here."""
+        for token in sample.token_ids:
+            seq.token_ids.append(token)
+            seq.text += seq.detok.add(token)
+        if sample.text_chars > len(seq.text):
+            raise RequestError(f"continuation sample {seq.index}: {sample.text_chars} characters were delivered but "
+                               f"its tokens make only {len(seq.text)}", "continuation")
+        seq.emitted_chars, seq.emitted_tokens = sample.text_chars, len(sample.token_ids)
 
     @staticmethod
     def build_output(request: Request, seqs: Sequence[Seq], finished: bool, error: str | None = None

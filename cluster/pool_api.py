@@ -1,9 +1,10 @@
-"""What a coordinator knows of the expert pool it attaches to, and the three calls it makes on it.
+"""What a coordinator knows of the expert pool it attaches to, and the calls it makes on it.
 
 The pool itself (workers/pool.py) owns the ExpertWorker actors; a coordinator never creates or kills a worker.
-It asks the pool for a ``PoolView`` (where every worker listens, which experts it hosts), opens one link to each
-worker, and after a failure asks the pool to replace what failed. ``PoolHandle`` hides whether the pool is a named
-Ray actor (ClusterEngine) or a Serve deployment (the Serve app).
+It asks the pool for a ``PoolView`` (where every worker listens, which experts it hosts: the expert map and its
+version), opens one link to each worker, after a failure asks the pool to replace what failed, and after a
+rebalance fetches the new view. ``PoolHandle`` hides whether the pool is a named Ray actor (ClusterEngine) or a
+Serve deployment (the Serve app).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import ray
 
 from cluster.exchange import LinkSpec
 from cluster.moe import ExpertMap
+
+VERSION_TIMEOUT_S = 5.0  # an idle coordinator's check for a new map must not hold up its heartbeats
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,14 @@ class PoolHandle(Protocol):
 
     def detach(self, coordinator_id: str) -> None: ...
 
+    def view(self) -> PoolView:
+        """The pool as it is now (after a rebalance: the new expert map)."""
+        ...
+
+    def map_version(self) -> int:
+        """The version of the pool's expert map (cheap: an idle coordinator asks every heartbeat)."""
+        ...
+
 
 class RayActorPool:
     """A PoolHandle over the pool's Ray actor handle (ClusterEngine, tests)."""
@@ -70,3 +81,10 @@ class RayActorPool:
 
     def detach(self, coordinator_id: str) -> None:
         ray.get(self.actor.detach.remote(coordinator_id), timeout=self.timeout_s)
+
+    def view(self) -> PoolView:
+        view: PoolView = ray.get(self.actor.view.remote(), timeout=self.timeout_s)
+        return view
+
+    def map_version(self) -> int:
+        return int(ray.get(self.actor.map_version.remote(), timeout=VERSION_TIMEOUT_S))

@@ -128,6 +128,29 @@ def fold_deltas(deltas: Iterable[Delta], new: Callable[[int], D]) -> list[D]:
     return [by_index[i] for i in sorted(by_index)]
 
 
+@dataclass(frozen=True)
+class SampleSoFar:
+    """What one sample of a request had produced, as its consumer received it, when its engine stopped."""
+
+    token_ids: tuple[int, ...] = ()  # every token generated and reported
+    text_chars: int = 0  # characters of text delivered (text held back for a possible stop string is not)
+    finished: bool = False  # a finish reason was reported: nothing more to generate
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """The continuation form of a request: it resumes, on this engine, a request another engine started (and
+    died serving). One SampleSoFar per sample (SamplingParams.n of them, by index). Each open sample becomes
+    prompt + its tokens, recomputed by prefill, with its detokenizer replayed, so stop strings and text go on as
+    if nothing happened; its next token is drawn with token_seed(sample seed, position), so given the request's
+    seed (required when sampling) the result is exactly the uninterrupted one. Finished samples are not
+    generated again but still count in usage. Reports carry only what comes after: tokens after the given
+    ones, text after the delivered characters, logprobs of new tokens, no prompt; the budget is what
+    max_tokens leaves after the given tokens."""
+
+    samples: tuple[SampleSoFar, ...]
+
+
 OutputSink = Callable[[RequestOutput], None]
 _arrival_counter = itertools.count()
 

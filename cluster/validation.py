@@ -9,6 +9,7 @@ from cluster.engine_config import EngineConfig
 from cluster.errors import RequestError
 from cluster.kv_cache import blocks_for
 from cluster.sampling import SamplingParams
+from cluster.sequence import Continuation
 
 
 def resolve_max_model_len(model_cfg: ModelConfig, engine_cfg: EngineConfig) -> int:
@@ -21,7 +22,7 @@ def resolve_max_model_len(model_cfg: ModelConfig, engine_cfg: EngineConfig) -> i
 
 
 def validate_request(prompt_ids: Sequence[int], params: SamplingParams, *, vocab_size: int, max_model_len: int,
-                     kv_blocks: int, block_size: int) -> int:
+                     kv_blocks: int, block_size: int, continuation: Continuation | None = None) -> int:
     """Check a request; returns its max_tokens resolved against the context length. Pure, so thread-safe."""
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -43,9 +44,38 @@ def validate_request(prompt_ids: Sequence[int], params: SamplingParams, *, vocab
     if n_prompt + max_tokens > max_model_len:
         raise RequestError(f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the "
                            f"model's context length of {max_model_len} tokens", "max_tokens")
+    if continuation is not None:
+        validate_continuation(continuation, params, max_tokens, vocab_size)
     needed = blocks_for(n_prompt + max_tokens, block_size)
     if needed > kv_blocks:
         raise RequestError(f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) needs {needed} "
                            f"KV cache blocks but the cache holds only {kv_blocks} ({kv_blocks * block_size} tokens)",
                            "max_tokens")
     return max_tokens
+
+
+def validate_continuation(continuation: Continuation, params: SamplingParams, max_tokens: int, vocab_size: int) -> None:
+    """Check the continuation form of a request (see sequence.Continuation) against its parameters."""
+    if not isinstance(continuation, Continuation):
+        raise TypeError(f"continuation must be a Continuation, got {type(continuation).__name__}")
+    samples = continuation.samples
+    if len(samples) != params.n:
+        raise RequestError(f"the continuation holds {len(samples)} samples but n is {params.n}", "continuation")
+    if not params.greedy and params.seed is None:
+        raise RequestError("a continuation of a sampled request needs the request's seed, to draw what the "
+                           "uninterrupted request would have", "seed")
+    if all(s.finished for s in samples):
+        raise RequestError("every sample of the continuation is finished: nothing to continue", "continuation")
+    for index, sample in enumerate(samples):
+        where = f"continuation sample {index}"
+        if isinstance(sample.text_chars, bool) or not isinstance(sample.text_chars, int) or sample.text_chars < 0:
+            raise RequestError(f"{where}: text_chars must be an integer >= 0, got {sample.text_chars!r}",
+                               "continuation")
+        bad = [t for t in sample.token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise RequestError(f"{where}: token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})",
+                               "continuation")
+        limit = max_tokens if sample.finished else max_tokens - 1  # an open sample has room for one more token
+        if len(sample.token_ids) > limit:
+            raise RequestError(f"{where} has {len(sample.token_ids)} tokens; max_tokens={max_tokens} leaves room "
+                               f"for at most {limit} before it continues", "continuation")

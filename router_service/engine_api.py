@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.sampling import SamplingParams, TokenLogprob
-from cluster.sequence import RequestOutput, fold_deltas
+from cluster.sequence import Continuation, RequestOutput, fold_deltas
 from cluster.tokenizer import Tokenizer
 
 
@@ -20,6 +20,8 @@ class GenerateRequest:
     prompt: str | list[int] | None = None  # text or token ids ...
     messages: list[dict[str, Any]] | None = None  # ... or chat messages (rendered with the chat template)
     deadline: float | None = None  # wall-clock time (time.time()) after which the request is aborted
+    # Set when the ingress resumes the request on another engine replica: what the client has received so far.
+    continuation: Continuation | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -67,6 +69,7 @@ class Accepted:
 
     request_id: str
     prompt_tokens: int
+    engine_id: str = ""  # the engine replica that took it (named when the ingress resumes it elsewhere)
 
 
 def token_info(tokenizer: Tokenizer, lp: TokenLogprob) -> TokenInfo:

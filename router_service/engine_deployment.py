@@ -81,11 +81,12 @@ class EngineDeployment:
         remaining = request.remaining()
         if remaining is not None and remaining <= 0:
             raise TimeoutError(f"request {request.request_id} reached its deadline before it started")
+        resumed_at = 0 if request.continuation is None else sum(len(s.token_ids) for s in request.continuation.samples)
         stream = self.engine.stream_batches(prompt_ids, request.params, request.request_id,
-                                            interval_s=self._stream_interval_s)
+                                            interval_s=self._stream_interval_s, continuation=request.continuation)
         async with contextlib.aclosing(stream):
             batch: list[RequestOutput] | None = await self._next(stream, remaining)  # raises request errors
-            yield Accepted(request.request_id, len(prompt_ids))
+            yield Accepted(request.request_id, len(prompt_ids), self.engine_id)
             self._open_streams += 1
             try:
                 while batch is not None:
@@ -97,8 +98,8 @@ class EngineDeployment:
                     # and then an SSE event / gRPC message through the proxy, each with a fixed CPU cost.
                     yield [merge(chunks)] if len(chunks) > 1 else chunks
                     last = chunks[-1]
-                    if last.finished:
-                        self.metrics.observe_request(last.ttft_s, last.e2e_s, last.completion_tokens,
+                    if last.finished:  # (a continuation's latencies count from the resume, so do its tokens)
+                        self.metrics.observe_request(last.ttft_s, last.e2e_s, last.completion_tokens - resumed_at,
                                                      [c.finish_reason or "" for c in last.choices])
                         return
                     # The engine paces the stream (interval_s): what it produced meanwhile is one batch.

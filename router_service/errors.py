@@ -39,6 +39,21 @@ class ApiError(Exception):
         return GRPC_STATUS.get(self.status, "INTERNAL")
 
 
+def engine_unavailable(message: str) -> ApiError:
+    """The retryable 503 of an engine that failed or is gone (gRPC UNAVAILABLE)."""
+    return ApiError(503, f"the engine is unavailable, retry: {message}", "service_unavailable",
+                    code="engine_unavailable", headers={"Retry-After": RETRY_AFTER_S})
+
+
+def replica_died(err: BaseException) -> bool:
+    """Whether ``err`` is the death of the engine replica serving a call (its actor died or cannot be reached), as
+    opposed to an error the engine answered: only then may the ingress resume the request on another replica. An
+    actor error raised inside the replica (by something it called) comes wrapped in a RayTaskError: not its death."""
+    if isinstance(err, RayTaskError):
+        return False
+    return isinstance(err, RayActorError) or type(err).__name__ == "ReplicaUnavailableError"
+
+
 def engine_error(err: BaseException) -> ApiError:
     """Map what the engine raised (through Ray and Serve) to an API error: a bad request (400, naming the field
     when the engine did), a full queue (429), a passed deadline (504), the server shutting down or an engine
@@ -59,6 +74,5 @@ def engine_error(err: BaseException) -> ApiError:
         return ApiError(503, message, "service_unavailable", code="server_shutting_down",
                         headers={"Retry-After": RETRY_AFTER_S})
     if isinstance(cause, (EngineDeadError, RequestFailedError, RayActorError)) or "Unavailable" in name:
-        return ApiError(503, f"the engine is unavailable, retry: {message}", "service_unavailable",
-                        code="engine_unavailable", headers={"Retry-After": RETRY_AFTER_S})
+        return engine_unavailable(message)
     return ApiError(500, f"internal error: {name}: {message}", "server_error")

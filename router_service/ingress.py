@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from protos.moe_cluster.v1 import generation_pb2 as pb
 from router_service.engine_api import GenerateChunk, GenerateRequest, merge
 from router_service.errors import RETRY_AFTER_S, ApiError
-from router_service.gateway import EngineGateway, Stream, new_id
+from router_service.gateway import EngineGateway, Generation, new_id
 from router_service.grpc_service import GrpcApi
 from router_service.openai_protocol import (
     ChatCompletionRequest,
@@ -179,7 +179,7 @@ class Ingress:
         return {"id": rid, "object": "text_completion", "created": created(), "model": self.gateway.model_name,
                 "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
-    async def completion_events(self, rid: str, requests: list[GenerateRequest], streams: list[Stream], n: int,
+    async def completion_events(self, rid: str, requests: list[GenerateRequest], streams: list[Generation], n: int,
                                 with_logprobs: bool, include_usage: bool) -> AsyncGenerator[str, None]:
         tokens: dict[int, tuple[int, int]] = {}  # prompt position -> (prompt tokens, completion tokens)
         text_offsets: dict[int, int] = {}  # output index -> characters of text sent so far
@@ -227,7 +227,7 @@ class Ingress:
         return {"id": rid, "object": "chat.completion", "created": created(), "model": self.gateway.model_name,
                 "choices": choices, "usage": usage(merged.prompt_tokens, merged.completion_tokens)}
 
-    async def chat_events(self, rid: str, request: GenerateRequest, streams: list[Stream],
+    async def chat_events(self, rid: str, request: GenerateRequest, streams: list[Generation],
                           include_usage: bool) -> AsyncGenerator[str, None]:
         stamp, started, last = created(), set(), None
         base = {"id": rid, "object": "chat.completion.chunk", "created": stamp, "model": self.gateway.model_name}

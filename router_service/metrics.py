@@ -8,6 +8,7 @@ from typing import Any
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from cluster.engine_api import EngineStats
+from cluster.eplb import imbalance
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
@@ -81,6 +82,16 @@ class EngineMetrics:
             counter.inc(now - before, self.tags | (extra or {}))
 
 
+class IngressMetrics:
+    """The ingress's own series, one set per ingress replica."""
+
+    def __init__(self, model: str) -> None:
+        self.tags = {"model": model}
+        self.resumed = Counter("moe_cluster_requests_resumed_total",
+                               "In-flight requests resumed on another engine replica after theirs died",
+                               tag_keys=("model",))
+
+
 class PoolMetrics:
     """The expert pool's workers, exported once by the pool's replica (whatever number of coordinators)."""
 
@@ -95,9 +106,22 @@ class PoolMetrics:
                                 tag_keys=keys)
         self.rows_per_call = Gauge("moe_cluster_worker_rows_per_call",
                                    "Rows per grouped expert call of each worker, since the last sample", tag_keys=keys)
+        self.imbalance = Gauge("moe_cluster_worker_load_imbalance",
+                               "Rows of the most loaded expert worker over the mean, layer by layer, since the last "
+                               "sample (1 = perfectly even)", tag_keys=("model", "pool"))
+        self.rebalances = Counter("moe_cluster_rebalances_total", "Expert map changes made by rebalancing",
+                                  tag_keys=("model", "pool"))
         self._last: dict[str, dict[str, Any]] = {}
+        self._rebalances = 0
 
-    def sample(self, workers: list[dict[str, Any]]) -> None:
+    def sample(self, workers: list[dict[str, Any]], rebalances: int = 0) -> None:
+        """Counters by their increase since the last sample; the imbalance of the rows in between."""
+        if rebalances > self._rebalances:
+            self.rebalances.inc(rebalances - self._rebalances, self.tags)
+            self._rebalances = rebalances
+        layer_rows = self.layer_rows(workers)
+        if layer_rows and any(map(any, layer_rows)):
+            self.imbalance.set(imbalance(layer_rows), self.tags)
         for stats in workers:
             if "rows" not in stats:
                 continue  # a worker that did not answer
@@ -114,3 +138,17 @@ class PoolMetrics:
             if new["calls"] > 0:
                 self.rows_per_call.set(new["rows"] / new["calls"], tags)
             self._last[worker] = stats
+
+    def layer_rows(self, workers: list[dict[str, Any]]) -> list[list[int]]:
+        """[layer][worker] rows computed since the last sample, from each worker's rows per [layer][expert] (a
+        replaced worker counts from zero); read before ``sample`` moves its baseline."""
+        answered = [s for s in workers if "rows_per_expert" in s]
+        if not answered:
+            return []
+        out = [[0] * len(answered) for _ in answered[0]["rows_per_expert"]]
+        for i, stats in enumerate(answered):
+            last = self._last.get(str(stats["worker_index"]))
+            before = last.get("rows_per_expert") if last and last.get("generation") == stats["generation"] else None
+            for layer, row in enumerate(stats["rows_per_expert"]):
+                out[layer][i] = sum(row) - (sum(before[layer]) if before else 0)
+        return out

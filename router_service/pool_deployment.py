@@ -18,7 +18,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.pool_api import PoolView
+from cluster.pool_api import VERSION_TIMEOUT_S, PoolView
 from router_service.metrics import PoolMetrics
 from router_service.settings import AppSettings
 from workers.placement import use_gpus, worker_bundle
@@ -45,7 +45,7 @@ class ExpertPoolDeployment:
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
             with contextlib.suppress(Exception):
-                self.metrics.sample(await self.pool.worker_stats())
+                self.metrics.sample(await self.pool.worker_stats(), len(self.pool.rebalances))
 
     async def attach(self, coordinator_id: str) -> PoolView:
         return await self.pool.attach(coordinator_id)
@@ -55,6 +55,16 @@ class ExpertPoolDeployment:
 
     async def detach(self, coordinator_id: str) -> None:
         await self.pool.detach(coordinator_id)
+
+    async def view(self) -> PoolView:
+        return self.pool.view()
+
+    async def map_version(self) -> int:
+        return self.pool.map_version()
+
+    async def rebalance(self, force: bool = False, placement: list[list[list[int]]] | None = None
+                        ) -> dict[str, Any]:
+        return await self.pool.rebalance(force, placement)
 
     async def describe(self) -> dict[str, Any]:
         return await self.pool.describe()
@@ -86,15 +96,20 @@ class ServePool:
     def detach(self, coordinator_id: str) -> None:
         self.handle.detach.remote(coordinator_id).result(timeout_s=self.timeout_s)
 
+    def view(self) -> PoolView:
+        view: PoolView = self.handle.view.remote().result(timeout_s=self.timeout_s)
+        return view
+
+    def map_version(self) -> int:
+        return int(self.handle.map_version.remote().result(timeout_s=VERSION_TIMEOUT_S))
+
 
 def pool_deployment_options(settings: AppSettings) -> dict[str, Any]:
     """One replica; its placement group: the replica, then one bundle per expert worker."""
     from cluster.config import ModelConfig
-    from cluster.moe import ExpertMap
 
     pool_cfg = settings.pool_config()
-    workers = ExpertMap.contiguous(ModelConfig.from_file(settings.model).num_experts,
-                                   pool_cfg.experts_per_worker).num_workers
+    workers = -(-ModelConfig.from_file(settings.model).num_experts // pool_cfg.experts_per_worker)
     gpus = use_gpus(pool_cfg.use_gpus) if ray.is_initialized() else bool(pool_cfg.use_gpus)
     return {"num_replicas": 1, "max_ongoing_requests": 1000, "health_check_period_s": 10.0,
             "ray_actor_options": {"num_cpus": POOL_MANAGER_CPUS},

@@ -57,6 +57,10 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         app_args["drain_timeout_s"] = args.drain_timeout
     if args.experts_per_worker:
         app_args.setdefault("pool_options", {})["experts_per_worker"] = args.experts_per_worker
+    if args.redundant_experts is not None:
+        app_args.setdefault("pool_options", {})["redundant_experts"] = args.redundant_experts
+    if args.rebalance_interval_s is not None:
+        app_args.setdefault("pool_options", {})["rebalance_interval_s"] = args.rebalance_interval_s
     if args.api_key:
         app_args["api_key_env"] = "MOE_CLUSTER_API_KEY"
     elif args.api_key_env:

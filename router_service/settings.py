@@ -28,6 +28,7 @@ class AppSettings:
     max_queued_requests: int = 512  # per ingress handle: beyond this a request gets 429
     max_request_bytes: int = 1 << 20  # request bodies above this are refused (413)
     request_timeout_s: float = 600.0  # default per-request deadline
+    max_resumes: int = 2  # times the ingress resumes a request on another engine replica after its replica died
     # Shutdown (Ctrl-C, a redeploy): running requests get this long to finish; those still running then end
     # with a retryable "the server is shutting down" error (HTTP 503, gRPC UNAVAILABLE). The deployments'
     # graceful_shutdown_timeout_s are derived from it (engine_grace_s, ingress_grace_s).
@@ -48,6 +49,8 @@ class AppSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.max_resumes, bool) or not isinstance(self.max_resumes, int) or self.max_resumes < 0:
+            raise ValueError(f"max_resumes must be an integer >= 0 (0: never resume), got {self.max_resumes!r}")
         if not isinstance(self.request_timeout_s, (int, float)) or self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be a positive number, got {self.request_timeout_s!r}")
         if isinstance(self.drain_timeout_s, bool) or not isinstance(self.drain_timeout_s, (int, float)) \

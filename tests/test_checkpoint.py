@@ -24,7 +24,7 @@ def test_expert_role_reads_only_its_experts_and_their_shards(hf_small: HFCheckpo
     cfg = ModelConfig.from_file(hf_small.path)
     ckpt = Checkpoint(hf_small.path)
     experts = load_expert_weights(ckpt, cfg, [5, 2], torch.float32, progress=False)
-    assert experts.expert_ids == (5, 2)
+    assert experts.layer_experts == ((5, 2),) * cfg.num_layers
     hf_experts = hf_small.model.model.layers[1].mlp.experts
     # Local id 0 is global expert 5: w13 = [w1; w3] = transformers' fused gate_up_proj.
     assert torch.equal(experts.w13[1][0], hf_experts.gate_up_proj[5])

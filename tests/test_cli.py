@@ -62,7 +62,7 @@ def test_transformers_loads_the_demo_checkpoint(demo_dir: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (("generate", "--model", "/no/such/dir", "--prompt", "x"), "model directory '/no/such/dir' does not exist"),
     (("generate", "--prompt", "x"), "--model DIR is required"),
-    (("generate", "--model", ".", "--prompt", "x", "--max-tokens", "0"), "expected a positive integer, got 0"),
+    (("generate", "--model", ".", "--prompt", "x", "--max-tokens", "0"), "expected an integer >= 1, got 0"),
     (("generate", "--model", ".", "--prompt", "x", "--bogus"), "unrecognized arguments: --bogus"),
     (("frobnicate",), "invalid choice: 'frobnicate'"),
     (("generate", "--grpc", "127.0.0.1:1", "--prompt", "x", "--api-key-env", "NO_SUCH_KEY_VAR"),
@@ -102,7 +102,7 @@ def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
     return {"moe-cluster": parser} | dict(sub.choices)
 
 
-@pytest.mark.parametrize("command", ["moe-cluster", "init-demo", "generate", "serve"])
+@pytest.mark.parametrize("command", ["moe-cluster", "init-demo", "generate", "serve", "expert-load"])
 def test_every_option_says_what_it_does_and_its_default(command: str) -> None:
     parser = subcommand_parsers()[command]
     text = parser.format_help()

@@ -39,21 +39,35 @@ def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Pop
     return proc, lines
 
 
-def test_serve_prints_urls_answers_and_drains_on_sigterm(demo_dir: Path) -> None:
+def test_serve_with_a_config_file_prints_urls_answers_and_drains_on_sigterm(demo_dir: Path, tmp_path: Path
+                                                                            ) -> None:
+    """One server (they take a while to start) for the whole life cycle: a serve.yaml of the user's with the flags
+    on top, the ready lines, the API key, answers, then SIGTERM drains a running request and frees the ports."""
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    app_args = config["applications"][0]["args"]
+    app_args.update(model=str(demo_dir), served_model_name="from-config", engine="local")
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
     http, grpc_port, metrics = free_port(), free_port(), free_port()
-    proc, lines = start("--model", str(demo_dir), "--engine", "local", "--http-port", str(http), "--grpc-port",
-                        str(grpc_port), "--metrics-port", str(metrics))
+    key = secrets.token_hex(16)
+    proc, lines = start("--config", str(path), "--http-port", str(http), "--grpc-port", str(grpc_port),
+                        "--metrics-port", str(metrics), "--api-key-env", "TEST_SERVE_KEY",
+                        env={"TEST_SERVE_KEY": key})
+    auth = {"Authorization": f"Bearer {key}"}
     try:
-        assert f"HTTP (OpenAI API): http://127.0.0.1:{http}/v1  (model '{demo_dir.name}')" in lines
+        assert f"HTTP (OpenAI API): http://127.0.0.1:{http}/v1  (model 'from-config')" in lines
         assert f"gRPC (moe_cluster.v1.GenerationService): 127.0.0.1:{grpc_port}" in lines
         base = f"http://127.0.0.1:{http}"
-        quick = httpx.post(f"{base}/v1/completions", timeout=60,
-                           json={"model": demo_dir.name, "prompt": "Hello", "max_tokens": 4})
+        assert httpx.get(f"{base}/v1/models", timeout=60).status_code == 401
+        models = httpx.get(f"{base}/v1/models", timeout=60, headers=auth).json()
+        assert [m["id"] for m in models["data"]] == ["from-config"]
+        quick = httpx.post(f"{base}/v1/completions", timeout=60, headers=auth,
+                           json={"model": "from-config", "prompt": "Hello", "max_tokens": 4})
         assert quick.status_code == 200
         in_flight: dict[str, httpx.Response] = {}
-        body = {"model": demo_dir.name, "prompt": "Hello", "max_tokens": 300, "ignore_eos": True}
+        body = {"model": "from-config", "prompt": "Hello", "max_tokens": 300, "ignore_eos": True}
         request = threading.Thread(target=lambda: in_flight.setdefault(
-            "r", httpx.post(f"{base}/v1/completions", json=body, timeout=120)))
+            "r", httpx.post(f"{base}/v1/completions", json=body, headers=auth, timeout=120)))
         request.start()
         time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
@@ -72,27 +86,6 @@ def test_serve_prints_urls_answers_and_drains_on_sigterm(demo_dir: Path) -> None
             raise AssertionError(f"port {port} still answers")
         except httpx.TransportError:
             pass
-
-
-def test_serve_with_a_config_file(demo_dir: Path, tmp_path: Path) -> None:
-    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    app_args = config["applications"][0]["args"]
-    app_args.update(model=str(demo_dir), served_model_name="from-config", engine="local")
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(config))
-    http = free_port()
-    key = secrets.token_hex(16)
-    proc, _ = start("--config", str(path), "--http-port", str(http), "--grpc-port", str(free_port()),
-                    "--metrics-port", str(free_port()), "--api-key-env", "TEST_SERVE_KEY",
-                    env={"TEST_SERVE_KEY": key})
-    try:
-        url = f"http://127.0.0.1:{http}/v1/models"
-        assert httpx.get(url, timeout=60).status_code == 401
-        models = httpx.get(url, timeout=60, headers={"Authorization": f"Bearer {key}"}).json()
-        assert [m["id"] for m in models["data"]] == ["from-config"]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0
 
 
 def test_api_key_env_must_be_set(demo_dir: Path) -> None:

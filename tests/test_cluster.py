@@ -153,19 +153,55 @@ def test_rows_of_two_coordinators_merge_into_one_expert_call(
             engine.shutdown()
 
 
-def test_one_expert_per_worker_and_uneven_workers(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]]
+@pytest.mark.parametrize("micro_batches", [1, 2, 3])
+def test_micro_batches_equal_the_serial_schedule(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]],
+                                                 pool2: Any, micro_batches: int) -> None:
+    """A step split into 1, 2 or 3 pipelined micro-batches gives the local engine's tokens, with prefill chunked
+    (16 tokens a step), a sliding window (8) and a KV cache too small for all sequences at once (preemption)."""
+    ckpt, _ = parity_models[E8]
+    cfg = parity_models[E8][1].engine.engine_cfg.with_(max_num_batched_tokens=16, num_kv_blocks=12)
+    local = LocalEngine.from_config(cfg)
+    cluster = ClusterEngine.start(cfg, cluster_config(micro_batches=micro_batches), pool=pool2)
+    try:
+        assert_same_outputs(cluster, local, ckpt.config["vocab_size"], seed=500 + micro_batches)
+        assert cluster.stats().num_preemptions > 0 and local.stats().num_preemptions > 0
+    finally:
+        cluster.shutdown()
+        local.shutdown()
+
+
+def test_one_expert_per_worker_two_coordinators_at_once(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]]
                                                   ) -> None:
+    """One expert per worker, with 1 KiB link slots so that most messages (and their results) travel in buffers
+    of their own, two coordinators at once."""
     ckpt, local = parity_models[E4]
-    pool = start_pool(local.engine.engine_cfg, pool_config(experts_per_worker=1))
+    pool = start_pool(local.engine.engine_cfg, pool_config(experts_per_worker=1, link_slot_bytes=1024))
     engines = [ClusterEngine.start(local.engine.engine_cfg, cluster_config(), pool=pool) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def check(engine: ClusterEngine, seed: int) -> None:
+        try:
+            assert_same_outputs(engine, local, ckpt.config["vocab_size"], seed)
+        except BaseException as err:
+            errors.append(err)
+
     try:
         assert len(ray.get(pool.describe.remote())["workers"]) == 4
-        for engine in engines:
-            assert_same_outputs(engine, local, ckpt.config["vocab_size"])
+        running = [threading.Thread(target=check, args=(engine, 100 + i)) for i, engine in enumerate(engines)]
+        for thread in running:
+            thread.start()
+        for thread in running:
+            thread.join()
+        assert not errors, errors
     finally:
         for engine in engines:
             engine.shutdown()
         stop_pool(pool)
+
+
+@pytest.mark.slow
+def test_workers_hosting_unequal_numbers_of_experts(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]]
+                                                    ) -> None:
     ckpt, local = parity_models[E8]
     uneven = ClusterEngine.start(local.engine.engine_cfg, cluster_config(), pool_config(experts_per_worker=3))
     try:  # experts [0, 1, 2], [3, 4, 5], [6, 7]
@@ -197,6 +233,7 @@ def test_bad_request_through_the_cluster_is_a_value_error(
         cluster.shutdown()
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_generation_fails_requests_naming_it(hf_small: HFCheckpoint) -> None:
     """With recovery off, a dead worker fails the running requests with an error naming it, at once."""
     before = held()

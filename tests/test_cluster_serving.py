@@ -15,7 +15,7 @@ from cluster.sampling import SamplingParams
 from tests.conftest import cluster_config, pool_config
 from workers.cluster_engine import ClusterEngine
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 NUM_BLOCKS = 24  # 24 blocks of 8 tokens: far less than 64 requests need at once
 
 

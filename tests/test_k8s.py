@@ -704,6 +704,7 @@ def ray_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process cleanup reads /proc")
 def test_cpu_demo_serve_config_deploys_with_serve_deploy_and_answers_http_and_grpc(ray_dir: Path) -> None:
     from cluster.demo import init_demo

@@ -48,8 +48,8 @@ def test_local_grouped_moe_matches_reference(dtype: torch.dtype) -> None:
     block = hf_block(8, 2, seed=3)
     w1, w2, w3 = ([t.to(dtype) for t in ws] for ws in split_weights(block))
     gate = block.gate.weight.detach().to(dtype)
-    experts = LocalExperts(tuple(range(8)), [torch.stack([torch.cat([a, c]) for a, c in zip(w1, w3, strict=True)])],
-                           [torch.stack(w2)])
+    experts = LocalExperts((tuple(range(8)),),
+                           [torch.stack([torch.cat([a, c]) for a, c in zip(w1, w3, strict=True)])], [torch.stack(w2)])
     moe = LocalMoE(experts, num_experts=8, top_k=2)
     x = torch.randn(50, 32).to(dtype)
     expected = reference_moe(x, gate, w1, w2, w3, 2)
@@ -63,15 +63,16 @@ def test_dispatch_plan_groups_rows_by_worker_then_expert(tokens: int, top_k: int
     num_experts = 8
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(num_experts, generator=gen).tolist()
-    expert_map = ExpertMap(tuple(tuple(perm[w::workers]) for w in range(min(workers, num_experts))), num_experts)
+    expert_map = ExpertMap((tuple(tuple(perm[w::workers]) for w in range(min(workers, num_experts))),), num_experts)
     logits = torch.randn(tokens, num_experts, generator=gen)
     weights, ids = torch.softmax(logits, -1).topk(top_k, dim=-1)
-    plan = plan_dispatch(weights, ids, expert_map.dispatch_rank)
+    slots = expert_map.slots(0)
+    plan = plan_dispatch(weights, ids, slots)
     # Every (token, slot) assignment appears exactly once, with its own weight.
     assert sorted(plan.row_token.tolist()) == sorted(t for t in range(tokens) for _ in range(top_k))
-    assert len(plan.rows_per_expert) == num_experts and sum(plan.rows_per_expert) == tokens * top_k
+    assert len(plan.rows_per_slot) == num_experts and sum(plan.rows_per_slot) == tokens * top_k
     start = 0
-    for expert, count in zip(expert_map.dispatch_order, plan.rows_per_expert, strict=True):
+    for expert, count in zip(slots.slot_expert.tolist(), plan.rows_per_slot, strict=True):
         rows = plan.row_token[start:start + count]
         assert rows.tolist() == sorted(rows.tolist())  # token order kept inside an expert
         for r, token in enumerate(rows.tolist()):
@@ -81,12 +82,16 @@ def test_dispatch_plan_groups_rows_by_worker_then_expert(tokens: int, top_k: int
 
 
 def test_expert_map_validation() -> None:
-    assert ExpertMap.contiguous(8, 3).workers == ((0, 1, 2), (3, 4, 5), (6, 7))
-    assert ExpertMap.contiguous(8, 8).num_workers == 1
-    with pytest.raises(ValueError, match="exactly once"):
-        ExpertMap(((0, 1), (1, 2)), 3)
+    assert ExpertMap.contiguous(8, 3, num_layers=2).layers == (((0, 1, 2), (3, 4, 5), (6, 7)),) * 2
+    assert ExpertMap.contiguous(8, 8, num_layers=1).num_workers == 1
+    with pytest.raises(ValueError, match="at least once"):
+        ExpertMap((((0, 1), (1, 0)),), 3)
+    with pytest.raises(ValueError, match="hosts an expert twice on one worker"):
+        ExpertMap((((0, 1, 1), (2,)),), 3)
+    with pytest.raises(ValueError, match="layer 1 has 1 workers, layer 0 has 2"):
+        ExpertMap((((0,), (1,)), ((0, 1),)), 2)
     with pytest.raises(ValueError, match="experts_per_worker must be an integer in"):
-        ExpertMap.contiguous(8, 9)
+        ExpertMap.contiguous(8, 9, num_layers=1)
 
 
 def test_route_renormalises_top_k_in_float32() -> None:

@@ -33,6 +33,7 @@ def two_nodes() -> Iterator[Cluster]:
     cluster.shutdown()
 
 
+@pytest.mark.slow
 def test_workers_and_coordinators_spread_over_nodes(two_nodes: Cluster, hf_small: HFCheckpoint) -> None:
     engine_cfg = EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=128, block_size=8)
     pool = start_pool(engine_cfg, pool_config(experts_per_worker=1, use_gpus=True, placement_strategy="SPREAD"))

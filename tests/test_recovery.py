@@ -120,6 +120,7 @@ def test_worker_killed_during_16_generations_over_2_coordinators(pair: Pair) -> 
           f"coordinators' recovery: {[round(e.stats().last_recovery_seconds, 2) for e in pair.engines]}s")
 
 
+@pytest.mark.slow
 def test_worker_killed_twice_in_a_row(pair: Pair) -> None:
     prompts, params = workload()
     baseline = [tokens(outs) for outs in run_streams(pair.engines, prompts, params)]
@@ -136,6 +137,7 @@ def test_worker_killed_twice_in_a_row(pair: Pair) -> None:
     assert_once_and_equal(got, baseline, params)
 
 
+@pytest.mark.slow
 def test_worker_killed_while_idle_then_requests_during_recovery(pair: Pair) -> None:
     prompts, params = workload(4)
     engine = pair.engines[0]

@@ -15,6 +15,7 @@ from router_service.settings import AppSettings
     ({"num_engines": 0}, ("num_engines", "0")),
     ({"max_ongoing_requests": True}, ("max_ongoing_requests", "True")),
     ({"request_timeout_s": -1}, ("request_timeout_s", "-1")),
+    ({"max_resumes": -1}, ("max_resumes", "-1")),
     ({"stream_interval_ms": 5000}, ("stream_interval_ms", "5000")),
     ({"stream_chunks_per_s": -3}, ("stream_chunks_per_s", "-3")),
     ({"engine_options": {"max_num_seqs": 0}}, ("max_num_seqs", "0")),

@@ -160,6 +160,7 @@ def test_ctrl_c_with_requests_longer_than_the_drain_deadline(demo_dir: Path) -> 
     assert exited < DRAIN_S + 30, exited
 
 
+@pytest.mark.slow
 def test_without_the_drain_call_a_killed_engine_is_still_a_clean_503(demo_dir: Path) -> None:
     """Shutdown started by Serve alone (``serve.delete``, a redeploy): nothing tells the engines to drain, and
     Serve kills an engine replica at its grace period with requests running; the ingress outlives it and

@@ -5,6 +5,10 @@ Rows of one layer that are waiting from several coordinators (or from several mi
 into one grouped expert call and the results split back to their senders: every expert then runs once on the
 rows of all of them, which is the point of sharing one pool between many coordinators.
 
+Expert-map versions (live rebalancing, workers/pool.py): every message names the map its sender uses, and rows
+run on that map's weights (only rows of one version merge). The loop tells its ``Experts`` the oldest version any
+link may still send, so that older weights are freed once every link has moved on.
+
 Shape legend: R rows of one message, H hidden, L local expert slots, M messages merged into one call.
 """
 
@@ -15,17 +19,34 @@ import logging
 import os
 import selectors
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from cluster.exchange import OP_BYE, OP_WORK, LinkClosed, LinkSpec, Message, ShmWorkerEnd, WorkerEnd, listen
+from cluster.exchange import OP_BYE, OP_WORK, LinkClosed, LinkSpec, Message, WorkerEnd
+from cluster.shm_link import ShmWorkerEnd, listen
 
 log = logging.getLogger("moe_cluster.worker")
-# (layer, rows grouped by local slot (R, H), rows per local slot (L,)) -> expert outputs (R, H)
-RunExperts = Callable[[int, Tensor, list[int]], Tensor]
+
+
+class Experts(Protocol):
+    """The weights the loop runs rows on, by expert-map version (workers/expert_worker.py's VersionedExperts)."""
+
+    @property
+    def latest(self) -> int:
+        """The newest map version these weights are ready for (announced in every result)."""
+        ...
+
+    def holds(self, version: int) -> bool: ...
+
+    def run(self, version: int, layer: int, rows: Tensor, counts: list[int]) -> Tensor:
+        """rows (R, H) grouped by local slot of ``version``'s map, rows per slot (L,) -> expert outputs (R, H)."""
+        ...
+
+    def in_use(self, oldest: int | None) -> None:
+        """The oldest version a link may still send (None: a link has not said yet)."""
 
 
 @dataclass
@@ -39,13 +60,11 @@ class LoopStats:
     compute_cpu_s: float = 0.0  # ... of which this thread was on a core (the rest: waiting for one)
     links_opened: int = 0
     links_closed: int = 0
-    rows_per_slot: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, local slot) -> rows
 
     def snapshot(self) -> dict[str, object]:
         return {"messages": self.messages, "calls": self.calls, "rows": self.rows, "compute_s": self.compute_s,
                 "compute_cpu_s": self.compute_cpu_s,
-                "links_opened": self.links_opened, "links_closed": self.links_closed,
-                "rows_per_slot": dict(self.rows_per_slot)}
+                "links_opened": self.links_opened, "links_closed": self.links_closed}
 
 
 def merge_messages(messages: list[Message]) -> tuple[Tensor, list[int], Tensor]:
@@ -65,14 +84,13 @@ def merge_messages(messages: list[Message]) -> tuple[Tensor, list[int], Tensor]:
 class ExpertLoop:
     """Owns the links of one worker. ``run`` blocks until ``stop`` (called from another thread)."""
 
-    def __init__(self, address: str, spec: LinkSpec, run_experts: RunExperts, version: Callable[[], int],
-                 num_layers: int, merge_wait_s: float) -> None:
+    def __init__(self, address: str, spec: LinkSpec, experts: Experts, num_layers: int, merge_wait_s: float) -> None:
         self.spec = spec
-        self.run_experts = run_experts
-        self.version = version
+        self.experts = experts
         self.num_layers = num_layers
         self.merge_wait_s = merge_wait_s
         self._last_layer: dict[WorkerEnd, tuple[int, float]] = {}  # link -> (layer of its last work, when)
+        self._link_version: dict[WorkerEnd, int] = {}  # link -> map version of its last message
         self.stats = LoopStats()
         self.links: dict[int, WorkerEnd] = {}  # by file descriptor
         self._selector = selectors.DefaultSelector()
@@ -168,11 +186,13 @@ class ExpertLoop:
         self._last_layer.pop(end, None)
         if self.links.pop(fd, None) is None:
             return
+        self._link_version.pop(end, None)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(fd)
         end.close()
         self.stats.links_closed += 1
         log.info("link closed (%s): %s; %d links", end.kind, why, len(self.links))
+        self._report_versions()
 
     def _read(self, end: WorkerEnd) -> list[Message]:
         try:
@@ -182,25 +202,43 @@ class ExpertLoop:
             return []
         if any(m.op == OP_BYE for m in messages):
             self._drop(end, "the coordinator detached")
+        elif messages and self._link_version.get(end) != messages[-1].header.version:
+            self._link_version[end] = messages[-1].header.version  # work and heartbeats both say it
+            self._report_versions()
         return [m for m in messages if m.op == OP_WORK]
 
+    def _report_versions(self) -> None:
+        """Tell the experts the oldest map version a link may still send: None while a link has sent nothing yet
+        (it might send any), the newest when there are no links."""
+        known = [self._link_version[end] for end in self.links.values() if end in self._link_version]
+        if len(known) < len(self.links):
+            self.experts.in_use(None)
+        else:
+            self.experts.in_use(min(known, default=self.experts.latest))
+
     def _serve(self, work: list[tuple[WorkerEnd, Message]]) -> None:
-        """Run the waiting work layer by layer (oldest layer group first), merging each layer's messages."""
-        by_layer: dict[int, list[tuple[WorkerEnd, Message]]] = {}
+        """Run the waiting work layer by layer (oldest layer group first), merging each layer's messages of one
+        map version."""
+        groups: dict[tuple[int, int], list[tuple[WorkerEnd, Message]]] = {}  # (layer, version) -> work
         for item in work:
-            by_layer.setdefault(item[1].layer, []).append(item)
-        version = self.version()
-        for layer, items in by_layer.items():
+            groups.setdefault((item[1].layer, item[1].header.version), []).append(item)
+        latest = self.experts.latest
+        for (layer, version), items in groups.items():
+            if not self.experts.holds(version):  # cannot happen by the pool's protocol; never guess weights
+                for end, _ in items:
+                    self._drop(end, f"its work uses expert map version {version}, which this worker does not "
+                                    f"hold (newest: {latest})")
+                continue
             messages = [m for _, m in items]
             started_ns, cpu_started = time.monotonic_ns(), time.thread_time()
             if len(messages) == 1:
                 counts = messages[0].counts
                 assert messages[0].rows is not None
-                outs = [self.run_experts(layer, messages[0].rows, counts)]
+                outs = [self.experts.run(version, layer, messages[0].rows, counts)]
                 slot_rows = counts
             else:
                 rows, slot_rows, order = merge_messages(messages)
-                merged = self.run_experts(layer, rows, slot_rows)
+                merged = self.experts.run(version, layer, rows, slot_rows)
                 unmerged = torch.empty_like(merged)
                 unmerged[order] = merged
                 outs = list(unmerged.split([sum(m.counts) for m in messages]))
@@ -208,15 +246,12 @@ class ExpertLoop:
             self.stats.compute_cpu_s += time.thread_time() - cpu_started
             self.stats.calls += 1
             self.stats.messages += len(messages)
-            for slot, n in enumerate(slot_rows):
-                if n:
-                    self.stats.rows_per_slot[(layer, slot)] = self.stats.rows_per_slot.get((layer, slot), 0) + n
-                    self.stats.rows += n
+            self.stats.rows += sum(slot_rows)
             for (end, message), out in zip(items, outs, strict=True):
                 if end.fileno() not in self.links:
                     continue  # the link closed meanwhile
                 try:
-                    end.send_result(message, version, out, started_ns)
+                    end.send_result(message, latest, out, started_ns)
                 except LinkClosed as err:
                     self._drop(end, str(err))
 

@@ -1,9 +1,10 @@
-"""ExpertWorker: a Ray actor holding some experts' w1/w2/w3 for every layer, pinned to its own GPU when the
+"""ExpertWorker: a Ray actor holding some experts' w1/w2/w3 in each layer, pinned to its own GPU when the
 pool has GPUs. After ``start`` it is driven only by its links (workers/expert_loop.py): no Ray call per step and
-none per layer; Ray calls are for the pool (start, ping, stats) and for setting up process-group links.
+none per layer; Ray calls are for the pool (start, ping, stats, rebalancing) and for setting up process-group links.
 
-Global vs local expert ids: ``expert_ids[j]`` is the global id of local expert slot j; rows arrive grouped by
-local slot, with ``counts[j]`` rows for slot j.
+Global vs local expert ids: ``layer_experts[layer][j]`` is the global id of local expert slot j of that layer (of
+the expert map version the worker started with; ``prepare`` loads another version's next to it); rows arrive
+grouped by local slot, with ``counts[j]`` rows for slot j.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import ray
 import torch
 import torch.distributed as dist
 
-from cluster.checkpoint import Checkpoint, load_expert_weights
+from cluster.checkpoint import Checkpoint, load_layer_experts
 from cluster.config import ModelConfig
 from cluster.engine_config import EngineConfig
 from cluster.errors import first_line
-from cluster.exchange import LinkSpec, PgWorkerEnd, pair_group
+from cluster.exchange import LinkSpec
 from cluster.loader import engine_dtype
-from cluster.moe import LocalExperts
+from cluster.pg_link import PgWorkerEnd, pair_group
 from workers.expert_loop import ExpertLoop, pick_address
+from workers.versioned_experts import VersionedExperts
 
 log = logging.getLogger("moe_cluster.worker")
 
@@ -40,14 +42,18 @@ def actor_device() -> torch.device:
 
 class ExpertWorker:
     """The weights load on a thread of their own while Ray calls are answered; then the loop runs on a daemon
-    thread (a process ending must never wait for it), the only one issuing torch ops from there on."""
+    thread (a process ending must never wait for it), the only one running experts; a rebalance's weights load on
+    the Ray call's thread meanwhile (``prepare``)."""
 
-    def __init__(self, engine_cfg: EngineConfig, expert_ids: tuple[int, ...], worker_index: int, generation: int,
-                 pool_id: str, threads: int, spec: LinkSpec, merge_wait_s: float) -> None:
+    def __init__(self, engine_cfg: EngineConfig, map_version: int, layer_experts: tuple[tuple[int, ...], ...],
+                 worker_index: int, generation: int, pool_id: str, threads: int, spec: LinkSpec,
+                 merge_wait_s: float) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.worker_index = worker_index
         self.generation = generation
-        self.expert_ids = tuple(expert_ids)
+        self.engine_cfg = engine_cfg
+        self.map_version = map_version
+        self.layer_experts = tuple(tuple(ids) for ids in layer_experts)
         self.spec = spec
         self.merge_wait_s = merge_wait_s
         self.threads = threads
@@ -63,25 +69,23 @@ class ExpertWorker:
         torch.set_num_threads(threads)
         started = time.perf_counter()
         model_cfg = ModelConfig.from_file(engine_cfg.model)
+        self.model_cfg = model_cfg
         self.num_layers = model_cfg.num_layers
         self.device = actor_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         ckpt = Checkpoint(engine_cfg.model)
-        self.experts: LocalExperts = load_expert_weights(ckpt, model_cfg, self.expert_ids,
-                                                         engine_dtype(model_cfg, engine_cfg), self.device,
-                                                         progress=False)
+        experts = load_layer_experts(ckpt, model_cfg, self.layer_experts, engine_dtype(model_cfg, engine_cfg),
+                                     self.device, progress=False)
+        self.experts = VersionedExperts(self.map_version, experts, model_cfg.num_experts, self.device,
+                                        self.worker_index)
         self.files_opened = list(ckpt.files_opened)
         self.load_seconds = time.perf_counter() - started
-        log.info("expert worker %d loaded experts %s on %s in %.1fs", self.worker_index, list(self.expert_ids),
-                 self.device, self.load_seconds)
+        log.info("expert worker %d loaded experts %s (map version %d) on %s in %.1fs", self.worker_index,
+                 self.hosted(), self.map_version, self.device, self.load_seconds)
 
-    def _run_experts(self, layer: int, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        rows = rows.to(self.device, non_blocking=True)
-        out = self.experts.run_grouped(layer, rows, torch.tensor(counts[: self.experts.n_local_experts]))
-        if out.is_cuda:
-            torch.cuda.synchronize()
-        return out
+    def hosted(self) -> list[int]:
+        return sorted({e for ids in self.layer_experts for e in ids})
 
     # ------------------------------------------------------------------------------------------ Ray methods
 
@@ -89,12 +93,11 @@ class ExpertWorker:
         """Wait for the weights (re-raises a failed load), start the loop, and say where it listens."""
         self._loaded.result()
         if self.loop is None:
-            self.loop = ExpertLoop(self.address, self.spec, self._run_experts, lambda: 0, self.num_layers,
-                                   self.merge_wait_s)
+            self.loop = ExpertLoop(self.address, self.spec, self.experts, self.num_layers, self.merge_wait_s)
             self._running = threading.Thread(target=self._run_loop, name=f"expert-loop-{self.worker_index}",
                                              daemon=True)
             self._running.start()
-        return {"worker_index": self.worker_index, "experts": list(self.expert_ids), "address": self.address,
+        return {"worker_index": self.worker_index, "experts": self.hosted(), "address": self.address,
                 "node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "device": str(self.device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "files_opened": self.files_opened, "load_seconds": self.load_seconds}
@@ -122,8 +125,39 @@ class ExpertWorker:
         return {"loop_alive": alive, "error": self.loop_error, "links": len(self.loop.links) if self.loop else 0}
 
     def stats(self) -> dict[str, Any]:
-        return {"worker_index": self.worker_index, "generation": self.generation,
-                **(self.loop.stats.snapshot() if self.loop else {})}
+        """Loop statistics, the map versions held, and the rows computed per [layer][global expert]."""
+        if self.loop is None:
+            return {"worker_index": self.worker_index, "generation": self.generation}
+        return {"worker_index": self.worker_index, "generation": self.generation, **self.loop.stats.snapshot(),
+                **self.experts.snapshot()}
+
+    # ----------------------------------------------------------------------------------------- rebalancing
+
+    def prepare(self, version: int, layer_experts: tuple[tuple[int, ...], ...]) -> dict[str, Any]:
+        """Load map ``version``'s experts next to the ones being served: what this worker already holds is
+        reused, only the rest is read from the checkpoint (only its shards). Serving goes on meanwhile."""
+        self._loaded.result()
+        started = time.perf_counter()
+        ckpt = Checkpoint(self.engine_cfg.model)
+        current = self.experts.get(self.experts.latest)
+        experts = load_layer_experts(ckpt, self.model_cfg, layer_experts, engine_dtype(self.model_cfg,
+                                     self.engine_cfg), self.device, progress=False, have=current)
+        self.experts.add(version, experts)
+        held = {(layer, e) for layer, ids in enumerate(current.layer_experts) for e in ids}
+        read = sum(1 for layer, ids in enumerate(layer_experts) for e in ids if (layer, e) not in held)
+        seconds = time.perf_counter() - started
+        log.info("expert worker %d: map version %d ready in %.2fs (%d expert-layers read from %s, the rest "
+                 "reused)", self.worker_index, version, seconds, read, sorted(set(ckpt.files_opened)) or "no file")
+        return {"worker_index": self.worker_index, "read": read, "files_opened": list(ckpt.files_opened),
+                "seconds": seconds}
+
+    def commit(self, version: int, layer_experts: tuple[tuple[int, ...], ...]) -> None:
+        """Serve ``version`` from now on (announced in results); older weights go once no link uses them."""
+        self.experts.commit(version)
+        self.map_version, self.layer_experts = version, tuple(tuple(ids) for ids in layer_experts)
+
+    def discard(self, version: int) -> None:
+        self.experts.discard(version)
 
     def stop(self) -> None:
         if self.loop is not None:

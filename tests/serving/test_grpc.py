@@ -175,6 +175,7 @@ def _greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
+@pytest.mark.slow
 def test_cli_generate_over_grpc(served: Served, client: GenerationClient) -> None:
     import json
     import subprocess
