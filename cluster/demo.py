@@ -12,6 +12,7 @@ expert load balancing has something to balance; Z = 0 writes exactly the unskewe
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -54,15 +55,18 @@ def demo_config(vocab_size: int) -> ModelConfig:
                        tie_word_embeddings=False, dtype="float32", bos_token_id=1, eos_token_ids=(2,))
 
 
-def build_tokenizer(vocab_size: int = 1024) -> Tokenizer:
-    """Mistral-style tokenizer: BPE with byte fallback over "\u2581"-joined text, <s> prepended."""
+def build_tokenizer(vocab_size: int = 1024, corpus: Iterable[str] | None = None) -> Tokenizer:
+    """Mistral-style tokenizer: BPE with byte fallback over "\u2581"-joined text, <s> prepended.
+
+    ``corpus`` (lines of text) is what the merges are learned from; the built-in CORPUS when omitted.
+    """
     base = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(BYTE_TOKENS), special_tokens=SPECIAL_TOKENS,
                                   show_progress=False)
     pre = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
     draft = Tokenizer(models.BPE(unk_token="<unk>"))
     draft.pre_tokenizer = pre
-    draft.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    draft.train_from_iterator(CORPUS.splitlines() if corpus is None else corpus, trainer=trainer)
     learned = json.loads(draft.to_str())["model"]
     # Final vocabulary: specials, then the 256 byte tokens (as in Mistral), then the learned pieces.
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + BYTE_TOKENS)}
@@ -152,11 +156,15 @@ def hot_experts(cfg: ModelConfig, seed: int) -> list[list[int]]:
     return _skew_plan(cfg, seed)[1]
 
 
-def write_checkpoint(directory: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], shards: int) -> None:
-    """Safetensors shards split by layer (non-expert tensors in the first shard) and their index."""
+def write_checkpoint(directory: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], shards: int,
+                     storage_dtype: torch.dtype | None = None) -> None:
+    """Safetensors shards split by layer (non-expert tensors in the first shard) and their index.
+
+    Tensors are stored in ``storage_dtype`` (the config's dtype when None).
+    """
     if not 1 <= shards <= cfg.num_layers + 1:
         raise ValueError(f"shards must be in [1, {cfg.num_layers + 1}], got {shards}")
-    dtype = cfg.torch_dtype
+    dtype = cfg.torch_dtype if storage_dtype is None else storage_dtype
     if shards == 1:
         save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"),
                   metadata={"format": "pt"})
