@@ -1,5 +1,6 @@
 # The moe-cluster image for KubeRay: the official Ray image whose Ray is the manifests' rayVersion, with the
-# project (its generated gRPC code included) and the demo checkpoint the cpu-demo overlay serves.
+# project (its generated gRPC code included) and the demo checkpoint the cpu-demo overlay serves (the trained one,
+# shipped in the package: cluster/demo_model).
 #   docker build -t moe-cluster:0.1.0-cpu .                     # rayproject/ray:2.60.0-py311, CPU torch
 #   docker build --build-arg GPU=1 -t moe-cluster:0.1.0-gpu .   # rayproject/ray:2.60.0-py311-gpu, CUDA torch
 # RAY_VERSION must equal rayVersion in k8s/base/rayservice.yaml (tests/test_k8s.py checks both against Ray).

@@ -1,9 +1,13 @@
-"""``moe-cluster init-demo DIR``: a small Mixtral-architecture checkpoint in the real Hugging Face format,
-made offline: config.json, sharded safetensors with an index, a Mistral-style tokenizer (BPE with byte
-fallback, trained here on a built-in text), tokenizer_config.json with a chat template, generation_config.json.
+"""The demo checkpoints ``moe-cluster init-demo DIR`` writes, both in the real Hugging Face Mixtral format.
 
-The weights are random (seeded), so the model's text is word salad, but every byte of the format is real:
-``transformers`` loads it as a MixtralForCausalLM, and so does this project.
+* The trained demo (the default, ``copy_trained_demo``): the checkpoint shipped in ``cluster/demo_model/``, a
+  17.4M-parameter Mixtral (8 experts, top-2) trained on the King James Bible by ``training/train_demo.py``;
+  its README there names the text's source and licence. It writes English.
+* The random demo (``init_demo``, ``init-demo --random``): made offline from a seed: config.json, sharded
+  safetensors with an index, a Mistral-style tokenizer (BPE with byte fallback, trained here on a built-in
+  text), tokenizer_config.json with a chat template, generation_config.json. The weights are random, so its text
+  is word salad, but every byte of the format is real: ``transformers`` loads it as a MixtralForCausalLM, and so
+  does this project. Tests, benchmarks of larger sizes and ``--router-skew`` use it.
 
 With ``router_skew`` Z > 0 the routers prefer a different group of experts in each layer (skew_routers), so that
 expert load balancing has something to balance; Z = 0 writes exactly the unskewed checkpoint.
@@ -12,6 +16,7 @@ expert load balancing has something to balance; Z = 0 writes exactly the unskewe
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +30,8 @@ from cluster.checkpoint import INDEX_FILE, coordinator_shapes, expert_shapes
 from cluster.config import ModelConfig
 from cluster.tokenizer import DEFAULT_CHAT_TEMPLATE
 
+TRAINED_DEMO = Path(__file__).parent / "demo_model"  # shipped as package data (pyproject.toml)
+TRAINED_DEMO_MARKER = "training.json"  # the trainer's record: only the trained demo has it
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
@@ -190,7 +197,8 @@ def write_checkpoint(directory: Path, cfg: ModelConfig, tensors: dict[str, torch
 
 def init_demo(directory: str | Path, seed: int = 0, shards: int = 3, overwrite: bool = False,
               router_skew: float = 0.0, **architecture: Any) -> Path:
-    """Write the demo checkpoint into ``directory`` (created if needed); returns its path.
+    """Write the random demo checkpoint (seeded random weights) into ``directory`` (created if needed); returns
+    its path. (The trained demo is ``copy_trained_demo``.)
 
     ``router_skew`` > 0 makes the routers prefer a group of experts per layer (skew_routers); 0 is the plain demo.
     ``architecture`` overrides ModelConfig fields (benchmarks use it for larger models of the same format).
@@ -199,6 +207,7 @@ def init_demo(directory: str | Path, seed: int = 0, shards: int = 3, overwrite: 
     if (directory / "config.json").exists() and not overwrite:
         raise ValueError(f"{directory} already holds a checkpoint (config.json); pass overwrite to replace it")
     directory.mkdir(parents=True, exist_ok=True)
+    _clear_demo_files(directory)
     tok = build_tokenizer()
     cfg = replace(demo_config(tok.get_vocab_size(with_added_tokens=True)), **architecture)
     tok.save(str(directory / "tokenizer.json"))
@@ -213,3 +222,34 @@ def init_demo(directory: str | Path, seed: int = 0, shards: int = 3, overwrite: 
     write_checkpoint(directory, cfg, skew_routers(random_weights(cfg, seed), cfg, router_skew, seed), shards)
     return directory
 
+
+
+def copy_trained_demo(directory: str | Path, overwrite: bool = False) -> Path:
+    """Copy the trained demo checkpoint (``TRAINED_DEMO``) into ``directory`` (created if needed); returns its path."""
+    directory = Path(directory)
+    if (directory / "config.json").exists() and not overwrite:
+        raise ValueError(f"{directory} already holds a checkpoint (config.json); pass overwrite to replace it")
+    if not (TRAINED_DEMO / "config.json").is_file():
+        raise FileNotFoundError(f"the trained demo checkpoint is missing from this installation ({TRAINED_DEMO})")
+    directory.mkdir(parents=True, exist_ok=True)
+    _clear_demo_files(directory)
+    for src in sorted(TRAINED_DEMO.iterdir()):
+        if src.is_file():
+            shutil.copyfile(src, directory / src.name)
+    return directory
+
+
+def is_trained_demo(directory: Path) -> bool:
+    """Whether ``directory`` holds this installation's trained demo (its training record is the same)."""
+    mine, theirs = TRAINED_DEMO / TRAINED_DEMO_MARKER, directory / TRAINED_DEMO_MARKER
+    return theirs.is_file() and mine.is_file() and theirs.read_bytes() == mine.read_bytes()
+
+
+def _clear_demo_files(directory: Path) -> None:
+    """Remove what a previous demo left that the next one may not overwrite: shards (their number differs) and
+    the trained demo's own files (training record, README), which would otherwise describe the wrong model."""
+    stale = [*directory.glob("model*.safetensors*"), directory / TRAINED_DEMO_MARKER]
+    if (directory / TRAINED_DEMO_MARKER).is_file():
+        stale.append(directory / "README.md")
+    for path in stale:
+        path.unlink(missing_ok=True)

@@ -85,21 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="level of moe-cluster's own log messages on stderr (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    demo = sub.add_parser("init-demo", help="write the small demo checkpoint (no network needed)",
-                          description="Write the small demo checkpoint (random weights, real Mixtral format).")
+    demo = sub.add_parser("init-demo", help="write a demo checkpoint: the trained one, or --random (no network)",
+                          description="Write a demo checkpoint (Mixtral architecture, Hugging Face format). By "
+                                      "default the trained demo shipped with the package: 17.4M parameters, 8 experts "
+                                      "top-2, trained on the King James Bible; it writes English. With --random (or "
+                                      "--router-skew) a random-weight model of the same format instead, made from a "
+                                      "seed: its text is gibberish; tests and load-balancing experiments use it.")
     demo.add_argument("directory", help="where to write it (created if missing)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
-    demo.add_argument("--shards", type=_positive_int, default=3,
-                      help="number of safetensors shards (default: %(default)s)")
+    demo.add_argument("--random", action="store_true",
+                      help="write the random-weight demo instead of copying the trained one (default: trained)")
+    demo.add_argument("--seed", type=int, help="with --random: seed of the random weights (default: 0)")
+    demo.add_argument("--shards", type=_positive_int,
+                      help="with --random: number of safetensors shards (default: 3; the trained demo has 5)")
     demo.add_argument("--force", action="store_true", help="overwrite an existing checkpoint (default: refuse)")
-    demo.add_argument("--router-skew", type=_non_negative_float, default=0.0, metavar="Z",
-                      help="make each layer's router prefer its own group of adjacent experts, raising their "
+    demo.add_argument("--router-skew", type=_non_negative_float, metavar="Z",
+                      help="random demo only (implies --random): make each layer's router prefer its own group of "
+                           "adjacent experts, raising their "
                            "logits by about Z standard deviations of the random ones; 0 writes the plain demo. "
                            "Measured on short prompts with contiguous placement, 4 workers x 2 experts, the "
                            "load imbalance (each layer's most loaded worker's rows over the mean worker's, summed "
                            "over layers) is 1.3 at Z=0, 1.65 at 1, "
                            "2.3 at 2, 2.8 at 3, 3.3 at 4, 3.9 at 8 (8 workers x 1: 1.5, 1.8, 2.4, 3.0, 3.4, 4.0; "
-                           "more in docs/observability.md) (default: %(default)s)")
+                           "more in docs/observability.md) (default: none)")
 
     gen = sub.add_parser("generate", help="generate a completion for one prompt",
                          description="Generate a completion for one prompt: in this process (--model) or by "
@@ -158,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "without a flag here take their value from the Serve config (--config, "
                                        f"default: {bundled}).")
     serve.add_argument("--model", metavar="DIR",
-                       help="checkpoint directory (default: the config's model; in the bundled config the demo "
-                            "model, written to ~/.cache/moe-cluster/demo if missing)")
+                       help="checkpoint directory (default: the config's model; in the bundled config the trained "
+                            "demo model, copied to ~/.cache/moe-cluster/demo if missing or outdated)")
     serve.add_argument("--address", help="Ray address of an existing cluster (default: start a local embedded Ray)")
     serve.add_argument("--host", default="127.0.0.1", help="address the HTTP API binds (default: %(default)s)")
     serve.add_argument("--http-port", type=int, default=8000,
@@ -226,11 +233,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _init_demo(args: argparse.Namespace) -> int:
-    from cluster.demo import init_demo
+    from cluster.demo import copy_trained_demo, init_demo
 
-    path = init_demo(args.directory, seed=args.seed, shards=args.shards, overwrite=args.force,
-                     router_skew=args.router_skew)
-    print(f"demo checkpoint written to {path}")
+    if args.random or args.router_skew is not None:
+        path = init_demo(args.directory, seed=0 if args.seed is None else args.seed,
+                         shards=3 if args.shards is None else args.shards, overwrite=args.force,
+                         router_skew=args.router_skew or 0.0)
+        print(f"random-weight demo checkpoint written to {path}")
+        return 0
+    for flag, value in (("--seed", args.seed), ("--shards", args.shards)):
+        if value is not None:
+            raise ValueError(f"{flag} {value} applies to the random demo only: add --random (the trained demo's "
+                             "weights and shards are fixed)")
+    path = copy_trained_demo(args.directory, overwrite=args.force)
+    print(f"trained demo checkpoint (King James Bible) written to {path}")
     return 0
 
 

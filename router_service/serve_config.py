@@ -31,6 +31,21 @@ def grpc_servicer_functions() -> list[str]:
     return list(load_serve_config(DEFAULT_CONFIG)["grpc_options"]["grpc_servicer_functions"])
 
 
+def ensure_trained_demo(model_dir: Path) -> None:
+    """The default model: the trained demo, copied to ``model_dir`` when it is missing there or is another one (a
+    random demo an earlier version wrote, or an older training run)."""
+    from cluster.demo import copy_trained_demo, is_trained_demo
+
+    if is_trained_demo(model_dir):
+        return
+    if (model_dir / "config.json").exists():
+        log.info("no model given: replacing the checkpoint in %s (not this version's trained demo) with the "
+                 "trained demo", model_dir)
+    else:
+        log.info("no model given: copying the trained demo checkpoint to %s", model_dir)
+    copy_trained_demo(model_dir, overwrite=True)
+
+
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """The Serve config to deploy: the file's, with the command-line flags applied on top."""
     config = copy.deepcopy(load_serve_config(Path(args.config) if args.config else DEFAULT_CONFIG))
@@ -41,13 +56,10 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         if not args.config:
             app_args["served_model_name"] = Path(args.model).name
     model_dir = Path(str(app_args.get("model", DEMO_DIR))).expanduser()
-    if not (model_dir / "config.json").exists():
-        if args.model or (args.config and model_dir != DEMO_DIR):
-            raise ValueError(f"model directory {str(model_dir)!r} has no config.json")
-        from cluster.demo import init_demo
-
-        log.info("no model given: writing the demo checkpoint to %s", model_dir)
-        init_demo(model_dir)
+    if model_dir == DEMO_DIR and not args.model:
+        ensure_trained_demo(model_dir)
+    elif not (model_dir / "config.json").exists():
+        raise ValueError(f"model directory {str(model_dir)!r} has no config.json")
     app_args["model"] = str(model_dir)
     if args.engine:
         app_args["engine"] = args.engine
