@@ -49,13 +49,16 @@ class EngineDeployment:
             # Ray hop; its MoE layers go to the pool's workers over links of its own.
             self.engine_id = new_coordinator_id()
             cluster_cfg = settings.cluster_config()
-            moe = distributed_moe(ServePool(pool, cluster_cfg.start_timeout_s), self.engine_id, cluster_cfg)
+            # (the pool learns this replica's actor too, to tell at shutdown whether it is still there)
+            serve_pool = ServePool(pool, cluster_cfg.start_timeout_s, ray.get_runtime_context().current_actor)
+            moe = distributed_moe(serve_pool, self.engine_id, cluster_cfg)
             self.engine = EngineLoop(lambda: build_engine(engine_cfg, moe), cluster_cfg.heartbeat_s)
         self.tokenizer = self.engine.tokenizer
         self.metrics = EngineMetrics(settings.model_name, self.engine_id)
         self._sampler: asyncio.Task[None] | None = None  # started by the first async call, on Serve's loop
         self._open_streams = 0  # generate() calls past their first token, for stream pacing
         self._drainer: threading.Thread | None = None  # started by begin_drain()
+        self._closed = False  # close() shut the engine down (detached from the pool)
         log.info("%s ready: %s engine for %s", self.engine_id, settings.engine, settings.model)
 
     def _ensure_sampler(self) -> None:
@@ -168,6 +171,26 @@ class EngineDeployment:
             self._drainer = threading.Thread(target=self._drain, name="moe-drain", daemon=True)
             self._drainer.start()
 
+    async def wait_drained(self) -> None:
+        """Return once the drain begin_drain() started is over (every request finished or failed)."""
+        await self.begin_drain()
+        assert self._drainer is not None
+        await asyncio.to_thread(self._drainer.join)
+
+    async def close(self) -> None:
+        """After the drain: shut the engine down now, while the expert pool is still there to detach from.
+        ``moe-cluster serve`` calls this before deleting the app, so the pool stops with no coordinator left."""
+        await self.wait_drained()
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._sampler is not None:
+            self._sampler.cancel()
+        self.engine.shutdown()  # a coordinator detaches from the pool; the pool and its workers stay
+
     def _drain(self) -> None:
         drained = self.engine.drain(self.settings.drain_timeout_s)
         log.info("%s drained (%s)", self.engine_id,
@@ -182,9 +205,7 @@ class EngineDeployment:
             else:
                 self._drainer.join(timeout=self.settings.drain_timeout_s + 1)
         with contextlib.suppress(Exception):
-            if self._sampler is not None:
-                self._sampler.cancel()
-            self.engine.shutdown()  # a coordinator detaches from the pool; the pool and its workers stay
+            self._close()
 
 
 def engine_deployment_options(settings: AppSettings) -> dict[str, Any]:

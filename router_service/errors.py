@@ -45,6 +45,13 @@ def engine_unavailable(message: str) -> ApiError:
                     code="engine_unavailable", headers={"Retry-After": RETRY_AFTER_S})
 
 
+def shutting_down(message: str) -> ApiError:
+    """The retryable 503 of a server that is shutting down (gRPC UNAVAILABLE): a request failed at the drain
+    deadline, or one that arrived during the drain."""
+    return ApiError(503, message, "service_unavailable", code="server_shutting_down",
+                    headers={"Retry-After": RETRY_AFTER_S})
+
+
 def replica_died(err: BaseException) -> bool:
     """Whether ``err`` is the death of the engine replica serving a call (its actor died or cannot be reached), as
     opposed to an error the engine answered: only then may the ingress resume the request on another replica. An
@@ -71,8 +78,7 @@ def engine_error(err: BaseException) -> ApiError:
     if isinstance(cause, TimeoutError):
         return ApiError(504, message, "timeout_error", code="deadline_exceeded")
     if isinstance(cause, RequestFailedError) and message.startswith(SHUTTING_DOWN):
-        return ApiError(503, message, "service_unavailable", code="server_shutting_down",
-                        headers={"Retry-After": RETRY_AFTER_S})
+        return shutting_down(message)
     if isinstance(cause, (EngineDeadError, RequestFailedError, RayActorError)) or "Unavailable" in name:
         return engine_unavailable(message)
     return ApiError(500, f"internal error: {name}: {message}", "server_error")

@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.errors import first_line
 from router_service.engine_api import GenerateChunk, GenerateRequest
-from router_service.errors import ApiError, engine_error, engine_unavailable, replica_died
+from router_service.errors import SHUTTING_DOWN, ApiError, engine_error, engine_unavailable, replica_died, shutting_down
 from router_service.metrics import IngressMetrics
 from router_service.resume import Progress, resumed, with_seed
 from router_service.settings import AppSettings
@@ -77,6 +77,16 @@ class EngineGateway:
         self.api_key = read_api_key(settings.api_key_env)
         self.metrics = IngressMetrics(settings.model_name)
         self._model_info: dict[str, Any] | None = None
+        self.draining = False  # set by begin_drain(): the server is shutting down, new generations are refused
+
+    def begin_drain(self) -> None:
+        """Shutdown started: from now on a new generation is answered with the retryable 503 / UNAVAILABLE
+        ``server_shutting_down`` at once; those already running go on (the engines' drain deadline bounds them)."""
+        self.draining = True
+
+    def check_open(self) -> None:
+        if self.draining:
+            raise shutting_down(f"{SHUTTING_DOWN} and takes no new requests; retry on another server or later")
 
     def authorized(self, authorization: str | None, api_key: str | None = None) -> bool:
         """Whether a caller may go on: no key is configured, or it sends the key, as ``authorization``
@@ -151,6 +161,7 @@ class EngineGateway:
 
     async def open_all(self, requests: list[GenerateRequest]) -> list[Generation]:
         """Start every generation, or none: the first request error is raised (before any response is sent)."""
+        self.check_open()
         opened = await asyncio.gather(*(self.open(r) for r in requests), return_exceptions=True)
         generations = [o for o in opened if isinstance(o, Generation)]
         failure = next((o for o in opened if isinstance(o, BaseException)), None)

@@ -122,7 +122,10 @@ async def _guard(request: Request, call_next: Any) -> Response:
     return response
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=1024)
+INGRESS_NAME = "Ingress"
+
+
+@serve.deployment(name=INGRESS_NAME, max_ongoing_requests=1024)
 @serve.ingress(app)
 class Ingress:
     def __init__(self, engine: DeploymentHandle, settings: AppSettings) -> None:
@@ -130,11 +133,17 @@ class Ingress:
         self.http_guard = HttpGuard(self.gateway, settings.max_request_bytes)
         self.grpc_api = GrpcApi(self.gateway)
 
+    async def begin_drain(self) -> None:
+        """``moe-cluster serve`` calls this on Ctrl-C, before the engines drain: new requests get the 503
+        ``server_shutting_down`` here (not the proxy's plain 404 of a deleted app), running ones go on."""
+        self.gateway.begin_drain()
+
     # -------------------------------------------------------------------------------------- routes
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
         try:
+            self.gateway.check_open()
             state = await self.gateway.health()
         except ApiError as err:
             return JSONResponse(err.body() | {"status": "unavailable"}, status_code=503,

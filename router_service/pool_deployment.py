@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -28,6 +29,8 @@ log = logging.getLogger("moe_cluster.serve")
 POOL_DEPLOYMENT = "ExpertPool"
 POOL_MANAGER_CPUS = 0.1  # the replica only manages the workers (Ray calls, no tensors)
 STATS_INTERVAL_S = 2.0
+COORDINATOR_POLL_S = 0.5  # at shutdown, how often the pool checks whether its engine replicas are gone
+REPLICA_PROBE_S = 2.0
 
 
 class ExpertPoolDeployment:
@@ -39,6 +42,8 @@ class ExpertPoolDeployment:
                                placement_group=pg, first_bundle=1, gpus=gpus)
         await self.pool.start()
         self.metrics = PoolMetrics(settings.model_name, self.pool.pool_id)
+        self.settings = settings
+        self.replicas: dict[str, Any] = {}  # coordinator id -> the engine replica's actor handle
         self._sampler = asyncio.get_running_loop().create_task(self._sample())
 
     async def _sample(self) -> None:
@@ -47,13 +52,17 @@ class ExpertPoolDeployment:
             with contextlib.suppress(Exception):
                 self.metrics.sample(await self.pool.worker_stats(), len(self.pool.rebalances))
 
-    async def attach(self, coordinator_id: str) -> PoolView:
+    async def attach(self, coordinator_id: str, replica: Any = None) -> PoolView:
+        """``replica``: the engine replica's actor, so that shutdown can tell whether it is still there."""
+        if replica is not None:
+            self.replicas[coordinator_id] = replica
         return await self.pool.attach(coordinator_id)
 
     async def replace(self, worker_index: int, generation: int, reason: str) -> PoolView:
         return await self.pool.replace(worker_index, generation, reason)
 
     async def detach(self, coordinator_id: str) -> None:
+        self.replicas.pop(coordinator_id, None)
         await self.pool.detach(coordinator_id)
 
     async def view(self) -> PoolView:
@@ -72,8 +81,40 @@ class ExpertPoolDeployment:
     async def worker_stats(self) -> list[dict[str, Any]]:
         return await self.pool.worker_stats()
 
+    async def _replica_alive(self, coordinator_id: str) -> bool:
+        replica = self.replicas.get(coordinator_id)
+        if replica is None:
+            return True  # attached without its actor: assume it is there until it detaches
+        try:
+            await asyncio.wait_for(replica.__ray_ready__.remote(), timeout=REPLICA_PROBE_S)
+        except ray.exceptions.RayActorError:
+            return False
+        except Exception:  # no answer in time (a busy replica): still there
+            return True
+        return True
+
+    async def wait_for_coordinators(self) -> None:
+        """The pool goes last: while an engine replica attached to it is still there (finishing its requests
+        when Serve deletes the app), the experts stay; at most the engines' grace period (after which Serve
+        has killed them)."""
+        deadline = time.monotonic() + self.settings.engine_grace_s
+        logged = False
+        while time.monotonic() < deadline:
+            attached = list(self.pool.coordinators)
+            alive = [c for c in attached if await self._replica_alive(c)]
+            if not alive:
+                return
+            if not logged:
+                log.info("pool %s: stopping once its %d engine replica(s) have stopped", self.pool.pool_id,
+                         len(alive))
+                logged = True
+            await asyncio.sleep(COORDINATOR_POLL_S)
+        log.warning("pool %s: engine replicas still attached after %gs; stopping anyway", self.pool.pool_id,
+                    self.settings.engine_grace_s)
+
     async def __del__(self) -> None:
         self._sampler.cancel()
+        await self.wait_for_coordinators()
         await self.pool.shutdown()
 
 
@@ -81,12 +122,13 @@ class ServePool:
     """A PoolHandle over the pool deployment's handle, for the coordinator in an engine replica (called from the
     engine loop's thread, never from the replica's event loop)."""
 
-    def __init__(self, handle: DeploymentHandle, timeout_s: float) -> None:
+    def __init__(self, handle: DeploymentHandle, timeout_s: float, replica: Any = None) -> None:
         self.handle = handle
         self.timeout_s = timeout_s
+        self.replica = replica  # the engine replica's actor handle (None outside Serve)
 
     def attach(self, coordinator_id: str) -> PoolView:
-        view: PoolView = self.handle.attach.remote(coordinator_id).result(timeout_s=self.timeout_s)
+        view: PoolView = self.handle.attach.remote(coordinator_id, self.replica).result(timeout_s=self.timeout_s)
         return view
 
     def replace(self, worker_index: int, generation: int, reason: str) -> PoolView:
@@ -111,7 +153,9 @@ def pool_deployment_options(settings: AppSettings) -> dict[str, Any]:
     pool_cfg = settings.pool_config()
     workers = -(-ModelConfig.from_file(settings.model).num_experts // pool_cfg.experts_per_worker)
     gpus = use_gpus(pool_cfg.use_gpus) if ray.is_initialized() else bool(pool_cfg.use_gpus)
+    # Its graceful shutdown outlasts the engine replicas' (wait_for_coordinators): the pool is the last to go.
     return {"num_replicas": 1, "max_ongoing_requests": 1000, "health_check_period_s": 10.0,
+            "graceful_shutdown_timeout_s": settings.ingress_grace_s,
             "ray_actor_options": {"num_cpus": POOL_MANAGER_CPUS},
             "placement_group_bundles": [{"CPU": POOL_MANAGER_CPUS}] + [worker_bundle(pool_cfg, gpus)] * workers,
             "placement_group_strategy": pool_cfg.placement_strategy}

@@ -11,7 +11,9 @@ import threading
 from collections.abc import Iterator
 
 from cluster.errors import ClusterStartError
+from router_service.listeners import check_ports_free, embedded_ray_options
 from router_service.serve_config import resolve_config
+from router_service.settings import AppSettings
 
 log = logging.getLogger("moe_cluster.serve")
 
@@ -39,35 +41,47 @@ def dropped(logger_name: str, *prefixes: str) -> Iterator[None]:
         logger.removeFilter(log_filter)
 
 
-def begin_drain(app_name: str, drain_timeout_s: float) -> None:
-    """Start the drain deadline on every engine replica now (EngineDeployment.begin_drain). Serve's own shutdown,
-    which deleting the app starts, calls nothing on a replica until its running requests are done; without this
-    call, a request still running at the engine's grace period is cut by Serve's kill (a 503 all the same)."""
+def drain(app_name: str, settings: AppSettings) -> None:
+    """The ordered shutdown of a running app, before it is deleted: the ingress refuses new requests (a 503
+    ``server_shutting_down``, not the proxy's 404 of a deleted app), the engine replicas let their running requests
+    finish (up to the one drain deadline, then fail them with the same retryable error) and close, detaching from
+    the expert pool, which is still there for them all along. Deleting the app then stops replicas with nothing to
+    do, and the pool last (ExpertPoolDeployment waits for attached engines). Without this sequence Serve stops the
+    deployments at once and side by side: the pool, which has no request of its own running, first."""
     from ray import serve
 
     from cluster.errors import describe_failure
     from router_service.engine_deployment import DEPLOYMENT_NAME
+    from router_service.ingress import INGRESS_NAME
 
-    log.info("shutting down: running requests have %gs to finish", drain_timeout_s)
-    try:  # (a new handle's router logs "Started <...SharedRouterLongPollClient object at 0x...>": noise here)
-        with dropped("ray.serve", "Started <ray.serve._private.router."):
-            serve.get_deployment_handle(DEPLOYMENT_NAME, app_name).broadcast("begin_drain").results(timeout_s=10)
-    except Exception as err:
-        log.warning("could not start the drain on the engine replicas (%s); Serve's grace period still bounds "
-                    "the shutdown", describe_failure(err))
+    log.info("shutting down: running requests have %gs to finish", settings.drain_timeout_s)
+    steps = ((INGRESS_NAME, "begin_drain", 10.0),  # new requests: 503 from now on
+             (DEPLOYMENT_NAME, "begin_drain", 10.0),  # one drain deadline for every engine replica, now
+             (DEPLOYMENT_NAME, "close", settings.engine_grace_s + 10))  # drained, then detached from the pool
+    # (a new handle's router logs "Started <...SharedRouterLongPollClient object at 0x...>": noise here)
+    with dropped("ray.serve", "Started <ray.serve._private.router."):
+        for deployment, method, timeout_s in steps:
+            try:
+                serve.get_deployment_handle(deployment, app_name).broadcast(method).results(timeout_s=timeout_s)
+            except Exception as err:
+                log.warning("shutdown: %s.%s failed (%s); Serve's grace periods still bound the shutdown",
+                            deployment, method, describe_failure(err))
+    log.info("drained; stopping the app")
 
 
 def serve_command(args: argparse.Namespace) -> int:
     import os
+
+    config = resolve_config(args)
+    # Before ray is imported: an embedded Ray reads where to bind its servers from the environment.
+    ray_options = embedded_ray_options(args.host) if not args.address else {}
 
     import ray
     from ray import serve
 
     from router_service.app import build_app
     from router_service.client import key_from_env
-    from router_service.settings import AppSettings
 
-    config = resolve_config(args)
     app_cfg = config["applications"][0]
     settings = AppSettings.from_args(app_cfg["args"])  # validate before starting anything
     if args.api_key:
@@ -76,13 +90,18 @@ def serve_command(args: argparse.Namespace) -> int:
         key_from_env(args.api_key_env)  # the replicas read it; fail here, before anything starts
     started_ray = not ray.is_initialized()
     embedded = started_ray and not args.address  # a local Ray of our own, gone when we stop
+    if embedded:  # every port this start opens, free before anything starts
+        check_ports_free(args.host, {"HTTP (--http-port)": args.http_port, "gRPC (--grpc-port)": args.grpc_port,
+                                     "metrics (--metrics-port)": args.metrics_port})
     if started_ray:
         if args.address:
             ray.init(address=args.address, log_to_driver=False)
         else:
-            # Embedded and single-node: Ray's node address is loopback, so what Ray binds to it stays local.
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-                     num_cpus=max(os.cpu_count() or 1, 16), _metrics_export_port=args.metrics_port)
+            # Embedded and single-node: Ray's node address and every listener (Ray's own, Serve's gRPC proxy,
+            # the metrics exporter) on --host: loopback unless the user opens it.
+            ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                     num_cpus=max(os.cpu_count() or 1, 16), _metrics_export_port=args.metrics_port,
+                     **ray_options)
     app_name = app_cfg.get("name", "moe-cluster")
     deployed = False
     stop = threading.Event()
@@ -104,7 +123,7 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"HTTP (OpenAI API): http://{http['host']}:{http['port']}/v1  (model {settings.model_name!r})")
         print(f"gRPC (moe_cluster.v1.GenerationService): {http['host']}:{grpc.get('port', 9000)}")
         if embedded:
-            print(f"metrics (Prometheus): http://127.0.0.1:{args.metrics_port}/metrics")
+            print(f"metrics (Prometheus): http://{args.host}:{args.metrics_port}/metrics")
         print("moe-cluster ready; Ctrl-C to stop", flush=True)
         while not stop.wait(1.0):
             pass
@@ -113,12 +132,10 @@ def serve_command(args: argparse.Namespace) -> int:
         raise
     finally:
         try:
-            # Start the one drain deadline on the engine replicas, then delete the app: Serve routes nothing new
-            # to its replicas and waits for their running requests (the engines' grace: the deadline plus time
-            # to fail what is left; the ingress's: longer), while the proxies still carry the responses; then
-            # stop Serve and Ray.
+            # Drain (above), then delete the app: Serve waits for what the ingress still sends (its grace period
+            # outlasts the engines'), while the proxies carry the responses; then stop Serve and Ray.
             if deployed:
-                begin_drain(app_name, settings.drain_timeout_s)
+                drain(app_name, settings)
             serve.delete(app_name)
             if not embedded:
                 serve.shutdown()  # an embedded Ray's shutdown below takes Serve with it

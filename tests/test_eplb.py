@@ -132,7 +132,8 @@ def test_replicated_rows_split_evenly_in_token_order_and_combine_to_the_referenc
     in_token_order = [t for chunk in sorted(chunks) for t in chunk]
     assert in_token_order == sorted(in_token_order)  # contiguous chunks of the expert's rows
     ours = combine(torch.cat(outs), plan.row_weight, plan.row_token, tokens)
-    torch.testing.assert_close(ours, reference_moe(x, gate, w1, w2, w3, top_k), atol=1e-6, rtol=1e-5)
+    expected = reference_moe(x, gate, w1, w2, w3, top_k)  # float32, another summation order: relative floor
+    torch.testing.assert_close(ours, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5)
 
 
 def test_serve_flags_reach_the_pool_options(demo_dir: Path) -> None:

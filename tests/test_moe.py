@@ -40,7 +40,8 @@ def test_reference_moe_matches_transformers(num_experts: int, top_k: int, tokens
         expected = block(x)[0]
     w1, w2, w3 = split_weights(block)
     ours = reference_moe(x[0], block.gate.weight.detach(), w1, w2, w3, top_k)
-    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
+    # float32, different summation order: an absolute floor relative to the outputs' magnitude, not a fixed 1e-6
+    torch.testing.assert_close(ours, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

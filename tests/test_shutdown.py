@@ -4,8 +4,12 @@ never a cut connection or a plain-text 500, and ``moe-cluster serve`` exits with
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +26,7 @@ from cluster.sampling import SamplingParams
 from protos.moe_cluster.v1 import generation_pb2_grpc as pb_grpc
 from router_service.client import build_request
 from router_service.engine_deployment import engine_deployment_options
+from router_service.listeners import check_ports_free
 from router_service.settings import AppSettings
 from tests.serving.conftest import free_port
 from tests.test_cli_serve import start
@@ -201,3 +206,138 @@ def test_without_the_drain_call_a_killed_engine_is_still_a_clean_503(demo_dir: P
     status, content_type, events = out["sse"]
     assert status == 200 and events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "engine_unavailable"
+
+
+# ------------------------------------------------------------------ Ctrl-C on the cluster engine (a shared expert pool)
+
+FULL = 300  # tokens per request: several seconds each on the demo model with four running (more on a busy machine)
+ROOMY_DRAIN_S = 120.0  # the drain deadline: long enough for every request to finish, however busy the machine
+
+
+def listeners_of(pids: set[int]) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP listener of the processes ``pids``."""
+    import psutil
+
+    found = []
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
+            with contextlib.suppress(psutil.Error):
+                found.append((conn.laddr.ip, conn.laddr.port, psutil.Process(conn.pid).name()))
+    return found
+
+
+def loopback(address: str) -> bool:
+    return ipaddress.ip_address(address.removeprefix("::ffff:")).is_loopback
+
+
+def late_request(base: str, model: str, deadline_s: float) -> httpx.Response:
+    """After Ctrl-C: tiny requests until one is refused (those before the drain starts are answered)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        response = httpx.post(f"{base}/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 1},
+                              timeout=60)
+        if response.status_code != 200 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.2)
+
+
+def full_stream(base: str, model: str, out: dict[str, Any], key: str, started: threading.Event) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": FULL,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    events: list[dict[str, Any]] = []
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=300) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line.removeprefix("data: ")))
+                started.set()
+    out[key] = (response.status_code, events)
+
+
+def full_completion(base: str, model: str, out: dict[str, Any], key: str) -> None:
+    body = {"model": model, "prompt": "Hello", "max_tokens": FULL, "ignore_eos": True}
+    response = httpx.post(f"{base}/v1/completions", json=body, timeout=300)
+    out[key] = (response.status_code, response.json() if response.headers.get("content-type") ==
+                "application/json" else response.text)
+
+
+def ctrl_c_drains_a_shared_pool(demo_dir: Path, num_engines: int) -> None:
+    import psutil
+
+    ports = {"HTTP (--http-port)": free_port(), "gRPC (--grpc-port)": free_port(),
+             "metrics (--metrics-port)": free_port()}
+    http_port, grpc_port, metrics_port = ports.values()
+    proc, lines = start("--model", str(demo_dir), "--num-engines", str(num_engines), "--drain-timeout",
+                        str(ROOMY_DRAIN_S), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+                        "--metrics-port", str(metrics_port))  # the default engine: cluster, one expert pool
+    model, base = demo_dir.name, f"http://127.0.0.1:{http_port}"
+    out: dict[str, Any] = {}
+    streams_started = [threading.Event(), threading.Event()]
+    clients = [threading.Thread(target=full_completion, args=(base, model, out, f"unary{i}")) for i in range(2)]
+    clients += [threading.Thread(target=full_stream, args=(base, model, out, f"stream{i}", streams_started[i]))
+                for i in range(2)]
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        # A default start listens on loopback only: the API, gRPC, metrics and every one of Ray's own servers.
+        listeners = listeners_of({p.pid for p in tree})
+        assert {http_port, grpc_port, metrics_port} <= {port for _, port, _ in listeners}, listeners
+        assert all(loopback(address) for address, _, _ in listeners), [x for x in listeners if not loopback(x[0])]
+        # A second server on any of these ports refuses to start, naming it (before it starts anything).
+        for what, port in ports.items():
+            others = {name: free_port() for name in ports} | {what: port}
+            second = subprocess.run([sys.executable, "-m", "router_service.cli", "serve", "--model", str(demo_dir),
+                                     "--http-port", str(others["HTTP (--http-port)"]),
+                                     "--grpc-port", str(others["gRPC (--grpc-port)"]),
+                                     "--metrics-port", str(others["metrics (--metrics-port)"])],
+                                    capture_output=True, text=True, timeout=120)
+            assert second.returncode == 1, second.stderr
+            assert f"{what} port {port} on 127.0.0.1 is in use" in second.stderr, second.stderr
+
+        for client in clients:
+            client.start()
+        assert all(started.wait(timeout=120) for started in streams_started), "the streams never started"
+        time.sleep(0.5)  # the two unary requests are running too by now
+        assert all(client.is_alive() for client in clients), f"a request finished before Ctrl-C: {out}"
+        proc.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        refused = late_request(base, model, deadline_s=30)  # a request that arrives during the drain
+        for client in clients:
+            client.join(timeout=ROOMY_DRAIN_S + 30)
+        answered = time.monotonic() - interrupted
+        assert proc.wait(timeout=ROOMY_DRAIN_S + 30) == 0
+        exited = time.monotonic() - interrupted
+        _, alive = psutil.wait_procs(tree, timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not alive, f"left behind: {[p.pid for p in alive]}"
+    assert "shutting down" in lines
+
+    assert (refused.status_code, refused.headers.get("content-type")) == (503, "application/json"), refused.text
+    assert refused.headers.get("retry-after")
+    error = refused.json()["error"]
+    assert error["code"] == "server_shutting_down" and error["type"] == "service_unavailable", error
+    assert error["message"].startswith(SHUTTING_DOWN)
+
+    for i in range(2):  # every running request finished with its whole output
+        status, body = out[f"unary{i}"]
+        assert status == 200, body
+        assert body["usage"]["completion_tokens"] == FULL and body["choices"][0]["finish_reason"] == "length"
+        status, events = out[f"stream{i}"]
+        assert status == 200 and not any("error" in e for e in events), events[-3:]
+        assert events[-1]["usage"]["completion_tokens"] == FULL
+        assert [e["choices"][0]["finish_reason"] for e in events[:-1]][-1] == "length"
+        assert sum(len(e["choices"][0]["delta"].get("content") or "") > 0 for e in events[:-1]) > 0
+
+    # Exit soon after the last answer (not at the drain deadline), every port free again.
+    assert answered < ROOMY_DRAIN_S, answered
+    assert exited < answered + 20, (answered, exited)
+    check_ports_free("127.0.0.1", ports)
+
+
+def test_ctrl_c_with_two_engines_on_one_pool_finishes_every_request_then_stops_the_pool(demo_dir: Path) -> None:
+    ctrl_c_drains_a_shared_pool(demo_dir, num_engines=2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_one_engine_on_the_pool_finishes_every_request(demo_dir: Path) -> None:
+    ctrl_c_drains_a_shared_pool(demo_dir, num_engines=1)
