@@ -3,29 +3,59 @@ error, not a coercion), their translation to SamplingParams, and the JSON of res
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from cluster.sampling import SamplingParams
 from router_service.engine_api import GenerateChunk, TokenInfo
 from router_service.errors import ApiError
 
+log = logging.getLogger("moe_cluster.serve")
 Number = StrictInt | StrictFloat
 TokenIds = list[StrictInt]
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@functools.lru_cache(maxsize=512)  # bounded: a client sending ever new names cannot grow it
+def log_unknown_field(name: str) -> None:
+    """Say once, at debug level, that a field this server does not know was ignored."""
+    log.debug("ignoring the unknown request field %r (OpenAI clients send newer fields; this one changes nothing "
+              "here)", name)
+
+
+class _IgnoresUnknown(BaseModel):
+    """A request object whose unknown fields are ignored, as OpenAI's SDKs send newer ones, each logged once."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            where = cls.__name__
+            for name in data.keys() - cls.model_fields.keys():
+                log_unknown_field(f"{where}.{name}" if isinstance(name, str) else repr(name))
+        return data
+
+
+class StreamOptions(_IgnoresUnknown):
     include_usage: StrictBool = False
+    # vLLM's extension: with include_usage, every chunk carries the usage so far (not only the last one).
+    continuous_usage_stats: StrictBool = False
+
+    @property
+    def continuous(self) -> bool:
+        """Usage in every chunk: vLLM gives it only when include_usage is set too."""
+        return self.include_usage and self.continuous_usage_stats
 
 
-class _Common(BaseModel):
+class _Common(_IgnoresUnknown):
     """Fields shared by completions and chat completions. Unknown fields are ignored, as OpenAI's SDKs
     sometimes send newer ones; fields we cannot honour are refused when set to anything but their default."""
 
-    model_config = ConfigDict(extra="ignore")
     model: StrictStr
     temperature: Number | None = None
     top_p: Number | None = None
@@ -55,6 +85,14 @@ class _Common(BaseModel):
             raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
         if self.timeout is not None and not 0 < self.timeout <= 3600:
             raise ApiError(400, f"timeout must be in (0, 3600] seconds, got {self.timeout!r}", param="timeout")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous)
 
     def sampling(self, max_tokens: int | None, logprobs: int | None, echo: bool) -> SamplingParams:
         stop: tuple[str, ...] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

@@ -73,6 +73,34 @@ def test_streaming_equals_non_streaming(served: Served, client: openai.OpenAI) -
     assert chat_chunks[-1].choices[0].finish_reason == "length"
 
 
+def sse_events(served: Served, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    with httpx.stream("POST", f"{served.http}{path}", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_as_guidellm_sends_them(served: Served, path: str) -> None:
+    """guidellm's stream_options (vLLM's continuous_usage_stats): usage in every chunk, the tokens so far."""
+    body: dict[str, Any] = {"model": served.model, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+                            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True,
+                                                               "some_future_option": 1}}
+    body |= {"prompt": PROMPT} if path == "/v1/completions" else {"messages": [{"role": "user", "content": PROMPT}]}
+    events = sse_events(served, path, body)
+    with_choices = [e for e in events if e["choices"]]
+    assert all("usage" in e for e in events)
+    counts = [e["usage"]["completion_tokens"] for e in with_choices]
+    assert counts == sorted(counts) and counts[-1] == 12
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 12
+    assert all(e["usage"]["total_tokens"] == e["usage"]["prompt_tokens"] + e["usage"]["completion_tokens"]
+               for e in events)
+    # Without include_usage vLLM gives no usage at all, continuous_usage_stats or not.
+    body["stream_options"] = {"continuous_usage_stats": True}
+    assert not any("usage" in e for e in sse_events(served, path, body))
+
+
 def test_sse_wire_format_ends_with_done(served: Served) -> None:
     body = {"model": served.model, "prompt": PROMPT, "max_tokens": 3, "stream": True}
     with httpx.stream("POST", f"{served.http}/v1/completions", json=body, timeout=60) as r:
