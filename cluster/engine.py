@@ -23,7 +23,18 @@ from cluster.errors import QueueFullError, WorkerFailure
 from cluster.kv_cache import KVCacheManager, PagedKVCache
 from cluster.model import MixtralTransformer, MoEBackend
 from cluster.output_processor import OutputProcessor
-from cluster.sampling import SamplingParams, TokenLogprob, sample, sample_seed, token_logprobs, token_seed
+from cluster.sampling import (
+    RowHistory,
+    SamplingParams,
+    TokenLogprob,
+    bad_words_token_ids,
+    banned_tokens,
+    process_logits,
+    sample,
+    sample_seed,
+    token_logprobs,
+    token_seed,
+)
 from cluster.scheduler import ScheduledSeq, Scheduler
 from cluster.sequence import FINISH_ABORT, Continuation, OutputSink, Request, Seq, SeqStatus
 from cluster.step_batch import SeqChunk, build_step_batch, split_micro_batches
@@ -75,6 +86,9 @@ class LLMEngine:
             raise QueueFullError(f"the engine's queue is full ({self.engine_cfg.max_queue_len} waiting "
                                  "requests); retry later")
         request = Request(request_id, list(prompt_ids), params, max_tokens, sink, arrival_time)
+        if params.bad_words:
+            request.bad_words_ids = bad_words_token_ids(
+                params.bad_words, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         seqs = [self._new_seq(request, 0, list(prompt_ids))] if continuation is None else \
             self._resumed_seqs(request, continuation)
         self.requests[request_id] = request
@@ -228,6 +242,7 @@ class LLMEngine:
         rows = logits[torch.tensor([row for _, row in to_sample], device=logits.device)]  # (B, V)
         params = [seq.request.params for seq, _ in to_sample]
         seeds = [token_seed(seq.seed, seq.num_generated) for seq, _ in to_sample]
+        rows = process_logits(rows, params, [self._history(seq) for seq, _ in to_sample])  # logprobs see these
         tokens = sample(rows, params, seeds)
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         lps: dict[int, TokenLogprob] = {}
@@ -242,6 +257,15 @@ class LLMEngine:
                 seq.request.metrics.first_token_time = now
             self.outputs.append_token(seq, token, lps.get(i))
             self._stats.generation_tokens_total += 1
+
+    def _history(self, seq: Seq) -> RowHistory:
+        """What the logits processors of ``seq`` need (empty for a request that uses none)."""
+        params = seq.request.params
+        if not params.processes_logits:
+            return RowHistory((), ())
+        output = seq.token_ids[seq.num_prompt_tokens:]
+        banned = banned_tokens(params, output, self.outputs.eos_ids, seq.request.bad_words_ids)
+        return RowHistory(seq.token_ids[:seq.num_prompt_tokens], output, banned)
 
     # ------------------------------------------------------------------------------------------ reports
 

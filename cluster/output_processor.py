@@ -31,14 +31,19 @@ class OutputProcessor:
         seq.token_ids.append(token)
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
-        if token in params.stop_token_ids:
+        # Before min_tokens, nothing stops it but the length (vLLM's stop checker); stop tokens are banned then.
+        check_stops = seq.num_generated >= params.min_tokens
+        if check_stops and token in params.stop_token_ids:
+            if params.include_stop_str_in_output:
+                seq.text += seq.detok.add(token)
             _finish(seq, FINISH_STOP, token)
-        elif not params.ignore_eos and token in self.eos_ids:
+        elif check_stops and not params.ignore_eos and token in self.eos_ids:
             _finish(seq, FINISH_STOP, None)
         else:
             before = len(seq.text)
             seq.text += seq.detok.add(token)
-            if not _cut_at_stop_string(seq, before) and seq.num_generated >= seq.request.max_tokens:
+            cut = check_stops and _cut_at_stop_string(seq, before, params.include_stop_str_in_output)
+            if not cut and seq.num_generated >= seq.request.max_tokens:
                 _finish(seq, FINISH_LENGTH, None)
 
     @staticmethod
@@ -89,8 +94,9 @@ def _finish(seq: Seq, reason: str, stop_reason: str | int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
 
 
-def _cut_at_stop_string(seq: Seq, before: int) -> bool:
-    """If the text (new since ``before``) completes a stop string, cut the text there and finish. True if so."""
+def _cut_at_stop_string(seq: Seq, before: int, keep_stop: bool = False) -> bool:
+    """If the text (new since ``before``) completes a stop string, cut the text there (after the stop string with
+    ``keep_stop``: include_stop_str_in_output) and finish. True if so."""
     stops = seq.request.params.stop
     if not stops:
         return False
@@ -100,7 +106,7 @@ def _cut_at_stop_string(seq: Seq, before: int) -> bool:
     if not hits:
         return False
     index, stop = min(hits)
-    seq.text = seq.text[:index]
+    seq.text = seq.text[:index + len(stop) if keep_stop else index]
     _finish(seq, FINISH_STOP, stop)
     return True
 

@@ -171,6 +171,7 @@ class Request:
         self.prompt_logprobs: list[TokenLogprob | None] | None = (
             [None] if params.echo and params.logprobs is not None else None)
         self.sent_prompt = False
+        self.bad_words_ids: list[list[int]] = []  # params.bad_words as token sequences (the engine fills them)
         self.closed = False  # aborted or failed: no more reports after the final one
 
     @property

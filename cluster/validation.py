@@ -36,6 +36,10 @@ def validate_request(prompt_ids: Sequence[int], params: SamplingParams, *, vocab
         if token >= vocab_size:
             raise RequestError(f"stop_token_ids holds {token}, outside the vocabulary [0, {vocab_size})",
                                "stop_token_ids")
+    for token, _ in params.logit_bias:
+        if token >= vocab_size:
+            raise RequestError(f"logit_bias holds token id {token}, outside the vocabulary [0, {vocab_size})",
+                               "logit_bias")
     n_prompt = len(prompt_ids)
     if n_prompt >= max_model_len:
         raise RequestError(f"the prompt has {n_prompt} tokens but the model's context length is "

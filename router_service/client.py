@@ -45,8 +45,9 @@ class RetryPolicy:
 def build_request(model: str, prompt: str | Sequence[int], *, max_new_tokens: int | None = None,
                   temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                   seed: int | None = None, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
-                  ignore_eos: bool = False, logprobs: int | None = None, request_id: str = "") -> pb.GenerateRequest:
-    request = pb.GenerateRequest(model=model, request_id=request_id)
+                  ignore_eos: bool = False, logprobs: int | None = None, request_id: str = "",
+                  continuous_usage_stats: bool = False) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(model=model, request_id=request_id, continuous_usage_stats=continuous_usage_stats)
     if isinstance(prompt, str):
         request.prompt = prompt
     else:

@@ -133,6 +133,8 @@ class GrpcApi:
                         if chunk.finished:
                             message.MergeFrom(pb.GenerateStreamResponse(usage=usage_pb(chunk),
                                                                         **stop_fields(choice)))
+                        elif request.continuous_usage_stats:
+                            message.usage.CopyFrom(usage_pb(chunk))
                         yield message
         except ApiError as err:
             fail(context, err)

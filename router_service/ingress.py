@@ -172,8 +172,8 @@ class Ingress:
         with_logprobs = params.logprobs is not None
         streams = await self.gateway.open_all(requests)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self.sse(self.completion_events(rid, requests, streams, n, with_logprobs, include_usage))
+            return self.sse(self.completion_events(rid, requests, streams, n, with_logprobs, body.include_usage,
+                                                   body.continuous_usage))
         per_prompt: dict[int, list[GenerateChunk]] = {}
         async for i, chunk in self.gateway.iterate(streams):
             per_prompt.setdefault(i, []).append(chunk)
@@ -189,7 +189,10 @@ class Ingress:
                 "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
     async def completion_events(self, rid: str, requests: list[GenerateRequest], streams: list[Generation], n: int,
-                                with_logprobs: bool, include_usage: bool) -> AsyncGenerator[str, None]:
+                                with_logprobs: bool, include_usage: bool,
+                                continuous_usage: bool = False) -> AsyncGenerator[str, None]:
+        """SSE events of a completion; with ``continuous_usage`` (vLLM's stream_options.continuous_usage_stats)
+        each event also carries its prompt's usage so far."""
         tokens: dict[int, tuple[int, int]] = {}  # prompt position -> (prompt tokens, completion tokens)
         text_offsets: dict[int, int] = {}  # output index -> characters of text sent so far
         base = {"id": rid, "object": "text_completion", "created": created(), "model": self.gateway.model_name}
@@ -206,7 +209,10 @@ class Ingress:
                     if data["logprobs"] and data["logprobs"]["tokens"]:  # offsets count token texts, as unstreamed
                         offsets, texts = data["logprobs"]["text_offset"], data["logprobs"]["tokens"]
                         text_offsets[index] = offsets[-1] + len(texts[-1])
-                    yield stream_event(base | {"choices": [data]})
+                    event = base | {"choices": [data]}
+                    if continuous_usage:
+                        event["usage"] = usage(chunk.prompt_tokens, chunk.completion_tokens)
+                    yield stream_event(event)
         if include_usage:
             yield stream_event(base | {"choices": [], "usage": usage(sum(p for p, _ in tokens.values()),
                                                                      sum(c for _, c in tokens.values()))})
@@ -226,8 +232,7 @@ class Ingress:
                 err.param = "messages"
             raise
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self.sse(self.chat_events(rid, request, streams, include_usage))
+            return self.sse(self.chat_events(rid, request, streams, body.include_usage, body.continuous_usage))
         chunks = [chunk async for _, chunk in self.gateway.iterate(streams)]
         merged = merge(chunks)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -237,7 +242,8 @@ class Ingress:
                 "choices": choices, "usage": usage(merged.prompt_tokens, merged.completion_tokens)}
 
     async def chat_events(self, rid: str, request: GenerateRequest, streams: list[Generation],
-                          include_usage: bool) -> AsyncGenerator[str, None]:
+                          include_usage: bool, continuous_usage: bool = False) -> AsyncGenerator[str, None]:
+        """SSE events of a chat completion; with ``continuous_usage`` each also carries the usage so far."""
         stamp, started, last = created(), set(), None
         base = {"id": rid, "object": "chat.completion.chunk", "created": stamp, "model": self.gateway.model_name}
         with_logprobs = request.params.logprobs is not None
@@ -254,7 +260,10 @@ class Ingress:
                     data = {"index": choice.index, "delta": delta, "finish_reason": choice.finish_reason,
                             "stop_reason": choice.stop_reason,
                             "logprobs": chat_logprobs(choice.logprobs or []) if with_logprobs else None}
-                    yield stream_event(base | {"choices": [data]})
+                    event = base | {"choices": [data]}
+                    if continuous_usage:
+                        event["usage"] = usage(chunk.prompt_tokens, chunk.completion_tokens)
+                    yield stream_event(event)
         if include_usage and last is not None:
             yield stream_event(base | {"choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)})
         yield stream_event("[DONE]")

@@ -3,29 +3,62 @@ error, not a coercion), their translation to SamplingParams, and the JSON of res
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from cluster.sampling import SamplingParams
 from router_service.engine_api import GenerateChunk, TokenInfo
 from router_service.errors import ApiError
 
+log = logging.getLogger("moe_cluster.serve")
 Number = StrictInt | StrictFloat
 TokenIds = list[StrictInt]
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@functools.lru_cache(maxsize=512)  # bounded: a client sending ever new names cannot grow it
+def log_unknown_field(name: str) -> None:
+    """Say once, at debug level, that a field this server does not know was ignored."""
+    log.debug("ignoring the unknown request field %r (OpenAI clients send newer fields; this one changes nothing "
+              "here)", name)
+
+
+class _IgnoresUnknown(BaseModel):
+    """A request object whose unknown fields are ignored, as OpenAI's SDKs send newer ones, each logged once."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            where = cls.__name__
+            for name in data.keys() - cls.model_fields.keys():
+                log_unknown_field(f"{where}.{name}" if isinstance(name, str) else repr(name))
+        return data
+
+
+class StreamOptions(_IgnoresUnknown):
     include_usage: StrictBool = False
+    # vLLM's extension: with include_usage, every chunk carries the usage so far (not only the last one).
+    continuous_usage_stats: StrictBool = False
+
+    @property
+    def continuous(self) -> bool:
+        """Usage in every chunk: vLLM gives it only when include_usage is set too."""
+        return self.include_usage and self.continuous_usage_stats
 
 
-class _Common(BaseModel):
+class _Common(_IgnoresUnknown):
     """Fields shared by completions and chat completions. Unknown fields are ignored, as OpenAI's SDKs
     sometimes send newer ones; fields we cannot honour are refused when set to anything but their default."""
 
-    model_config = ConfigDict(extra="ignore")
+    NOT_IMPLEMENTED_HERE: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
     model: StrictStr
     temperature: Number | None = None
     top_p: Number | None = None
@@ -40,21 +73,79 @@ class _Common(BaseModel):
     user: StrictStr | None = None
     # Extensions (as in vLLM)
     top_k: StrictInt | None = None
+    min_p: Number = 0
+    repetition_penalty: Number = 1
+    min_tokens: StrictInt = 0
     stop_token_ids: list[StrictInt] | None = None
+    include_stop_str_in_output: StrictBool = False
+    bad_words: list[StrictStr] | None = None
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
     timeout: Number | None = None  # seconds: the request's deadline
+    # Known OpenAI / vLLM parameters this server does not implement: refused unless left at their default
+    # (NOT_IMPLEMENTED); typed loosely, so that the refusal, not a type error, names them.
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    prompt_logprobs: Any = None
+    allowed_token_ids: Any = None
+    spaces_between_special_tokens: Any = None
+    truncate_prompt_tokens: Any = None
+    logits_processors: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    structured_outputs: Any = None
+    return_tokens_as_token_ids: Any = None
+    return_token_ids: Any = None
+    priority: Any = None
+    kv_transfer_params: Any = None
+    vllm_xargs: Any = None
+    prompt_embeds: Any = None
+    # Accepted and without effect on the output: request_id, cache_salt (no prefix cache), store, metadata,
+    # service_tier (OpenAI's platform fields).
+    request_id: Any = None
+    cache_salt: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+
+    def refuse_unimplemented(self, table: dict[str, tuple[Any, ...]]) -> None:
+        """A 400 naming the first parameter of ``table`` set to anything but None or one of its defaults."""
+        for name, defaults in table.items():
+            value = getattr(self, name, None)
+            if value is not None and not any(value == d and type(value) is type(d) for d in defaults):
+                shown = json.dumps(value, default=str)[:100]
+                raise ApiError(400, f"{name}={shown} is not supported by this server (an OpenAI or vLLM parameter "
+                                    "it does not implement: leave it unset)", param=name)
 
     def check_unsupported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0:
-                raise ApiError(400, f"{name}={getattr(self, name)!r} is not supported (only 0)", param=name)
-        if self.logit_bias:
-            raise ApiError(400, "logit_bias is not supported", param="logit_bias")
+        self.refuse_unimplemented(NOT_IMPLEMENTED)
+        self.refuse_unimplemented(self.NOT_IMPLEMENTED_HERE)
         if self.stream_options is not None and not self.stream:
             raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
         if self.timeout is not None and not 0 < self.timeout <= 3600:
             raise ApiError(400, f"timeout must be in (0, 3600] seconds, got {self.timeout!r}", param="timeout")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous)
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs; keys are token ids as strings (OpenAI's JSON), biases clamped to
+        [-100, 100] as vLLM does."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+            pairs.append((int(key), min(100.0, max(-100.0, float(bias)))))
+        return tuple(pairs)
 
     def sampling(self, max_tokens: int | None, logprobs: int | None, echo: bool) -> SamplingParams:
         stop: tuple[str, ...] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -64,19 +155,45 @@ class _Common(BaseModel):
                 top_p=1.0 if self.top_p is None else self.top_p, top_k=-1 if self.top_k is None else self.top_k,
                 seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()),
                 ignore_eos=self.ignore_eos, n=self.n, logprobs=logprobs, echo=echo,
-                skip_special_tokens=self.skip_special_tokens)
+                skip_special_tokens=self.skip_special_tokens, min_p=self.min_p,
+                repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty, logit_bias=self.logit_bias_pairs(),
+                min_tokens=self.min_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
+                bad_words=tuple(self.bad_words or ()))
         except (ValueError, TypeError) as err:
             param = str(err).split(" ", 1)[0]
             raise ApiError(400, str(err), param=param) from None
 
 
+# Parameters of OpenAI's API or vLLM's that would change the output and are not implemented, with the values that
+# mean "not used" (None always does): anything else is a 400 naming the parameter.
+NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (False,), "length_penalty": (1, 1.0), "prompt_logprobs": (), "allowed_token_ids": (),
+    "spaces_between_special_tokens": (True,), "truncate_prompt_tokens": (), "logits_processors": (),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "guided_decoding_backend": (),
+    "guided_whitespace_pattern": (), "structured_outputs": (), "return_tokens_as_token_ids": (False,),
+    "return_token_ids": (False,), "priority": (0,), "kv_transfer_params": (),
+    "vllm_xargs": (), "prompt_embeds": (),
+}
+# Chat-only ones (the chat request declares them).
+CHAT_NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
+    "echo": (False,), "documents": (), "mm_processor_kwargs": (), "reasoning_effort": (), "include_reasoning": (),
+    "functions": (), "function_call": ("none",), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
+    "modalities": (["text"],), "audio": (), "prediction": (), "web_search_options": (), "chat_template": (),
+    "chat_template_kwargs": (), "add_generation_prompt": (True,), "continue_final_message": (False,),
+    "add_special_tokens": (False,),  # the chat template writes the special tokens
+}
+
+
 class CompletionRequest(_Common):
+    NOT_IMPLEMENTED_HERE: ClassVar[dict[str, tuple[Any, ...]]] = {"add_special_tokens": (True,)}
     prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
     max_tokens: StrictInt | None = 16
     logprobs: StrictInt | None = None
     echo: StrictBool = False
     best_of: StrictInt | None = None
     suffix: StrictStr | None = None
+    add_special_tokens: Any = None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -118,6 +235,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Common):
+    NOT_IMPLEMENTED_HERE: ClassVar[dict[str, tuple[Any, ...]]] = CHAT_NOT_IMPLEMENTED
     messages: list[ChatMessage]
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
@@ -126,6 +244,24 @@ class ChatCompletionRequest(_Common):
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
+    # Chat-only OpenAI / vLLM parameters not implemented (CHAT_NOT_IMPLEMENTED): refused unless at their default.
+    add_special_tokens: Any = None
+    echo: Any = None
+    documents: Any = None
+    mm_processor_kwargs: Any = None
+    reasoning_effort: Any = None
+    include_reasoning: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    add_generation_prompt: Any = None
+    continue_final_message: Any = None
 
     def to_messages(self) -> list[dict[str, str]]:
         if not self.messages:
@@ -196,8 +332,6 @@ def completion_choice(index: int, chunk: GenerateChunk, choice_pos: int, echo_te
 
 
 def stream_event(payload: dict[str, Any] | str) -> str:
-    import json
-
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
 

@@ -42,6 +42,18 @@ def test_unary_and_stream_equal_the_http_result(served: Served, client: Generati
     assert all(m.stop_reason == pb.STOP_REASON_UNSPECIFIED for m in messages[:-1])
 
 
+def test_continuous_usage_stats_on_every_stream_message(client: GenerationClient) -> None:
+    messages = list(client.generate_stream(PROMPT, max_new_tokens=12, temperature=0, continuous_usage_stats=True))
+    counts = [m.usage.completion_tokens for m in messages]
+    generated = [len(m.token_ids) for m in messages]
+    assert all(m.HasField("usage") for m in messages)
+    assert counts == [sum(generated[:i + 1]) for i in range(len(messages))]  # the tokens so far
+    assert counts[-1] == 12
+    assert all(m.usage.total_tokens == m.usage.prompt_tokens + m.usage.completion_tokens for m in messages)
+    plain = list(client.generate_stream(PROMPT, max_new_tokens=4, temperature=0))
+    assert [m.HasField("usage") for m in plain] == [False] * (len(plain) - 1) + [True]
+
+
 def test_stop_reasons_logprobs_tokenize_and_model_info(served: Served, client: GenerationClient) -> None:
     base = client.generate(PROMPT, max_new_tokens=16, temperature=0)
     stop = base.text[4:7]

@@ -73,6 +73,48 @@ def test_streaming_equals_non_streaming(served: Served, client: openai.OpenAI) -
     assert chat_chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_vllm_sampling_parameters_on_the_cluster_engine(served: Served, client: openai.OpenAI) -> None:
+    """Penalties, min_p, min_tokens and logit_bias through HTTP and the cluster engine equal the local engine's."""
+    extra = {"repetition_penalty": 1.3, "min_p": 0.05, "min_tokens": 4, "bad_words": ["zz"]}
+    out = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=10, temperature=0.7, seed=5, n=2,
+                                    presence_penalty=0.5, frequency_penalty=0.3, extra_body=extra)
+    want = expected(served, PROMPT, max_tokens=10, temperature=0.7, seed=5, n=2, presence_penalty=0.5,
+                    frequency_penalty=0.3, repetition_penalty=1.3, min_p=0.05, min_tokens=4, bad_words=("zz",))
+    assert [c.text for c in out.choices] == [c.text for c in want.completions]
+    forced = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=5, temperature=1.0,
+                                       logit_bias={"77": 100}, extra_body={"return_tokens_as_token_ids": False})
+    ids = expected(served, PROMPT, max_tokens=5, temperature=1.0, logit_bias=((77, 100.0),)).completions[0]
+    assert ids.token_ids == [77] * 5 and forced.choices[0].text == ids.text
+
+
+def sse_events(served: Served, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    with httpx.stream("POST", f"{served.http}{path}", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_as_guidellm_sends_them(served: Served, path: str) -> None:
+    """guidellm's stream_options (vLLM's continuous_usage_stats): usage in every chunk, the tokens so far."""
+    body: dict[str, Any] = {"model": served.model, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+                            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True,
+                                                               "some_future_option": 1}}
+    body |= {"prompt": PROMPT} if path == "/v1/completions" else {"messages": [{"role": "user", "content": PROMPT}]}
+    events = sse_events(served, path, body)
+    with_choices = [e for e in events if e["choices"]]
+    assert all("usage" in e for e in events)
+    counts = [e["usage"]["completion_tokens"] for e in with_choices]
+    assert counts == sorted(counts) and counts[-1] == 12
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 12
+    assert all(e["usage"]["total_tokens"] == e["usage"]["prompt_tokens"] + e["usage"]["completion_tokens"]
+               for e in events)
+    # Without include_usage vLLM gives no usage at all, continuous_usage_stats or not.
+    body["stream_options"] = {"continuous_usage_stats": True}
+    assert not any("usage" in e for e in sse_events(served, path, body))
+
+
 def test_sse_wire_format_ends_with_done(served: Served) -> None:
     body = {"model": served.model, "prompt": PROMPT, "max_tokens": 3, "stream": True}
     with httpx.stream("POST", f"{served.http}/v1/completions", json=body, timeout=60) as r:
@@ -186,8 +228,8 @@ BAD_REQUESTS = [
     ("missing model", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
     ("missing model (completions)", "/v1/completions", {"prompt": "x"}, 400, "model"),
     ("messages of the wrong type", "/v1/chat/completions", {"model": "demo", "messages": "hi"}, 400, "messages"),
-    ("unsupported penalty", "/v1/completions", {"model": "demo", "prompt": "x", "presence_penalty": 1}, 400,
-     "presence_penalty"),
+    ("unimplemented vLLM parameter", "/v1/completions", {"model": "demo", "prompt": "x", "use_beam_search": True},
+     400, "use_beam_search"),
 ]
 
 

@@ -1,0 +1,94 @@
+"""Every sampling or extra parameter a vLLM client may send is either honoured (it reaches SamplingParams, or it
+cannot change the output) or refused with a 400 naming it: none is silently ignored. Unknown fields are ignored,
+as OpenAI's SDKs send newer ones, and logged once at debug level."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from router_service.errors import ApiError
+from router_service.openai_protocol import ChatCompletionRequest, CompletionRequest, log_unknown_field
+
+Kind = type[CompletionRequest] | type[ChatCompletionRequest]
+# vLLM's SamplingParams and its OpenAI server's request extras (completions and chat), with a value that is not
+# the default: (name, value, the SamplingParams attribute that must show it, or None when it must be refused).
+HONOURED: list[tuple[str, Any, str, Any]] = [
+    ("n", 2, "n", 2), ("temperature", 0.5, "temperature", 0.5), ("top_p", 0.9, "top_p", 0.9),
+    ("top_k", 5, "top_k", 5), ("min_p", 0.1, "min_p", 0.1), ("seed", 7, "seed", 7),
+    ("presence_penalty", 0.5, "presence_penalty", 0.5), ("frequency_penalty", -0.5, "frequency_penalty", -0.5),
+    ("repetition_penalty", 1.2, "repetition_penalty", 1.2), ("logit_bias", {"5": 150}, "logit_bias", ((5, 100.0),)),
+    ("stop", ["x"], "stop", ("x",)), ("stop_token_ids", [3], "stop_token_ids", (3,)),
+    ("bad_words", ["no"], "bad_words", ("no",)), ("ignore_eos", True, "ignore_eos", True),
+    ("max_tokens", 9, "max_tokens", 9), ("min_tokens", 2, "min_tokens", 2),
+    ("include_stop_str_in_output", True, "include_stop_str_in_output", True),
+    ("skip_special_tokens", False, "skip_special_tokens", False),
+]
+COMPLETION_ONLY = [("logprobs", 2, "logprobs", 2), ("echo", True, "echo", True), ("best_of", 2, "n", 2)]
+CHAT_ONLY = [("max_completion_tokens", 9, "max_tokens", 9), ("logprobs", True, "logprobs", 0)]
+NO_EFFECT = [("user", "u"), ("request_id", "r"), ("cache_salt", "s"), ("store", True), ("metadata", {"a": "b"}),
+             ("service_tier", "auto"), ("priority", 0), ("stream", True), ("stream_options", {"include_usage": True}),
+             ("timeout", 30)]
+REFUSED: list[tuple[str, Any]] = [
+    ("use_beam_search", True), ("length_penalty", 0.5), ("prompt_logprobs", 1), ("allowed_token_ids", [1, 2]),
+    ("spaces_between_special_tokens", False), ("truncate_prompt_tokens", 8), ("logits_processors", ["x"]),
+    ("guided_json", {"type": "object"}), ("guided_regex", "a+"), ("guided_choice", ["a", "b"]),
+    ("guided_grammar", "root ::= 'a'"), ("guided_decoding_backend", "xgrammar"), ("guided_whitespace_pattern", " "),
+    ("structured_outputs", {"json": {}}), ("return_tokens_as_token_ids", True), ("return_token_ids", True),
+    ("priority", 3), ("kv_transfer_params", {"a": 1}), ("vllm_xargs", {"a": 1}), ("prompt_embeds", "AAAA"),
+]
+COMPLETION_REFUSED = [("suffix", "tail"), ("add_special_tokens", False)]
+CHAT_REFUSED = [("echo", True), ("documents", [{"a": "b"}]), ("mm_processor_kwargs", {"a": 1}),
+                ("reasoning_effort", "high"), ("include_reasoning", True), ("functions", [{"name": "f"}]),
+                ("function_call", "auto"), ("tool_choice", "required"), ("tools", [{"type": "function"}]),
+                ("modalities", ["audio"]), ("audio", {"voice": "x"}), ("prediction", {"type": "content"}),
+                ("web_search_options", {}), ("chat_template", "{{ x }}"), ("chat_template_kwargs", {"a": 1}),
+                ("add_generation_prompt", False), ("continue_final_message", True),
+                ("add_special_tokens", True), ("response_format", {"type": "json_object"})]
+
+
+def body(kind: Kind, **extra: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"model": "m"}
+    base |= {"prompt": "hi"} if kind is CompletionRequest else {"messages": [{"role": "user", "content": "hi"}]}
+    return base | extra
+
+
+def params_of(kind: Kind, **extra: Any) -> Any:
+    return kind.model_validate(body(kind, **extra)).to_params()
+
+
+@pytest.mark.parametrize("kind", [CompletionRequest, ChatCompletionRequest])
+def test_every_vllm_parameter_is_honoured_or_refused(kind: Kind) -> None:
+    own = COMPLETION_ONLY if kind is CompletionRequest else CHAT_ONLY
+    for name, value, attribute, shown in HONOURED + own:
+        extra = {name: value} | ({"n": 2} if name == "best_of" else {}) | (
+            {"max_tokens": 9} if name == "min_tokens" else {})
+        assert getattr(params_of(kind, **extra), attribute) == shown, name
+    for name, value in NO_EFFECT:
+        extra = {name: value} | ({"stream": True} if name == "stream_options" else {})
+        assert params_of(kind, **extra) == params_of(kind), name
+    refused = REFUSED + (COMPLETION_REFUSED if kind is CompletionRequest else CHAT_REFUSED)
+    for name, value in refused:
+        with pytest.raises(ApiError) as err:
+            params_of(kind, **{name: value})
+        assert err.value.status == 400 and err.value.param == name, name
+    names = {n for n, *_ in HONOURED + own + refused} | {n for n, _ in NO_EFFECT}
+    assert not names - set(kind.model_fields), "a listed parameter is not declared (it would be ignored)"
+
+
+def test_defaults_of_refused_parameters_are_accepted() -> None:
+    assert params_of(CompletionRequest, use_beam_search=False, length_penalty=1.0, add_special_tokens=True,
+                     spaces_between_special_tokens=True) == params_of(CompletionRequest)
+    assert params_of(ChatCompletionRequest, add_generation_prompt=True, continue_final_message=False,
+                     add_special_tokens=False, tool_choice="none", echo=False) == params_of(ChatCompletionRequest)
+
+
+def test_unknown_fields_are_ignored_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    log_unknown_field.cache_clear()
+    with caplog.at_level(logging.DEBUG, logger="moe_cluster.serve"):
+        for _ in range(3):
+            assert params_of(CompletionRequest, brand_new_field=1) == params_of(CompletionRequest)
+    hits = [r for r in caplog.records if "brand_new_field" in r.getMessage()]
+    assert len(hits) == 1 and hits[0].levelno == logging.DEBUG
