@@ -56,7 +56,7 @@ class LLMEngine:
         self.max_model_len = resolve_max_model_len(model_cfg, engine_cfg)
         self.block_size = engine_cfg.block_size
         self.cache = PagedKVCache.allocate(model_cfg, num_blocks, self.block_size, transformer.dtype, self.device)
-        self.kv = KVCacheManager(num_blocks, self.block_size)
+        self.kv = KVCacheManager(num_blocks, self.block_size, engine_cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         eos_ids = set(model_cfg.eos_token_ids)
@@ -168,6 +168,7 @@ class LLMEngine:
             if chunk.logits == "all":
                 self._record_prompt_logprobs(seq, chunk.start, logits[rows])
             seq.num_computed += s.num_new_tokens
+            self.kv.cache_full_blocks(seq)  # now written: later requests may reuse them
             if seq.num_computed == len(seq.token_ids):
                 for member in self._fork_if_needed(seq):
                     to_sample.append((member, rows[-1]))
@@ -337,6 +338,9 @@ class LLMEngine:
         s.num_running = len(self.scheduler.running)
         s.num_waiting = len(self.scheduler.waiting)
         s.kv_blocks_used = self.kv.num_used
+        s.kv_blocks_cached = self.kv.allocator.num_cached
+        s.prefix_cache_queries_total = self.kv.prefix_stats.queries
+        s.prefix_cache_hits_total = self.kv.prefix_stats.hits
         s.num_preemptions = self.scheduler.num_preemptions
         s.tokens_per_expert = self.moe.routing_counts()
         s.backend = self.moe.timings()

@@ -28,6 +28,9 @@ class EngineStats:
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
     kv_block_size: int = 0
+    kv_blocks_cached: int = 0  # blocks the prefix cache can find (held or free)
+    prefix_cache_queries_total: int = 0  # context tokens looked up in the prefix cache at admission
+    prefix_cache_hits_total: int = 0  # of those, tokens found there (not computed again)
     num_preemptions: int = 0
     num_steps: int = 0
     prompt_tokens_total: int = 0

@@ -32,6 +32,7 @@ class EngineConfig:
     kv_cache_gib: float | None = None  # KV cache budget in GiB ...
     kv_cache_fraction: float = 0.25  # ... or this fraction of the device's free memory
     num_kv_blocks: int | None = None  # exact block count (overrides the budget; for tests)
+    enable_prefix_caching: bool = True  # reuse the KV blocks of a cached context prefix (kv_cache.py)
     max_queue_len: int = 1024  # waiting requests beyond which new ones are refused
     progress: bool = True  # progress bars while loading weights
 
@@ -48,6 +49,8 @@ class EngineConfig:
         for name in ("max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if self.kv_cache_gib is not None:
             _check_positive("kv_cache_gib", self.kv_cache_gib, integer=False)
         if not isinstance(self.kv_cache_fraction, (int, float)) or not 0 < self.kv_cache_fraction <= 0.95:

@@ -46,18 +46,41 @@ def available_memory_bytes(device: torch.device) -> int:
 
 
 def kv_cache_blocks(model_cfg: ModelConfig, engine_cfg: EngineConfig, dtype: torch.dtype,
-                    device: torch.device, max_model_len: int) -> int:
-    """Blocks that fit the budget, capped at what max_num_seqs full-length sequences could ever use."""
-    if engine_cfg.num_kv_blocks is not None:
+                    device: torch.device | None, max_model_len: int) -> int:
+    """Blocks that fit the budget, capped at what max_num_seqs full-length sequences could ever use. Refuses a
+    budget that cannot hold one max_model_len sequence (check_kv_holds_one_sequence). ``device`` None: only a
+    budget in GiB can be sized (before anything is loaded)."""
+    if engine_cfg.num_kv_blocks is not None:  # an exact count (tests): small caches on purpose, no check
         return engine_cfg.num_kv_blocks
     per_block = kv_bytes_per_block(model_cfg, engine_cfg.block_size, dtype)
-    budget = (engine_cfg.kv_cache_gib * 2**30 if engine_cfg.kv_cache_gib is not None
-              else available_memory_bytes(device) * engine_cfg.kv_cache_fraction)
+    if engine_cfg.kv_cache_gib is not None:
+        budget = engine_cfg.kv_cache_gib * 2**30
+    else:
+        assert device is not None, "a KV budget as a fraction of free memory needs the device"
+        budget = available_memory_bytes(device) * engine_cfg.kv_cache_fraction
     blocks = int(budget // per_block)
-    if blocks < 1:
-        raise ValueError(f"the KV cache budget ({budget / 2**30:.3f} GiB) is smaller than one block "
-                         f"({per_block} bytes)")
+    check_kv_holds_one_sequence(blocks, per_block, engine_cfg, max_model_len, budget)
     return min(blocks, engine_cfg.max_num_seqs * blocks_for(max_model_len, engine_cfg.block_size))
+
+
+def check_kv_holds_one_sequence(blocks: int, per_block: int, engine_cfg: EngineConfig, max_model_len: int,
+                                budget: float) -> None:
+    """vLLM's start-up check: a KV cache that cannot hold one max_model_len sequence would refuse requests the
+    API accepts (a chat request without max_tokens asks for the whole context). Names the numbers and the flags
+    (and serve.yaml engine_options) that fix it."""
+    bs = engine_cfg.block_size
+    need_blocks = blocks_for(max_model_len, bs)
+    if blocks >= need_blocks:
+        return
+    need_gib = need_blocks * per_block / 2**30
+    where = (f"--kv-cache-gib {engine_cfg.kv_cache_gib:g}" if engine_cfg.kv_cache_gib is not None
+             else f"--kv-cache-fraction {engine_cfg.kv_cache_fraction:g} of the free memory")
+    raise ValueError(
+        f"the KV cache ({where}: {budget / 2**30:.3f} GiB, {blocks} blocks of {bs} tokens = {blocks * bs} tokens "
+        f"at {per_block // bs} bytes per token) cannot hold one sequence of max_model_len={max_model_len} tokens, "
+        f"which needs {need_gib:.3f} GiB. Lower --max-model-len to at most {blocks * bs} (engine_options."
+        f"max_model_len), or give the KV cache at least --kv-cache-gib {need_gib:.3f} (engine_options.kv_cache_gib)"
+        f" or a larger --kv-cache-fraction (engine_options.kv_cache_fraction)")
 
 
 def engine_dtype(model_cfg: ModelConfig, engine_cfg: EngineConfig) -> torch.dtype:

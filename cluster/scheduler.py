@@ -6,7 +6,9 @@ Each step:
      tokens, the newest running sequence is preempted (its blocks freed; it is recomputed later).
   2. then waiting sequences, strictly first come first served: the head of the queue is admitted when its
      whole context fits in the free blocks and a sequence slot is free; nothing overtakes it, so a long
-     prompt is never starved. Prefill is chunked, so a long prompt never stalls running decodes.
+     prompt is never starved. Prefill is chunked, so a long prompt never stalls running decodes. An admitted
+     sequence starts from the longest prefix of its context the prefix cache holds (new or preempted alike)
+     and computes only the rest.
 """
 
 from __future__ import annotations
@@ -93,9 +95,13 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = seq.request.params.n if seq.request.needs_fork else 1
-            if len(self.running) + n > self.max_num_seqs or not self.kv.can_admit(seq, reserved):
+            if len(self.running) + n > self.max_num_seqs:
+                break
+            cached = self.kv.cached_prefix(seq, seq.max_cached_prefix)
+            if not self.kv.can_admit(seq, reserved, cached):
                 break
             self.waiting.popleft()
+            self.kv.take_cached(seq, cached)
             n_new = min(seq.num_uncomputed, budget)
             copies = self.kv.allocate_slots(seq, n_new)
             assert copies is not None, "admission checked that the whole context fits"

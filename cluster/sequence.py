@@ -195,6 +195,8 @@ class Seq:
         self.num_prompt_tokens = len(request.prompt_ids)
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained hashes of its full blocks (kv_cache.chain_block_hash)
+        self.num_cached_blocks = 0  # blocks of block_table in the prefix cache
         self.status = SeqStatus.WAITING
         self.seed = seed  # this sample's seed; token i is drawn with token_seed(seed, i)
         self.detok = detok
@@ -217,3 +219,14 @@ class Seq:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
+
+    @property
+    def max_cached_prefix(self) -> int:
+        """Tokens at most that may come from the prefix cache: all but the last (its logits are sampled from),
+        and, while the prompt logprobs of echo + logprobs are not all computed, none whose logits they still need
+        (a fresh such request computes its whole prompt, as vLLM does; one preempted after them reuses it)."""
+        limit = len(self.token_ids) - 1
+        pending = self.request.prompt_logprobs
+        if pending is not None and len(pending) < self.num_prompt_tokens:
+            limit = min(limit, len(pending) - 1)
+        return limit

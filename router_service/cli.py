@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from router_service.engine_flags import add_engine_flags
+
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command needs them
     from cluster.engine_api import EngineClient
     from cluster.sampling import SamplingParams
@@ -196,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on shutdown, how long running requests may take to finish before they end with a "
                             "retryable 'server is shutting down' error (default: from the config, "
                             f"{cfg.get('drain_timeout_s', 30)} in the bundled one)")
+    add_engine_flags(serve, cfg)
     serve.add_argument("--config", metavar="FILE",
                        help=f"a Serve config file (YAML, `serve deploy` format) to deploy (default: {bundled})")
     key = serve.add_mutually_exclusive_group()

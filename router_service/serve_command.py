@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from cluster.errors import ClusterStartError
 from router_service.listeners import check_ports_free, embedded_ray_options
-from router_service.serve_config import resolve_config
+from router_service.serve_config import check_kv_budget, resolve_config
 from router_service.settings import AppSettings
 
 log = logging.getLogger("moe_cluster.serve")
@@ -84,6 +84,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     app_cfg = config["applications"][0]
     settings = AppSettings.from_args(app_cfg["args"])  # validate before starting anything
+    check_kv_budget(app_cfg["args"])  # a KV cache too small for one max_model_len sequence: refuse now
     if args.api_key:
         os.environ["MOE_CLUSTER_API_KEY"] = args.api_key  # inherited by the Ray workers this process starts
     elif args.api_key_env:

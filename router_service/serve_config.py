@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from router_service.engine_flags import apply_engine_flags
+
 log = logging.getLogger("moe_cluster.serve")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "serve.yaml"
 DEMO_DIR = Path("~/.cache/moe-cluster/demo").expanduser()
@@ -73,6 +75,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         app_args.setdefault("pool_options", {})["redundant_experts"] = args.redundant_experts
     if args.rebalance_interval_s is not None:
         app_args.setdefault("pool_options", {})["rebalance_interval_s"] = args.rebalance_interval_s
+    apply_engine_flags(args, app_args)
     if args.api_key:
         app_args["api_key_env"] = "MOE_CLUSTER_API_KEY"
     elif args.api_key_env:
@@ -80,3 +83,19 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     config.setdefault("http_options", {}).update({"host": args.host, "port": args.http_port})
     config.setdefault("grpc_options", {})["port"] = args.grpc_port
     return config
+
+
+def check_kv_budget(app_args: dict[str, Any]) -> None:
+    """Refuse, before anything starts, engine options whose KV cache (given in GiB) cannot hold one max_model_len
+    sequence, with the numbers and the flags that fix it. An engine sized from a fraction of free memory is
+    checked by the engine itself once its weights are loaded (cluster.loader.kv_cache_blocks)."""
+    from cluster.config import ModelConfig
+    from cluster.engine_config import EngineConfig
+    from cluster.loader import engine_dtype, kv_cache_blocks
+    from cluster.validation import resolve_max_model_len
+
+    cfg = EngineConfig.from_dict({"model": app_args["model"]} | (app_args.get("engine_options") or {}))
+    if cfg.kv_cache_gib is None or cfg.num_kv_blocks is not None:
+        return
+    model_cfg = ModelConfig.from_file(cfg.model)
+    kv_cache_blocks(model_cfg, cfg, engine_dtype(model_cfg, cfg), None, resolve_max_model_len(model_cfg, cfg))

@@ -102,7 +102,7 @@ def test_first_come_first_served_no_overtaking(demo_dir: Path) -> None:
     got = Collector()
     engine.add_request("big", list(range(3, 103)), SamplingParams(max_tokens=50, ignore_eos=True), got.sink("big"))
     engine.step()  # "big" holds 26 of the 40 blocks
-    engine.add_request("long", list(range(3, 83)), GREEDY, got.sink("long"))  # needs 20 blocks: does not fit
+    engine.add_request("long", list(range(103, 183)), GREEDY, got.sink("long"))  # needs 20 blocks: does not fit
     engine.add_request("short", [7, 8], GREEDY, got.sink("short"))  # needs 1 block: would fit
     for _ in range(3):
         engine.step()
