@@ -61,6 +61,10 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         app_args.setdefault("pool_options", {})["redundant_experts"] = args.redundant_experts
     if args.rebalance_interval_s is not None:
         app_args.setdefault("pool_options", {})["rebalance_interval_s"] = args.rebalance_interval_s
+    if args.quantize_experts:
+        app_args.setdefault("engine_options", {})["quantize_experts"] = args.quantize_experts
+    if args.quantize_group_size:
+        app_args.setdefault("engine_options", {})["quantize_group_size"] = args.quantize_group_size
     if args.api_key:
         app_args["api_key_env"] = "MOE_CLUSTER_API_KEY"
     elif args.api_key_env:
