@@ -169,7 +169,7 @@ class Checkpoint:
         """``load``, except that with ``keep_quantized`` a pack-quantized weight stays a QuantizedWeight."""
         parts = {name: self._parts(name) for name in shapes}
         by_file: dict[str, list[str]] = defaultdict(list)
-        for name, stored in parts.items():
+        for stored in parts.values():
             for part in stored:
                 by_file[self.weight_map[part]].append(part)
         total = sum(_numel(shape) for shape in shapes.values()) * dtype.itemsize
