@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from cluster.quant_format import CheckpointQuantization, parse_quantization_config
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -68,6 +70,7 @@ class ModelConfig:
     dtype: str = "float32"
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
+    quantization: CheckpointQuantization | None = None  # how the checkpoint's weights are stored (None: plain)
 
     def __post_init__(self) -> None:
         for name, key in HF_KEYS.items():
@@ -142,6 +145,7 @@ class ModelConfig:
         eos = raw.get("eos_token_id", 2)
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+        quantization = parse_quantization_config(raw.get("quantization_config"))  # refuses what is not implemented
         return cls(
             **fields,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
@@ -151,6 +155,7 @@ class ModelConfig:
             dtype=str(dtype).removeprefix("torch."),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            quantization=quantization,
         )
 
     @classmethod

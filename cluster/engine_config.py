@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from cluster.config import parse_dtype
+from cluster.quant import ExpertQuantization, expert_quantization
 
 
 def _check_positive(name: str, value: Any, integer: bool = True) -> None:
@@ -35,8 +36,14 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the KV blocks of a cached context prefix (kv_cache.py)
     max_queue_len: int = 1024  # waiting requests beyond which new ones are refused
     progress: bool = True  # progress bars while loading weights
+    # Expert weights held quantized (weight-only; attention, routers, embeddings untouched): "int8" (per output
+    # channel) or "int4" (group-wise scales, quantize_group_size input features per scale; default
+    # cluster/quant.py DEFAULT_INT4_GROUP_SIZE), dequantized per call to the compute dtype. None: as stored.
+    quantize_experts: str | None = None
+    quantize_group_size: int | None = None
 
     def __post_init__(self) -> None:
+        expert_quantization(self.quantize_experts, self.quantize_group_size)  # checks both
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a checkpoint directory, got {self.model!r}")
         if self.dtype is not None:
@@ -55,6 +62,10 @@ class EngineConfig:
             _check_positive("kv_cache_gib", self.kv_cache_gib, integer=False)
         if not isinstance(self.kv_cache_fraction, (int, float)) or not 0 < self.kv_cache_fraction <= 0.95:
             raise ValueError(f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction!r}")
+
+    @property
+    def expert_quantization(self) -> ExpertQuantization | None:
+        return expert_quantization(self.quantize_experts, self.quantize_group_size)
 
     def with_(self, **changes: Any) -> EngineConfig:
         return replace(self, **changes)

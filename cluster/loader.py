@@ -17,6 +17,7 @@ from cluster.kv_cache import blocks_for, kv_bytes_per_block
 from cluster.model import MixtralTransformer, MoEBackend
 from cluster.moe import LocalMoE
 from cluster.pool_api import PoolHandle
+from cluster.quant import ExpertQuantization
 from cluster.tokenizer import Tokenizer
 from cluster.validation import resolve_max_model_len
 
@@ -107,9 +108,11 @@ def build_engine(engine_cfg: EngineConfig, make_moe: MoEFactory) -> LLMEngine:
     return LLMEngine(model_cfg, engine_cfg, tokenizer, MixtralTransformer(model_cfg, weights), moe, num_blocks)
 
 
-def local_moe(progress: bool = True) -> MoEFactory:
+def local_moe(progress: bool = True, quantize: ExpertQuantization | None = None) -> MoEFactory:
     def make(model_cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> MoEBackend:
-        experts = load_expert_weights(ckpt, model_cfg, range(model_cfg.num_experts), dtype, device, progress)
+        experts = load_expert_weights(ckpt, model_cfg, range(model_cfg.num_experts), dtype, device, progress,
+                                      quantize=quantize)
+        log.info("experts: %.1f MiB resident (%s)", experts.nbytes / 2**20, experts.quantization or "not quantized")
         return LocalMoE(experts, model_cfg.num_experts, model_cfg.experts_per_token)
 
     return make
@@ -125,4 +128,4 @@ def distributed_moe(pool: PoolHandle, coordinator_id: str, cluster_cfg: ClusterC
 
 
 def build_local_engine(engine_cfg: EngineConfig) -> LLMEngine:
-    return build_engine(engine_cfg, local_moe(engine_cfg.progress))
+    return build_engine(engine_cfg, local_moe(engine_cfg.progress, engine_cfg.expert_quantization))

@@ -146,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print text as it is generated (default: all at the end)")
     gen.add_argument("--api-key-env", metavar="VAR",
                      help="with --grpc: send the API key held in environment variable VAR (default: no key)")
+    _quantize_flags(gen, "not quantized: as the checkpoint stores them")
+
+    quant = sub.add_parser("quantize", help="write a checkpoint with its experts quantized (int8 or int4)",
+                           description="Quantize the expert weights of a full-precision checkpoint once, weight-only "
+                                       "(int8 per output channel, int4 with group-wise scales), into compressed-"
+                                       "tensors' pack-quantized format; attention, routers and embeddings are "
+                                       "copied unchanged. `serve`/`generate --model OUT` load it with the experts "
+                                       "kept quantized.")
+    quant.add_argument("input", help="the full-precision checkpoint directory")
+    quant.add_argument("output", help="where to write the quantized one (created if missing)")
+    quant.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 or 4 bits per expert weight")
+    quant.add_argument("--group-size", type=_positive_int, metavar="G",
+                       help="input features per scale (default: one scale per output channel for 8 bits, 64 for 4)")
+    quant.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
 
     load = sub.add_parser("expert-load", help="draw a running server's expert load (PNG)",
                           description="Read a running server's Prometheus metrics and draw a layer x expert heatmap "
@@ -206,7 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--api-key-env", metavar="VAR",
                      help="as --api-key, the key read from environment variable VAR, kept out of `ps` "
                           "(default: the config's api_key_env; none in the bundled one)")
+    _quantize_flags(serve, "from the config's engine_options; none in the bundled one")
     return parser
+
+
+def _quantize_flags(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--quantize-experts", choices=["int8", "int4"],
+                        help="hold the expert weights quantized, weight-only: int8 per output channel or int4 with "
+                             f"group-wise scales; attention, routers and embeddings stay as they are (default: "
+                             f"{default})")
+    parser.add_argument("--quantize-group-size", type=_positive_int, metavar="G",
+                        help="with --quantize-experts: input features per scale (default: per output channel for "
+                             "int8, 64 for int4)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -220,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(args)
         if args.command == "expert-load":
             return _expert_load(args)
+        if args.command == "quantize":
+            return _quantize(args)
         from router_service.serve_command import serve_command  # imports Ray Serve only when serving
 
         return serve_command(args)
@@ -250,6 +277,17 @@ def _init_demo(args: argparse.Namespace) -> int:
                              "weights and shards are fixed)")
     path = copy_trained_demo(args.directory, overwrite=args.force)
     print(f"trained demo checkpoint (King James Bible) written to {path}")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from cluster.quant import expert_quantization
+    from cluster.quantize_checkpoint import quantize_checkpoint
+
+    quant = expert_quantization(f"int{args.bits}", args.group_size)
+    assert quant is not None
+    path = quantize_checkpoint(args.input, args.output, quant, overwrite=args.force)
+    print(f"checkpoint with {quant.name} experts written to {path}")
     return 0
 
 
@@ -302,7 +340,8 @@ async def _print_stream(engine: EngineClient, prompt: str, params: SamplingParam
 def _make_engine(args: argparse.Namespace) -> EngineClient:
     from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 
-    engine_cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device)
+    engine_cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                              quantize_experts=args.quantize_experts, quantize_group_size=args.quantize_group_size)
     if args.engine == "local":
         from cluster.engine_loop import LocalEngine
 

@@ -76,6 +76,10 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.rebalance_interval_s is not None:
         app_args.setdefault("pool_options", {})["rebalance_interval_s"] = args.rebalance_interval_s
     apply_engine_flags(args, app_args)
+    if args.quantize_experts:
+        app_args.setdefault("engine_options", {})["quantize_experts"] = args.quantize_experts
+    if args.quantize_group_size:
+        app_args.setdefault("engine_options", {})["quantize_group_size"] = args.quantize_group_size
     if args.api_key:
         app_args["api_key_env"] = "MOE_CLUSTER_API_KEY"
     elif args.api_key_env:

@@ -76,13 +76,14 @@ class ExpertWorker:
             torch.cuda.set_device(self.device)
         ckpt = Checkpoint(engine_cfg.model)
         experts = load_layer_experts(ckpt, model_cfg, self.layer_experts, engine_dtype(model_cfg, engine_cfg),
-                                     self.device, progress=False)
+                                     self.device, progress=False, quantize=engine_cfg.expert_quantization)
         self.experts = VersionedExperts(self.map_version, experts, model_cfg.num_experts, self.device,
                                         self.worker_index)
         self.files_opened = list(ckpt.files_opened)
         self.load_seconds = time.perf_counter() - started
-        log.info("expert worker %d loaded experts %s (map version %d) on %s in %.1fs", self.worker_index,
-                 self.hosted(), self.map_version, self.device, self.load_seconds)
+        log.info("expert worker %d loaded experts %s (map version %d) on %s in %.1fs: %.1f MiB resident (%s)",
+                 self.worker_index, self.hosted(), self.map_version, self.device, self.load_seconds,
+                 experts.nbytes / 2**20, experts.quantization or "not quantized")
 
     def hosted(self) -> list[int]:
         return sorted({e for ids in self.layer_experts for e in ids})
@@ -141,7 +142,8 @@ class ExpertWorker:
         ckpt = Checkpoint(self.engine_cfg.model)
         current = self.experts.get(self.experts.latest)
         experts = load_layer_experts(ckpt, self.model_cfg, layer_experts, engine_dtype(self.model_cfg,
-                                     self.engine_cfg), self.device, progress=False, have=current)
+                                     self.engine_cfg), self.device, progress=False, have=current,
+                                     quantize=self.engine_cfg.expert_quantization)
         self.experts.add(version, experts)
         held = {(layer, e) for layer, ids in enumerate(current.layer_experts) for e in ids}
         read = sum(1 for layer, ids in enumerate(layer_experts) for e in ids if (layer, e) not in held)

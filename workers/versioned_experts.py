@@ -93,5 +93,7 @@ class VersionedExperts:
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
+            latest = self._held[self._latest]
             return {"map_version": self._latest, "versions_held": sorted(self._held),
+                    "expert_bytes": latest.nbytes, "expert_quantization": latest.quantization,
                     "rows_per_expert": [list(layer) for layer in self._rows]}
