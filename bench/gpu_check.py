@@ -226,9 +226,10 @@ def step_env(args: argparse.Namespace) -> StepResult:
         props = torch.cuda.get_device_properties(i)
         rows.append([f"cuda:{i}", f"{props.name}, {props.total_memory / 2**30:.0f} GiB, "
                                   f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}", "ok"])
-    for name in ("transformers", "tokenizers", "safetensors", "ray", "pytest", "msgpack"):
+    needs = ("transformers", "tokenizers", "safetensors", "jinja2", "tqdm")  # what the local engine imports
+    for name in (*needs, "ray", "pytest", "msgpack"):
         version = _version(name)
-        needed = name in ("transformers", "tokenizers", "safetensors")
+        needed = name in needs
         status = "ok" if version or not needed else "FAIL"
         rows.append([name, version or "not importable" + ("" if needed else " (its steps are skipped)"), status])
     try:

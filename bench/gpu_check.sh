@@ -12,7 +12,7 @@
 # 3 the install failed.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"  # or PYTHON=/path/to/python
 install=1
 args=()
 for arg in "$@"; do
