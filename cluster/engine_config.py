@@ -82,6 +82,10 @@ class ClusterConfig:
     address: str | None = None  # Ray address; None starts (or joins) a local embedded Ray
     use_gpus: bool | None = None  # the coordinator on a GPU; None: when the Ray cluster has GPUs
     coordinator_num_cpus: float = 1.0  # CPUs reserved for a coordinator (a ClusterEngine actor, a Serve replica)
+    # Share of a GPU a coordinator reserves when it runs on one: 1 a device of its own; below 1 it may share a
+    # device with expert workers (Ray fractional GPUs; NCCL refuses two ranks on one device, so such a pair
+    # needs link "shm", which stages rows through host memory).
+    coordinator_num_gpus: float = 1.0
     coordinator_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources it needs too
     coordinator_threads: int = 1  # torch intra-op threads of the coordinator's engine
     link: str = "auto"  # "auto" (shared memory with workers on its node when tensors are on CPU, else "pg"),
@@ -101,6 +105,7 @@ class ClusterConfig:
         for name in ("coordinator_num_cpus", "heartbeat_s", "start_timeout_s"):
             _check_positive(name, getattr(self, name), integer=False)
         _check_positive("coordinator_threads", self.coordinator_threads)
+        _check_gpu_share("coordinator_num_gpus", self.coordinator_num_gpus)
         _check_positive("micro_batch_min_tokens", self.micro_batch_min_tokens)
         if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) \
                 or not 0 <= self.micro_batches <= 8:
@@ -126,6 +131,7 @@ class PoolConfig:
     experts_per_worker: int = 1  # experts hosted by one ExpertWorker actor
     use_gpus: bool | None = None  # one GPU per worker; None: when the Ray cluster has GPUs
     worker_num_cpus: float = 1.0  # CPUs reserved per worker
+    worker_num_gpus: float = 1.0  # share of a GPU per worker when the pool uses GPUs (below 1: workers share one)
     worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each worker needs too
     threads_per_worker: int | None = None  # torch intra-op threads per worker; None: max(1, worker_num_cpus)
     placement_strategy: str = "PACK"  # Ray placement group strategy for the workers' bundles
@@ -172,6 +178,7 @@ class PoolConfig:
             raise ValueError(f"merge_wait_ms must be in [0, 1000], got {self.merge_wait_ms!r}")
         if self.threads_per_worker is not None:
             _check_positive("threads_per_worker", self.threads_per_worker)
+        _check_gpu_share("worker_num_gpus", self.worker_num_gpus)
         _check_resources("worker_resources", self.worker_resources)
 
     @property
@@ -184,6 +191,13 @@ class PoolConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> PoolConfig:
         return cls(**known_fields(cls, raw, "pool"))
+
+
+def _check_gpu_share(name: str, value: Any) -> None:
+    """A Ray GPU request: a fraction in (0, 1] (actors sharing a device) or a whole number of devices."""
+    _check_positive(name, value, integer=False)
+    if value > 1 and value != int(value):
+        raise ValueError(f"{name} must be in (0, 1] or a whole number of GPUs, got {value!r}")
 
 
 def _check_resources(name: str, value: Any) -> None:

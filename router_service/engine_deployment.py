@@ -226,7 +226,8 @@ def engine_deployment_options(settings: AppSettings) -> dict[str, Any]:
         return options
     cluster_cfg = settings.cluster_config()
     gpus = use_gpus(cluster_cfg.use_gpus) if ray.is_initialized() else bool(cluster_cfg.use_gpus)
-    options["ray_actor_options"] = {"num_cpus": cluster_cfg.coordinator_num_cpus, "num_gpus": int(gpus),
+    options["ray_actor_options"] = {"num_cpus": cluster_cfg.coordinator_num_cpus,
+                                    "num_gpus": cluster_cfg.coordinator_num_gpus if gpus else 0,
                                     "resources": dict(cluster_cfg.coordinator_resources)}
     return options
 

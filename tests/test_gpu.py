@@ -39,7 +39,7 @@ def test_local_engine_on_cuda_matches_transformers(hf_small: HFCheckpoint, dtype
 
 @pytest.mark.multigpu
 def test_cluster_over_nccl_equals_local_engine(hf_small: HFCheckpoint) -> None:
-    import ray
+    ray = pytest.importorskip("ray", reason="the cluster needs Ray")
 
     from tests.test_cluster import assert_same_outputs
     from workers.cluster_engine import ClusterEngine

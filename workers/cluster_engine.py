@@ -103,7 +103,7 @@ class ClusterEngine:
             pool = start_pool(engine_cfg, pool_cfg)
         gpus = use_gpus(cluster_cfg.use_gpus)
         coordinator: Any = ray.remote(Coordinator).options(
-            num_cpus=cluster_cfg.coordinator_num_cpus, num_gpus=int(gpus),
+            num_cpus=cluster_cfg.coordinator_num_cpus, num_gpus=cluster_cfg.coordinator_num_gpus if gpus else 0,
             resources=dict(cluster_cfg.coordinator_resources), max_restarts=0, max_concurrency=1000,
         ).remote(engine_cfg, cluster_cfg, pool)
         try:

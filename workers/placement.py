@@ -1,6 +1,6 @@
-"""Ray start-up and gang scheduling of an expert pool: one bundle per worker (one GPU each when the Ray cluster
-has GPUs), reserved all at once in a placement group. Placement either succeeds within a bounded time or fails
-with a message naming what the Ray cluster lacks."""
+"""Ray start-up and gang scheduling of an expert pool: one bundle per worker (``worker_num_gpus`` of a GPU each
+when the Ray cluster has GPUs), reserved all at once in a placement group. Placement either succeeds within a
+bounded time or fails with a message naming what the Ray cluster lacks."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def use_gpus(flag: bool | None) -> bool:
 def worker_bundle(pool_cfg: PoolConfig, gpus: bool) -> dict[str, float]:
     """What one expert worker reserves."""
     bundle = {"CPU": pool_cfg.worker_num_cpus, **pool_cfg.worker_resources}
-    return bundle | {"GPU": 1.0} if gpus else bundle
+    return bundle | {"GPU": float(pool_cfg.worker_num_gpus)} if gpus else bundle
 
 
 def place(bundles: list[dict[str, float]], strategy: str, timeout_s: float, name: str, what: str) -> PlacementGroup:

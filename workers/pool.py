@@ -98,7 +98,8 @@ class ExpertPool:
         return await self.describe()
 
     def _spawn(self, index: int, generation: int) -> Any:
-        options: dict[str, Any] = {"num_cpus": self.pool_cfg.worker_num_cpus, "num_gpus": int(self.gpus),
+        options: dict[str, Any] = {"num_cpus": self.pool_cfg.worker_num_cpus,
+                                   "num_gpus": self.pool_cfg.worker_num_gpus if self.gpus else 0,
                                    "resources": dict(self.pool_cfg.worker_resources), "max_restarts": 0,
                                    "max_concurrency": 8}
         if self.pg is not None:
@@ -268,8 +269,9 @@ class ExpertPool:
 
     def summary(self) -> str:
         extra = f", {self.pool_cfg.redundant_experts} redundant slots" if self.pool_cfg.redundant_experts else ""
+        share = f"{self.pool_cfg.worker_num_gpus:g} GPU" if self.gpus else f"{self.pool_cfg.worker_num_cpus:g} CPU"
         return (f"{self.expert_map.num_workers} expert workers x {self.pool_cfg.experts_per_worker} experts{extra}, "
-                f"{'1 GPU' if self.gpus else f'{self.pool_cfg.worker_num_cpus:g} CPU'} each")
+                f"{share} each")
 
     async def describe(self) -> dict[str, Any]:
         return {"pool_id": self.pool_id, "summary": self.summary(),
