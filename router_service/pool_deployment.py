@@ -39,13 +39,18 @@ class ExpertPoolDeployment:
                                placement_group=pg, first_bundle=1, gpus=gpus)
         await self.pool.start()
         self.metrics = PoolMetrics(settings.model_name, self.pool.pool_id)
+        self._sample_shape()
         self._sampler = asyncio.get_running_loop().create_task(self._sample())
 
     async def _sample(self) -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
+            self._sample_shape()
             with contextlib.suppress(Exception):
                 self.metrics.sample(await self.pool.worker_stats(), len(self.pool.rebalances))
+
+    def _sample_shape(self) -> None:
+        self.metrics.sample_pool(self.pool.map_version(), self.pool.expert_map.num_workers, len(self.pool.resizes))
 
     async def attach(self, coordinator_id: str) -> PoolView:
         return await self.pool.attach(coordinator_id)
@@ -65,6 +70,13 @@ class ExpertPoolDeployment:
     async def rebalance(self, force: bool = False, placement: list[list[list[int]]] | None = None
                         ) -> dict[str, Any]:
         return await self.pool.rebalance(force, placement)
+
+    async def resize(self, num_workers: int) -> dict[str, Any]:
+        """The elastic pool: grow or shrink to ``num_workers`` workers (answers once the new map is committed)."""
+        try:
+            return await self.pool.resize(num_workers)
+        finally:
+            self._sample_shape()  # /metrics shows the new shape at once, not at the next sample
 
     async def describe(self) -> dict[str, Any]:
         return await self.pool.describe()
