@@ -164,16 +164,42 @@ class DistributedMoE:
             log.warning("coordinator %s: cannot fetch the pool's expert map version %d yet: %s", self.coordinator_id,
                         self._announced, first_line(err))
             return
-        before = self.view.expert_map.version
+        before, workers_before = self.view.expert_map.version, len(self.view.workers)
         if [(e.index, e.generation, e.address) for e in view.workers] == \
                 [(e.index, e.generation, e.address) for e in self.view.workers]:
             self.view = view
             self._announced = max(self._announced, view.expert_map.version)
         else:
-            self._close_links()
-            self._connect(view)
-        log.info("coordinator %s: expert map version %d -> %d", self.coordinator_id, before,
-                 view.expert_map.version)
+            self._relink(view)
+        log.info("coordinator %s: expert map version %d -> %d (%d -> %d expert workers)", self.coordinator_id,
+                 before, view.expert_map.version, workers_before, len(view.workers))
+
+    def _relink(self, view: PoolView) -> None:
+        """Move to a view whose workers changed (a resize, a replacement): keep the links to workers that stay,
+        open links to the new ones, close those to workers that left (a retired worker leaves once every
+        coordinator has closed its link). Called between steps: nothing is in flight on any link."""
+        old = {(e.index, e.generation, e.address): (link, tag)
+               for e, link, tag in zip(self.view.workers, self.links, self._tags, strict=True)}
+        wanted = {(e.index, e.generation, e.address) for e in view.workers}
+        for key in [k for k in old if k not in wanted]:
+            with contextlib.suppress(Exception):
+                old.pop(key)[0].close()
+        self.view = view
+        self._announced = max(self._announced, view.expert_map.version)
+        links: list[CoordinatorEnd] = []
+        tags: list[int] = []
+        try:
+            for endpoint in view.workers:
+                link, tag = old.pop((endpoint.index, endpoint.generation, endpoint.address), (None, 0))
+                links.append(link if link is not None else self._open(endpoint))
+                tags.append(tag)
+        except BaseException:
+            for link in [*links, *(link for link, _ in old.values())]:
+                with contextlib.suppress(Exception):
+                    link.close()
+            self.links, self._tags = [], []
+            raise
+        self.links, self._tags = links, tags
 
     def micro_batches(self, num_tokens: int, num_seqs: int) -> int:
         """The configured count, or (auto) 2 once a step has enough tokens to pay for a second exchange per

@@ -166,6 +166,58 @@ def plan(layer_loads: Sequence[Sequence[float]], num_workers: int, capacity: int
                  for layer, loads in enumerate(layer_loads))
 
 
+def max_workers(num_experts: int, redundant: int) -> int:
+    """The most workers a pool can use: one per expert slot (every expert once, plus the redundant slots)."""
+    return num_experts + redundant
+
+
+def plan_for_workers(layer_loads: Sequence[Sequence[float]], num_workers: int, redundant: int,
+                     current: Sequence[Placement]) -> tuple[tuple[Placement, ...], int]:
+    """The placement on ``num_workers`` workers (a resized pool) from the same policy, and its slots per worker.
+
+    Workers keep their index: growing adds workers after the current ones (they start empty for the matching),
+    shrinking retires the last ones; each new expert set goes to the kept worker that holds most of it, so that
+    kept workers read as little as they can. Redundant slots a pool this small cannot use (an expert has at most
+    one copy per worker) are left out.
+    """
+    num_experts = len(layer_loads[0])
+    if not 1 <= num_workers <= max_workers(num_experts, redundant):
+        raise ValueError(f"an expert pool of {num_experts} experts and {redundant} redundant slots takes 1 to "
+                         f"{max_workers(num_experts, redundant)} workers, not {num_workers}")
+    usable = min(redundant, num_experts * (num_workers - 1))
+    capacity = -(-(num_experts + usable) // num_workers)
+    padded = [tuple(layer[:num_workers]) + ((),) * (num_workers - len(layer)) for layer in current]
+    layers = tuple(place_layer(loads, num_workers, capacity, usable, was) if any(loads) else
+                   even_moving_least(was, current_layer, num_experts)
+                   for loads, was, current_layer in zip(layer_loads, padded, current, strict=True))
+    return layers, capacity
+
+
+def even_moving_least(padded: Placement, current: Placement, num_experts: int) -> Placement:
+    """Without any measured load, balance is only the count of experts per worker: every expert once, counts
+    differing by at most one, and each kept worker keeping as many of its experts as that allows (``padded``: the
+    current placement cut or padded to the new size; ``current``: the whole one, for the retired workers'
+    experts)."""
+    num_workers = len(padded)
+    seen: set[int] = set()
+    hosted: list[list[int]] = []
+    for experts in padded:  # a replica is dropped: with no load it balances nothing
+        hosted.append([e for e in experts if e not in seen])
+        seen.update(experts)
+    orphans = list(dict.fromkeys([e for experts in current for e in experts if e not in seen]
+                                 + [e for e in range(num_experts) if e not in seen]))
+    base, extra = divmod(num_experts, num_workers)
+    ranked = sorted(range(num_workers), key=lambda w: (-len(hosted[w]), w))
+    target = {w: base + (rank < extra) for rank, w in enumerate(ranked)}
+    for w in range(num_workers):
+        while len(hosted[w]) > target[w]:
+            orphans.append(hosted[w].pop())
+    for e in orphans:
+        w = min((w for w in range(num_workers) if len(hosted[w]) < target[w]), key=lambda w: (len(hosted[w]), w))
+        hosted[w].append(e)
+    return tuple(tuple(experts) for experts in hosted)
+
+
 def worker_rows(placement: Placement, loads: Sequence[float]) -> list[float]:
     """Expected rows of each worker in one layer: each expert's rows split evenly among its replicas."""
     copies = [0] * len(loads)
@@ -204,6 +256,7 @@ class LoadWindow:
     """The last ``intervals`` samples of [layer][expert] rows, summed: the sliding window placements use."""
 
     def __init__(self, intervals: int) -> None:
+        self.intervals = intervals
         self._samples: deque[list[list[int]]] = deque(maxlen=intervals)
 
     def add(self, rows: list[list[int]]) -> None:

@@ -35,6 +35,17 @@ class ClusterStartError(RuntimeError):
     """The cluster could not be placed or started (missing resources, unreachable Ray, ...)."""
 
 
+class PoolSizeError(ValueError):
+    """A resize of the expert pool to a size it cannot take (more workers than expert slots, fewer than one);
+    nothing changed (HTTP 400, ``param`` num_workers)."""
+
+    param = "num_workers"
+
+
+class PoolBusyError(RuntimeError):
+    """Another resize of the expert pool is running; nothing changed (HTTP 409): ask again when it has ended."""
+
+
 class QueueFullError(RuntimeError):
     """The engine's waiting queue is full; retry later (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
 

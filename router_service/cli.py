@@ -173,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "through the window with rebalances marked (default: %(default)s, since start only)")
     load.add_argument("--model", help="only this served model's series (default: all)")
 
+    scale = sub.add_parser("scale-pool", help="grow or shrink a running server's expert pool",
+                           description="Resize a running server's expert pool to N expert workers while it serves "
+                                       "(POST /scale_expert_pool); prints when the new expert map is committed, how "
+                                       "long it took and the map version.")
+    scale.add_argument("address", metavar="HOST:PORT", help="the server's HTTP address (or a URL)")
+    scale.add_argument("num_workers", metavar="N", type=_positive_int, help="the expert workers the pool should have")
+    scale.add_argument("--api-key-env", metavar="VAR", help="send the API key held in this environment variable")
+    scale.add_argument("--json", action="store_true", help="print the server's JSON answer")
+
     # serve: some defaults come from the Serve config (the bundled serve.yaml, or --config FILE).
     cfg = serve_config_defaults()
     bundled = "the bundled router_service/configs/serve.yaml"
@@ -247,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _expert_load(args)
         if args.command == "quantize":
             return _quantize(args)
+        if args.command == "scale-pool":
+            from router_service.pool_client import scale_pool_command
+
+            return scale_pool_command(args)
         from router_service.serve_command import serve_command  # imports Ray Serve only when serving
 
         return serve_command(args)

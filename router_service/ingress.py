@@ -32,6 +32,7 @@ from router_service.openai_protocol import (
     stream_event,
     usage,
 )
+from router_service.pool_admin import scale_expert_pool
 from router_service.settings import AppSettings
 
 app = FastAPI(title="moe-cluster", description="OpenAI-compatible API of an expert-parallel MoE cluster",
@@ -132,6 +133,7 @@ class Ingress:
         self.gateway = EngineGateway(engine, settings)
         self.http_guard = HttpGuard(self.gateway, settings.max_request_bytes)
         self.grpc_api = GrpcApi(self.gateway)
+        self.engine_kind = settings.engine
 
     async def begin_drain(self) -> None:
         """``moe-cluster serve`` calls this on Ctrl-C, before the engines drain: new requests get the 503
@@ -267,6 +269,11 @@ class Ingress:
         if include_usage and last is not None:
             yield stream_event(base | {"choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)})
         yield stream_event("[DONE]")
+
+    @app.post("/scale_expert_pool")
+    async def scale_expert_pool(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Admin (behind the API key when one is set): grow or shrink the expert pool to num_workers workers."""
+        return await scale_expert_pool(body, self.engine_kind)
 
     @app.post("/tokenize")
     async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:

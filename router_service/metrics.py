@@ -111,8 +111,24 @@ class PoolMetrics:
                                "sample (1 = perfectly even)", tag_keys=("model", "pool"))
         self.rebalances = Counter("moe_cluster_rebalances_total", "Expert map changes made by rebalancing",
                                   tag_keys=("model", "pool"))
+        self.map_version = Gauge("moe_cluster_expert_map_version",
+                                 "Version of the expert pool's committed expert map (rebalances and resizes bump it)",
+                                 tag_keys=("model", "pool"))
+        self.num_workers = Gauge("moe_cluster_expert_workers", "Expert workers of the pool's committed map",
+                                 tag_keys=("model", "pool"))
+        self.resizes = Counter("moe_cluster_pool_resizes_total", "Resizes of the expert pool (elastic pool)",
+                               tag_keys=("model", "pool"))
         self._last: dict[str, dict[str, Any]] = {}
         self._rebalances = 0
+        self._resizes = 0
+
+    def sample_pool(self, map_version: int, num_workers: int, resizes: int) -> None:
+        """The pool's shape now: its map version, its workers, and resizes so far."""
+        self.map_version.set(map_version, self.tags)
+        self.num_workers.set(num_workers, self.tags)
+        if resizes > self._resizes:
+            self.resizes.inc(resizes - self._resizes, self.tags)
+            self._resizes = resizes
 
     def sample(self, workers: list[dict[str, Any]], rebalances: int = 0) -> None:
         """Counters by their increase since the last sample; the imbalance of the rows in between."""

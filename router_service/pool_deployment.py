@@ -44,13 +44,18 @@ class ExpertPoolDeployment:
         self.metrics = PoolMetrics(settings.model_name, self.pool.pool_id)
         self.settings = settings
         self.replicas: dict[str, Any] = {}  # coordinator id -> the engine replica's actor handle
+        self._sample_shape()
         self._sampler = asyncio.get_running_loop().create_task(self._sample())
 
     async def _sample(self) -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
+            self._sample_shape()
             with contextlib.suppress(Exception):
                 self.metrics.sample(await self.pool.worker_stats(), len(self.pool.rebalances))
+
+    def _sample_shape(self) -> None:
+        self.metrics.sample_pool(self.pool.map_version(), self.pool.expert_map.num_workers, len(self.pool.resizes))
 
     async def attach(self, coordinator_id: str, replica: Any = None) -> PoolView:
         """``replica``: the engine replica's actor, so that shutdown can tell whether it is still there."""
@@ -74,6 +79,13 @@ class ExpertPoolDeployment:
     async def rebalance(self, force: bool = False, placement: list[list[list[int]]] | None = None
                         ) -> dict[str, Any]:
         return await self.pool.rebalance(force, placement)
+
+    async def resize(self, num_workers: int) -> dict[str, Any]:
+        """The elastic pool: grow or shrink to ``num_workers`` workers (answers once the new map is committed)."""
+        try:
+            return await self.pool.resize(num_workers)
+        finally:
+            self._sample_shape()  # /metrics shows the new shape at once, not at the next sample
 
     async def describe(self) -> dict[str, Any]:
         return await self.pool.describe()

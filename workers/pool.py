@@ -16,11 +16,21 @@ changes only in ``rebalance`` (every ``rebalance_interval_s``, or when asked), i
      coordinator, seeing that (or asking while idle), fetches the view between two steps and sends the new version
      from its next message on; a worker frees the old weights once none of its links may send them any more.
 Replacing a failed worker and changing the map never interleave (one lock): a replacement loads the current map.
+
+Resizing (``resize``, the elastic pool) is a map change whose new map has another number of workers: the
+placement for N workers comes from the same EPLB policy (the measured load when there is any); added workers
+are placed (a placement group of their own, so a KubeRay autoscaler may add the nodes) and load only their own
+experts, straight into the new version, while the kept workers prepare it next to the one they serve; then the
+commit as above. Retired workers (the last indexes) stay, serving the old map, until none of their links is left
+(every coordinator has moved to the new map and closed its link to them), and only then are killed. A failure
+before the commit (a worker dying, no resources) leaves the old map and kills what was added; one resize at a
+time (another is refused with PoolBusyError).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -33,7 +43,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from cluster import eplb
 from cluster.config import ModelConfig
 from cluster.engine_config import EngineConfig, PoolConfig
-from cluster.errors import ClusterStartError, describe_failure, first_line
+from cluster.errors import ClusterStartError, PoolBusyError, PoolSizeError, describe_failure, first_line
 from cluster.exchange import LinkSpec
 from cluster.loader import engine_dtype
 from cluster.moe import ExpertMap
@@ -44,6 +54,7 @@ from workers.rebalance import Decision, LoadTracker
 
 log = logging.getLogger("moe_cluster.pool")
 PING_TIMEOUT_S = 10.0
+RETIRE_POLL_S = 0.1  # how often a retiring worker is asked whether a link to it is left
 
 
 class ExpertPool:
@@ -55,17 +66,27 @@ class ExpertPool:
         self.pool_id = pool_id or uuid.uuid4().hex[:8]
         self.model_cfg = cfg = ModelConfig.from_file(engine_cfg.model)
         self.expert_map = ExpertMap.contiguous(cfg.num_experts, pool_cfg.experts_per_worker, cfg.num_layers)
-        # Every worker has room for this many experts per layer, whatever the map (links are sized for it).
+        # Every worker has room for this many experts per layer, whatever the map (until a resize).
         self.capacity = eplb.slots_per_worker(cfg.num_experts, self.expert_map.num_workers,
                                               pool_cfg.experts_per_worker, pool_cfg.redundant_experts)
         dtype = str(engine_dtype(cfg, engine_cfg)).removeprefix("torch.")
-        self.spec = LinkSpec(hidden=cfg.hidden_size, dtype=dtype, max_local=self.capacity, slots=pool_cfg.link_slots,
+        # Links carry one count per local slot: sized for the most a worker can ever host (every expert once), so
+        # that a resize never has to rebuild a link.
+        self.spec = LinkSpec(hidden=cfg.hidden_size, dtype=dtype, max_local=cfg.num_experts, slots=pool_cfg.link_slots,
                              slot_bytes=pool_cfg.link_slot_bytes, timeout_s=pool_cfg.link_timeout_s)
         self.pg = placement_group
         self.own_pg = placement_group is None
         self.first_bundle = first_bundle
         self.gpus = gpus
         self.workers: list[Any] = []  # ExpertWorker actor handles, by index
+        # Where each worker index is placed: (placement group, bundle); workers added by a resize get groups of
+        # their own, removed with their last worker.
+        self.bundles: list[tuple[PlacementGroup | None, int]] = []
+        self._generations: dict[int, int] = {}  # worker index -> the newest generation it has had (never reused)
+        self.resizes: list[dict[str, Any]] = []  # every applied resize
+        self.retiring: dict[int, dict[str, Any]] = {}  # pid -> a retired worker waiting for its links to close
+        self._retirements: set[asyncio.Task[None]] = set()
+        self._resizing: int | None = None  # the size a running resize is going to
         self.endpoints: list[WorkerEndpoint] = []
         self.infos: list[dict[str, Any]] = []  # what each worker reported when it started
         self.coordinators: dict[str, float] = {}  # attached coordinator id -> attach time
@@ -89,28 +110,37 @@ class ExpertPool:
                 self.pool_cfg.placement_timeout_s, f"moe-pool-{self.pool_id}", f"the pool's {n} expert workers")
         log.info("pool %s: starting %d expert workers for experts %s", self.pool_id, n,
                  [list(self.expert_map.hosted(w)) for w in range(n)])
+        self.bundles = [(self.pg, self.first_bundle + i) for i in range(n)]
         self.workers = [self._spawn(i, 0) for i in range(n)]
         self.infos = [{} for _ in range(n)]
         self.endpoints = list(await asyncio.gather(*(self._ready(i, 0) for i in range(n))))
+        self._generations = dict.fromkeys(range(n), 0)
         log.info("pool %s ready in %.1fs: %s", self.pool_id, time.perf_counter() - started, self.summary())
         if self.pool_cfg.rebalance_interval_s > 0:
             self._rebalancer = asyncio.get_running_loop().create_task(self._rebalance_periodically())
         return await self.describe()
 
-    def _spawn(self, index: int, generation: int) -> Any:
+    def _spawn(self, index: int, generation: int, expert_map: ExpertMap | None = None,
+               bundle: tuple[PlacementGroup | None, int] | None = None) -> Any:
+        """A worker for ``index`` of ``expert_map`` (default: the current map), in its bundle."""
+        expert_map = expert_map or self.expert_map
+        pg, bundle_index = bundle or self.bundles[index]
         options: dict[str, Any] = {"num_cpus": self.pool_cfg.worker_num_cpus,
                                    "num_gpus": self.pool_cfg.worker_num_gpus if self.gpus else 0,
                                    "resources": dict(self.pool_cfg.worker_resources), "max_restarts": 0,
                                    "max_concurrency": 8}
-        if self.pg is not None:
-            options["scheduling_strategy"] = bundle_strategy(self.pg, self.first_bundle + index)
+        if pg is not None:
+            options["scheduling_strategy"] = bundle_strategy(pg, bundle_index)
         return ray.remote(ExpertWorker).options(**options).remote(
-            self.engine_cfg, self.expert_map.version, self.expert_map.worker_experts(index), index, generation,
+            self.engine_cfg, expert_map.version, expert_map.worker_experts(index), index, generation,
             self.pool_id, self.pool_cfg.actor_threads, self.spec, self.pool_cfg.merge_wait_ms / 1000)
 
     async def _ready(self, index: int, generation: int) -> WorkerEndpoint:
-        """Wait for a worker to load its experts and start its loop."""
-        worker = self.workers[index]
+        """Wait for worker ``index`` to load its experts and start its loop."""
+        endpoint, self.infos[index] = await self._started(self.workers[index], index, generation)
+        return endpoint
+
+    async def _started(self, worker: Any, index: int, generation: int) -> tuple[WorkerEndpoint, dict[str, Any]]:
         try:
             info: dict[str, Any] = await asyncio.wait_for(worker.start.remote(), self.pool_cfg.start_timeout_s)
         except asyncio.TimeoutError:
@@ -118,9 +148,8 @@ class ExpertPool:
                                     f"{self.pool_cfg.start_timeout_s:g}s") from None
         except RayActorError as err:
             raise ClusterStartError(f"expert worker {index} died while starting: {first_line(err)}") from None
-        self.infos[index] = info | {"generation": generation}
-        return WorkerEndpoint(index, generation, info["node_id"], info["node_ip"], info["address"], info["device"],
-                              info["pid"], worker)
+        return (WorkerEndpoint(index, generation, info["node_id"], info["node_ip"], info["address"], info["device"],
+                               info["pid"], worker), info | {"generation": generation})
 
     # ------------------------------------------------------------------------------------- coordinators
 
@@ -147,8 +176,11 @@ class ExpertPool:
         """A coordinator lost its link to worker ``index``: if that worker is still ``generation`` and does not
         answer (dead, or alive with a failed loop), replace it. Several coordinators reporting the same failure
         share one replacement."""
-        if not 0 <= index < len(self.endpoints):
+        if index < 0:
             raise ValueError(f"no expert worker {index} in pool {self.pool_id}")
+        if index >= len(self.endpoints):  # retired by a resize: the coordinator only has to follow the new view
+            log.info("pool %s: expert worker %d was retired by a resize (%s)", self.pool_id, index, reason)
+            return self.view()
         if self.endpoints[index].generation == generation:
             task = self._replacing.get(index)
             if task is None:
@@ -166,6 +198,8 @@ class ExpertPool:
             await self._replace_locked(index, generation, reason)
 
     async def _replace_locked(self, index: int, generation: int, reason: str) -> None:
+        if index >= len(self.workers) or self.endpoints[index].generation != generation:
+            return  # a resize retired it or replaced it meanwhile
         worker = self.workers[index]
         healthy = False
         try:
@@ -181,12 +215,18 @@ class ExpertPool:
         log.warning("pool %s: replacing expert worker %d (generation %d): %s", self.pool_id, index, generation,
                     reason)
         ray.kill(worker, no_restart=True)
-        self.workers[index] = self._spawn(index, generation + 1)
-        self.endpoints[index] = await self._ready(index, generation + 1)
+        successor = self._next_generation(index)
+        self.workers[index] = self._spawn(index, successor)
+        self.endpoints[index] = await self._ready(index, successor)
         seconds = time.monotonic() - started
-        self.replacements.append({"worker": index, "generation": generation + 1, "seconds": seconds,
+        self.replacements.append({"worker": index, "generation": successor, "seconds": seconds,
                                   "reason": reason})
         log.warning("pool %s: expert worker %d replaced in %.1fs", self.pool_id, index, seconds)
+
+    def _next_generation(self, index: int) -> int:
+        """A generation worker ``index`` has never had (a replaced, or retired and re-added, worker is new)."""
+        self._generations[index] = self._generations.get(index, -1) + 1
+        return self._generations[index]
 
     # ---------------------------------------------------------------------------------------- rebalancing
 
@@ -265,12 +305,144 @@ class ExpertPool:
                 log.warning("pool %s: expert worker %d did not take map version %d: %s", self.pool_id, i, version,
                             first_line(result))
 
+    # -------------------------------------------------------------------------------------------- resizing
+
+    def check_size(self, num_workers: int) -> None:
+        """Refuse (PoolSizeError, nothing changes) a size the pool cannot take."""
+        most = eplb.max_workers(self.expert_map.num_experts, self.pool_cfg.redundant_experts)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or not 1 <= num_workers <= most:
+            raise PoolSizeError(f"num_workers must be an integer from 1 to {most} (the pool's "
+                                f"{self.expert_map.num_experts} experts + {self.pool_cfg.redundant_experts} "
+                                f"redundant slots: a worker beyond that would host nothing), got {num_workers!r}")
+
+    async def resize(self, num_workers: int) -> dict[str, Any]:
+        """Grow or shrink the pool to ``num_workers`` workers while serving; returns once the new map is committed
+        (retired workers leave later, when no link to them is left). Refused at once, with nothing changed, for a
+        size that does not fit (PoolSizeError) or while another resize runs (PoolBusyError); a failure before the
+        commit (no resources, a worker dying) keeps the old map and raises."""
+        self.check_size(num_workers)
+        if self._resizing is not None:
+            raise PoolBusyError(f"the expert pool is already being resized to {self._resizing} workers; ask again "
+                                f"when that has ended")
+        self._resizing = num_workers
+        try:
+            async with self._map_lock:
+                return await self._resize_locked(num_workers)
+        finally:
+            self._resizing = None
+
+    async def _resize_locked(self, num_workers: int) -> dict[str, Any]:
+        started = time.monotonic()
+        current = self.expert_map
+        before = current.num_workers
+        if num_workers == before:
+            return {"changed": False, "num_workers": before, "map_version": current.version, "seconds": 0.0}
+        self.loads.observe(await self.worker_stats())
+        loads, measured = self.loads.expert_loads()
+        layers, capacity = eplb.plan_for_workers(loads, num_workers, self.pool_cfg.redundant_experts, current.layers)
+        new_map = ExpertMap(layers, current.num_experts, self._next_version)
+        self._next_version += 1
+        log.info("pool %s: resizing from %d to %d expert workers (map version %d, placed on %s load)", self.pool_id,
+                 before, num_workers, new_map.version, "the measured" if measured else "no measured (even)")
+        kept = range(min(before, num_workers))
+        added = list(range(before, num_workers))
+        pg: PlacementGroup | None = None
+        new_workers: list[Any] = []
+        try:
+            if added:  # reserve the new workers' resources (all or none) before anything else changes
+                pg = await asyncio.to_thread(
+                    place, [worker_bundle(self.pool_cfg, self.gpus) for _ in added], self.pool_cfg.placement_strategy,
+                    self.pool_cfg.placement_timeout_s, f"moe-pool-{self.pool_id}-v{new_map.version}",
+                    f"{len(added)} more expert workers for pool {self.pool_id}")
+            generations = [self._generations.get(i, -1) + 1 for i in added]
+            new_workers = [self._spawn(i, g, new_map, (pg, j))
+                           for j, (i, g) in enumerate(zip(added, generations, strict=True))]
+            # Kept workers load the new version next to the one they serve; added ones load only their experts.
+            results = await asyncio.gather(
+                *(asyncio.wait_for(self.workers[i].prepare.remote(new_map.version, new_map.worker_experts(i)),
+                                   self.pool_cfg.start_timeout_s) for i in kept),
+                *(self._started(w, i, g) for w, i, g in zip(new_workers, added, generations, strict=True)),
+                return_exceptions=True)
+            failed = [f"expert worker {i}: {describe_failure(r)}" for i, r in zip([*kept, *added], results, strict=True)
+                      if isinstance(r, BaseException)]
+            if failed:
+                raise RuntimeError(f"resizing to {num_workers} workers failed, keeping {before}: {'; '.join(failed)}")
+        except BaseException:
+            await asyncio.gather(*(self.workers[i].discard.remote(new_map.version) for i in kept),
+                                 return_exceptions=True)
+            for worker in new_workers:
+                ray.kill(worker, no_restart=True)
+            if pg is not None:
+                remove_placement_group(pg)
+            raise
+        loaded = time.monotonic()
+        started_new = [r for r in results[len(kept):] if isinstance(r, tuple)]
+        retired = list(zip(self.workers[num_workers:], self.endpoints[num_workers:], self.bundles[num_workers:],
+                           strict=True))
+        # The commit: from here on attach/view give the new map; nothing awaits between these lines.
+        self.expert_map = new_map
+        self.capacity = capacity
+        self.workers = self.workers[:num_workers] + new_workers
+        self.endpoints = self.endpoints[:num_workers] + [endpoint for endpoint, _ in started_new]
+        self.infos = self.infos[:num_workers] + [info for _, info in started_new]
+        self.bundles = self.bundles[:num_workers] + [(pg, j) for j in range(len(added))]
+        for i, g in zip(added, generations, strict=True):
+            self._generations[i] = g
+        self.loads.resize(num_workers)
+        committed = await asyncio.gather(*(self.workers[i].commit.remote(new_map.version, new_map.worker_experts(i))
+                                           for i in kept), return_exceptions=True)
+        for i, result in zip(kept, committed, strict=True):  # one that died meanwhile is replaced with the new map
+            if isinstance(result, BaseException):
+                log.warning("pool %s: expert worker %d did not take map version %d: %s", self.pool_id, i,
+                            new_map.version, first_line(result))
+        for worker, endpoint, bundle in retired:
+            self.retiring[endpoint.pid] = {"worker": endpoint.index, "actor": worker, "placement_group": bundle[0]}
+            task = asyncio.get_running_loop().create_task(self._retire(worker, endpoint, bundle))
+            self._retirements.add(task)
+            task.add_done_callback(self._retirements.discard)
+        seconds = time.monotonic() - started
+        report = {"changed": True, "num_workers": num_workers, "previous_workers": before,
+                  "map_version": new_map.version, "seconds": seconds, "load_seconds": loaded - started,
+                  "placed_on_measured_load": measured, "slots_per_worker": capacity,
+                  "added": added, "retired": [endpoint.index for _, endpoint, _ in retired],
+                  "experts_read": sum(len(e) for i in added for e in new_map.worker_experts(i))}
+        self.resizes.append(report)
+        log.info("pool %s: resized from %d to %d expert workers in %.2fs (map version %d%s)", self.pool_id, before,
+                 num_workers, seconds, new_map.version,
+                 f"; workers {report['retired']} leave once no link to them is left" if retired else "")
+        return report
+
+    async def _retire(self, worker: Any, endpoint: WorkerEndpoint,
+                      bundle: tuple[PlacementGroup | None, int]) -> None:
+        """A retired worker leaves once no link may send it rows: every coordinator has moved to a map without it
+        and closed its link (a dead coordinator's link closes too), or after link_timeout_s in any case (a
+        coordinator that has not moved by then finds the link closed and follows the pool's view)."""
+        deadline = time.monotonic() + self.pool_cfg.link_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                links = (await asyncio.wait_for(worker.ping.remote(), PING_TIMEOUT_S))["links"]
+            except Exception:
+                break  # dead already
+            if links == 0:
+                break
+            await asyncio.sleep(RETIRE_POLL_S)
+        else:
+            log.warning("pool %s: retired expert worker %d (pid %d) still has links after %gs; stopping it anyway",
+                        self.pool_id, endpoint.index, endpoint.pid, self.pool_cfg.link_timeout_s)
+        ray.kill(worker, no_restart=True)
+        self.retiring.pop(endpoint.pid, None)
+        pg = bundle[0]
+        if pg is not None and pg is not self.pg and all(b[0] is not pg for b in self.bundles) \
+                and not any(info["placement_group"] is pg for info in self.retiring.values()):
+            remove_placement_group(pg)  # its last worker is gone
+        log.info("pool %s: retired expert worker %d (pid %d) stopped", self.pool_id, endpoint.index, endpoint.pid)
+
     # -------------------------------------------------------------------------------------------- report
 
     def summary(self) -> str:
         extra = f", {self.pool_cfg.redundant_experts} redundant slots" if self.pool_cfg.redundant_experts else ""
         share = f"{self.pool_cfg.worker_num_gpus:g} GPU" if self.gpus else f"{self.pool_cfg.worker_num_cpus:g} CPU"
-        return (f"{self.expert_map.num_workers} expert workers x {self.pool_cfg.experts_per_worker} experts{extra}, "
+        return (f"{self.expert_map.num_workers} expert workers x up to {self.capacity} experts{extra}, "
                 f"{share} each")
 
     async def describe(self) -> dict[str, Any]:
@@ -279,6 +451,8 @@ class ExpertPool:
                 "map_version": self.expert_map.version,
                 "placement": [[list(experts) for experts in layer] for layer in self.expert_map.layers],
                 "slots_per_worker": self.capacity, "rebalances": list(self.rebalances),
+                "num_workers": self.expert_map.num_workers, "resizes": list(self.resizes),
+                "resizing_to": self._resizing, "retiring": sorted(self.retiring),
                 "workers": list(self.infos),
                 "coordinators": sorted(self.coordinators), "replacements": list(self.replacements)}
 
@@ -294,8 +468,18 @@ class ExpertPool:
     async def shutdown(self) -> None:
         if self._rebalancer is not None:
             self._rebalancer.cancel()
+        for task in list(self._retirements):
+            task.cancel()
+        for info in self.retiring.values():
+            ray.kill(info["actor"], no_restart=True)
         for worker in self.workers:
             ray.kill(worker, no_restart=True)
+        extra = {id(pg): pg for pg, _ in self.bundles if pg is not None and pg is not self.pg}
+        extra |= {id(pg): pg for pg in (info["placement_group"] for info in self.retiring.values())
+                  if pg is not None and pg is not self.pg}
+        for pg in extra.values():
+            with contextlib.suppress(Exception):
+                remove_placement_group(pg)
         self.workers = []
         if self.own_pg and self.pg is not None:
             remove_placement_group(self.pg)

@@ -53,6 +53,19 @@ class LoadTracker:
         self.expert_rows.add(experts)
         self.worker_rows.add(per_worker)
 
+    def resize(self, num_workers: int) -> None:
+        """The pool now has ``num_workers`` workers: the expert window stays (the load does not depend on who
+        serves it), the per-worker window starts again, retired workers are forgotten."""
+        self.num_workers = num_workers
+        self.worker_rows = eplb.LoadWindow(self.worker_rows.intervals)
+        self._last = {w: last for w, last in self._last.items() if w < num_workers}
+
+    def expert_loads(self) -> tuple[list[list[int]], bool]:
+        """[layer][expert] rows of the window, and whether any was measured (else all zero: an even placement)."""
+        if self.expert_rows.rows() == 0:
+            return [[0] * self.num_experts for _ in range(self.num_layers)], False
+        return self.expert_rows.total(), True
+
     def measured_imbalance(self) -> float:
         """The workers' actual rows in the window: the most loaded one's over the mean, layer by layer."""
         return eplb.imbalance(self.worker_rows.total())
