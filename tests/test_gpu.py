@@ -22,12 +22,24 @@ def test_local_engine_on_cuda_matches_transformers(hf_small: HFCheckpoint, dtype
     try:
         assert engine.engine.device.type == "cuda"
         ids = prompt_ids(96, 40, seed=1)
-        model = hf_small.model.to("cuda", getattr(torch, dtype))
         with torch.no_grad():
+            exact = hf_small.model.to("cuda", torch.float32)(torch.tensor([ids], device="cuda")).logits[0].float()
+            model = hf_small.model.to("cuda", getattr(torch, dtype))
             expected = model(torch.tensor([ids], device="cuda")).logits[0].float()
         ours = engine.score([ids])[0]
-        tolerance = 1e-4 if dtype == "float32" else 0.05 * expected.abs().max().item()
-        assert (ours - expected).abs().max().item() <= tolerance
+        if dtype == "float32":
+            assert (ours - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+        else:
+            # Two bf16 implementations agree only up to rounding, and a rounding difference may flip a token's top-2
+            # experts (a jump in that token's logits; the first GPU run saw one such token in 40, in transformers'
+            # bf16 as much as in ours). So: per token, our bf16 error against float32 is no larger than
+            # transformers' bf16 error, for all but at most 2 of 40 tokens, and our median error is no larger.
+            ours_err = (ours - exact).abs().amax(-1)  # (tokens,)
+            theirs_err = (expected - exact).abs().amax(-1)
+            scale = exact.abs().max().item()
+            worse = ours_err > 2 * theirs_err + 0.01 * scale
+            assert int(worse.sum()) <= 2, (ours_err[worse], theirs_err[worse])
+            assert ours_err.median() <= 1.5 * theirs_err.median() + 1e-3 * scale
         if dtype == "float32":
             got = engine.generate([ids], GREEDY)[0].completions[0].token_ids
             hf_small.model.to("cpu", torch.float32)
