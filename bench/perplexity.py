@@ -97,6 +97,8 @@ def document_windows(model_dir: Path, documents: Sequence[str], max_length: int)
     from cluster.tokenizer import Tokenizer
 
     tok, bos = Tokenizer(model_dir), ModelConfig.from_file(model_dir).bos_token_id
+    if bos is None:
+        raise ValueError(f"{model_dir} has no bos_token_id: the first window of a document needs a prefix token")
     return [w for doc in documents for w in rolling_windows(tok.encode(doc, add_special_tokens=False), bos,
                                                                max_length)]
 

@@ -127,7 +127,7 @@ def draw_passage(model: Any, tokenizer: Any, ids: list[int], path: Path, title: 
     t = trace(model, ids, lookahead=0)
     pieces = [tokenizer.decode([i], skip_special_tokens=False).replace("\n", " ") or " " for i in ids]
     num_layers = len(t.chosen)
-    colours = plt.get_cmap("tab10").colors
+    colours = [plt.get_cmap("tab10")(i) for i in range(10)]
     width_chars, line_h = 92, 1.0
     # Lay the tokens out once (a monospace width per character), then draw the layout per layer.
     layout, x, y = [], 0, 0
