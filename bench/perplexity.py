@@ -278,8 +278,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         prompts = held_out_prompts(docs)
         completions = served_completions(base, "ppl", prompts)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():  # (Ray may have failed to start: then there is nothing to stop)
+            serve.shutdown()
+            ray.shutdown()
     progress(f"served: {scores[served_name].perplexity:.4f}")
     load_after = os.getloadavg()
     progress(f"load average after: {load_after[0]:.1f} {load_after[1]:.1f} {load_after[2]:.1f}")

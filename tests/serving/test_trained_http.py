@@ -52,7 +52,8 @@ def test_greedy_completion_matches_transformers(trained_url: str, trained_hf: An
         want = trained_hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
     body = reply.json()
     assert body["usage"]["completion_tokens"] == 16
-    assert body["choices"][0]["text"] == tok.decode(want)
+    # The served text is the continuation of the prompt's text (its leading space kept).
+    assert body["choices"][0]["text"] == tok.decode(ids + want)[len(tok.decode(ids)):]
 
 
 def test_held_out_perplexity_served_equals_transformers(trained_url: str, trained_hf: Any) -> None:
