@@ -74,6 +74,16 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_hf() -> Any:
+    """transformers' MixtralForCausalLM on the trained demo checkpoint shipped in cluster/demo_model (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    from cluster.demo import TRAINED_DEMO
+
+    return AutoModelForCausalLM.from_pretrained(TRAINED_DEMO, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def hf_small(tmp_path_factory: pytest.TempPathFactory) -> HFCheckpoint:
     """The default small reference model (8 experts, top-2, GQA 4, sharded)."""
     return make_hf_checkpoint(tmp_path_factory.mktemp("hf-small"), shards=True)
