@@ -61,6 +61,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         app_args.setdefault("pool_options", {})["redundant_experts"] = args.redundant_experts
     if args.rebalance_interval_s is not None:
         app_args.setdefault("pool_options", {})["rebalance_interval_s"] = args.rebalance_interval_s
+    if args.log_requests:
+        app_args["log_requests"] = True
     if args.api_key:
         app_args["api_key_env"] = "MOE_CLUSTER_API_KEY"
     elif args.api_key_env:
