@@ -21,7 +21,7 @@ from tests.serving.conftest import free_port
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], list[str]]:
-    stderr = tempfile.TemporaryFile("w+")  # read back only if the server does not come up
+    stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115  (outlives this call: read if the server fails to start)
     proc = subprocess.Popen([sys.executable, "-m", "router_service.cli", "--log-level", "WARNING", "serve", *args],
                             stdout=subprocess.PIPE, stderr=stderr, text=True,
                             env=None if env is None else os.environ | env)
