@@ -33,7 +33,7 @@ def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Pop
             lines.append(line.rstrip("\n"))
 
     threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300  # a busy (shared) 2-core machine takes minutes to start Ray and the app
     while not any(line.startswith("moe-cluster ready") for line in lines):
         if proc.poll() is not None:
             stderr.seek(0)
