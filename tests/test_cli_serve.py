@@ -20,7 +20,8 @@ from router_service.serve_config import DEFAULT_CONFIG
 from tests.serving.conftest import free_port
 
 
-def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], list[str]]:
+def start(*args: str, env: dict[str, str] | None = None, ready_timeout_s: float = 300
+          ) -> tuple[subprocess.Popen[str], list[str]]:
     stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115  (outlives this call: read if the server fails to start)
     proc = subprocess.Popen([sys.executable, "-m", "router_service.cli", "--log-level", "WARNING", "serve", *args],
                             stdout=subprocess.PIPE, stderr=stderr, text=True,
@@ -33,7 +34,7 @@ def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Pop
             lines.append(line.rstrip("\n"))
 
     threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 300  # a busy (shared) 2-core machine takes minutes to start Ray and the app
+    deadline = time.monotonic() + ready_timeout_s  # a busy (shared) 2-core machine takes minutes to start Ray
     while not any(line.startswith("moe-cluster ready") for line in lines):
         if proc.poll() is not None:
             stderr.seek(0)
