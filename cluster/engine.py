@@ -254,8 +254,9 @@ class LLMEngine:
                 lps[i] = lp
         now = time.monotonic()
         for i, (token, (seq, _)) in enumerate(zip(tokens.tolist(), to_sample, strict=True)):
-            if seq.request.metrics.first_token_time is None:
-                seq.request.metrics.first_token_time = now
+            if seq.request.metrics.first_token_time is None:  # its prefill is done: count its prompt now, so
+                seq.request.metrics.first_token_time = now  # that prompt throughput is measured when it happens
+                self._stats.prompt_tokens_total += len(seq.request.prompt_ids)
             self.outputs.append_token(seq, token, lps.get(i))
             self._stats.generation_tokens_total += 1
 
@@ -285,7 +286,6 @@ class LLMEngine:
         finished = request.closed or (not request.needs_fork and request.finished)
         out = self.outputs.build_output(request, seqs, finished, error)
         if finished:
-            self._stats.prompt_tokens_total += len(request.prompt_ids)
             del self.requests[request.request_id]
         try:
             request.sink(out)

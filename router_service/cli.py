@@ -222,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "retryable 'server is shutting down' error (default: from the config, "
                             f"{cfg.get('drain_timeout_s', 30)} in the bundled one)")
     add_engine_flags(serve, cfg)
+    serve.add_argument("--stats-interval", type=_non_negative_float, default=10.0, metavar="SECONDS",
+                       help="print a line per engine replica every SECONDS while there is traffic: running and "
+                            "waiting requests, prompt and generation throughput, KV cache usage; 0 never "
+                            "(default: %(default)s)")
+    serve.add_argument("--log-requests", action="store_true",
+                       help="print one line per finished or refused request (default: off)")
     serve.add_argument("--config", metavar="FILE",
                        help=f"a Serve config file (YAML, `serve deploy` format) to deploy (default: {bundled})")
     key = serve.add_mutually_exclusive_group()

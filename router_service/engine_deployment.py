@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.coordinator import new_coordinator_id
 from cluster.engine_loop import EngineLoop, LocalEngine
-from cluster.errors import EngineDeadError
+from cluster.errors import EngineDeadError, QueueFullError, first_line
 from cluster.loader import build_engine, distributed_moe
 from cluster.sequence import RequestOutput
 from router_service.engine_api import Accepted, GenerateChunk, GenerateRequest, merge, to_chunk
@@ -33,6 +33,7 @@ from workers.placement import use_gpus
 log = logging.getLogger("moe_cluster.serve")
 DEPLOYMENT_NAME = "EngineDeployment"
 STATS_INTERVAL_S = 1.0
+MAX_REQUEST_LINES = 10_000  # request lines kept for the console between two reports
 SHUTDOWN_WAIT_LOOP_S = 0.5  # how often a stopping replica checks whether its requests are done (Serve: 2 s)
 
 
@@ -59,6 +60,8 @@ class EngineDeployment:
         self._open_streams = 0  # generate() calls past their first token, for stream pacing
         self._drainer: threading.Thread | None = None  # started by begin_drain()
         self._closed = False  # close() shut the engine down (detached from the pool)
+        self._request_lines: list[str] = []  # with log_requests: one per request, until console_report() takes them
+        self._dropped_lines = 0
         log.info("%s ready: %s engine for %s", self.engine_id, settings.engine, settings.model)
 
     def _ensure_sampler(self) -> None:
@@ -88,7 +91,11 @@ class EngineDeployment:
         stream = self.engine.stream_batches(prompt_ids, request.params, request.request_id,
                                             interval_s=self._stream_interval_s, continuation=request.continuation)
         async with contextlib.aclosing(stream):
-            batch: list[RequestOutput] | None = await self._next(stream, remaining)  # raises request errors
+            try:
+                batch: list[RequestOutput] | None = await self._next(stream, remaining)  # raises request errors
+            except (ValueError, TypeError, QueueFullError, TimeoutError) as err:
+                self._refused(request.request_id, err)
+                raise
             yield Accepted(request.request_id, len(prompt_ids), self.engine_id)
             self._open_streams += 1
             try:
@@ -104,11 +111,44 @@ class EngineDeployment:
                     if last.finished:  # (a continuation's latencies count from the resume, so do its tokens)
                         self.metrics.observe_request(last.ttft_s, last.e2e_s, last.completion_tokens - resumed_at,
                                                      [c.finish_reason or "" for c in last.choices])
+                        if self.settings.log_requests:
+                            reasons = ", ".join(c.finish_reason or "?" for c in last.choices)
+                            self._request_line(
+                                f"{request.request_id}: prompt {len(prompt_ids)} tokens, completion "
+                                f"{last.completion_tokens} tokens ({reasons}), "
+                                f"time to first token {last.ttft_s or 0.0:.2f} s, total {last.e2e_s or 0.0:.2f} s")
                         return
                     # The engine paces the stream (interval_s): what it produced meanwhile is one batch.
                     batch = await self._next(stream, request.remaining())
             finally:
                 self._open_streams -= 1
+
+    def _refused(self, request_id: str, err: BaseException) -> None:
+        """A client's mistake (or a full queue, a passed deadline): one INFO line, no traceback; the ingress
+        answers it (400 / 429 / 504)."""
+        line = f"{request_id}: refused: {type(err).__name__}: {first_line(err)}"
+        log.info("%s", line)
+        if self.settings.log_requests:
+            self._request_line(line)
+
+    def _request_line(self, line: str) -> None:
+        if len(self._request_lines) < MAX_REQUEST_LINES:
+            self._request_lines.append(line)
+        else:
+            self._dropped_lines += 1
+
+    async def console_report(self) -> dict[str, Any]:
+        """For the console of ``moe-cluster serve`` (console.py): the engine's counters (None while it drains or
+        is down) and the request lines since the last call."""
+        try:
+            stats: dict[str, Any] | None = (await asyncio.to_thread(self.engine.stats)).as_dict()
+        except Exception:
+            stats = None
+        lines, self._request_lines = self._request_lines, []
+        if self._dropped_lines:
+            lines.append(f"{self.engine_id}: {self._dropped_lines} more request lines dropped (console too slow)")
+            self._dropped_lines = 0
+        return {"engine_id": self.engine_id, "stats": stats, "requests": lines}
 
     def _stream_interval_s(self) -> float:
         """Seconds between a stream's chunks: stream_interval_ms, stretched so that the replica's open streams

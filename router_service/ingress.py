@@ -157,10 +157,18 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [await self.model_object()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str) -> dict[str, Any]:
+        """OpenAI's retrieve-model: the served model, or a 404 naming the id asked for."""
+        self.gateway.check_model(model_id)
+        return await self.model_object()
+
+    async def model_object(self) -> dict[str, Any]:
         info = await self.gateway.model_info()
-        model = {"id": self.gateway.model_name, "object": "model", "created": info["created"],
-                 "owned_by": "moe-cluster", "max_model_len": info["max_model_len"]}
-        return {"object": "list", "data": [model]}
+        return {"id": self.gateway.model_name, "object": "model", "created": info["created"],
+                "owned_by": "moe-cluster", "max_model_len": info["max_model_len"]}
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest) -> Any:

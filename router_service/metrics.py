@@ -32,7 +32,7 @@ class EngineMetrics:
         self.kv_total = Gauge("moe_cluster_kv_blocks_total", "KV cache blocks in the pool", tag_keys=keys)
         self.preemptions = Counter("moe_cluster_preemptions_total", "Sequences preempted for recompute",
                                    tag_keys=keys)
-        self.prompt_tokens = Counter("moe_cluster_prompt_tokens_total", "Prompt tokens of finished requests",
+        self.prompt_tokens = Counter("moe_cluster_prompt_tokens_total", "Prompt tokens prefilled (at the first token)",
                                      tag_keys=keys)
         self.generation_tokens = Counter("moe_cluster_generation_tokens_total", "Generated tokens", tag_keys=keys)
         self.expert_tokens = Counter("moe_cluster_expert_tokens_total", "Token rows routed to each expert",

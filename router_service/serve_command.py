@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 
 from cluster.errors import ClusterStartError
+from router_service.console import ConsoleStats
 from router_service.listeners import check_ports_free, embedded_ray_options
 from router_service.serve_config import check_kv_budget, resolve_config
 from router_service.settings import AppSettings
@@ -126,6 +127,7 @@ def serve_command(args: argparse.Namespace) -> int:
         if embedded:
             print(f"metrics (Prometheus): http://{args.host}:{args.metrics_port}/metrics")
         print("moe-cluster ready; Ctrl-C to stop", flush=True)
+        ConsoleStats(app_name, args.stats_interval, settings.log_requests, stop).start()
         while not stop.wait(1.0):
             pass
         print("shutting down", flush=True)

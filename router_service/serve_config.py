@@ -80,6 +80,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         app_args.setdefault("engine_options", {})["quantize_experts"] = args.quantize_experts
     if args.quantize_group_size:
         app_args.setdefault("engine_options", {})["quantize_group_size"] = args.quantize_group_size
+    if args.log_requests:
+        app_args["log_requests"] = True
     if args.api_key:
         app_args["api_key_env"] = "MOE_CLUSTER_API_KEY"
     elif args.api_key_env:

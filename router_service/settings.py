@@ -37,6 +37,7 @@ class AppSettings:
     # ... and all the replica's streams together at most this many chunks per second (0: no cap): each chunk
     # costs the Serve tier ~1-2 ms of CPU, so under many streams chunks grow instead of multiplying.
     stream_chunks_per_s: float = 200.0
+    log_requests: bool = False  # one line per finished or refused request on the console of `moe-cluster serve`
     api_key_env: str | None = None  # when set, the API key is read from this environment variable
     ingress_replicas: int = 1
     ingress_autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config for the ingress

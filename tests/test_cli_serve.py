@@ -8,6 +8,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,9 +20,11 @@ from router_service.serve_config import DEFAULT_CONFIG
 from tests.serving.conftest import free_port
 
 
-def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], list[str]]:
+def start(*args: str, env: dict[str, str] | None = None, ready_timeout_s: float = 300
+          ) -> tuple[subprocess.Popen[str], list[str]]:
+    stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115  (outlives this call: read if the server fails to start)
     proc = subprocess.Popen([sys.executable, "-m", "router_service.cli", "--log-level", "WARNING", "serve", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True,
                             env=None if env is None else os.environ | env)
     lines: list[str] = []
 
@@ -31,9 +34,11 @@ def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Pop
             lines.append(line.rstrip("\n"))
 
     threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + ready_timeout_s  # a busy (shared) 2-core machine takes minutes to start Ray
     while not any(line.startswith("moe-cluster ready") for line in lines):
-        assert proc.poll() is None, f"serve exited early: {lines}"
+        if proc.poll() is not None:
+            stderr.seek(0)
+            raise AssertionError(f"serve exited early: {lines}; stderr ends: {stderr.read()[-3000:]}")
         assert time.monotonic() < deadline, f"no ready line: {lines}"
         time.sleep(0.2)
     return proc, lines

@@ -268,7 +268,7 @@ def ctrl_c_drains_a_shared_pool(demo_dir: Path, num_engines: int) -> None:
     http_port, grpc_port, metrics_port = ports.values()
     proc, lines = start("--model", str(demo_dir), "--num-engines", str(num_engines), "--drain-timeout",
                         str(ROOMY_DRAIN_S), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                        "--metrics-port", str(metrics_port))  # the default engine: cluster, one expert pool
+                        "--metrics-port", str(metrics_port), ready_timeout_s=480)  # the cluster engine, one pool
     model, base = demo_dir.name, f"http://127.0.0.1:{http_port}"
     out: dict[str, Any] = {}
     streams_started = [threading.Event(), threading.Event()]
@@ -334,10 +334,12 @@ def ctrl_c_drains_a_shared_pool(demo_dir: Path, num_engines: int) -> None:
     check_ports_free("127.0.0.1", ports)
 
 
+@pytest.mark.timeout(900)  # a shared, busy machine: starting the cluster engine alone can take minutes
 def test_ctrl_c_with_two_engines_on_one_pool_finishes_every_request_then_stops_the_pool(demo_dir: Path) -> None:
     ctrl_c_drains_a_shared_pool(demo_dir, num_engines=2)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_ctrl_c_with_one_engine_on_the_pool_finishes_every_request(demo_dir: Path) -> None:
     ctrl_c_drains_a_shared_pool(demo_dir, num_engines=1)

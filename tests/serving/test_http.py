@@ -32,6 +32,12 @@ def test_models_and_health(served: Served, client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [served.model]
     health = httpx.get(f"{served.http}/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    # OpenAI's retrieve-model, through the official client; another id is a 404 OpenAI error naming it.
+    model = client.models.retrieve(served.model)
+    assert (model.id, model.object, model.owned_by) == (served.model, "model", "moe-cluster")
+    missing = httpx.get(f"{served.http}/v1/models/not-{served.model}")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found" and f"not-{served.model}" in missing.text
 
 
 def test_completion_equals_the_engine(served: Served, client: openai.OpenAI) -> None:
