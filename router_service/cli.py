@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on shutdown, how long running requests may take to finish before they end with a "
                             "retryable 'server is shutting down' error (default: from the config, "
                             f"{cfg.get('drain_timeout_s', 30)} in the bundled one)")
+    serve.add_argument("--chat-template", metavar="FILE",
+                       help="the chat template (Jinja) to use instead of the model's (default: chat_template.jinja "
+                            "beside the tokenizer, else tokenizer_config.json's; none: chat completions get a 400)")
     serve.add_argument("--config", metavar="FILE",
                        help=f"a Serve config file (YAML, `serve deploy` format) to deploy (default: {bundled})")
     key = serve.add_mutually_exclusive_group()

@@ -61,6 +61,11 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         app_args.setdefault("pool_options", {})["redundant_experts"] = args.redundant_experts
     if args.rebalance_interval_s is not None:
         app_args.setdefault("pool_options", {})["rebalance_interval_s"] = args.rebalance_interval_s
+    if getattr(args, "chat_template", None):  # its text travels with the config: replicas need no copy of the file
+        path = Path(args.chat_template).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--chat-template {args.chat_template!r}: no such file")
+        app_args.setdefault("engine_options", {})["chat_template"] = path.read_text()
     if args.api_key:
         app_args["api_key_env"] = "MOE_CLUSTER_API_KEY"
     elif args.api_key_env:
