@@ -177,8 +177,9 @@ def main() -> None:
         table(["concurrency", "client", "completed", "errors", "output tok/s", "TTFT p50 ms", "TTFT p99 ms",
                "ITL p50 ms", "ITL p99 ms"], rows),
         "",
-        "guidellm's inter-token latency is its own (time between tokens after the first, from the usage it is sent "
-        "with every chunk); ours is (end - first token) / (tokens - 1) per request, as bench/serve.py's TPOT.",
+        "ITL: guidellm's own inter-token latency (it counts tokens from the usage sent with every chunk); ours is "
+        "(end - first token) / (tokens - 1) per request, as bench/serve.py's TPOT. guidellm's requests go through "
+        "the chat template, ours are plain completions.",
         "",
         f"- guidellm: {errors} errors in all levels; at {top} streams it measures {g['tps']:,.0f} output tok/s, "
         f"{g['tps'] / o['tps']:.2f}x the project's own client, TTFT p50 {1000 * g['ttft50']:.0f} ms vs "

@@ -8,6 +8,7 @@ All are frozen and checked.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from cluster.config import parse_dtype
@@ -41,11 +42,16 @@ class EngineConfig:
     # cluster/quant.py DEFAULT_INT4_GROUP_SIZE), dequantized per call to the compute dtype. None: as stored.
     quantize_experts: str | None = None
     quantize_group_size: int | None = None
+    # The chat template, replacing the checkpoint's: a Jinja template, or the path of a file holding one (as
+    # vLLM's --chat-template). None: chat_template.jinja beside the tokenizer, else tokenizer_config's.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         expert_quantization(self.quantize_experts, self.quantize_group_size)  # checks both
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a checkpoint directory, got {self.model!r}")
+        if self.chat_template is not None and (not isinstance(self.chat_template, str) or not self.chat_template):
+            raise ValueError(f"chat_template must be a template or a file path, got {self.chat_template!r}")
         if self.dtype is not None:
             parse_dtype(self.dtype)
         if not isinstance(self.device, str) or not (
@@ -66,6 +72,16 @@ class EngineConfig:
     @property
     def expert_quantization(self) -> ExpertQuantization | None:
         return expert_quantization(self.quantize_experts, self.quantize_group_size)
+    def chat_template_text(self) -> str | None:
+        """The chat_template option's template: the file's text when it names a file."""
+        if self.chat_template is None:
+            return None
+        if "{" not in self.chat_template:  # no Jinja tag: a file name
+            path = Path(self.chat_template).expanduser()
+            if not path.is_file():
+                raise ValueError(f"chat_template file {self.chat_template!r} does not exist")
+            return path.read_text()
+        return self.chat_template
 
     def with_(self, **changes: Any) -> EngineConfig:
         return replace(self, **changes)

@@ -92,7 +92,7 @@ def engine_dtype(model_cfg: ModelConfig, engine_cfg: EngineConfig) -> torch.dtyp
 
 def build_engine(engine_cfg: EngineConfig, make_moe: MoEFactory) -> LLMEngine:
     model_cfg = ModelConfig.from_file(engine_cfg.model)
-    tokenizer = Tokenizer(engine_cfg.model)
+    tokenizer = Tokenizer(engine_cfg.model, engine_cfg.chat_template_text())
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{model_cfg.vocab_size}")

@@ -1,5 +1,8 @@
-"""Tokenizer: ``tokenizer.json`` through the ``tokenizers`` library, special tokens and the chat template
-from ``tokenizer_config.json`` (a Mistral-style default template when the checkpoint has none)."""
+"""Tokenizer: ``tokenizer.json`` through the ``tokenizers`` library, special tokens from
+``tokenizer_config.json``, and the chat template: the one given (``--chat-template FILE``), else
+``chat_template.jinja`` beside the tokenizer, else tokenizer_config's. A model with none has no chat: rendering
+raises (as vLLM, which since transformers 4.44 guesses no default template). DEFAULT_CHAT_TEMPLATE, Mistral's
+format, is what the demo checkpoint writes into its tokenizer_config."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+
+from cluster.errors import RequestError
 
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -37,8 +42,14 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# Template variables the renderer sets itself: chat_template_kwargs may not replace them.
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token",
+                                         "raise_exception"})
+
+
 class Tokenizer:
-    def __init__(self, model_dir: str | Path) -> None:
+    def __init__(self, model_dir: str | Path, chat_template: str | None = None) -> None:
+        """``chat_template``: a template text that replaces the checkpoint's."""
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
@@ -58,11 +69,18 @@ class Tokenizer:
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
-        self.chat_template: str = template if isinstance(template, str) else DEFAULT_CHAT_TEMPLATE
+        jinja_file = model_dir / "chat_template.jinja"  # transformers' own file for it, preferred to the config
+        if chat_template is None and jinja_file.is_file():
+            chat_template = jinja_file.read_text()
+        self.chat_template: str | None = chat_template if chat_template is not None else (
+            template if isinstance(template, str) else None)
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise_template_error
-        self._template = env.from_string(self.chat_template)
+        try:
+            self._template = None if self.chat_template is None else env.from_string(self.chat_template)
+        except jinja2.TemplateError as err:
+            raise ValueError(f"the chat template of {model_dir} is not a valid Jinja template: {err}") from None
 
     @property
     def vocab_size(self) -> int:
@@ -84,8 +102,21 @@ class Tokenizer:
         """The text of one token on its own (for logprob listings)."""
         return self.decode([token_id], skip_special_tokens=False)
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Apply the chat template. Raises ValueError on an empty list, a bad role or bad content."""
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, template_kwargs: Mapping[str, Any] | None = None) -> str:
+        """Apply the chat template. ``continue_final_message``: the text ends inside the last message (its end of
+        turn cut off), for the model to go on with it; ``template_kwargs``: extra template variables. Raises
+        ValueError (ChatTemplateError when the model has no template) on an empty list, a bad role or content."""
+        if self._template is None:
+            raise ChatTemplateError("this model has no chat template (no chat_template in tokenizer_config.json, no "
+                                    "chat_template.jinja beside the tokenizer): start the server with "
+                                    "--chat-template FILE, or use /v1/completions")
+        if add_generation_prompt and continue_final_message:
+            raise ChatTemplateError("add_generation_prompt and continue_final_message cannot both be true",
+                                    "continue_final_message")
+        extra = dict(template_kwargs or {})
+        if reserved := sorted(RESERVED_TEMPLATE_VARIABLES & extra.keys()):
+            raise ChatTemplateError(f"chat_template_kwargs may not set {reserved}", "chat_template_kwargs")
         if not messages:
             raise ValueError("messages must be a non-empty list")
         for i, message in enumerate(messages):
@@ -95,14 +126,32 @@ class Tokenizer:
             if not isinstance(message.get("content"), str):
                 raise ValueError(f"messages[{i}].content must be a string")
         try:
-            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+            text = self._template.render(**extra, messages=list(messages), add_generation_prompt=add_generation_prompt,
                                          bos_token=self.bos_token, eos_token=self.eos_token)
         except jinja2.TemplateError as err:
             raise ValueError(f"chat template failed: {err}") from None
+        if continue_final_message:  # as transformers: cut after the final message's content
+            final = str(messages[-1].get("content", "")).rstrip()
+            end = text.rfind(final) if final else -1
+            if end < 0:
+                raise ChatTemplateError("continue_final_message: the final message's content is not in the rendered "
+                                        "chat", "continue_final_message")
+            text = text[:end + len(final)]
+        return text
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, template_kwargs: Mapping[str, Any] | None = None
+                    ) -> list[int]:
         # The template writes the BOS token itself, so no special tokens are added again.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, continue_final_message, template_kwargs),
+                           add_special_tokens=False)
+
+
+class ChatTemplateError(RequestError):
+    """A chat that cannot be rendered: no template, or options that contradict each other."""
+
+    def __init__(self, message: str, param: str | None = "messages") -> None:
+        super().__init__(message, param)
 
 
 def _raise_template_error(message: str) -> None:

@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: %(default)s)")
     serve.add_argument("--log-requests", action="store_true",
                        help="print one line per finished or refused request (default: off)")
+    serve.add_argument("--chat-template", metavar="FILE",
+                       help="the chat template (Jinja) to use instead of the model's (default: chat_template.jinja "
+                            "beside the tokenizer, else tokenizer_config.json's; none: chat completions get a 400)")
     serve.add_argument("--config", metavar="FILE",
                        help=f"a Serve config file (YAML, `serve deploy` format) to deploy (default: {bundled})")
     key = serve.add_mutually_exclusive_group()

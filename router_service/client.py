@@ -46,8 +46,21 @@ def build_request(model: str, prompt: str | Sequence[int], *, max_new_tokens: in
                   temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                   seed: int | None = None, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
                   ignore_eos: bool = False, logprobs: int | None = None, request_id: str = "",
-                  continuous_usage_stats: bool = False) -> pb.GenerateRequest:
+                  continuous_usage_stats: bool = False, min_p: float | None = None,
+                  repetition_penalty: float | None = None, presence_penalty: float | None = None,
+                  frequency_penalty: float | None = None, logit_bias: dict[int, float] | None = None,
+                  bad_words: Sequence[str] = (), min_tokens: int | None = None,
+                  include_stop_str_in_output: bool = False, skip_special_tokens: bool | None = None
+                  ) -> pb.GenerateRequest:
     request = pb.GenerateRequest(model=model, request_id=request_id, continuous_usage_stats=continuous_usage_stats)
+    for name, value in (("min_p", min_p), ("repetition_penalty", repetition_penalty),
+                        ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if value is not None:
+            setattr(request.sampling, name, value)
+    request.sampling.logit_bias.update(logit_bias or {})
+    request.sampling.bad_words.extend(bad_words)
+    if skip_special_tokens is not None:
+        request.skip_special_tokens = skip_special_tokens
     if isinstance(prompt, str):
         request.prompt = prompt
     else:
@@ -61,7 +74,9 @@ def build_request(model: str, prompt: str | Sequence[int], *, max_new_tokens: in
     if seed is not None:
         request.sampling.seed = seed
     stopping = pb.StoppingCriteria(stop_sequences=list(stop), stop_token_ids=list(stop_token_ids),
-                                   ignore_eos=ignore_eos)
+                                   ignore_eos=ignore_eos, include_stop_str_in_output=include_stop_str_in_output)
+    if min_tokens is not None:
+        stopping.min_tokens = min_tokens
     if max_new_tokens is not None:
         stopping.max_new_tokens = max_new_tokens
     request.stopping.CopyFrom(stopping)

@@ -19,6 +19,7 @@ class GenerateRequest:
     params: SamplingParams
     prompt: str | list[int] | None = None  # text or token ids ...
     messages: list[dict[str, Any]] | None = None  # ... or chat messages (rendered with the chat template)
+    chat_options: dict[str, Any] = field(default_factory=dict)  # Tokenizer.render_chat's options for messages
     deadline: float | None = None  # wall-clock time (time.time()) after which the request is aborted
     # Set when the ingress resumes the request on another engine replica: what the client has received so far.
     continuation: Continuation | None = None

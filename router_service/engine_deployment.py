@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.coordinator import new_coordinator_id
 from cluster.engine_loop import EngineLoop, LocalEngine
-from cluster.errors import EngineDeadError, QueueFullError, first_line
+from cluster.errors import EngineDeadError, QueueFullError, RequestError, first_line
 from cluster.loader import build_engine, distributed_moe
 from cluster.sequence import RequestOutput
 from router_service.engine_api import Accepted, GenerateChunk, GenerateRequest, merge, to_chunk
@@ -79,7 +79,7 @@ class EngineDeployment:
         self._ensure_sampler()
         prompt: str | list[int]
         if request.messages is not None:
-            prompt = self.tokenizer.encode_chat(request.messages)
+            prompt = self.tokenizer.encode_chat(request.messages, **request.chat_options)
         else:
             assert request.prompt is not None
             prompt = request.prompt
@@ -175,6 +175,17 @@ class EngineDeployment:
                 "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
                 "experts_per_token": cfg.experts_per_token, "hidden_size": cfg.hidden_size,
                 "created": int(time.time())}
+
+    async def tokenize_chat(self, messages: list[dict[str, Any]], options: dict[str, Any]) -> list[int]:
+        """The prompt token ids of a chat, as a chat completion would make them."""
+        return self.tokenizer.encode_chat(messages, **options)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        vocab = self.engine.model_config.vocab_size
+        bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})", "tokens")
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)

@@ -243,6 +243,10 @@ class EngineGateway:
         ids, texts = await self._ask("tokenize_with_text", text, add_special_tokens)
         return ids, texts
 
+    async def ask(self, method: str, *args: Any) -> Any:
+        """One call of the engine deployment's ``method`` (tokenize_chat, detokenize, ...), errors as ApiError."""
+        return await self._ask(method, *args)
+
     async def _ask(self, method: str, *args: Any) -> Any:
         """One call of the engine deployment's ``method``; a failure is raised as ApiError."""
         try:

@@ -24,7 +24,10 @@ SERVICE = "moe_cluster.v1.GenerationService"
 PROTO_FIELDS = {"max_tokens": "stopping.max_new_tokens", "temperature": "sampling.temperature",
                 "top_p": "sampling.top_p", "top_k": "sampling.top_k", "seed": "sampling.seed",
                 "stop": "stopping.stop_sequences", "stop_token_ids": "stopping.stop_token_ids",
-                "logprobs": "logprobs"}
+                "logprobs": "logprobs", "min_p": "sampling.min_p", "repetition_penalty": "sampling.repetition_penalty",
+                "presence_penalty": "sampling.presence_penalty", "frequency_penalty": "sampling.frequency_penalty",
+                "logit_bias": "sampling.logit_bias", "bad_words": "sampling.bad_words",
+                "min_tokens": "stopping.min_tokens"}
 
 
 def fail(context: RayServegRPCContext, err: ApiError) -> NoReturn:
@@ -71,7 +74,15 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
             top_k=s.top_k if s.HasField("top_k") and s.top_k > 0 else -1,
             seed=s.seed if s.HasField("seed") else None,
             stop=tuple(t.stop_sequences), stop_token_ids=tuple(t.stop_token_ids), ignore_eos=t.ignore_eos,
-            logprobs=request.logprobs if request.HasField("logprobs") else None)
+            logprobs=request.logprobs if request.HasField("logprobs") else None,
+            min_p=s.min_p if s.HasField("min_p") else 0.0,
+            repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+            presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else 0.0,
+            frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
+            logit_bias=tuple((token, min(100.0, max(-100.0, bias))) for token, bias in sorted(s.logit_bias.items())),
+            bad_words=tuple(s.bad_words), min_tokens=t.min_tokens if t.HasField("min_tokens") else 0,
+            include_stop_str_in_output=t.include_stop_str_in_output,
+            skip_special_tokens=request.skip_special_tokens if request.HasField("skip_special_tokens") else True)
     except (ValueError, TypeError) as err:
         message = str(err)
         field = message.split(" ", 1)[0]

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
@@ -234,7 +235,8 @@ class Ingress:
         params = body.to_params()
         rid = new_id("chatcmpl")
         deadline = self.gateway.deadline(body.timeout)
-        request = GenerateRequest(rid, params, messages=body.to_messages(), deadline=deadline)
+        request = GenerateRequest(rid, params, messages=body.to_messages(), chat_options=body.chat_options(),
+                                  deadline=deadline)
         try:
             streams = await self.gateway.open_all([request])
         except ApiError as err:
@@ -285,13 +287,43 @@ class Ingress:
 
     @app.post("/tokenize")
     async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise ApiError(400, "prompt must be a string", param="prompt")
+        """vLLM's /tokenize: a ``prompt`` (add_special_tokens, default true), or chat ``messages`` rendered as a
+        chat completion renders them (add_generation_prompt, continue_final_message, chat_template_kwargs)."""
         self.gateway.check_model(str(body.get("model", self.gateway.model_name)))
-        tokens = await self.gateway.tokenize(prompt)
+        if "messages" in body:
+            try:
+                chat = ChatCompletionRequest.model_validate({"model": self.gateway.model_name} | body)
+                chat.check_unsupported()
+                tokens = await self.gateway.ask("tokenize_chat", chat.to_messages(), chat.chat_options())
+            except ValidationError as err:
+                first = err.errors()[0]
+                param = field_path(first.get("loc", ()))
+                raise ApiError(400, f"{param}: {first.get('msg')}", param=param or None) from None
+        else:
+            prompt, add_special = body.get("prompt"), body.get("add_special_tokens", True)
+            if not isinstance(prompt, str):
+                raise ApiError(400, "prompt (a string) or messages is required", param="prompt")
+            if not isinstance(add_special, bool):
+                raise ApiError(400, "add_special_tokens must be a boolean", param="add_special_tokens")
+            tokens, _ = await self.gateway.tokenize_with_text(prompt, add_special)
         info = await self.gateway.model_info()
         return {"tokens": tokens, "count": len(tokens), "max_model_len": info["max_model_len"]}
+
+    @app.post("/detokenize")
+    async def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's /detokenize: token ids to text (special tokens kept)."""
+        self.gateway.check_model(str(body.get("model", self.gateway.model_name)))
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise ApiError(400, "tokens must be a list of token ids", param="tokens")
+        return {"prompt": await self.gateway.ask("detokenize", tokens)}
+
+    @app.get("/version")
+    async def version(self) -> dict[str, str]:
+        """The server's version (vLLM's /version)."""
+        from router_service.cli import version
+
+        return {"version": version()}
 
     @staticmethod
     def sse(events: AsyncGenerator[str, None]) -> StreamingResponse:

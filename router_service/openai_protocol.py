@@ -179,8 +179,8 @@ NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
 CHAT_NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
     "echo": (False,), "documents": (), "mm_processor_kwargs": (), "reasoning_effort": (), "include_reasoning": (),
     "functions": (), "function_call": ("none",), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
-    "modalities": (["text"],), "audio": (), "prediction": (), "web_search_options": (), "chat_template": (),
-    "chat_template_kwargs": (), "add_generation_prompt": (True,), "continue_final_message": (False,),
+    "modalities": (["text"],), "audio": (), "prediction": (), "web_search_options": (),
+    "chat_template": (),  # per request: vLLM too refuses it unless told to trust it; the server's is --chat-template
     "add_special_tokens": (False,),  # the chat template writes the special tokens
 }
 
@@ -259,14 +259,25 @@ class ChatCompletionRequest(_Common):
     prediction: Any = None
     web_search_options: Any = None
     chat_template: Any = None
-    chat_template_kwargs: Any = None
-    add_generation_prompt: Any = None
-    continue_final_message: Any = None
+    # Chat template options (vLLM's extras).
+    chat_template_kwargs: dict[StrictStr, Any] | None = None
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
 
     def to_messages(self) -> list[dict[str, str]]:
         if not self.messages:
             raise ApiError(400, "messages must be a non-empty list", param="messages")
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def chat_options(self) -> dict[str, Any]:
+        """How the chat template renders these messages (Tokenizer.render_chat's keyword arguments)."""
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ApiError(400, "add_generation_prompt and continue_final_message cannot both be true (set "
+                                "add_generation_prompt=false to continue the final message)",
+                           param="continue_final_message")
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message,
+                "template_kwargs": dict(self.chat_template_kwargs or {})}
 
     def to_params(self) -> SamplingParams:
         self.check_unsupported()

@@ -82,6 +82,11 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         app_args.setdefault("engine_options", {})["quantize_group_size"] = args.quantize_group_size
     if args.log_requests:
         app_args["log_requests"] = True
+    if getattr(args, "chat_template", None):  # its text travels with the config: replicas need no copy of the file
+        path = Path(args.chat_template).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--chat-template {args.chat_template!r}: no such file")
+        app_args.setdefault("engine_options", {})["chat_template"] = path.read_text()
     if args.api_key:
         app_args["api_key_env"] = "MOE_CLUSTER_API_KEY"
     elif args.api_key_env:

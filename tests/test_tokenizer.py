@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.tokenizer import DEFAULT_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer
+from cluster.tokenizer import DEFAULT_CHAT_TEMPLATE, ChatTemplateError, IncrementalDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -55,12 +55,36 @@ def test_chat_template_matches_transformers(tok: Tokenizer, hf_tok: PreTrainedTo
     assert ids.count(bos) == 1 and ids[0] == bos
 
 
-def test_default_template_when_config_has_none(tmp_path: Path, demo_dir: Path) -> None:
+def test_no_template_no_chat_and_where_templates_come_from(tmp_path: Path, demo_dir: Path) -> None:
+    """As vLLM: no guessed default; the given template, else chat_template.jinja, else tokenizer_config's."""
     (tmp_path / "tokenizer.json").write_bytes((demo_dir / "tokenizer.json").read_bytes())
-    assert Tokenizer(tmp_path).chat_template == DEFAULT_CHAT_TEMPLATE
+    chat = [{"role": "user", "content": "x"}]
+    assert Tokenizer(tmp_path).chat_template is None
+    with pytest.raises(ChatTemplateError, match="no chat template") as err:
+        Tokenizer(tmp_path).render_chat(chat)
+    assert err.value.param == "messages"
     (tmp_path / "tokenizer_config.json").write_text(
         '{"chat_template": [{"name": "default", "template": "{{ messages[0].content }}!"}]}')
-    assert Tokenizer(tmp_path).render_chat([{"role": "user", "content": "x"}]) == "x!"
+    assert Tokenizer(tmp_path).render_chat(chat) == "x!"
+    (tmp_path / "chat_template.jinja").write_text("<{{ messages[0].content }}>")
+    assert Tokenizer(tmp_path).render_chat(chat) == "<x>"
+    assert Tokenizer(tmp_path, chat_template="[{{ messages[0].content }}]").render_chat(chat) == "[x]"
+
+
+def test_template_options_as_transformers(tok: Tokenizer, hf_tok: PreTrainedTokenizerFast, demo_dir: Path) -> None:
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Once upon"}]
+    want = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                      continue_final_message=True)
+    assert tok.render_chat(messages, add_generation_prompt=False, continue_final_message=True) == want
+    assert tok.render_chat(messages, add_generation_prompt=False).startswith(want)
+    with pytest.raises(ChatTemplateError, match="cannot both be true"):
+        tok.render_chat(messages, add_generation_prompt=True, continue_final_message=True)
+    custom = Tokenizer(demo_dir, chat_template="{% if loud %}LOUD {% endif %}{{ messages[0].content }}")
+    assert custom.render_chat(messages[:1], template_kwargs={"loud": True}) == "LOUD Hello"
+    assert custom.render_chat(messages[:1]) == "Hello"
+    with pytest.raises(ChatTemplateError, match="may not set") as err:
+        custom.render_chat(messages[:1], template_kwargs={"messages": []})
+    assert err.value.param == "chat_template_kwargs"
 
 
 @pytest.mark.parametrize(("messages", "message"), [

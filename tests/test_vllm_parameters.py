@@ -5,12 +5,17 @@ as OpenAI's SDKs send newer ones, and logged once at debug level."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from router_service.errors import ApiError
+from cluster.engine_config import EngineConfig
+from cluster.tokenizer import ChatTemplateError, Tokenizer
+from router_service.cli import build_parser
+from router_service.errors import ApiError, engine_error
 from router_service.openai_protocol import ChatCompletionRequest, CompletionRequest, log_unknown_field
+from router_service.serve_config import resolve_config
 
 Kind = type[CompletionRequest] | type[ChatCompletionRequest]
 # vLLM's SamplingParams and its OpenAI server's request extras (completions and chat), with a value that is not
@@ -44,9 +49,12 @@ CHAT_REFUSED = [("echo", True), ("documents", [{"a": "b"}]), ("mm_processor_kwar
                 ("reasoning_effort", "high"), ("include_reasoning", True), ("functions", [{"name": "f"}]),
                 ("function_call", "auto"), ("tool_choice", "required"), ("tools", [{"type": "function"}]),
                 ("modalities", ["audio"]), ("audio", {"voice": "x"}), ("prediction", {"type": "content"}),
-                ("web_search_options", {}), ("chat_template", "{{ x }}"), ("chat_template_kwargs", {"a": 1}),
-                ("add_generation_prompt", False), ("continue_final_message", True),
+                ("web_search_options", {}), ("chat_template", "{{ x }}"),
                 ("add_special_tokens", True), ("response_format", {"type": "json_object"})]
+# Chat template options: honoured by the rendering of the messages (tests/serving and test_tokenizer check it).
+CHAT_TEMPLATE_OPTIONS = [("chat_template_kwargs", {"a": 1}, "template_kwargs", {"a": 1}),
+                         ("add_generation_prompt", False, "add_generation_prompt", False),
+                         ("continue_final_message", True, "continue_final_message", True)]
 
 
 def body(kind: Kind, **extra: Any) -> dict[str, Any]:
@@ -75,6 +83,11 @@ def test_every_vllm_parameter_is_honoured_or_refused(kind: Kind) -> None:
             params_of(kind, **{name: value})
         assert err.value.status == 400 and err.value.param == name, name
     names = {n for n, *_ in HONOURED + own + refused} | {n for n, _ in NO_EFFECT}
+    if kind is ChatCompletionRequest:
+        for name, value, option, shown in CHAT_TEMPLATE_OPTIONS:
+            extra = {name: value} | ({"add_generation_prompt": False} if name == "continue_final_message" else {})
+            assert ChatCompletionRequest.model_validate(body(kind, **extra)).chat_options()[option] == shown, name
+        names |= {n for n, *_ in CHAT_TEMPLATE_OPTIONS}
     assert not names - set(kind.model_fields), "a listed parameter is not declared (it would be ignored)"
 
 
@@ -85,6 +98,13 @@ def test_defaults_of_refused_parameters_are_accepted() -> None:
                      add_special_tokens=False, tool_choice="none", echo=False) == params_of(ChatCompletionRequest)
 
 
+def test_contradicting_chat_options_are_refused() -> None:
+    request = ChatCompletionRequest.model_validate(body(ChatCompletionRequest, continue_final_message=True))
+    with pytest.raises(ApiError) as err:
+        request.chat_options()
+    assert err.value.param == "continue_final_message"
+
+
 def test_unknown_fields_are_ignored_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     log_unknown_field.cache_clear()
     with caplog.at_level(logging.DEBUG, logger="moe_cluster.serve"):
@@ -92,3 +112,22 @@ def test_unknown_fields_are_ignored_and_logged_once(caplog: pytest.LogCaptureFix
             assert params_of(CompletionRequest, brand_new_field=1) == params_of(CompletionRequest)
     hits = [r for r in caplog.records if "brand_new_field" in r.getMessage()]
     assert len(hits) == 1 and hits[0].levelno == logging.DEBUG
+
+
+def test_a_model_without_chat_template_gets_a_400_naming_messages() -> None:
+    err = engine_error(ChatTemplateError("this model has no chat template"))
+    assert err.status == 400 and err.param == "messages" and "no chat template" in err.message
+
+
+def test_chat_template_flag_reaches_the_engine(tmp_path: Path, demo_dir: Path) -> None:
+    template = tmp_path / "t.jinja"
+    template.write_text("Q: {{ messages[0].content }}\nA:")
+    args = build_parser().parse_args(["serve", "--model", str(demo_dir), "--chat-template", str(template)])
+    options = resolve_config(args)["applications"][0]["args"]["engine_options"]
+    assert options["chat_template"] == template.read_text()
+    with pytest.raises(ValueError, match="no such file"):
+        resolve_config(build_parser().parse_args(["serve", "--chat-template", str(tmp_path / "missing")]))
+    for given in (template.read_text(), str(template)):  # the template, or a file of it (as vLLM)
+        cfg = EngineConfig(model=str(demo_dir), chat_template=given)
+        assert Tokenizer(demo_dir, cfg.chat_template_text()).render_chat([{"role": "user", "content": "hi"}]) == \
+            "Q: hi\nA:"

@@ -54,6 +54,22 @@ def test_continuous_usage_stats_on_every_stream_message(client: GenerationClient
     assert [m.HasField("usage") for m in plain] == [False] * (len(plain) - 1) + [True]
 
 
+def test_vllm_sampling_parameters_equal_the_engine(served: Served, client: GenerationClient) -> None:
+    got = client.generate(PROMPT, max_new_tokens=10, temperature=0.7, seed=5, min_p=0.05, repetition_penalty=1.3,
+                          presence_penalty=0.5, frequency_penalty=0.3, bad_words=["zz"], min_tokens=4,
+                          logit_bias={11: 3.0})
+    want = served.reference.generate([PROMPT], SamplingParams(
+        max_tokens=10, temperature=0.7, seed=5, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.5,
+        frequency_penalty=0.3, bad_words=("zz",), min_tokens=4, logit_bias=((11, 3.0),)))[0].completions[0]
+    assert list(got.token_ids) == want.token_ids and got.text == want.text
+    forced = client.generate(PROMPT, max_new_tokens=4, temperature=1.0, logit_bias={77: 500.0})  # clamped to 100
+    assert list(forced.token_ids) == [77] * 4
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(PROMPT, max_new_tokens=4, repetition_penalty=-1.0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sampling.repetition_penalty" in (err.value.details() or "")
+
+
 def test_stop_reasons_logprobs_tokenize_and_model_info(served: Served, client: GenerationClient) -> None:
     base = client.generate(PROMPT, max_new_tokens=16, temperature=0)
     stop = base.text[4:7]

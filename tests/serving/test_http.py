@@ -93,6 +93,31 @@ def test_vllm_sampling_parameters_on_the_cluster_engine(served: Served, client: 
     assert ids.token_ids == [77] * 5 and forced.choices[0].text == ids.text
 
 
+def test_chat_template_options_tokenize_detokenize_and_version(served: Served, client: openai.OpenAI) -> None:
+    tok = served.reference.tokenizer
+    messages = [{"role": "user", "content": "Tell a story"}, {"role": "assistant", "content": "Once upon a"}]
+    r = httpx.post(f"{served.http}/tokenize", json={"model": served.model, "messages": messages,
+                                                     "add_generation_prompt": False, "continue_final_message": True})
+    ids = tok.encode_chat(messages, add_generation_prompt=False, continue_final_message=True)
+    assert r.status_code == 200 and r.json()["tokens"] == ids
+    assert tok.decode(ids, skip_special_tokens=False).endswith("Once upon a")
+    out = client.chat.completions.create(model=served.model, messages=messages, max_tokens=6, temperature=0,  # type: ignore[arg-type]
+                                         extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    assert out.usage is not None and out.usage.prompt_tokens == len(ids)
+    assert out.choices[0].message.content == expected(served, ids, max_tokens=6, temperature=0).completions[0].text
+    both = httpx.post(f"{served.http}/v1/chat/completions", json={"model": served.model, "messages": messages,
+                                                                   "continue_final_message": True})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"
+    plain = httpx.post(f"{served.http}/tokenize", json={"prompt": "Hello", "add_special_tokens": False}).json()
+    assert plain["tokens"] == tok.encode("Hello", add_special_tokens=False)
+    back = httpx.post(f"{served.http}/detokenize", json={"model": served.model, "tokens": ids})
+    assert back.status_code == 200 and back.json()["prompt"] == tok.decode(ids, skip_special_tokens=False)
+    bad = httpx.post(f"{served.http}/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    version = httpx.get(f"{served.http}/version")
+    assert version.status_code == 200 and version.json()["version"]
+
+
 def sse_events(served: Served, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     with httpx.stream("POST", f"{served.http}{path}", json=body, timeout=60) as r:
         assert r.status_code == 200, r.read()
