@@ -98,7 +98,8 @@ def render(snapshots: list[dict[str, Any]]) -> str:
     """Prometheus text format (0.0.4) of every replica's series, one family at a time."""
     lines: list[str] = []
     for name, (kind, help_text, _) in SERIES.items():
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        family = f"{name}_total" if kind == "counter" else name  # as prometheus_client writes counters (format 0.0.4)
+        lines += [f"# HELP {family} {help_text}", f"# TYPE {family} {kind}"]
         for snap in snapshots:
             labels = snap["labels"]
             if kind == "histogram":

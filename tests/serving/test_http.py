@@ -300,3 +300,23 @@ def test_prefix_caching_keeps_greedy_text_and_prompt_logprobs_exact(served: Serv
             [t.logprob for t in ref.prompt_logprobs[1:] if t is not None], abs=1e-5)
     finally:
         off.shutdown()
+
+
+def test_http_port_metrics_have_the_vllm_series(served: Served, client: openai.OpenAI) -> None:
+    """A Prometheus scrape of the HTTP port itself (no API key, as vLLM's): every engine replica's series under
+    vLLM's names, read by prometheus_client's parser; the prefix cache counted."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.test_vllm_metrics import DOCUMENTED
+
+    client.completions.create(model=served.model, prompt=PROMPT, max_tokens=4, temperature=0)
+    client.completions.create(model=served.model, prompt=PROMPT, max_tokens=4, temperature=0)  # a cached prefix
+    response = httpx.get(f"{served.http}/metrics", timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    assert DOCUMENTED <= families.keys()
+    hits = [s.value for s in families["vllm:prefix_cache_hits"].samples]
+    ttft = [s.value for s in families["vllm:time_to_first_token_seconds"].samples if s.name.endswith("_count")]
+    assert sum(hits) > 0 and sum(ttft) >= 2
+    usage = [s.value for s in families["vllm:kv_cache_usage_perc"].samples]
+    assert usage and all(0 <= u <= 1 for u in usage)
