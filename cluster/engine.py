@@ -254,9 +254,13 @@ class LLMEngine:
                 lps[i] = lp
         now = time.monotonic()
         for i, (token, (seq, _)) in enumerate(zip(tokens.tolist(), to_sample, strict=True)):
-            if seq.request.metrics.first_token_time is None:  # its prefill is done: count its prompt now, so
-                seq.request.metrics.first_token_time = now  # that prompt throughput is measured when it happens
+            metrics = seq.request.metrics
+            if metrics.first_token_time is None:  # its prefill is done: count its prompt now, so
+                metrics.first_token_time = now  # that prompt throughput is measured when it happens
                 self._stats.prompt_tokens_total += len(seq.request.prompt_ids)
+            elif metrics.last_token_time is not None and metrics.last_token_time < now:  # once per step
+                metrics.inter_token_latencies.append(now - metrics.last_token_time)
+            metrics.last_token_time = now
             self.outputs.append_token(seq, token, lps.get(i))
             self._stats.generation_tokens_total += 1
 

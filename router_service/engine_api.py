@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.sampling import SamplingParams, TokenLogprob
-from cluster.sequence import Continuation, RequestOutput, fold_deltas
+from cluster.sequence import Continuation, RequestMetrics, RequestOutput, fold_deltas
 from cluster.tokenizer import Tokenizer
 
 
@@ -62,6 +62,7 @@ class GenerateChunk:
     completion_tokens: int = 0
     ttft_s: float | None = None  # on the last chunk
     e2e_s: float | None = None
+    metrics: RequestMetrics | None = None  # on the last chunk: queue / prefill / decode times, inter-token gaps
 
 
 @dataclass
@@ -87,7 +88,7 @@ def to_chunk(tokenizer: Tokenizer, out: RequestOutput) -> GenerateChunk:
     if out.prompt_logprobs is not None:
         chunk.prompt_logprobs = [None if lp is None else token_info(tokenizer, lp) for lp in out.prompt_logprobs]
     if out.metrics is not None:
-        chunk.ttft_s, chunk.e2e_s = out.metrics.ttft, out.metrics.e2e
+        chunk.ttft_s, chunk.e2e_s, chunk.metrics = out.metrics.ttft, out.metrics.e2e, out.metrics
     return chunk
 
 
@@ -96,4 +97,5 @@ def merge(chunks: Sequence[GenerateChunk]) -> GenerateChunk:
     first, last = chunks[0], chunks[-1]
     choices = fold_deltas((d for chunk in chunks for d in chunk.choices), lambda i: ChoiceDelta(i, "", []))
     return GenerateChunk(first.request_id, choices, last.finished, first.prompt_token_ids, first.prompt_text,
-                         first.prompt_logprobs, last.prompt_tokens, last.completion_tokens, last.ttft_s, last.e2e_s)
+                         first.prompt_logprobs, last.prompt_tokens, last.completion_tokens, last.ttft_s, last.e2e_s,
+                         last.metrics)

@@ -110,7 +110,7 @@ class EngineDeployment:
                     last = chunks[-1]
                     if last.finished:  # (a continuation's latencies count from the resume, so do its tokens)
                         self.metrics.observe_request(last.ttft_s, last.e2e_s, last.completion_tokens - resumed_at,
-                                                     [c.finish_reason or "" for c in last.choices])
+                                                     [c.finish_reason or "" for c in last.choices], last.metrics)
                         if self.settings.log_requests:
                             reasons = ", ".join(c.finish_reason or "?" for c in last.choices)
                             self._request_line(
@@ -167,6 +167,11 @@ class EngineDeployment:
             return None
         except asyncio.TimeoutError:
             raise TimeoutError("the request's deadline passed") from None
+
+    async def vllm_metrics(self) -> dict[str, Any]:
+        """This replica's vLLM series (router_service/vllm_metrics.py), fresh, for the ingress's /metrics."""
+        self.metrics.sample(await asyncio.to_thread(self.engine.stats))
+        return self.metrics.vllm.snapshot()
 
     def model_info(self) -> dict[str, Any]:
         cfg = self.engine.model_config

@@ -28,6 +28,7 @@ from router_service.errors import SHUTTING_DOWN, ApiError, engine_error, engine_
 from router_service.metrics import IngressMetrics
 from router_service.resume import Progress, resumed, with_seed
 from router_service.settings import AppSettings
+from router_service.vllm_metrics import render
 
 log = logging.getLogger("moe_cluster.serve")
 Stream = Any  # a DeploymentResponseGenerator of EngineDeployment.generate: Accepted, then lists of chunks
@@ -246,6 +247,14 @@ class EngineGateway:
     async def ask(self, method: str, *args: Any) -> Any:
         """One call of the engine deployment's ``method`` (tokenize_chat, detokenize, ...), errors as ApiError."""
         return await self._ask(method, *args)
+    async def vllm_metrics(self) -> str:
+        """The vLLM series of every engine replica (each answers with a snapshot), rendered for /metrics."""
+        try:
+            response = self.engine.broadcast("vllm_metrics")
+            snapshots = await asyncio.to_thread(response.results, timeout_s=10)
+        except Exception as err:
+            raise engine_error(err) from None
+        return render(snapshots)
 
     async def _ask(self, method: str, *args: Any) -> Any:
         """One call of the engine deployment's ``method``; a failure is raised as ApiError."""

@@ -86,7 +86,8 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
     return JSONResponse(error.body(), status_code=error.status, headers=dict(err.headers or {}))
 
 
-OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")  # need no API key
+# Need no API key: as in vLLM, /metrics is open to Prometheus scrapers (it shows counts and latencies only).
+OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/redoc")
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,11 @@ class Ingress:
             return JSONResponse({"status": "unavailable", "reason": state.get("reason")}, status_code=503,
                                 headers={"Retry-After": RETRY_AFTER_S})
         return JSONResponse({"status": "ok", "model": self.gateway.model_name})
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        """Every engine replica's series under vLLM's names (router_service/vllm_metrics.py), Prometheus text."""
+        return Response(await self.gateway.vllm_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:

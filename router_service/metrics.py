@@ -9,7 +9,10 @@ from ray.util.metrics import Counter, Gauge, Histogram
 
 from cluster.engine_api import EngineStats
 from cluster.eplb import imbalance
+from cluster.sequence import RequestMetrics
+from router_service.vllm_metrics import VllmSeries
 
+ITL_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0]
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 
@@ -42,18 +45,49 @@ class EngineMetrics:
                                  "their results, since the last sample", tag_keys=keys)
         self.requests = Counter("moe_cluster_requests_total", "Finished requests by finish reason",
                                 tag_keys=(*keys, "finish_reason"))
+        # vLLM's meanings (docs/observability.md maps each to its vllm: name on the HTTP server's /metrics).
+        self.itl = Histogram("moe_cluster_inter_token_latency_seconds",
+                             "Time between a request's successive token steps, one sample per step",
+                             boundaries=ITL_BUCKETS, tag_keys=keys)
+        self.queue_time = Histogram("moe_cluster_request_queue_time_seconds", "Arrival to first scheduled",
+                                    boundaries=LATENCY_BUCKETS, tag_keys=keys)
+        self.prefill_time = Histogram("moe_cluster_request_prefill_time_seconds", "First scheduled to first token",
+                                      boundaries=LATENCY_BUCKETS, tag_keys=keys)
+        self.decode_time = Histogram("moe_cluster_request_decode_time_seconds", "First token to last token",
+                                     boundaries=LATENCY_BUCKETS, tag_keys=keys)
+        self.kv_usage = Gauge("moe_cluster_kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full)",
+                              tag_keys=keys)
+        self.prefix_queries = Counter("moe_cluster_prefix_cache_queries_total",
+                                      "Context tokens looked up in the prefix cache at admission", tag_keys=keys)
+        self.prefix_hits = Counter("moe_cluster_prefix_cache_hits_total",
+                                   "Context tokens found in the prefix cache (not computed again)", tag_keys=keys)
+        self.vllm = VllmSeries(model, engine_id)  # the same, for the HTTP server's /metrics
         self._last: EngineStats | None = None
 
     def observe_request(self, ttft: float | None, e2e: float | None, completion_tokens: int,
-                        finish_reasons: list[str]) -> None:
+                        finish_reasons: list[str], timings: RequestMetrics | None = None) -> None:
         if ttft is not None:
             self.ttft.observe(ttft, self.tags)
+            self.vllm.observe("vllm:time_to_first_token_seconds", ttft)
         if e2e is not None:
             self.e2e.observe(e2e, self.tags)
+            self.vllm.observe("vllm:e2e_request_latency_seconds", e2e)
             if ttft is not None and completion_tokens > 1:
                 self.tpot.observe((e2e - ttft) / (completion_tokens - 1), self.tags)
         for reason in finish_reasons:
             self.requests.inc(1, self.tags | {"finish_reason": reason})
+            self.vllm.finished(reason)
+        if timings is None:
+            return
+        for gap in timings.inter_token_latencies:
+            self.itl.observe(gap, self.tags)
+            self.vllm.observe("vllm:inter_token_latency_seconds", gap)
+        for histogram, name, value in ((self.queue_time, "queue", timings.queue_time),
+                                       (self.prefill_time, "prefill", timings.prefill_time),
+                                       (self.decode_time, "decode", timings.decode_time)):
+            if value is not None:
+                histogram.observe(value, self.tags)
+                self.vllm.observe(f"vllm:request_{name}_time_seconds", value)
 
     def sample(self, stats: EngineStats) -> None:
         """Gauges from the latest engine stats, counters by their increase since the last sample."""
@@ -61,7 +95,20 @@ class EngineMetrics:
         self.waiting.set(stats.num_waiting, self.tags)
         self.kv_used.set(stats.kv_blocks_used, self.tags)
         self.kv_total.set(stats.kv_blocks_total, self.tags)
+        usage = stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0
+        self.kv_usage.set(usage, self.tags)
+        for name, value in (("vllm:num_requests_running", stats.num_running),
+                            ("vllm:num_requests_waiting", stats.num_waiting), ("vllm:kv_cache_usage_perc", usage),
+                            ("vllm:prefix_cache_queries", stats.prefix_cache_queries_total),
+                            ("vllm:prefix_cache_hits", stats.prefix_cache_hits_total),
+                            ("vllm:num_preemptions", stats.num_preemptions),
+                            ("vllm:prompt_tokens", stats.prompt_tokens_total),
+                            ("vllm:generation_tokens", stats.generation_tokens_total)):
+            self.vllm.set(name, value)
         last = self._last
+        self._increase(self.prefix_queries, stats.prefix_cache_queries_total,
+                       last.prefix_cache_queries_total if last else 0)
+        self._increase(self.prefix_hits, stats.prefix_cache_hits_total, last.prefix_cache_hits_total if last else 0)
         self._increase(self.preemptions, stats.num_preemptions, last.num_preemptions if last else 0)
         self._increase(self.prompt_tokens, stats.prompt_tokens_total, last.prompt_tokens_total if last else 0)
         self._increase(self.generation_tokens, stats.generation_tokens_total,

@@ -170,6 +170,37 @@ def test_micro_batches_equal_the_serial_schedule(parity_models: dict[str, tuple[
         local.shutdown()
 
 
+def test_prefix_caching_in_the_cluster_equals_caching_off(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]],
+                                                          pool2: Any) -> None:
+    """A coordinator with prefix caching on (the default), the sliding-window model (8), a cache small enough to
+    preempt, prompts sharing a long prefix sent twice: greedy tokens, seeded n=2 samples and prompt logprobs equal
+    the local engine with caching off."""
+    from tests.test_prefix_cache import shared_prefix_prompts
+
+    cfg = parity_models[E8][1].engine.engine_cfg.with_(max_num_batched_tokens=32, num_kv_blocks=24)
+    local = LocalEngine.from_config(cfg.with_(enable_prefix_caching=False))
+    cluster = ClusterEngine.start(cfg, cluster_config(), pool=pool2)
+    prompts = shared_prefix_prompts(7, 5, prefix_len=30)
+    try:
+        for params in (GREEDY, SamplingParams(n=2, max_tokens=8, temperature=0.9, seed=5, ignore_eos=True),
+                       SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, echo=True, logprobs=1)):
+            want = local.generate(prompts, params)
+            for _ in range(2):  # the second time, every prefix is cached
+                got = cluster.generate(prompts, params)
+                assert [[c.token_ids for c in r.completions] for r in got] == \
+                    [[c.token_ids for c in r.completions] for r in want]
+                for ours, theirs in zip(got, want, strict=True):
+                    if theirs.prompt_logprobs is not None:
+                        assert ours.prompt_logprobs is not None
+                        assert [t.logprob if t else None for t in ours.prompt_logprobs] == pytest.approx(
+                            [t.logprob if t else None for t in theirs.prompt_logprobs], abs=1e-5)
+        stats = cluster.stats()
+        assert stats.prefix_cache_hits_total > 0 and stats.num_preemptions > 0
+    finally:
+        cluster.shutdown()
+        local.shutdown()
+
+
 def test_one_expert_per_worker_two_coordinators_at_once(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]]
                                                   ) -> None:
     """One expert per worker, with 1 KiB link slots so that most messages (and their results) travel in buffers

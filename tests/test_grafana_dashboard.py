@@ -23,7 +23,11 @@ GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 REQUIRED = {"moe_cluster_requests_total", "moe_cluster_time_to_first_token_seconds",
             "moe_cluster_time_per_output_token_seconds", "moe_cluster_e2e_request_latency_seconds",
             "moe_cluster_kv_blocks_used", "moe_cluster_kv_blocks_total", "moe_cluster_expert_tokens_total",
-            "moe_cluster_worker_rows_total", "moe_cluster_worker_load_imbalance", "moe_cluster_rebalances_total"}
+            "moe_cluster_worker_rows_total", "moe_cluster_worker_load_imbalance", "moe_cluster_rebalances_total",
+            "moe_cluster_prefix_cache_hits_total", "moe_cluster_prefix_cache_queries_total",
+            "moe_cluster_kv_cache_usage_perc", "moe_cluster_inter_token_latency_seconds",
+            "moe_cluster_request_queue_time_seconds", "moe_cluster_request_prefill_time_seconds",
+            "moe_cluster_request_decode_time_seconds"}
 
 
 def exported() -> dict[str, Metric]:

@@ -347,3 +347,49 @@ def test_metrics_are_exported(served: Served, client: openai.OpenAI) -> None:
     assert {'layer="0"' in line for line in routed} == {True, False}  # per layer and per expert series
     per_worker = [line for line in text.splitlines() if line.startswith("ray_moe_cluster_worker_rows_total{")]
     assert len({line.split('worker="')[1].split('"')[0] for line in per_worker}) == 2  # 8 experts, 4 per worker
+
+
+def test_prefix_caching_keeps_greedy_text_and_prompt_logprobs_exact(served: Served, client: openai.OpenAI) -> None:
+    """The app serves with prefix caching on (the default): prompts sharing a long prefix, each sent twice (the
+    later ones find the prefix cached), give the greedy text and the echoed prompt logprobs of a local engine with
+    caching off."""
+    from cluster.engine_loop import LocalEngine
+
+    off = LocalEngine.from_config(served.reference.engine.engine_cfg.with_(enable_prefix_caching=False))
+    try:
+        system = " ".join([PROMPT] * 6)
+        prompts = [f"{system} and question {i}" for i in range(3)]
+        for prompt in prompts + prompts:
+            out = client.completions.create(model=served.model, prompt=prompt, max_tokens=8, temperature=0)
+            want = off.generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0].completions[0]
+            assert out.choices[0].text == want.text
+        echo = client.completions.create(model=served.model, prompt=prompts[0], max_tokens=2, temperature=0,
+                                         echo=True, logprobs=1)
+        ref = off.generate([prompts[0]], SamplingParams(max_tokens=2, temperature=0, echo=True, logprobs=1))[0]
+        assert ref.prompt_logprobs is not None and echo.choices[0].logprobs is not None
+        got = echo.choices[0].logprobs.token_logprobs or []
+        assert got[0] is None and len(ref.prompt_logprobs) > 40
+        assert got[1:len(ref.prompt_logprobs)] == pytest.approx(
+            [t.logprob for t in ref.prompt_logprobs[1:] if t is not None], abs=1e-5)
+    finally:
+        off.shutdown()
+
+
+def test_http_port_metrics_have_the_vllm_series(served: Served, client: openai.OpenAI) -> None:
+    """A Prometheus scrape of the HTTP port itself (no API key, as vLLM's): every engine replica's series under
+    vLLM's names, read by prometheus_client's parser; the prefix cache counted."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.test_vllm_metrics import DOCUMENTED
+
+    client.completions.create(model=served.model, prompt=PROMPT, max_tokens=4, temperature=0)
+    client.completions.create(model=served.model, prompt=PROMPT, max_tokens=4, temperature=0)  # a cached prefix
+    response = httpx.get(f"{served.http}/metrics", timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    assert families.keys() >= DOCUMENTED
+    hits = [s.value for s in families["vllm:prefix_cache_hits"].samples]
+    ttft = [s.value for s in families["vllm:time_to_first_token_seconds"].samples if s.name.endswith("_count")]
+    assert sum(hits) > 0 and sum(ttft) >= 2
+    usage = [s.value for s in families["vllm:kv_cache_usage_perc"].samples]
+    assert usage and all(0 <= u <= 1 for u in usage)
