@@ -40,7 +40,8 @@ VARIANTS: list[tuple[str, str | None, int | None]] = [
 
 
 def load_average() -> str:
-    return "load average %.2f %.2f %.2f" % os.getloadavg()
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
 def make_engine(model: Path, quantize: str | None, group: int | None, **options: Any) -> LocalEngine:
@@ -124,10 +125,10 @@ def kernels(n: int, k: int, repeats: int) -> str:
     rows = []
     for m in (4, 256):
         x = torch.randn(m, k)
-        fns = [lambda: F.linear(x, w),
-               lambda: F.linear(x, dequantize(q8, torch.float32)),
-               lambda: F.linear(x, dequantize(q4, torch.float32)),
-               lambda: torch._weight_int8pack_mm(x, int8_weight, int8_scale)]
+        fns = [lambda x=x: F.linear(x, w),
+               lambda x=x: F.linear(x, dequantize(q8, torch.float32)),
+               lambda x=x: F.linear(x, dequantize(q4, torch.float32)),
+               lambda x=x: torch._weight_int8pack_mm(x, int8_weight, int8_scale)]
         times = time_interleaved(fns, repeats, warmup=2)
         rows.append([f"{m} x {k} @ {k} x {n}", *(f"{1e3 * t:.3f} ({t / times[0]:.2f}x)" for t in times)])
     return table(["rows x K @ K x N", "fp32 F.linear ms", "int8 dequantize + linear", "int4 g64 dequantize + linear",
