@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, free_port, machine, progress, table, write_section
-from bench.quant import load_average
+from bench.common import free_port, machine, progress, table, write_section
+from bench.quant import DEFAULT_MODEL, DEFAULT_TEXT, load_average, shown
 
 SERVED = "demo"
 
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from router_service.serve_config import grpc_servicer_functions
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "cluster" / "demo_model")
-    parser.add_argument("--text", type=Path, default=ROOT / "tests" / "data" / "kjv_jonah.txt")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     args = parser.parse_args(argv)
     documents = [line.strip() for line in args.text.read_text().splitlines() if line.strip()]
     before = load_average()
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     base = results[0][1]
     rows = [[label, f"{ppl:.4f}", f"{100 * (ppl / base - 1):+.2f}%"] for label, ppl in results]
     derived = [f"{label}: {ppl:.3f} ({100 * (ppl / base - 1):+.2f}% vs fp32 {base:.3f})" for label, ppl in results[1:]]
-    command = "python -m bench.quant_served " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = (f"python -m bench.quant_served --model {shown(args.model, DEFAULT_MODEL)} "
+               f"--text {shown(args.text, DEFAULT_TEXT)}")
     body = (f"`{command}`\n\nMachine: {machine()}. Shared with other jobs during this run: {before} before, {after} "
             f"after (perplexity does not depend on it). Model {args.model.name}, text {args.text.name} "
             f"({len(documents)} documents), cluster engine with 2 expert workers x 4 experts; each prompt sent as "

@@ -293,3 +293,19 @@ def test_transformers_with_compressed_tensors_reads_the_quantize_output(hf_small
     finally:
         ours.shutdown()
     assert (logits - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("method", "group"), [("int8", None), ("int4", 16)])
+def test_quantized_experts_on_cuda_equal_the_cpu_engine(hf_small: HFCheckpoint, method: str, group: int | None
+                                                        ) -> None:
+    """The same integers and scales on a GPU (dequantized per call there too) give the CPU engine's logits."""
+    ids = prompt_ids(96, 30, seed=4)
+    logits = []
+    for device in ("cpu", "cuda"):
+        ours = engine(hf_small.path, device=device, quantize_experts=method, quantize_group_size=group)
+        try:
+            logits.append(ours.score([ids])[0].cpu())
+        finally:
+            ours.shutdown()
+    assert (logits[1] - logits[0]).abs().max().item() <= 1e-4 * logits[0].abs().max().item()
