@@ -33,6 +33,8 @@ from cluster.moe import LocalMoE
 from cluster.quant import ExpertQuantization, dequantize, quantize_weight
 from cluster.sampling import SamplingParams
 
+DEFAULT_MODEL = ROOT / "cluster" / "demo_model"  # the trained demo checkpoint
+DEFAULT_TEXT = ROOT / "tests" / "data" / "kjv_jonah.txt"  # its held-out text
 # (label, quantize_experts, group size)
 VARIANTS: list[tuple[str, str | None, int | None]] = [
     ("fp32", None, None), ("int8", "int8", None), ("int4 g128", "int4", 128), ("int4 g64", "int4", 64),
@@ -40,7 +42,18 @@ VARIANTS: list[tuple[str, str | None, int | None]] = [
 
 
 def load_average() -> str:
-    return "load average %.2f %.2f %.2f" % os.getloadavg()
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def shown(path: Path, default: Path) -> str:
+    """``path`` as the command line in docs/benchmarks.md shows it: relative to the repository (a copy of the
+    default file elsewhere, e.g. another checkout, is shown as the default)."""
+    path = path.resolve()
+    if path.is_relative_to(ROOT):
+        return str(path.relative_to(ROOT))
+    relative = default.relative_to(ROOT)
+    return str(relative) if path.parts[-len(relative.parts):] == relative.parts else path.name
 
 
 def make_engine(model: Path, quantize: str | None, group: int | None, **options: Any) -> LocalEngine:
@@ -124,10 +137,10 @@ def kernels(n: int, k: int, repeats: int) -> str:
     rows = []
     for m in (4, 256):
         x = torch.randn(m, k)
-        fns = [lambda: F.linear(x, w),
-               lambda: F.linear(x, dequantize(q8, torch.float32)),
-               lambda: F.linear(x, dequantize(q4, torch.float32)),
-               lambda: torch._weight_int8pack_mm(x, int8_weight, int8_scale)]
+        fns = [lambda x=x: F.linear(x, w),
+               lambda x=x: F.linear(x, dequantize(q8, torch.float32)),
+               lambda x=x: F.linear(x, dequantize(q4, torch.float32)),
+               lambda x=x: torch._weight_int8pack_mm(x, int8_weight, int8_scale)]
         times = time_interleaved(fns, repeats, warmup=2)
         rows.append([f"{m} x {k} @ {k} x {n}", *(f"{1e3 * t:.3f} ({t / times[0]:.2f}x)" for t in times)])
     return table(["rows x K @ K x N", "fp32 F.linear ms", "int8 dequantize + linear", "int4 g64 dequantize + linear",
@@ -136,9 +149,9 @@ def kernels(n: int, k: int, repeats: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "cluster" / "demo_model",
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help="the trained demo checkpoint (perplexity)")
-    parser.add_argument("--text", type=Path, default=ROOT / "tests" / "data" / "kjv_jonah.txt",
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT,
                         help="held-out text, one document a line")
     parser.add_argument("--sizes", nargs="+", default=["demo", "bench"])
     parser.add_argument("--concurrency", type=int, default=16)
@@ -160,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                  + kernels(2 * 1408, 512, 20))
     after = load_average()
     progress(f"{after} after")
-    command = "python -m bench.quant " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = (f"python -m bench.quant --model {shown(args.model, DEFAULT_MODEL)} --text "
+               f"{shown(args.text, DEFAULT_TEXT)} --sizes {' '.join(args.sizes)} --concurrency {args.concurrency} "
+               f"--prompt-len {args.prompt_len} --output-len {args.output_len} --repeats {args.repeats}")
     header = (f"`{command}`\n\nMachine: {machine()}. **Shared with other jobs during this run**: {before} before, "
               f"{after} after; read ratios, not absolute numbers.\n\nPerplexity of the trained demo model "
               f"({args.model.name}) on the held-out text ({args.text.name}), every token after BOS scored through the "

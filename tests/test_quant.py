@@ -271,3 +271,41 @@ def test_quantize_settings_are_checked() -> None:
         EngineConfig(model="m", quantize_group_size=32)
     with pytest.raises(ValueError, match="group size must be an even integer >= 2, got 7"):
         EngineConfig(model="m", quantize_experts="int4", quantize_group_size=7)
+
+
+def test_transformers_with_compressed_tensors_reads_the_quantize_output(hf_small: HFCheckpoint, tmp_path: Path) -> None:
+    """The ecosystem check: transformers' compressed-tensors integration decompresses what `moe-cluster quantize`
+    wrote to the same model (needs the optional `interop` extra: pip install compressed-tensors)."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from cluster.quantize_checkpoint import quantize_checkpoint
+
+    out = quantize_checkpoint(hf_small.path, tmp_path / "int4", ExpertQuantization(4, 16), progress=False)
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+    ids = prompt_ids(96, 30, seed=3)
+    with torch.no_grad():
+        expected = reference.eval()(torch.tensor([ids])).logits[0]
+    ours = engine(out)
+    try:
+        logits = ours.score([ids])[0]
+    finally:
+        ours.shutdown()
+    assert (logits - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("method", "group"), [("int8", None), ("int4", 16)])
+def test_quantized_experts_on_cuda_equal_the_cpu_engine(hf_small: HFCheckpoint, method: str, group: int | None
+                                                        ) -> None:
+    """The same integers and scales on a GPU (dequantized per call there too) give the CPU engine's logits."""
+    ids = prompt_ids(96, 30, seed=4)
+    logits = []
+    for device in ("cpu", "cuda"):
+        ours = engine(hf_small.path, device=device, quantize_experts=method, quantize_group_size=group)
+        try:
+            logits.append(ours.score([ids])[0].cpu())
+        finally:
+            ours.shutdown()
+    assert (logits[1] - logits[0]).abs().max().item() <= 1e-4 * logits[0].abs().max().item()

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import ray
-import torch
 
 from cluster.engine_config import EngineConfig
 from cluster.engine_loop import LocalEngine
