@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "through the window with rebalances marked (default: %(default)s, since start only)")
     load.add_argument("--model", help="only this served model's series (default: all)")
 
+    from router_service.plan_command import add_plan_parser
+
+    add_plan_parser(sub)
+
     # serve: some defaults come from the Serve config (the bundled serve.yaml, or --config FILE).
     cfg = serve_config_defaults()
     bundled = "the bundled router_service/configs/serve.yaml"
@@ -210,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(args)
         if args.command == "expert-load":
             return _expert_load(args)
+        if args.command == "plan":
+            from router_service.plan_command import plan_command
+
+            return plan_command(args)
         from router_service.serve_command import serve_command  # imports Ray Serve only when serving
 
         return serve_command(args)
