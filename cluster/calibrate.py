@@ -15,6 +15,7 @@ Shape legend: R rows (tokens), H hidden, Q/KV heads, D head dim, I expert interm
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import statistics
@@ -108,8 +109,12 @@ def _measure(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, context
             route(rms_norm(x2, norm, cfg.rms_norm_eps), gate, cfg.experts_per_token)
 
         out["coordinator_layer"][str(r)] = _timed(layer, device, repeats)
-        out["expert"][str(r)] = _timed(lambda x=x: expert_swiglu(x, w13, w2), device, repeats)
+        out["expert"][str(r)] = _timed(functools.partial(expert_swiglu, x, w13, w2), device, repeats)
         if decode:
-            out["lm_head"][str(r)] = _timed(lambda x=x: rms_norm(x, norm, cfg.rms_norm_eps) @ head.T, device,
+            out["lm_head"][str(r)] = _timed(functools.partial(_lm_head, x, norm, head, cfg.rms_norm_eps), device,
                                             repeats)
     return out
+
+
+def _lm_head(x: torch.Tensor, norm: torch.Tensor, head: torch.Tensor, eps: float) -> torch.Tensor:
+    return rms_norm(x, norm, eps) @ head.T
