@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--experts-per-worker", type=_positive_int,
                        help="with the cluster engine: experts each worker holds (default: from the config, "
                             f"{(cfg.get('pool_options') or {}).get('experts_per_worker', 1)} in the bundled one)")
+    serve.add_argument("--no-auto-shape", dest="auto_shape", action="store_false",
+                       help="with the bundled config and no --experts-per-worker: keep its shape (one expert per "
+                            "worker) instead of moe-cluster plan's for this machine (default: the plan's, e.g. on a "
+                            "2-core CPU one coordinator and one worker holding every expert)")
     serve.add_argument("--redundant-experts", type=_non_negative_int, metavar="R",
                        help="with the cluster engine: extra expert slots across the pool, per layer, for replicas of "
                             "the hottest experts, placed by rebalancing (default: from the config, "

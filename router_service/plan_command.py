@@ -67,13 +67,20 @@ def hardware_from_args(args: argparse.Namespace) -> Hardware:
         return Hardware("cpu", args.cpus, args.memory_gib or _memory_gib(), 1)
     if args.ray:
         return _ray_hardware(args.ray, args.gpu_memory_gib)
+    return local_hardware(args.gpu_memory_gib, args.memory_gib)
+
+
+def local_hardware(gpu_memory_gib: float | None = None, memory_gib: float | None = None) -> Hardware:
+    """This machine: its GPUs when CUDA is here, else its cores and memory."""
     import torch
+
+    from cluster.plan import Hardware
 
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
-        memory = args.gpu_memory_gib or torch.cuda.get_device_properties(0).total_memory / GIB
+        memory = gpu_memory_gib or torch.cuda.get_device_properties(0).total_memory / GIB
         return Hardware("gpu", count, memory, 1, source="local")
-    return Hardware("cpu", os.cpu_count() or 1, args.memory_gib or _memory_gib(), 1, source="local")
+    return Hardware("cpu", os.cpu_count() or 1, memory_gib or _memory_gib(), 1, source="local")
 
 
 def _memory_gib() -> float:

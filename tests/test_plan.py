@@ -137,3 +137,22 @@ def test_plans_fit_or_say_why_across_gpu_counts() -> None:
             assert plan.coordinators == max(1, gpus - len(plan.workers))  # spare GPUs hold more coordinators
         else:
             assert any(note.startswith("does not fit") for note in plan.notes)
+
+
+def test_serve_without_shape_flags_takes_the_plans_shape_for_this_machine(demo_dir: Path) -> None:
+    import os
+
+    from router_service.cli import build_parser
+    from router_service.serve_config import resolve_config
+
+    def pool(*flags: str) -> dict[str, Any]:
+        args = build_parser().parse_args(["serve", "--model", str(demo_dir), *flags])
+        return dict(resolve_config(args)["applications"][0]["args"]["pool_options"])
+
+    planned = pool()
+    workers = -(-8 // planned["experts_per_worker"])
+    if not torch.cuda.is_available():  # no more busy processes (a coordinator and the workers) than cores
+        assert 1 + workers <= max(2, os.cpu_count() or 1)
+        assert planned["threads_per_worker"] * workers + 1 <= max(2, os.cpu_count() or 1)
+    assert pool("--no-auto-shape")["experts_per_worker"] == 1  # the bundled config's own
+    assert pool("--experts-per-worker", "2")["experts_per_worker"] == 2
