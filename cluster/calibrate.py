@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -42,16 +43,20 @@ def calibration_key(cfg: ModelConfig, dtype: str, device: torch.device, context:
 
 
 def calibrate(cfg: ModelConfig, dtype: str, device: str = "cpu", context: int = 128, cache: Path | None = CACHE,
-              repeats: int = 5, rows: tuple[int, ...] = DECODE_ROWS + PREFILL_ROWS) -> dict[str, Any]:
-    """Op costs of ``cfg`` on ``device`` (cached). ``context``: keys per sequence in the decode attention."""
+              repeats: int = 5, rows: tuple[int, ...] = DECODE_ROWS + PREFILL_ROWS, refresh: bool = False
+              ) -> dict[str, Any]:
+    """Op costs of ``cfg`` on ``device`` (cached; ``refresh`` measures again). ``context``: keys per sequence in
+    the decode attention. The load average at the time is kept with them: costs measured on a busy machine are
+    inflated by waiting for a core, and should be measured again when it is quiet."""
     dev = torch.device(device)
     key = calibration_key(cfg, dtype, dev, context)
     path = cache / f"{key}.json" if cache is not None else None
-    if path is not None and path.exists():
+    if path is not None and path.exists() and not refresh:
         return dict(json.loads(path.read_text())) | {"cached": str(path)}
     costs = _measure(cfg, parse_dtype(dtype), dev, context, repeats, rows)
     costs |= {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": dtype,
-              "threads": torch.get_num_threads(), "context": context, "torch": torch.__version__}
+              "threads": torch.get_num_threads(), "context": context, "torch": torch.__version__,
+              "load_average": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count()}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(costs, indent=1))

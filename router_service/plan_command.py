@@ -44,6 +44,7 @@ def add_plan_parser(sub: Any) -> None:
                       help="measure op costs on this machine (cached) when the target is this machine's kind "
                            "of device; otherwise estimate GPU costs from --gpu-bandwidth-gbs/--gpu-tflops "
                            "(default: %(default)s)")
+    plan.add_argument("--recalibrate", action="store_true", help="measure op costs again (default: use the cache)")
     plan.add_argument("--gpu-bandwidth-gbs", type=float, default=2000.0,
                       help="GPU memory bandwidth for estimated costs, GB/s (default: %(default)s)")
     plan.add_argument("--gpu-tflops", type=float, default=300.0,
@@ -130,8 +131,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         from cluster.calibrate import calibrate
 
         torch.set_num_threads(plan.threads["worker"])
-        costs = calibrate(cfg, plan.sizes.dtype, "cuda" if here == "gpu" else "cpu")
+        costs = calibrate(cfg, plan.sizes.dtype, "cuda" if here == "gpu" else "cpu", refresh=args.recalibrate)
         where = f"cached {costs['cached']}" if "cached" in costs else "measured now"
+        load = costs.get("load_average")
+        if load and load[0] > (costs.get("cpu_count") or 1):
+            where += f"; load average {load[0]:g} on {costs.get('cpu_count')} cores then: costs inflated, " \
+                     "--recalibrate when the machine is quiet"
         predict(plan, costs, f"measured on this machine ({costs['device']}, {costs['dtype']}, "
                              f"{costs['threads']} thread(s); {where})")
     elif hw.kind == "gpu":
