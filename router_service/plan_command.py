@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +55,7 @@ def add_plan_parser(sub: Any) -> None:
 
 
 def hardware_from_args(args: argparse.Namespace) -> Hardware:
+    from cluster.hardware import local_hardware, memory_gib
     from cluster.plan import Hardware
 
     if args.gpus is not None and args.cpus is not None:
@@ -65,36 +65,16 @@ def hardware_from_args(args: argparse.Namespace) -> Hardware:
             raise ValueError("--gpus N needs --gpu-memory-gib G (each GPU's memory)")
         return Hardware("gpu", args.gpus, args.gpu_memory_gib, args.nodes)
     if args.cpus is not None:
-        return Hardware("cpu", args.cpus, args.memory_gib or _memory_gib(), 1)
+        return Hardware("cpu", args.cpus, args.memory_gib or memory_gib(), 1)
     if args.ray:
         return _ray_hardware(args.ray, args.gpu_memory_gib)
     return local_hardware(args.gpu_memory_gib, args.memory_gib)
 
 
-def local_hardware(gpu_memory_gib: float | None = None, memory_gib: float | None = None) -> Hardware:
-    """This machine: its GPUs when CUDA is here, else its cores and memory."""
-    import torch
-
-    from cluster.plan import Hardware
-
-    if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        memory = gpu_memory_gib or torch.cuda.get_device_properties(0).total_memory / GIB
-        return Hardware("gpu", count, memory, 1, source="local")
-    return Hardware("cpu", os.cpu_count() or 1, memory_gib or _memory_gib(), 1, source="local")
-
-
-def _memory_gib() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2**20
-    raise ValueError("cannot read this machine's memory: give --memory-gib")
-
-
 def _ray_hardware(address: str, gpu_memory_gib: float | None) -> Hardware:
     import ray
 
+    from cluster.hardware import memory_gib
     from cluster.plan import Hardware
 
     started = not ray.is_initialized()
@@ -111,7 +91,7 @@ def _ray_hardware(address: str, gpu_memory_gib: float | None) -> Hardware:
         if gpu_memory_gib is None:
             raise ValueError(f"the Ray cluster at {address} has {gpus} GPUs: give --gpu-memory-gib G")
         return Hardware("gpu", gpus, gpu_memory_gib, nodes if gpus % nodes == 0 else 1, source="ray")
-    return Hardware("cpu", int(total.get("CPU", 1)), total.get("memory", 0) / GIB or _memory_gib(), 1, source="ray")
+    return Hardware("cpu", int(total.get("CPU", 1)), total.get("memory", 0) / GIB or memory_gib(), 1, source="ray")
 
 
 def make_plan(args: argparse.Namespace) -> Plan:

@@ -82,8 +82,8 @@ def apply_planned_shape(app_args: dict[str, Any], model_dir: Path) -> None:
     """The bundled config's shape (one expert per worker) replaced by ``moe-cluster plan``'s for this machine: on
     a CPU node no more busy processes than cores; on GPUs one worker per GPU, the coordinator beside one."""
     from cluster.config import ModelConfig
+    from cluster.hardware import local_hardware
     from cluster.plan import plan_cpus, plan_gpus
-    from router_service.plan_command import local_hardware
 
     hardware = local_hardware()
     cfg = ModelConfig.from_file(model_dir)
