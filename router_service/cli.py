@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("num_workers", metavar="N", type=_positive_int, help="the expert workers the pool should have")
     scale.add_argument("--api-key-env", metavar="VAR", help="send the API key held in this environment variable")
     scale.add_argument("--json", action="store_true", help="print the server's JSON answer")
+    from router_service.plan_command import add_plan_parser
+
+    add_plan_parser(sub)
 
     # serve: some defaults come from the Serve config (the bundled serve.yaml, or --config FILE).
     cfg = serve_config_defaults()
@@ -202,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--experts-per-worker", type=_positive_int,
                        help="with the cluster engine: experts each worker holds (default: from the config, "
                             f"{(cfg.get('pool_options') or {}).get('experts_per_worker', 1)} in the bundled one)")
+    serve.add_argument("--no-auto-shape", dest="auto_shape", action="store_false",
+                       help="with the bundled config and no --experts-per-worker: keep its shape (one expert per "
+                            "worker) instead of moe-cluster plan's for this machine (default: the plan's, e.g. on a "
+                            "2-core CPU one coordinator and one worker holding every expert)")
     serve.add_argument("--redundant-experts", type=_non_negative_int, metavar="R",
                        help="with the cluster engine: extra expert slots across the pool, per layer, for replicas of "
                             "the hottest experts, placed by rebalancing (default: from the config, "
@@ -269,6 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from router_service.pool_client import scale_pool_command
 
             return scale_pool_command(args)
+        if args.command == "plan":
+            from router_service.plan_command import plan_command
+
+            return plan_command(args)
         from router_service.serve_command import serve_command  # imports Ray Serve only when serving
 
         return serve_command(args)

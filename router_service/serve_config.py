@@ -71,6 +71,9 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         app_args["drain_timeout_s"] = args.drain_timeout
     if args.experts_per_worker:
         app_args.setdefault("pool_options", {})["experts_per_worker"] = args.experts_per_worker
+    elif not args.config and app_args.get("engine", "cluster") == "cluster" and getattr(args, "auto_shape", True) \
+            and not args.address:
+        apply_planned_shape(app_args, model_dir)
     if args.redundant_experts is not None:
         app_args.setdefault("pool_options", {})["redundant_experts"] = args.redundant_experts
     if args.rebalance_interval_s is not None:
@@ -110,3 +113,25 @@ def check_kv_budget(app_args: dict[str, Any]) -> None:
         return
     model_cfg = ModelConfig.from_file(cfg.model)
     kv_cache_blocks(model_cfg, cfg, engine_dtype(model_cfg, cfg), None, resolve_max_model_len(model_cfg, cfg))
+# The pool and coordinator fields a plan sets when ``serve`` runs the bundled config without shape flags.
+PLANNED_POOL_FIELDS = ("experts_per_worker", "worker_num_cpus", "threads_per_worker", "use_gpus", "worker_num_gpus")
+PLANNED_CLUSTER_FIELDS = ("coordinator_threads", "use_gpus", "coordinator_num_gpus", "link")
+
+
+def apply_planned_shape(app_args: dict[str, Any], model_dir: Path) -> None:
+    """The bundled config's shape (one expert per worker) replaced by ``moe-cluster plan``'s for this machine: on
+    a CPU node no more busy processes than cores; on GPUs one worker per GPU, the coordinator beside one."""
+    from cluster.config import ModelConfig
+    from cluster.hardware import local_hardware
+    from cluster.plan import plan_cpus, plan_gpus
+
+    hardware = local_hardware()
+    cfg = ModelConfig.from_file(model_dir)
+    plan = (plan_gpus if hardware.kind == "gpu" else plan_cpus)(cfg, hardware)
+    pool = app_args.setdefault("pool_options", {})
+    cluster = app_args.setdefault("cluster_options", {})
+    pool.update({k: v for k, v in plan.pool_options.items() if k in PLANNED_POOL_FIELDS})
+    cluster.update({k: v for k, v in plan.cluster_options.items() if k in PLANNED_CLUSTER_FIELDS})
+    log.info("shape from moe-cluster plan for %s: %d expert worker(s) x %s experts, %s thread(s) each "
+             "(--experts-per-worker or --config to choose another; --no-auto-shape for the config's own)",
+             hardware.describe(), len(plan.workers), pool["experts_per_worker"], plan.threads["worker"])

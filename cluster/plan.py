@@ -1,0 +1,479 @@
+"""Fit the cluster to the hardware: from a ModelConfig alone (no weights) and a hardware description, the shape
+of the cluster (coordinators, expert workers, experts per worker, who shares a device), the memory of every
+device by kind, threads and micro-batches, and predicted step times from a cost model (cluster/calibrate.py).
+
+Pure: no Ray, no I/O, no torch calls. ``plan_gpus`` / ``plan_cpus`` build a ``Plan``; ``Plan.overlay`` is the
+serve.yaml overlay (the ``applications: {name: {args: ...}}`` form of k8s/*/serve-overrides.yaml).
+
+Sizes (bytes) follow the checkpoint's tensors: per layer, attention q/k/v/o, the router (E x H) and two norms
+on the coordinator, w1/w3/w2 (3 x H x I) per expert on the workers; embeddings and the LM head on the
+coordinator; the KV cache 2 x L x KV x D values per token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cluster.config import ModelConfig
+
+GIB = 2**30
+GB = 10**9
+DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
+# Quantized expert weights (not served by moe-cluster yet; the plan says what they would save): bytes per
+# parameter with one bf16 scale per group of 128 weights.
+QUANTIZED_BYTES = {"int8": 1.0 + 2 / 128, "int4": 0.5 + 2 / 128}
+GPU_RUNTIME_BYTES = int(1.5 * GIB)  # per process on a GPU: CUDA context, allocator slack, activations at 4k tokens
+CPU_RUNTIME_BYTES = int(0.6 * GIB)  # per process on a CPU node: Python, torch, Ray worker
+GPU_MEMORY_UTILIZATION = 0.92  # of a GPU's memory the plan hands out (as vLLM's default 0.9)
+HOST_LINK_GBS = 25.0  # host-to-GPU copy bandwidth the expert cache estimate assumes (PCIe 4 x16, effective)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    kind: str  # "gpu" or "cpu"
+    devices: int  # GPUs in all (gpu) or CPU cores (cpu)
+    memory_gib: float  # per GPU (gpu) or the node's memory (cpu)
+    nodes: int = 1
+    source: str = "flags"  # "flags" or "ray" (read from the running Ray cluster) or "local"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gpu", "cpu"):
+            raise ValueError(f"hardware kind must be 'gpu' or 'cpu', got {self.kind!r}")
+        for name in ("devices", "nodes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{'--gpus' if name == 'devices' and self.kind == 'gpu' else '--' + name} must "
+                                 f"be a positive integer, got {value!r}")
+        if not self.memory_gib > 0:
+            raise ValueError(f"--{self.kind}-memory-gib must be > 0, got {self.memory_gib!r}"
+                             if self.kind == "gpu" else f"--memory-gib must be > 0, got {self.memory_gib!r}")
+        if self.kind == "gpu" and self.devices % self.nodes:
+            raise ValueError(f"--gpus {self.devices} is not a multiple of --nodes {self.nodes}")
+
+    def describe(self) -> str:
+        if self.kind == "gpu":
+            per_node = f" on {self.nodes} nodes" if self.nodes > 1 else ""
+            return f"{self.devices} GPU(s) of {self.memory_gib:g} GiB{per_node}"
+        return f"{self.devices} CPU core(s), {self.memory_gib:g} GiB of memory"
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    dtype: str
+    coordinator_bytes: int  # embeddings, attention, routers, norms, LM head
+    expert_bytes: int  # one expert's w1/w2/w3 in every layer
+    kv_bytes_per_token: int
+    num_experts: int
+    num_layers: int
+    params: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, dtype: str | None = None) -> ModelSizes:
+        dtype = dtype or cfg.dtype
+        width = DTYPE_BYTES[dtype]
+        h, d = cfg.hidden_size, cfg.head_dim
+        attention = h * cfg.num_heads * d * 2 + h * cfg.num_kv_heads * d * 2  # q, o; k, v
+        per_layer = attention + cfg.num_experts * h + 2 * h  # + router, two norms
+        embeddings = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h  # + final norm
+        coordinator = embeddings + cfg.num_layers * per_layer
+        expert = 3 * h * cfg.intermediate_size * cfg.num_layers
+        kv = 2 * cfg.num_layers * cfg.num_kv_heads * d * int(width)
+        return cls(dtype, int(coordinator * width), int(expert * width), kv, cfg.num_experts, cfg.num_layers,
+                   coordinator + expert * cfg.num_experts)
+
+    def expert_bytes_as(self, kind: str) -> int:
+        """One expert's weights stored as ``kind`` (a dtype or a quantization)."""
+        per_param = QUANTIZED_BYTES.get(kind) or DTYPE_BYTES[kind]
+        return int(self.expert_bytes / DTYPE_BYTES[self.dtype] * per_param)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.coordinator_bytes + self.num_experts * self.expert_bytes
+
+
+@dataclass
+class Device:
+    index: int
+    node: int
+    kind: str  # "gpu" or "cpu"
+    capacity_bytes: int
+    roles: list[str] = field(default_factory=list)  # "coordinator 0", "worker 3"
+    experts: list[int] = field(default_factory=list)
+    memory: dict[str, int] = field(default_factory=dict)  # bytes by kind: coordinator_weights, expert_weights,
+    #                                                       runtime, kv_cache, (expert_cache)
+    gpu_share: dict[str, float] = field(default_factory=dict)  # role -> share of this GPU
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self.memory.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"used_bytes": self.used_bytes,
+                               "memory_gib": {k: round(v / GIB, 3) for k, v in self.memory.items()}}
+
+
+@dataclass
+class Prediction:
+    phase: str  # "decode" or "prefill"
+    batch: int  # sequences (decode) or prompt tokens (prefill)
+    micro_batches: int
+    step_ms: float
+    tokens_per_s: float
+
+
+@dataclass
+class Plan:
+    model: str
+    hardware: Hardware
+    sizes: ModelSizes
+    fits: bool
+    coordinators: int
+    workers: list[list[int]]  # experts of each worker
+    devices: list[Device]
+    kv_cache_tokens: int
+    max_model_len: int
+    threads: dict[str, int]  # coordinator / worker: torch intra-op threads
+    micro_batches: int  # 0 auto (the predictions pick), 1 serial, 2 ping-pong
+    notes: list[str] = field(default_factory=list)  # what does not fit, what would, caveats
+    alternatives: list[dict[str, Any]] = field(default_factory=list)
+    predictions: list[Prediction] = field(default_factory=list)
+    cost_source: str = ""
+    cluster_options: dict[str, Any] = field(default_factory=dict)
+    pool_options: dict[str, Any] = field(default_factory=dict)
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    top_k: int = 2
+    overlaps: bool = True  # coordinator and workers have compute of their own (micro-batches can overlap them)
+
+    @property
+    def gpus_used(self) -> int:
+        return sum(1 for d in self.devices if d.kind == "gpu" and d.roles)
+
+    def overlay(self, app_name: str = "moe-cluster") -> dict[str, Any]:
+        """The serve.yaml overlay of this plan (merged over router_service/configs/serve.yaml)."""
+        return {"applications": {app_name: {"args": {
+            "engine": "cluster", "num_engines": self.coordinators,
+            "engine_options": dict(self.engine_options),
+            "cluster_options": dict(self.cluster_options),
+            "pool_options": dict(self.pool_options)}}}}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "hardware": asdict(self.hardware), "fits": self.fits, "gpus_used": self.gpus_used,
+            "coordinators": self.coordinators, "workers": [{"experts": w} for w in self.workers],
+            "experts_per_worker": [len(w) for w in self.workers],
+            "devices": [d.to_json() for d in self.devices if d.roles],
+            "kv_cache_tokens": self.kv_cache_tokens, "max_model_len": self.max_model_len,
+            "threads": self.threads, "micro_batches": self.micro_batches,
+            "weights_gib": {"coordinator": round(self.sizes.coordinator_bytes / GIB, 3),
+                            "per_expert": round(self.sizes.expert_bytes / GIB, 3),
+                            "total": round(self.sizes.total_bytes / GIB, 3)},
+            "kv_bytes_per_token": self.sizes.kv_bytes_per_token,
+            "notes": self.notes, "alternatives": self.alternatives,
+            "predictions": [asdict(p) for p in self.predictions], "cost_source": self.cost_source,
+            "overlay": self.overlay(),
+        }
+
+
+def split_experts(num_experts: int, workers: int) -> list[list[int]]:
+    """Contiguous expert ids per worker, as the pool's default map lays them out: ceil(E / W) each, the last
+    worker(s) fewer (uneven when W does not divide E)."""
+    per = math.ceil(num_experts / workers)
+    return [list(range(s, min(s + per, num_experts))) for s in range(0, num_experts, per)]
+
+
+def plan_gpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str | None = None,
+              max_model_len: int | None = None, max_num_seqs: int = 64, alternatives: bool = True) -> Plan:
+    """One worker per GPU (experts split contiguously); the coordinator on a GPU of its own when one is left, else
+    beside the worker with the fewest experts (a fractional GPU each); the KV cache is what is left on its GPU."""
+    assert hw.kind == "gpu"
+    sizes = ModelSizes.of(cfg, dtype)
+    max_len = max_model_len or cfg.max_position_embeddings
+    capacity = int(hw.memory_gib * GIB * GPU_MEMORY_UTILIZATION)
+    per_node = hw.devices // hw.nodes
+    workers = split_experts(cfg.num_experts, min(cfg.num_experts, hw.devices))
+    devices = [Device(i, i // per_node, "gpu", capacity) for i in range(hw.devices)]
+    for w, experts in enumerate(workers):  # spread over nodes round-robin, so that every node has work
+        dev = devices[_spread_index(w, len(workers), hw)]
+        dev.roles.append(f"worker {w}")
+        dev.experts = experts
+        dev.memory["expert_weights"] = len(experts) * sizes.expert_bytes
+        dev.memory["runtime"] = GPU_RUNTIME_BYTES
+    spare = [d for d in devices if not d.roles]
+    shares = bool(not spare)
+    coordinators = max(1, len(spare))
+    homes = spare or [min(devices, key=lambda d: (d.used_bytes, d.index))]
+    for c, dev in enumerate(homes):
+        dev.roles.append(f"coordinator {c}")
+        dev.memory["coordinator_weights"] = sizes.coordinator_bytes
+        dev.memory["runtime"] = dev.memory.get("runtime", 0) + GPU_RUNTIME_BYTES
+    # A worker beside the coordinator takes 0.75 of its GPU and the coordinator 0.25: no two workers can then share
+    # a GPU (0.75 + 0.75 > 1), which two halves would let Ray do.
+    worker_share, coordinator_share = (0.75, 0.25) if shares else (1.0, 1.0)
+    for dev in devices:
+        dev.gpu_share = {role: worker_share if role.startswith("worker") else coordinator_share for role in dev.roles}
+    kv_free = min(dev.capacity_bytes - dev.used_bytes for dev in homes)
+    kv_tokens = max(0, kv_free) // sizes.kv_bytes_per_token
+    need_tokens = max_len  # at least one sequence of the full length, as vLLM requires at start-up
+    for dev in homes:
+        dev.memory["kv_cache"] = max(0, kv_free)
+    over = [d for d in devices if d.used_bytes > d.capacity_bytes]
+    fits = not over and kv_tokens >= need_tokens
+    plan = Plan(name, hw, sizes, fits, coordinators, workers, devices, int(kv_tokens), max_len,
+                {"coordinator": 1, "worker": 1}, 0,
+                cluster_options={"use_gpus": True, "coordinator_num_gpus": coordinator_share,
+                                 **({"link": "shm"} if shares else {})},
+                pool_options={"experts_per_worker": len(workers[0]), "use_gpus": True,
+                              "worker_num_gpus": worker_share},
+                engine_options={"dtype": sizes.dtype, "max_num_seqs": max_num_seqs,
+                                "kv_cache_gib": round(max(0, kv_free) / GIB * 0.98, 2),
+                                "max_model_len": max_len}, top_k=cfg.experts_per_token)
+    if shares:
+        plan.notes.append(f"coordinator 0 shares GPU {homes[0].index} with {homes[0].roles[0]} (Ray fractional "
+                          f"GPUs: {worker_share:g} and {coordinator_share:g}, so that no two workers share one); "
+                          "NCCL refuses two ranks on one device, so links are shared memory "
+                          "(cluster_options.link: shm)")
+    if fits:
+        plan.notes.append(f"KV cache: {max(0, kv_free) / GIB:.1f} GiB left on the coordinator's GPU = "
+                          f"{kv_tokens:,} tokens ({kv_tokens / max_len:.1f} sequences of {max_len:,} tokens, "
+                          f"{sizes.kv_bytes_per_token // 1024} KiB per token)")
+        return plan
+    total_need = sizes.total_bytes + GPU_RUNTIME_BYTES * (len(workers) + coordinators)
+    plan.notes.append(
+        f"does not fit: {sizes.dtype} weights are {sizes.total_bytes / GB:.1f} GB ({sizes.total_bytes / GIB:.1f} "
+        f"GiB: {sizes.num_experts} experts x {sizes.expert_bytes / GIB:.2f} GiB + coordinator "
+        f"{sizes.coordinator_bytes / GIB:.2f} GiB), {total_need / GIB:.1f} GiB with runtimes, against "
+        f"{hw.devices} x {capacity / GIB:.1f} GiB usable ({GPU_MEMORY_UTILIZATION:.0%} of {hw.memory_gib:g} GiB)")
+    for dev in over:
+        plan.notes.append(f"GPU {dev.index} ({', '.join(dev.roles)}) needs {dev.used_bytes / GIB:.1f} GiB of "
+                          f"{dev.capacity_bytes / GIB:.1f}")
+    if not over and kv_tokens < need_tokens:
+        plan.notes.append(f"the weights fit but the KV cache left ({kv_tokens:,} tokens) is less than one sequence "
+                          f"of max_model_len {max_len:,}; lower max_model_len")
+    if not alternatives:
+        return plan
+    plan.alternatives = gpu_alternatives(cfg, hw, sizes, max_len)
+    for alt in plan.alternatives:
+        plan.notes.append("would fit: " + alt["summary"] if alt["fits"] else "would not fit either: " + alt["summary"])
+    return plan
+
+
+def _spread_index(worker: int, workers: int, hw: Hardware) -> int:
+    per_node = hw.devices // hw.nodes
+    node, slot = worker % hw.nodes, worker // hw.nodes
+    return node * per_node + slot
+
+
+def gpu_alternatives(cfg: ModelConfig, hw: Hardware, sizes: ModelSizes, max_len: int) -> list[dict[str, Any]]:
+    """What would fit on this hardware: quantized experts, and an expert cache (some experts resident per layer,
+    the others streamed from host memory), with numbers."""
+    capacity = int(hw.memory_gib * GIB * GPU_MEMORY_UTILIZATION)
+    workers = min(cfg.num_experts, hw.devices)
+    runtimes = GPU_RUNTIME_BYTES * (workers + 1)
+    kv_min = max_len * sizes.kv_bytes_per_token
+    out = []
+    for quant in ("int8", "int4"):
+        expert = sizes.expert_bytes_as(quant)
+        plan = _fit_with_expert_bytes(cfg, hw, sizes, expert)
+        free = plan["kv_free"]
+        out.append({"kind": f"experts {quant}", "fits": free >= kv_min, "expert_gib": round(expert / GIB, 2),
+                    "kv_cache_gib": round(max(0, free) / GIB, 2),
+                    "kv_cache_tokens": max(0, free) // sizes.kv_bytes_per_token,
+                    "summary": f"experts in {quant} ({expert / GIB:.2f} GiB each, {cfg.num_experts * expert / GB:.1f} "
+                               f"GB in all; quantization is not implemented in moe-cluster yet): "
+                               + (f"{max(0, free) / GIB:.1f} GiB = {max(0, free) // sizes.kv_bytes_per_token:,} "
+                                  f"tokens of KV cache left" if free >= kv_min else
+                                  f"still {(kv_min - free) / GIB:.1f} GiB short")})
+    # Expert cache: the coordinator and a KV cache of one full sequence first, then as many expert-layers as fit.
+    room = hw.devices * capacity - runtimes - sizes.coordinator_bytes - kv_min
+    per_expert_layer = sizes.expert_bytes / cfg.num_layers
+    resident = max(0, int(room // per_expert_layer))
+    total = cfg.num_experts * cfg.num_layers
+    missing = max(0, total - resident)
+    streamed = missing * per_expert_layer
+    step_ms = streamed / (HOST_LINK_GBS * GB) * 1e3
+    out.append({"kind": "expert cache", "fits": resident > 0, "resident_expert_layers": min(resident, total),
+                "of": total, "host_gib": round(streamed / GIB, 1), "decode_stream_ms": round(step_ms, 1),
+                "summary": f"an expert cache ({sizes.dtype}; not implemented in moe-cluster yet): "
+                           f"{min(resident, total)} of {total} expert-layers ({min(resident, total) / total:.0%}) "
+                           "resident on the GPUs, "
+                           f"{streamed / GIB:.1f} GiB in host memory; a decode step whose batch touches every "
+                           f"expert streams that much, about {step_ms:,.0f} ms at {HOST_LINK_GBS:g} GB/s (batches "
+                           f"that touch fewer, or int8 experts in the cache, stream less)"})
+    gpus_needed = _gpus_needed(cfg, sizes, hw.memory_gib, max_len)
+    out.append({"kind": f"{gpus_needed} GPUs", "fits": True, "gpus": gpus_needed,
+                "summary": f"{gpus_needed} GPUs of {hw.memory_gib:g} GiB in {sizes.dtype} (moe-cluster plan --gpus "
+                           f"{gpus_needed} --gpu-memory-gib {hw.memory_gib:g})"})
+    return out
+
+
+def _fit_with_expert_bytes(cfg: ModelConfig, hw: Hardware, sizes: ModelSizes, expert: int) -> dict[str, int]:
+    """The KV bytes left on the coordinator's GPU if every expert took ``expert`` bytes (same layout rule)."""
+    capacity = int(hw.memory_gib * GIB * GPU_MEMORY_UTILIZATION)
+    workers = split_experts(cfg.num_experts, min(cfg.num_experts, hw.devices))
+    loads = [len(w) * expert + GPU_RUNTIME_BYTES for w in workers] + [0] * (hw.devices - len(workers))
+    worst = max(loads)
+    home = min(range(hw.devices), key=lambda i: loads[i])
+    if worst > capacity:
+        return {"kv_free": capacity - worst}
+    return {"kv_free": capacity - loads[home] - sizes.coordinator_bytes - GPU_RUNTIME_BYTES}
+
+
+def _gpus_needed(cfg: ModelConfig, sizes: ModelSizes, memory_gib: float, max_len: int) -> int:
+    for n in range(1, 4 * cfg.num_experts + 1):
+        hw = Hardware("gpu", n, memory_gib)
+        if plan_gpus(cfg, hw, dtype=sizes.dtype, max_model_len=max_len, alternatives=False).fits:
+            return n
+    return 4 * cfg.num_experts
+
+
+def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str | None = None,
+              max_model_len: int | None = None, max_num_seqs: int = 64) -> Plan:
+    """No more busy processes than cores: one coordinator, then as many workers as cores are left (at most one
+    per expert), experts split contiguously; a core per process, spare cores as threads of the workers."""
+    assert hw.kind == "cpu"
+    sizes = ModelSizes.of(cfg, dtype)
+    max_len = max_model_len or cfg.max_position_embeddings
+    cores = hw.devices
+    workers = split_experts(cfg.num_experts, max(1, min(cfg.num_experts, cores - 1)))
+    worker_threads = max(1, (cores - 1) // len(workers))
+    node = Device(0, 0, "cpu", int(hw.memory_gib * GIB))
+    node.roles = ["coordinator 0"] + [f"worker {w}" for w in range(len(workers))]
+    node.experts = list(range(cfg.num_experts))
+    node.memory = {"coordinator_weights": sizes.coordinator_bytes,
+                   "expert_weights": cfg.num_experts * sizes.expert_bytes,
+                   "runtime": CPU_RUNTIME_BYTES * (1 + len(workers))}
+    free = node.capacity_bytes - node.used_bytes
+    need_tokens = max_num_seqs * min(max_len, 2048)
+    kv_bytes = max(0, min(free // 2, need_tokens * sizes.kv_bytes_per_token))  # half the rest: the OS, others
+    node.memory["kv_cache"] = kv_bytes
+    kv_tokens = kv_bytes // sizes.kv_bytes_per_token
+    fits = free > 0 and kv_tokens >= min(max_len, 2048)
+    busy = 1 + len(workers)
+    plan = Plan(name, hw, sizes, fits, 1, workers, [node], int(kv_tokens), max_len,
+                {"coordinator": 1, "worker": worker_threads}, 1,
+                cluster_options={"use_gpus": False, "coordinator_num_cpus": 1, "coordinator_threads": 1},
+                pool_options={"experts_per_worker": len(workers[0]), "use_gpus": False,
+                              "worker_num_cpus": worker_threads, "threads_per_worker": worker_threads},
+                engine_options={"max_num_seqs": max_num_seqs, "kv_cache_gib": round(kv_bytes / GIB, 3)},
+                top_k=cfg.experts_per_token, overlaps=cores >= busy)
+    plan.notes.append(f"{busy} busy process(es) on {cores} core(s): 1 coordinator + {len(workers)} worker(s) of "
+                      f"{'/'.join(str(len(w)) for w in workers)} experts, {worker_threads} thread(s) each")
+    if cores < 2:
+        plan.notes.append("one core: the coordinator and the worker take turns; the local engine (--engine local) "
+                          "is the better choice here")
+    if not fits:
+        plan.notes.append(f"does not fit: weights {sizes.total_bytes / GIB:.2f} GiB + runtimes "
+                          f"{node.memory['runtime'] / GIB:.1f} GiB + a KV cache for one {min(max_len, 2048)}-token "
+                          f"sequence against {hw.memory_gib:g} GiB")
+    else:
+        plan.notes.append(f"KV cache: {kv_bytes / GIB:.2f} GiB = {kv_tokens:,} tokens")
+    return plan
+
+
+# --------------------------------------------------------------------------------------------- step times
+
+
+LINK_MS_PER_LAYER = 0.1  # one layer's round trip to the workers on top of the ops (assumed, not calibrated)
+DECODE_BATCHES = (1, 8, 32, 64)
+PREFILL_TOKENS = 256
+
+
+def interpolate(points: dict[str, float], rows: float) -> float:
+    """Cost at ``rows`` from measured (rows -> ms) points: linear between them, flat below the first, extended
+    along the last two above the last."""
+    xs = sorted((int(k), float(v)) for k, v in points.items())
+    if rows <= xs[0][0] or len(xs) == 1:
+        return xs[0][1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(xs):
+        if rows <= x1:
+            return y0 + (y1 - y0) * (rows - x0) / (x1 - x0)
+    (x0, y0), (x1, y1) = xs[-2], xs[-1]
+    return max(y1, y1 + (y1 - y0) * (rows - x1) / (x1 - x0))
+
+
+def worker_layer_ms(costs: dict[str, Any], experts: int, num_experts: int, top_k: int, tokens: float) -> float:
+    """Expected time of one worker's expert calls in one layer: an expert is called only when some of the
+    ``tokens`` chose it (uniform routing), on its share of the rows."""
+    p_called = 1.0 - (1.0 - top_k / num_experts) ** tokens
+    if p_called <= 0:
+        return 0.0
+    rows_per_call = tokens * top_k / num_experts / p_called
+    return experts * p_called * interpolate(costs["expert"], rows_per_call)
+
+
+def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, prefill: bool,
+            link_ms: float = LINK_MS_PER_LAYER) -> float:
+    """Predicted step time: per layer, the coordinator's part, then the slowest worker's, then the link; with two
+    micro-batches one's attention runs while the workers compute the other's (where they have cores of their
+    own), so a layer costs the larger of the two halves' sums plus the smaller once (filling the pipeline)."""
+    cfg_layers, top_k = plan.sizes.num_layers, plan.top_k
+    coord_points = costs["coordinator_layer"]
+    part = tokens / micro_batches
+    if prefill:  # one prompt: attention over its own tokens, measured at PREFILL_TOKENS, scaled by rows
+        coord = interpolate(coord_points, part)
+    else:
+        decode_points = {k: v for k, v in coord_points.items() if int(k) <= max(DECODE_BATCHES)}
+        coord = interpolate(decode_points or coord_points, part)
+    worker = max(worker_layer_ms(costs, len(w), plan.sizes.num_experts, top_k, part) for w in plan.workers)
+    if micro_batches == 1:
+        layer = coord + worker + link_ms
+    elif plan.overlaps:
+        layer = max(micro_batches * coord, micro_batches * worker) + min(coord, worker) + micro_batches * link_ms
+    else:  # no core of its own for each side: the halves take turns
+        layer = micro_batches * (coord + worker + link_ms)
+    head_rows = 1 if prefill else tokens
+    return cfg_layers * layer + interpolate(costs["lm_head"], head_rows)
+
+
+def predict(plan: Plan, costs: dict[str, Any], source: str) -> None:
+    """Fill ``plan.predictions`` (decode at a few batch sizes, a prefill), and pick micro-batches: 2 where they
+    are predicted faster than serial, from the smallest batch where that holds."""
+    plan.predictions, plan.cost_source = [], source
+    wins: list[int] = []
+    for batch in DECODE_BATCHES:
+        serial = step_ms(plan, costs, batch, 1, prefill=False)
+        plan.predictions.append(Prediction("decode", batch, 1, round(serial, 3), round(batch / serial * 1e3, 1)))
+        if batch >= 2:
+            two = step_ms(plan, costs, batch, 2, prefill=False)
+            plan.predictions.append(Prediction("decode", batch, 2, round(two, 3), round(batch / two * 1e3, 1)))
+            if two < serial:
+                wins.append(batch)
+    for micro in (1, 2):
+        t = step_ms(plan, costs, PREFILL_TOKENS, micro, prefill=True)
+        plan.predictions.append(Prediction("prefill", PREFILL_TOKENS, micro, round(t, 3),
+                                           round(PREFILL_TOKENS / t * 1e3, 1)))
+    prefill_wins = step_ms(plan, costs, PREFILL_TOKENS, 2, True) < step_ms(plan, costs, PREFILL_TOKENS, 1, True)
+    if not wins and not prefill_wins:
+        plan.micro_batches = 1
+        plan.cluster_options["micro_batches"] = 1
+    else:
+        plan.micro_batches = 0
+        first = min(wins) if wins else PREFILL_TOKENS
+        plan.cluster_options["micro_batches"] = 0
+        plan.cluster_options["micro_batch_min_tokens"] = first
+
+
+def roofline_costs(cfg: ModelConfig, dtype: str, bandwidth_gbs: float, tflops: float, context: int = 128,
+                   launch_ms: float = 0.02, layer_overhead_ms: float = 0.15) -> dict[str, Any]:
+    """Op costs of a GPU from its datasheet (memory bandwidth, dense TFLOPS) where none is here to measure: each op
+    takes the longer of reading its weights (and keys) and doing its math, plus a fixed launch cost."""
+    width = DTYPE_BYTES[dtype]
+    h, d = cfg.hidden_size, cfg.head_dim
+    attn_params = h * cfg.num_heads * d * 2 + h * cfg.num_kv_heads * d * 2 + cfg.num_experts * h
+    expert_params = 3 * h * cfg.intermediate_size
+    kv_token = 2 * cfg.num_kv_heads * d * width
+
+    def op(bytes_read: float, flops: float) -> float:
+        return max(bytes_read / (bandwidth_gbs * GB), flops / (tflops * 1e12)) * 1e3 + launch_ms
+
+    out: dict[str, Any] = {"coordinator_layer": {}, "expert": {}, "lm_head": {}}
+    for r in (1, 4, 16, 64, 256, 1024):
+        keys = r * context if r <= 64 else r * r / 2
+        out["coordinator_layer"][str(r)] = op(attn_params * width + keys * kv_token,
+                                              2 * r * attn_params + 4 * keys * cfg.num_heads * d) + layer_overhead_ms
+        out["expert"][str(r)] = op(expert_params * width, 2 * r * expert_params)
+        out["lm_head"][str(r)] = op(cfg.vocab_size * h * width, 2 * r * cfg.vocab_size * h)
+    return out

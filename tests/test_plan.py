@@ -1,0 +1,158 @@
+"""``moe-cluster plan``: Mixtral-8x7B's published config (tests/data/mixtral-8x7b/config.json) on one 8-GPU node
+and on two 40 GiB GPUs, a CPU node, and the plan as a serve.yaml overlay that the serving settings accept.
+Weight sizes are checked against transformers' Mixtral built on the meta device (no memory, no weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from cluster.config import ModelConfig
+from cluster.engine_config import ClusterConfig, PoolConfig
+from cluster.plan import GIB, Hardware, ModelSizes, interpolate, plan_cpus, plan_gpus, split_experts
+from router_service.cli import main
+from router_service.settings import AppSettings
+
+MIXTRAL = Path(__file__).parent / "data" / "mixtral-8x7b"
+
+
+def run_plan(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any]]:
+    code = main(["plan", str(MIXTRAL), "--json", "--calibrate", "no", *argv])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_sizes_match_transformers_mixtral_parameter_for_parameter() -> None:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    raw = json.loads((MIXTRAL / "config.json").read_text())
+    with torch.device("meta"):
+        model = MixtralForCausalLM(MixtralConfig(**raw))
+    params = {name: p.numel() for name, p in model.named_parameters()}
+    experts = sum(n for name, n in params.items() if ".experts." in name)
+    sizes = ModelSizes.of(ModelConfig.from_file(MIXTRAL))
+    assert sizes.params == sum(params.values())  # 46.7B
+    assert sizes.coordinator_bytes == 2 * (sum(params.values()) - experts)  # bf16
+    assert sizes.expert_bytes * 8 == 2 * experts
+    assert sizes.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2  # K and V, layers, KV heads, head dim, bf16
+
+
+def test_mixtral_fits_one_8_gpu_node_with_the_coordinator_beside_a_worker(capsys: pytest.CaptureFixture[str]) -> None:
+    code, plan = run_plan(capsys, "--gpus", "8", "--gpu-memory-gib", "80")
+    assert code == 0 and plan["fits"] is True and plan["gpus_used"] == 8
+    devices = plan["devices"]
+    assert sorted(e for d in devices for e in d["experts"]) == list(range(8))
+    shared = [d for d in devices if len(d["roles"]) == 2]
+    assert len(shared) == 1 and "coordinator 0" in shared[0]["roles"]
+    assert all(d["used_bytes"] <= d["capacity_bytes"] for d in devices)
+    kv = shared[0]["memory"]["kv_cache"]
+    assert plan["kv_cache_tokens"] == kv // plan["kv_bytes_per_token"] >= 32768
+    assert kv == shared[0]["capacity_bytes"] - sum(v for k, v in shared[0]["memory"].items() if k != "kv_cache")
+    assert any("KV cache" in note and "GiB left" in note for note in plan["notes"])
+    pool = plan["overlay"]["applications"]["moe-cluster"]["args"]["pool_options"]
+    cluster = plan["overlay"]["applications"]["moe-cluster"]["args"]["cluster_options"]
+    assert pool["worker_num_gpus"] + cluster["coordinator_num_gpus"] <= 1 < 2 * pool["worker_num_gpus"]
+    assert cluster["link"] == "shm"
+
+
+def test_mixtral_on_two_40_gib_gpus_says_what_does_not_fit_and_what_would(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, plan = run_plan(capsys, "--gpus", "2", "--gpu-memory-gib", "40")
+    assert code == 1 and plan["fits"] is False
+    assert any("93.4 GB" in note for note in plan["notes"])  # bf16 weights vs 2 x 40 GiB
+    kinds = {alt["kind"]: alt for alt in plan["alternatives"]}
+    assert kinds["experts int8"]["fits"] and kinds["experts int4"]["fits"]
+    assert kinds["experts int4"]["kv_cache_tokens"] > kinds["experts int8"]["kv_cache_tokens"] > 32768
+    cache = kinds["expert cache"]
+    assert 0 < cache["resident_expert_layers"] < cache["of"] == 256 and cache["host_gib"] > 0
+    assert kinds["3 GPUs"]["fits"]  # and the plan it names does fit:
+    code, three = run_plan(capsys, "--gpus", "3", "--gpu-memory-gib", "40")
+    assert code == 0 and three["experts_per_worker"] == [3, 3, 2]
+
+
+def test_text_output_and_argument_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(MIXTRAL), "--gpus", "8", "--gpu-memory-gib", "80", "--calibrate", "no"]) == 0
+    text = capsys.readouterr().out
+    assert "FITS" in text and "kv_cache" in text and "predicted step times" in text
+    assert main(["plan", str(MIXTRAL), "--gpus", "8"]) == 1
+    assert "--gpu-memory-gib" in capsys.readouterr().err
+    assert main(["plan", str(MIXTRAL), "--gpus", "8", "--gpu-memory-gib", "80", "--nodes", "3"]) == 1
+    assert "not a multiple of --nodes 3" in capsys.readouterr().err
+
+
+def test_cpu_plan_has_no_more_busy_processes_than_cores() -> None:
+    cfg = ModelConfig.from_file(MIXTRAL).__class__(**{**ModelConfig.from_file(MIXTRAL).__dict__,
+                                                      "hidden_size": 64, "intermediate_size": 128,
+                                                      "num_heads": 4, "num_kv_heads": 2, "head_dim": 16})
+    for cores in (1, 2, 3, 5, 16):
+        plan = plan_cpus(cfg, Hardware("cpu", cores, 24))
+        busy = plan.coordinators + len(plan.workers)
+        assert busy <= max(cores, 2) and plan.fits
+        assert sorted(e for w in plan.workers for e in w) == list(range(8))
+        assert plan.pool_options["worker_num_cpus"] * len(plan.workers) + 1 <= max(cores, 2)
+
+
+def test_plan_overlay_is_a_serve_config_the_settings_accept(tmp_path: Path) -> None:
+    out = tmp_path / "serve.yaml"
+    assert main(["plan", str(MIXTRAL), "--gpus", "8", "--gpu-memory-gib", "80", "--calibrate", "no",
+                 "--write-config", str(out), "--write-overlay", str(tmp_path / "overlay.yaml")]) == 0
+    config = yaml.safe_load(out.read_text())
+    args = config["applications"][0]["args"]
+    settings = AppSettings.from_args(args)
+    assert settings.pool_config().worker_num_gpus == 0.75 and settings.cluster_config().coordinator_num_gpus == 0.25
+    assert config["grpc_options"]  # the rest of the bundled config is kept
+    overlay = yaml.safe_load((tmp_path / "overlay.yaml").read_text())
+    assert overlay["applications"]["moe-cluster"]["args"]["pool_options"].items() <= args["pool_options"].items()
+
+
+def test_fractional_gpu_fields_are_checked() -> None:
+    assert PoolConfig(worker_num_gpus=0.25).worker_num_gpus == 0.25
+    assert ClusterConfig(coordinator_num_gpus=2).coordinator_num_gpus == 2
+    with pytest.raises(ValueError, match="worker_num_gpus must be in"):
+        PoolConfig(worker_num_gpus=1.5)
+    with pytest.raises(ValueError, match="coordinator_num_gpus must be a positive number"):
+        ClusterConfig(coordinator_num_gpus=0)
+
+
+def test_split_and_interpolate() -> None:
+    assert split_experts(8, 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert split_experts(8, 8) == [[e] for e in range(8)]
+    points = {"1": 1.0, "4": 2.0, "16": 8.0}
+    assert interpolate(points, 0.5) == 1.0 and interpolate(points, 10) == pytest.approx(5.0)
+    assert interpolate(points, 28) == pytest.approx(14.0)  # extends the last segment
+    assert ModelSizes.of(ModelConfig.from_file(MIXTRAL)).total_bytes / GIB == pytest.approx(86.99, abs=0.01)
+
+
+def test_plans_fit_or_say_why_across_gpu_counts() -> None:
+    cfg = ModelConfig.from_file(MIXTRAL)
+    for gpus in range(1, 17):
+        plan = plan_gpus(cfg, Hardware("gpu", gpus, 80))
+        assert plan.fits == (gpus >= 2)  # 87 GiB of bf16 weights need two 80 GiB GPUs
+        if plan.fits:
+            assert all(d.used_bytes <= d.capacity_bytes for d in plan.devices)
+            assert plan.coordinators == max(1, gpus - len(plan.workers))  # spare GPUs hold more coordinators
+        else:
+            assert any(note.startswith("does not fit") for note in plan.notes)
+
+
+def test_serve_without_shape_flags_takes_the_plans_shape_for_this_machine(demo_dir: Path) -> None:
+    import os
+
+    from router_service.cli import build_parser
+    from router_service.serve_config import resolve_config
+
+    def pool(*flags: str) -> dict[str, Any]:
+        args = build_parser().parse_args(["serve", "--model", str(demo_dir), *flags])
+        return dict(resolve_config(args)["applications"][0]["args"]["pool_options"])
+
+    planned = pool()
+    workers = -(-8 // planned["experts_per_worker"])
+    if not torch.cuda.is_available():  # no more busy processes (a coordinator and the workers) than cores
+        assert 1 + workers <= max(2, os.cpu_count() or 1)
+        assert planned["threads_per_worker"] * workers + 1 <= max(2, os.cpu_count() or 1)
+    assert pool("--no-auto-shape")["experts_per_worker"] == 1  # the bundled config's own
+    assert pool("--experts-per-worker", "2")["experts_per_worker"] == 2
