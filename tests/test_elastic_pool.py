@@ -149,6 +149,7 @@ def assert_consistent(pool: Any, size: int) -> dict[str, Any]:
     return described
 
 
+@pytest.mark.slow
 def test_16_streams_while_the_pool_goes_4_8_2(elastic: Elastic) -> None:
     """Every greedy stream equals the local engine's (the no-resize result); the workers' processes follow the
     size: added ones run, retired ones are gone once the coordinator has left them."""
@@ -253,6 +254,7 @@ def test_a_resize_racing_a_worker_sigkill_ends_consistent_with_every_request_com
     assert_consistent(elastic.pool, 4)
 
 
+@pytest.mark.slow
 def test_a_coordinator_attaching_mid_resize_ends_on_the_new_map(elastic: Elastic, demo_dir: Path) -> None:
     import ray
 

@@ -39,6 +39,7 @@ def wait_for_gauges(served: Served, version: int, workers: int) -> None:
         time.sleep(1)
 
 
+@pytest.mark.slow
 def test_scale_pool_while_16_http_streams_run(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
     from cluster.sampling import SamplingParams
 
