@@ -153,21 +153,27 @@ def main() -> None:
     args = parser.parse_args()
     before = load_average()
     ray.init(address="local", num_cpus=24, include_dashboard=False, log_to_driver=False)
-    rows, sources = [], []
-    for size in args.sizes:
-        for spares in args.spares:
+    rows: list[list[object]] = []
+    sources: list[list[Any]] = []
+    for spares in args.spares:  # every size with spares first: the fast path's numbers come first
+        for size in args.sizes:
             row, source = run(size, spares, args)
             rows.append(row)
             if source is not None:
                 sources.append([size, source[2], source[0] * 1000, source[1] * 1000, source[1] / source[0]])
+            write(args, rows, sources, before)  # after each run: a long run cut short keeps what it measured
     ray.shutdown()
+
+
+def write(args: argparse.Namespace, rows: list[list[object]], sources: list[list[Any]], before: str) -> None:
     after = load_average()
     command = "python -m bench.elastic " + " ".join(
         ["--sizes", *args.sizes, "--spares", *map(str, args.spares), "--streams", str(args.streams),
          "--output-len", str(args.output_len)])
     body = [f"`{command}` on {machine()}. **The machine was shared with other jobs while this ran** (load average "
-            f"{before} before, {after} after, on 2 cores): absolute times are inflated, the worst by far when new "
-            "processes must start.", "", "Models: " + "; ".join(describe(s) for s in args.sizes) + ".", "",
+            f"{before} at the start, {after} when this table was written, on 2 cores): absolute times are inflated, "
+            "the worst by far when new processes must start.", "",
+            "Models: " + "; ".join(describe(s) for s in args.sizes) + ".", "",
             f"{args.streams} concurrent greedy streams of {args.output_len} tokens, one coordinator; the pool has 4 "
             "workers x 2 experts and goes to 8 workers, then to 2, while they run. Resize time: the pool's, from "
             "the call to the committed map (the admin endpoint answers then). Pause: the longest time between two "
