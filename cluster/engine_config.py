@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cluster.autoscale import AutoscalePolicy
 from cluster.config import parse_dtype
 from cluster.quant import ExpertQuantization, expert_quantization
 
@@ -165,6 +166,14 @@ class PoolConfig:
     # (0: never by itself) the pool measures the load of the last rebalance_window intervals and, when its
     # imbalance (the most loaded worker's rows over the mean) exceeds rebalance_threshold, moves to a better map.
     redundant_experts: int = 0
+    # The elastic pool (ExpertPool.resize): this many started ExpertWorker processes holding no experts wait, each
+    # with its resources reserved, so that growing the pool only loads experts (a new worker process takes seconds
+    # to start, far more on a busy node); a grow takes them first and starts new spares afterwards.
+    spare_workers: int = 0
+    # An autoscaling policy for the pool's size (cluster/autoscale.py): {min_workers, max_workers, and
+    # target_rows_per_worker_s or target_expert_wait_ms, optional cooldown_s, interval_s, tolerance}; None: the
+    # size changes only when asked (POST /scale_expert_pool).
+    autoscale: dict[str, Any] | None = None
     rebalance_interval_s: float = 0.0
     rebalance_threshold: float = 1.1
     rebalance_window: int = 4
@@ -182,6 +191,10 @@ class PoolConfig:
                 or not 1 <= self.rebalance_threshold < float("inf"):
             raise ValueError(f"rebalance_threshold must be a number >= 1, got {self.rebalance_threshold!r}")
         _check_positive("rebalance_window", self.rebalance_window)
+        if self.autoscale is not None:
+            AutoscalePolicy.from_dict(self.autoscale)
+        if isinstance(self.spare_workers, bool) or not isinstance(self.spare_workers, int) or self.spare_workers < 0:
+            raise ValueError(f"spare_workers must be an integer >= 0, got {self.spare_workers!r}")
         for name in ("worker_num_cpus", "placement_timeout_s", "start_timeout_s", "link_timeout_s"):
             _check_positive(name, getattr(self, name), integer=False)
         for name in ("link_slots", "link_slot_bytes"):

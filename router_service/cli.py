@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "long it took and the map version.")
     scale.add_argument("address", metavar="HOST:PORT", help="the server's HTTP address (or a URL)")
     scale.add_argument("num_workers", metavar="N", type=_positive_int, help="the expert workers the pool should have")
-    scale.add_argument("--api-key-env", metavar="VAR", help="send the API key held in this environment variable")
+    scale.add_argument("--api-key-env", metavar="VAR", help="send the API key held in this environment variable "
+                                                            "(default: none, no key sent)")
     scale.add_argument("--json", action="store_true", help="print the server's JSON answer")
     from router_service.plan_command import add_plan_parser
 

@@ -40,6 +40,32 @@ def test_placement_for_n_workers_hosts_every_expert_and_keeps_what_it_can(worker
     assert workers != 4 or unmeasured == current
 
 
+def test_autoscaling_policy_wants_the_size_its_target_gives_within_bounds() -> None:
+    from cluster.autoscale import AutoscalePolicy
+
+    rows = AutoscalePolicy(min_workers=2, max_workers=8, target_rows_per_worker_s=1000)
+    assert rows.wanted(4, rows_per_s=4000, wait_ms=None) == 4  # on target
+    assert rows.wanted(4, rows_per_s=4300, wait_ms=None) == 4  # within the tolerance: no flapping
+    assert rows.wanted(4, rows_per_s=6000, wait_ms=None) == 6
+    assert rows.wanted(4, rows_per_s=50_000, wait_ms=None) == 8  # at most max_workers
+    assert rows.wanted(4, rows_per_s=0, wait_ms=None) == 2  # idle: min_workers
+    wait = AutoscalePolicy(min_workers=1, max_workers=8, target_expert_wait_ms=5)
+    assert wait.wanted(2, rows_per_s=0, wait_ms=15) == 6  # wait ~ 1 / workers
+    assert wait.wanted(4, rows_per_s=0, wait_ms=2.5) == 2
+    assert wait.wanted(4, rows_per_s=0, wait_ms=None) == 1
+    for raw, message in (({"min_workers": 2}, r"needs \['max_workers'\]"),
+                         ({"min_workers": 4, "max_workers": 2, "target_expert_wait_ms": 5}, "below min_workers"),
+                         ({"min_workers": 1, "max_workers": 2}, "exactly one target"),
+                         ({"min_workers": 1, "max_workers": 2, "target_rows_per_worker_s": 0}, "positive number"),
+                         ({"min_workers": 1, "max_workers": 2, "target_rows": 5}, "unknown pool autoscale field")):
+        with pytest.raises(ValueError, match=message):
+            AutoscalePolicy.from_dict(raw)
+    from cluster.engine_config import PoolConfig
+
+    with pytest.raises(ValueError, match="below min_workers"):
+        PoolConfig(autoscale={"min_workers": 4, "max_workers": 2, "target_expert_wait_ms": 5})
+
+
 def test_sizes_beyond_the_expert_slots_are_refused() -> None:
     current = ExpertMap.contiguous(8, 2, num_layers=1).layers
     for bad in (0, 11):
@@ -67,7 +93,8 @@ def elastic(demo_dir: Path, ray_local: None) -> Iterator[Elastic]:
     engine_cfg = EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=512, block_size=8,
                               max_num_seqs=32, max_model_len=320)
     local = LocalEngine.from_config(engine_cfg)
-    pool = start_pool(engine_cfg, pool_config(experts_per_worker=2, link_timeout_s=10))  # 4 workers
+    # 4 workers, and one started spare (a grow takes it first, then starts new processes for the rest)
+    pool = start_pool(engine_cfg, pool_config(experts_per_worker=2, link_timeout_s=10, spare_workers=1))
     engine = ClusterEngine.start(engine_cfg, cluster_config(), pool=pool)
     yield Elastic(pool, engine, local)
     engine.shutdown()
@@ -122,6 +149,7 @@ def assert_consistent(pool: Any, size: int) -> dict[str, Any]:
     return described
 
 
+@pytest.mark.slow
 def test_16_streams_while_the_pool_goes_4_8_2(elastic: Elastic) -> None:
     """Every greedy stream equals the local engine's (the no-resize result); the workers' processes follow the
     size: added ones run, retired ones are gone once the coordinator has left them."""
@@ -132,6 +160,10 @@ def test_16_streams_while_the_pool_goes_4_8_2(elastic: Elastic) -> None:
     prompts, params = workload(16, seed=11, max_tokens=200)
     want = expected(elastic.local, prompts, params)
     start = assert_consistent(elastic.pool, 4)
+    deadline = time.monotonic() + 120
+    while ray.get(elastic.pool.describe.remote())["spares"] < 1:
+        assert time.monotonic() < deadline, "the spare worker did not start"
+        time.sleep(0.2)
     plan = [(16 * 8, 8), (16 * 6, 2)]  # (tokens to produce after the previous resize committed, new size)
     pending: list[Any] = []
     reports: list[dict[str, Any]] = []
@@ -155,6 +187,7 @@ def test_16_streams_while_the_pool_goes_4_8_2(elastic: Elastic) -> None:
         "the streams ended before both resizes had committed"
     assert len(added_rows) == 4 and all(rows > 0 for rows in added_rows)  # the streams used the added workers
     assert reports[0]["added"] == [4, 5, 6, 7] and reports[1]["retired"] == [2, 3, 4, 5, 6, 7]
+    assert reports[0]["from_spares"] == 1
     described = assert_consistent(elastic.pool, 2)
     assert described["map_version"] == reports[1]["map_version"] > reports[0]["map_version"] > start["map_version"]
     gone = {int(w["pid"]) for w in start["workers"][2:]}
@@ -221,6 +254,7 @@ def test_a_resize_racing_a_worker_sigkill_ends_consistent_with_every_request_com
     assert_consistent(elastic.pool, 4)
 
 
+@pytest.mark.slow
 def test_a_coordinator_attaching_mid_resize_ends_on_the_new_map(elastic: Elastic, demo_dir: Path) -> None:
     import ray
 

@@ -58,12 +58,14 @@ class LoopStats:
     rows: int = 0  # rows computed
     compute_s: float = 0.0  # wall time in expert calls
     compute_cpu_s: float = 0.0  # ... of which this thread was on a core (the rest: waiting for one)
+    service_s: float = 0.0  # summed over messages: from read to computed (waiting here, then the expert call)
     links_opened: int = 0
     links_closed: int = 0
 
     def snapshot(self) -> dict[str, object]:
         return {"messages": self.messages, "calls": self.calls, "rows": self.rows, "compute_s": self.compute_s,
                 "compute_cpu_s": self.compute_cpu_s,
+                "service_s": self.service_s,
                 "links_opened": self.links_opened, "links_closed": self.links_closed}
 
 
@@ -242,7 +244,9 @@ class ExpertLoop:
                 unmerged = torch.empty_like(merged)
                 unmerged[order] = merged
                 outs = list(unmerged.split([sum(m.counts) for m in messages]))
-            self.stats.compute_s += (time.monotonic_ns() - started_ns) / 1e9
+            finished_ns = time.monotonic_ns()
+            self.stats.compute_s += (finished_ns - started_ns) / 1e9
+            self.stats.service_s += sum(finished_ns - (m.read_ns or started_ns) for m in messages) / 1e9
             self.stats.compute_cpu_s += time.thread_time() - cpu_started
             self.stats.calls += 1
             self.stats.messages += len(messages)

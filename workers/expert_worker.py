@@ -26,6 +26,7 @@ from cluster.engine_config import EngineConfig
 from cluster.errors import first_line
 from cluster.exchange import LinkSpec
 from cluster.loader import engine_dtype
+from cluster.moe import LocalExperts
 from cluster.pg_link import PgWorkerEnd, pair_group
 from workers.expert_loop import ExpertLoop, pick_address
 from workers.versioned_experts import VersionedExperts
@@ -157,6 +158,20 @@ class ExpertWorker:
         """Serve ``version`` from now on (announced in results); older weights go once no link uses them."""
         self.experts.commit(version)
         self.map_version, self.layer_experts = version, tuple(tuple(ids) for ids in layer_experts)
+
+    def export(self) -> LocalExperts:
+        """The weights this worker serves (a copy through Ray's object store): how fast a new worker could take
+        its experts from a peer's memory instead of the checkpoint (bench/elastic.py measures both)."""
+        self._loaded.result()
+        return self.experts.get(self.experts.latest)
+
+    def adopt(self, worker_index: int, generation: int) -> None:
+        """A spare (started with no experts) becomes worker ``worker_index`` of the pool; its experts come next,
+        with ``prepare``."""
+        self._loaded.result()
+        self.worker_index, self.generation = worker_index, generation
+        self.experts.worker_index = worker_index
+        log.info("spare expert worker taken into the pool as worker %d (generation %d)", worker_index, generation)
 
     def discard(self, version: int) -> None:
         self.experts.discard(version)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from typing import Any
@@ -41,6 +42,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from cluster import eplb
+from cluster.autoscale import AutoscalePolicy
 from cluster.config import ModelConfig
 from cluster.engine_config import EngineConfig, PoolConfig
 from cluster.errors import ClusterStartError, PoolBusyError, PoolSizeError, describe_failure, first_line
@@ -87,6 +89,11 @@ class ExpertPool:
         self.retiring: dict[int, dict[str, Any]] = {}  # pid -> a retired worker waiting for its links to close
         self._retirements: set[asyncio.Task[None]] = set()
         self._resizing: int | None = None  # the size a running resize is going to
+        # Started workers holding no experts, for fast growth: (actor, what its start said, its placement group).
+        self.spares: list[tuple[Any, dict[str, Any], PlacementGroup | None]] = []
+        self._spares_made = 0
+        self._refilling: asyncio.Task[None] | None = None
+        self._autoscaler: asyncio.Task[None] | None = None
         self.endpoints: list[WorkerEndpoint] = []
         self.infos: list[dict[str, Any]] = []  # what each worker reported when it started
         self.coordinators: dict[str, float] = {}  # attached coordinator id -> attach time
@@ -118,6 +125,12 @@ class ExpertPool:
         log.info("pool %s ready in %.1fs: %s", self.pool_id, time.perf_counter() - started, self.summary())
         if self.pool_cfg.rebalance_interval_s > 0:
             self._rebalancer = asyncio.get_running_loop().create_task(self._rebalance_periodically())
+        self._refill_spares()
+        if self.pool_cfg.autoscale is not None:
+            policy = AutoscalePolicy.from_dict(self.pool_cfg.autoscale)
+            for size in (policy.min_workers, policy.max_workers):
+                self.check_size(size)
+            self._autoscaler = asyncio.get_running_loop().create_task(self._autoscale_periodically(policy))
         return await self.describe()
 
     def _spawn(self, index: int, generation: int, expert_map: ExpertMap | None = None,
@@ -346,22 +359,26 @@ class ExpertPool:
                  before, num_workers, new_map.version, "the measured" if measured else "no measured (even)")
         kept = range(min(before, num_workers))
         added = list(range(before, num_workers))
+        generations = [self._generations.get(i, -1) + 1 for i in added]
+        taken, self.spares = self.spares[:len(added)], self.spares[len(added):]  # started spares first
+        fresh = list(zip(added, generations, strict=True))[len(taken):]
         pg: PlacementGroup | None = None
         new_workers: list[Any] = []
         try:
-            if added:  # reserve the new workers' resources (all or none) before anything else changes
+            if fresh:  # reserve the new workers' resources (all or none) before anything else changes
                 pg = await asyncio.to_thread(
-                    place, [worker_bundle(self.pool_cfg, self.gpus) for _ in added], self.pool_cfg.placement_strategy,
+                    place, [worker_bundle(self.pool_cfg, self.gpus) for _ in fresh], self.pool_cfg.placement_strategy,
                     self.pool_cfg.placement_timeout_s, f"moe-pool-{self.pool_id}-v{new_map.version}",
-                    f"{len(added)} more expert workers for pool {self.pool_id}")
-            generations = [self._generations.get(i, -1) + 1 for i in added]
-            new_workers = [self._spawn(i, g, new_map, (pg, j))
-                           for j, (i, g) in enumerate(zip(added, generations, strict=True))]
-            # Kept workers load the new version next to the one they serve; added ones load only their experts.
+                    f"{len(fresh)} more expert workers for pool {self.pool_id}")
+            new_workers = [self._spawn(i, g, new_map, (pg, j)) for j, (i, g) in enumerate(fresh)]
+            # Kept workers (and spares taken) load the new version next to what they hold; fresh ones load only
+            # their experts, straight into it.
             results = await asyncio.gather(
                 *(asyncio.wait_for(self.workers[i].prepare.remote(new_map.version, new_map.worker_experts(i)),
                                    self.pool_cfg.start_timeout_s) for i in kept),
-                *(self._started(w, i, g) for w, i, g in zip(new_workers, added, generations, strict=True)),
+                *(self._take_spare(spare, i, g, new_map)
+                  for spare, i, g in zip(taken, added, generations, strict=False)),
+                *(self._started(w, i, g) for w, (i, g) in zip(new_workers, fresh, strict=True)),
                 return_exceptions=True)
             failed = [f"expert worker {i}: {describe_failure(r)}" for i, r in zip([*kept, *added], results, strict=True)
                       if isinstance(r, BaseException)]
@@ -370,13 +387,16 @@ class ExpertPool:
         except BaseException:
             await asyncio.gather(*(self.workers[i].discard.remote(new_map.version) for i in kept),
                                  return_exceptions=True)
-            for worker in new_workers:
+            for worker in [*new_workers, *(spare[0] for spare in taken)]:
                 ray.kill(worker, no_restart=True)
-            if pg is not None:
-                remove_placement_group(pg)
+            for group in [pg, *(spare[2] for spare in taken)]:
+                if group is not None:
+                    remove_placement_group(group)
+            self._refill_spares()
             raise
         loaded = time.monotonic()
         started_new = [r for r in results[len(kept):] if isinstance(r, tuple)]
+        new_workers = [spare[0] for spare in taken] + new_workers
         retired = list(zip(self.workers[num_workers:], self.endpoints[num_workers:], self.bundles[num_workers:],
                            strict=True))
         # The commit: from here on attach/view give the new map; nothing awaits between these lines.
@@ -385,13 +405,15 @@ class ExpertPool:
         self.workers = self.workers[:num_workers] + new_workers
         self.endpoints = self.endpoints[:num_workers] + [endpoint for endpoint, _ in started_new]
         self.infos = self.infos[:num_workers] + [info for _, info in started_new]
-        self.bundles = self.bundles[:num_workers] + [(pg, j) for j in range(len(added))]
+        self.bundles = self.bundles[:num_workers] + [(spare[2], 0) for spare in taken] + \
+            [(pg, j) for j in range(len(fresh))]
         for i, g in zip(added, generations, strict=True):
             self._generations[i] = g
         self.loads.resize(num_workers)
+        prepared = [*kept, *added[:len(taken)]]
         committed = await asyncio.gather(*(self.workers[i].commit.remote(new_map.version, new_map.worker_experts(i))
-                                           for i in kept), return_exceptions=True)
-        for i, result in zip(kept, committed, strict=True):  # one that died meanwhile is replaced with the new map
+                                           for i in prepared), return_exceptions=True)
+        for i, result in zip(prepared, committed, strict=True):  # one that died meanwhile is replaced with the new map
             if isinstance(result, BaseException):
                 log.warning("pool %s: expert worker %d did not take map version %d: %s", self.pool_id, i,
                             new_map.version, first_line(result))
@@ -404,13 +426,92 @@ class ExpertPool:
         report = {"changed": True, "num_workers": num_workers, "previous_workers": before,
                   "map_version": new_map.version, "seconds": seconds, "load_seconds": loaded - started,
                   "placed_on_measured_load": measured, "slots_per_worker": capacity,
-                  "added": added, "retired": [endpoint.index for _, endpoint, _ in retired],
+                  "added": added, "from_spares": len(taken), "retired": [endpoint.index for _, endpoint, _ in retired],
                   "experts_read": sum(len(e) for i in added for e in new_map.worker_experts(i))}
         self.resizes.append(report)
+        self._refill_spares()
         log.info("pool %s: resized from %d to %d expert workers in %.2fs (map version %d%s)", self.pool_id, before,
                  num_workers, seconds, new_map.version,
                  f"; workers {report['retired']} leave once no link to them is left" if retired else "")
         return report
+
+    async def _autoscale_periodically(self, policy: AutoscalePolicy) -> None:
+        """Every interval: the workers' rows per second and mean wait per layer message since the last look, the
+        policy's wanted size, and a resize when it differs and the cool-down has passed."""
+        last: tuple[float, int, float, int] | None = None  # (when, rows, service seconds, messages), all workers
+        last_resize = -math.inf
+        while True:
+            await asyncio.sleep(policy.interval_s)
+            try:
+                stats = await self.worker_stats()
+                now = (time.monotonic(), sum(s.get("rows", 0) for s in stats),
+                       sum(s.get("service_s", 0.0) for s in stats), sum(s.get("messages", 0) for s in stats))
+                if last is not None and len(stats) == self.expert_map.num_workers and now[1] >= last[1]:
+                    rows_per_s = (now[1] - last[1]) / (now[0] - last[0])
+                    messages = now[3] - last[3]
+                    wait_ms = 1000 * (now[2] - last[2]) / messages if messages > 0 else None
+                    size = policy.wanted(self.expert_map.num_workers, rows_per_s, wait_ms)
+                    if size != self.expert_map.num_workers and time.monotonic() - last_resize >= policy.cooldown_s:
+                        log.info("pool %s: autoscaling from %d to %d workers (%.0f rows/s, wait %s ms per message)",
+                                 self.pool_id, self.expert_map.num_workers, size, rows_per_s,
+                                 "-" if wait_ms is None else f"{wait_ms:.2f}")
+                        await self.resize(size)
+                        last_resize = time.monotonic()
+                        stats = await self.worker_stats()  # counts from here (retired workers' rows are gone)
+                        now = (time.monotonic(), sum(s.get("rows", 0) for s in stats),
+                               sum(s.get("service_s", 0.0) for s in stats), sum(s.get("messages", 0) for s in stats))
+                last = now
+            except Exception as err:  # a refused or failed resize: the next interval asks again
+                log.error("pool %s: autoscaling: %s", self.pool_id, first_line(err))
+                last = None
+
+    async def _take_spare(self, spare: tuple[Any, dict[str, Any], PlacementGroup | None], index: int,
+                          generation: int, new_map: ExpertMap) -> tuple[WorkerEndpoint, dict[str, Any]]:
+        """A started spare becomes worker ``index`` and loads its experts of ``new_map`` (committed with the kept
+        workers)."""
+        worker, info, _ = spare
+        await worker.adopt.remote(index, generation)
+        await asyncio.wait_for(worker.prepare.remote(new_map.version, new_map.worker_experts(index)),
+                               self.pool_cfg.start_timeout_s)
+        info = info | {"worker_index": index, "experts": list(new_map.hosted(index)), "generation": generation}
+        return (WorkerEndpoint(index, generation, info["node_id"], info["node_ip"], info["address"], info["device"],
+                               info["pid"], worker), info)
+
+    def _refill_spares(self) -> None:
+        """Start spares in the background until there are ``spare_workers`` (one refill at a time)."""
+        if self.pool_cfg.spare_workers <= len(self.spares) or (self._refilling and not self._refilling.done()):
+            return
+        self._refilling = asyncio.get_running_loop().create_task(self._start_spares())
+
+    async def _start_spares(self) -> None:
+        while len(self.spares) < self.pool_cfg.spare_workers:
+            self._spares_made += 1
+            label = self._spares_made
+            try:
+                pg = await asyncio.to_thread(
+                    place, [worker_bundle(self.pool_cfg, self.gpus)], self.pool_cfg.placement_strategy,
+                    self.pool_cfg.placement_timeout_s, f"moe-pool-{self.pool_id}-spare{label}",
+                    f"a spare expert worker for pool {self.pool_id}")
+                worker = self._spawn_spare(label, self.expert_map.version, pg)
+                _, info = await self._started(worker, -1, label)
+            except Exception as err:
+                log.warning("pool %s: could not start a spare expert worker: %s", self.pool_id, first_line(err))
+                return
+            self.spares.append((worker, info, pg))
+            log.info("pool %s: spare expert worker ready (pid %s; %d spares)", self.pool_id, info["pid"],
+                     len(self.spares))
+
+    def _spawn_spare(self, label: int, version: int, pg: PlacementGroup | None) -> Any:
+        """A worker holding no experts (index -1 until taken; ``label`` keeps its address unique)."""
+        options: dict[str, Any] = {"num_cpus": self.pool_cfg.worker_num_cpus, "num_gpus": int(self.gpus),
+                                   "resources": dict(self.pool_cfg.worker_resources), "max_restarts": 0,
+                                   "max_concurrency": 8}
+        if pg is not None:
+            options["scheduling_strategy"] = bundle_strategy(pg, 0)
+        nothing = tuple(() for _ in range(self.expert_map.num_layers))
+        return ray.remote(ExpertWorker).options(**options).remote(
+            self.engine_cfg, version, nothing, -1, label, self.pool_id, self.pool_cfg.actor_threads, self.spec,
+            self.pool_cfg.merge_wait_ms / 1000)
 
     async def _retire(self, worker: Any, endpoint: WorkerEndpoint,
                       bundle: tuple[PlacementGroup | None, int]) -> None:
@@ -452,7 +553,7 @@ class ExpertPool:
                 "placement": [[list(experts) for experts in layer] for layer in self.expert_map.layers],
                 "slots_per_worker": self.capacity, "rebalances": list(self.rebalances),
                 "num_workers": self.expert_map.num_workers, "resizes": list(self.resizes),
-                "resizing_to": self._resizing, "retiring": sorted(self.retiring),
+                "resizing_to": self._resizing, "retiring": sorted(self.retiring), "spares": len(self.spares),
                 "workers": list(self.infos),
                 "coordinators": sorted(self.coordinators), "replacements": list(self.replacements)}
 
@@ -470,6 +571,15 @@ class ExpertPool:
             self._rebalancer.cancel()
         for task in list(self._retirements):
             task.cancel()
+        for background in (self._refilling, self._autoscaler):
+            if background is not None:
+                background.cancel()
+        for worker, _, spare_pg in self.spares:
+            ray.kill(worker, no_restart=True)
+            if spare_pg is not None:
+                with contextlib.suppress(Exception):
+                    remove_placement_group(spare_pg)
+        self.spares = []
         for info in self.retiring.values():
             ray.kill(info["actor"], no_restart=True)
         for worker in self.workers:
