@@ -303,8 +303,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"({len(windows)} windows); the served API asked as its `local-completions` does (`echo`, `logprobs: 1`, "
         "`max_tokens: 1`, token-id prompts). Perplexity = exp(nats/token); bits/byte over the chapters' UTF-8 bytes.",
         "",
-        table(["scored by", "tokens", "nats/token", "perplexity", "bits/byte", "relative NLL difference vs transformers",
-               "seconds"], rows),
+        table(["scored by", "tokens", "nats/token", "perplexity", "bits/byte",
+               "relative NLL difference vs transformers", "seconds"], rows),
         "",
         f"- held-out perplexity (Jonah): {reference.perplexity:.4f}; served, local engine and transformers agree "
         f"to {worst:.1e} relative",

@@ -225,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "first-choice expert is one of this token's two (chance 25%); *first repeats*: the same first choice "
         "(chance 12.5%); in brackets the same measure on randomly paired tokens of the same layer. *Next-layer "
         "guess*: recall of layer l's two experts guessed by applying layer l's router (its RMSNorm and gate) to "
-        "layer l-1's output (l-2's for 2 ahead; chance 25%).",
+        "layer l-1's output (l-2's for 2 ahead; chance 25%). The random demo (same architecture at hidden size 128, "
+        "its own 1,024-token tokenizer, so more tokens for the same text) is written by `init_demo` with seed 0.",
         "",
         table(["model", "layer", "entropy (bits)", "hottest / mean", "previous in top-2 (random pairs)",
                "first repeats (random pairs)", "next-layer guess, 1 ahead", "2 ahead"], rows),
