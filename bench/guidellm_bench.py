@@ -3,7 +3,7 @@ generator (bench/serve.py's streamed HTTP client) on the same server in the same
 output tokens/s at each concurrency.
 
     python -m bench.guidellm_bench [--model DIR] [--concurrency 1 8 32] [--prompt-len 32] [--output-len 64]
-                                   [--guidellm /work/venv-guidellm/bin/guidellm]
+                                   [--guidellm VENV/bin/guidellm]
 
 guidellm is not a dependency of the project (it pins its own versions of shared packages): install it in a venv of
 its own (``python -m venv V && V/bin/pip install guidellm``) and pass its executable with ``--guidellm``. It runs out

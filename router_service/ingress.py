@@ -326,10 +326,14 @@ class Ingress:
 
     @app.get("/version")
     async def version(self) -> dict[str, str]:
-        """The server's version (vLLM's /version)."""
-        from router_service.cli import version
+        """The server's version (vLLM's /version): the installed distribution's, as ``moe-cluster --version``
+        (not imported from the CLI, which imports the app)."""
+        from importlib.metadata import PackageNotFoundError, version
 
-        return {"version": version()}
+        try:
+            return {"version": version("moe-cluster")}
+        except PackageNotFoundError:
+            return {"version": "unknown (not installed)"}
 
     @staticmethod
     def sse(events: AsyncGenerator[str, None]) -> StreamingResponse:
