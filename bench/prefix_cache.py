@@ -155,7 +155,10 @@ def main() -> None:
     body = "\n".join([
         f"Machine: {machine()}. Model {describe(args.size)}. Command: `{command}`.",
         f"Load average (1/5/15 min) before {load_before}, after {load_after}: the machine was shared with other "
-        "work during this run, so absolute numbers are noisy; the ratios come from peers run alternately.",
+        "work during this run, so absolute numbers are noisy; "
+        + ("with one repeat, the peers of a workload ran one after the other (off, then on), so a change of load "
+           "between them moves the ratios too." if args.repeats == 1 else
+           "the ratios are of medians of peers run alternately."),
         f"Shared system prompt: {args.requests} requests, a {args.system_len}-token system prompt + "
         f"{args.question_len} tokens each, {args.output_len} output tokens, all at once. Chat replay: "
         f"{args.conversations} conversations x {args.turns} turns, a {args.system_len // 2}-token system prompt, "

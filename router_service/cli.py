@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a completion for one prompt",
                          description="Generate a completion for one prompt: in this process (--model) or by "
                                      "asking a running server (--grpc).")
-    gen.add_argument("--model", metavar="DIR",
-                     help="checkpoint directory for the local and cluster engines (required without --grpc)")
+    gen.add_argument("--model", metavar="DIR|ORG/NAME[@REV]",
+                     help="checkpoint directory, or a Hugging Face Hub id (fetched into the Hub cache; HF_TOKEN, "
+                          "HF_HUB_OFFLINE apply) for the local and cluster engines (required without --grpc)")
     gen.add_argument("--prompt", required=True, help="the prompt text (required)")
     gen.add_argument("--max-tokens", type=_positive_int, default=32,
                      help="most tokens to generate (default: %(default)s)")
@@ -193,9 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve the OpenAI-compatible HTTP API and gRPC on Ray Serve. Options "
                                        "without a flag here take their value from the Serve config (--config, "
                                        f"default: {bundled}).")
-    serve.add_argument("--model", metavar="DIR",
-                       help="checkpoint directory (default: the config's model; in the bundled config the trained "
-                            "demo model, copied to ~/.cache/moe-cluster/demo if missing or outdated)")
+    serve.add_argument("--model", metavar="DIR|ORG/NAME[@REV]",
+                       help="checkpoint directory, or a Hugging Face Hub id (fetched into the Hub cache; HF_TOKEN, "
+                            "HF_HUB_OFFLINE apply; served under the id) (default: the config's model; in the "
+                            "bundled config the trained demo model, copied to ~/.cache/moe-cluster/demo if missing "
+                            "or outdated)")
     serve.add_argument("--address", help="Ray address of an existing cluster (default: start a local embedded Ray)")
     serve.add_argument("--host", default="127.0.0.1", help="address the HTTP API binds (default: %(default)s)")
     serve.add_argument("--http-port", type=int, default=8000,
@@ -345,6 +348,9 @@ def _generate(args: argparse.Namespace) -> int:
         return grpc_generate_command(args, params)
     if not args.model:
         raise ValueError("--model DIR is required (or --grpc HOST:PORT to ask a server)")
+    from cluster.hub import resolve_model
+
+    args.model = resolve_model(args.model)  # a Hugging Face Hub id: its local snapshot
     if not Path(args.model).is_dir():
         raise ValueError(f"model directory {args.model!r} does not exist")
     engine = _make_engine(args)

@@ -54,9 +54,12 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     app = config["applications"][0]
     app_args = app.setdefault("args", {})
     if args.model:
-        app_args["model"] = str(Path(args.model).expanduser().resolve())
-        if not args.config:
-            app_args["served_model_name"] = Path(args.model).name
+        from cluster.hub import is_hub_id, resolve_model
+
+        app_args["model"] = str(Path(resolve_model(args.model)).resolve())
+        if not args.config:  # a Hub id serves under its id (as vLLM does), a directory under its name
+            app_args["served_model_name"] = (args.model.partition("@")[0] if is_hub_id(args.model)
+                                             else Path(args.model).name)
     model_dir = Path(str(app_args.get("model", DEMO_DIR))).expanduser()
     if model_dir == DEMO_DIR and not args.model:
         ensure_trained_demo(model_dir)
