@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kernel-repeats", type=int, default=20)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     before = load_average()
@@ -170,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"output {args.output_len} tokens, local engine:\n\n{body}")
         derived += lines
     parts.append("One expert matmul at the 'bench' size's w13 (N = 2 x 1408, K = 512), median ms (ratio to fp32):\n\n"
-                 + kernels(2 * 1408, 512, 20))
+                 + kernels(2 * 1408, 512, args.kernel_repeats))
     after = load_average()
     progress(f"{after} after")
     command = (f"python -m bench.quant --model {shown(args.model, DEFAULT_MODEL)} --text "
                f"{shown(args.text, DEFAULT_TEXT)} --sizes {' '.join(args.sizes)} --concurrency {args.concurrency} "
-               f"--prompt-len {args.prompt_len} --output-len {args.output_len} --repeats {args.repeats}")
+               f"--prompt-len {args.prompt_len} --output-len {args.output_len} --repeats {args.repeats} "
+               f"--kernel-repeats {args.kernel_repeats}")
     header = (f"`{command}`\n\nMachine: {machine()}. **Shared with other jobs during this run**: {before} before, "
               f"{after} after; read ratios, not absolute numbers.\n\nPerplexity of the trained demo model "
               f"({args.model.name}) on the held-out text ({args.text.name}), every token after BOS scored through the "

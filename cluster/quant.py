@@ -251,3 +251,10 @@ def dequantize_fp8(weight: Tensor, scale: Tensor, dtype: torch.dtype, block: tup
             return (w * full).to(dtype)
     raise ValueError(f"FP8 scale of shape {list(scale.shape)} fits neither per-tensor, per-channel nor per-block "
                      f"(block {block}) scaling of a weight {[n, k]}")
+
+
+def full_precision(w: Tensor | QuantizedWeight) -> Tensor:
+    """A weight known to be held in full precision (a TypeError if it is quantized)."""
+    if isinstance(w, QuantizedWeight):
+        raise TypeError(f"expected a full-precision weight, got an int{w.bits} quantized one")
+    return w

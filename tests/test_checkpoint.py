@@ -17,6 +17,7 @@ from cluster.checkpoint import (
     load_expert_weights,
 )
 from cluster.config import ModelConfig
+from cluster.quant import full_precision
 from tests.conftest import HFCheckpoint, make_hf_checkpoint
 
 
@@ -27,8 +28,8 @@ def test_expert_role_reads_only_its_experts_and_their_shards(hf_small: HFCheckpo
     assert experts.layer_experts == ((5, 2),) * cfg.num_layers
     hf_experts = hf_small.model.model.layers[1].mlp.experts
     # Local id 0 is global expert 5: w13 = [w1; w3] = transformers' fused gate_up_proj.
-    assert torch.equal(experts.w13[1][0], hf_experts.gate_up_proj[5])
-    assert torch.equal(experts.w2[1][1], hf_experts.down_proj[2])
+    assert torch.equal(full_precision(experts.w13[1])[0], hf_experts.gate_up_proj[5])
+    assert torch.equal(full_precision(experts.w2[1])[1], hf_experts.down_proj[2])
     index = json.loads((hf_small.path / "model.safetensors.index.json").read_text())["weight_map"]
     needed = {index[expert_tensor_name(layer, e, p)] for layer in range(cfg.num_layers) for e in (5, 2)
               for p in ("w1", "w2", "w3")}
@@ -64,7 +65,7 @@ def test_dtype_is_selectable(hf_small: HFCheckpoint) -> None:
     cfg = ModelConfig.from_file(hf_small.path)
     for dtype in (torch.bfloat16, torch.float16):
         experts = load_expert_weights(Checkpoint(hf_small.path), cfg, [0], dtype, progress=False)
-        assert experts.w13[0].dtype == dtype
+        assert full_precision(experts.w13[0]).dtype == dtype
 
 
 def _single_file(tmp_path: Path) -> tuple[Path, ModelConfig]:

@@ -309,3 +309,18 @@ def test_quantized_experts_on_cuda_equal_the_cpu_engine(hf_small: HFCheckpoint, 
         finally:
             ours.shutdown()
     assert (logits[1] - logits[0]).abs().max().item() <= 1e-4 * logits[0].abs().max().item()
+
+
+def test_serve_and_generate_flags_reach_the_engine_options(demo_dir: Path) -> None:
+    from router_service.cli import build_parser
+    from router_service.serve_config import resolve_config
+    from router_service.settings import AppSettings
+
+    args = build_parser().parse_args(["serve", "--model", str(demo_dir), "--quantize-experts", "int4",
+                                      "--quantize-group-size", "32"])
+    app_args = resolve_config(args)["applications"][0]["args"]
+    assert app_args["engine_options"] | {"quantize_experts": "int4", "quantize_group_size": 32} \
+        == app_args["engine_options"]
+    assert AppSettings.from_args(app_args).engine_config().expert_quantization == ExpertQuantization(4, 32)
+    generate = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--quantize-experts", "int8"])
+    assert generate.quantize_experts == "int8" and generate.quantize_group_size is None
