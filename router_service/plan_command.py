@@ -28,16 +28,22 @@ def add_plan_parser(sub: Any) -> None:
     plan = sub.add_parser("plan", help="plan the cluster for a model and the hardware (no weights needed)",
                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     plan.add_argument("model", help="a checkpoint directory or its config.json (only config.json is read)")
-    plan.add_argument("--gpus", type=int, metavar="N", help="GPUs in all (default: this machine's)")
-    plan.add_argument("--gpu-memory-gib", type=float, metavar="G", help="memory of each GPU, GiB")
+    plan.add_argument("--gpus", type=int, metavar="N",
+                      help="GPUs in all (default: this machine's GPUs, or its CPUs without CUDA)")
+    plan.add_argument("--gpu-memory-gib", type=float, metavar="G",
+                      help="memory of each GPU, GiB (default: this machine's; required with --gpus)")
     plan.add_argument("--nodes", type=int, default=1, metavar="K", help="nodes the GPUs are on (default: %(default)s)")
-    plan.add_argument("--cpus", type=int, metavar="C", help="plan for a CPU node with C cores")
-    plan.add_argument("--memory-gib", type=float, metavar="M", help="with --cpus: the node's memory, GiB")
-    plan.add_argument("--ray", metavar="ADDRESS", help="plan for the running Ray cluster at ADDRESS (its CPUs, GPUs, "
-                                                       "nodes; with GPUs, --gpu-memory-gib too)")
+    plan.add_argument("--cpus", type=int, metavar="C",
+                      help="plan for a CPU node with C cores (default: this machine's, without CUDA)")
+    plan.add_argument("--memory-gib", type=float, metavar="M",
+                      help="with --cpus: the node's memory, GiB (default: this machine's)")
+    plan.add_argument("--ray", metavar="ADDRESS",
+                      help="plan for the running Ray cluster at ADDRESS: its CPUs, GPUs, nodes; with GPUs, "
+                           "--gpu-memory-gib too (default: none, the flags or this machine)")
     plan.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                       help="weight dtype (default: the checkpoint's)")
-    plan.add_argument("--max-model-len", type=int, help="longest sequence (default: max_position_embeddings)")
+    plan.add_argument("--max-model-len", type=int,
+                      help="longest sequence (default: the config's max_position_embeddings)")
     plan.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (default: %(default)s)")
     plan.add_argument("--calibrate", choices=["auto", "yes", "no"], default="auto",
                       help="measure op costs on this machine (cached) when the target is this machine's kind "
@@ -49,9 +55,11 @@ def add_plan_parser(sub: Any) -> None:
     plan.add_argument("--gpu-tflops", type=float, default=300.0,
                       help="GPU dense TFLOPS at the dtype for estimated costs (default: %(default)s)")
     plan.add_argument("--json", action="store_true", help="print one JSON object (default: text)")
-    plan.add_argument("--write-overlay", metavar="FILE", help="write the plan as a serve.yaml overlay")
+    plan.add_argument("--write-overlay", metavar="FILE",
+                      help="write the plan as a serve.yaml overlay (default: none)")
     plan.add_argument("--write-config", metavar="FILE",
-                      help="write the bundled serve.yaml with the plan merged in (for serve --config FILE)")
+                      help="write the bundled serve.yaml with the plan merged in, for serve --config FILE "
+                           "(default: none)")
 
 
 def hardware_from_args(args: argparse.Namespace) -> Hardware:
