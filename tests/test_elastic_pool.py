@@ -281,3 +281,30 @@ def test_a_coordinator_attaching_mid_resize_ends_on_the_new_map(elastic: Elastic
     finally:
         late.shutdown()
     ray.get(elastic.pool.resize.remote(4))
+
+
+@pytest.mark.slow
+def test_a_grow_without_resources_is_refused_and_changes_nothing(elastic: Elastic) -> None:
+    """Every free CPU held elsewhere: the added workers cannot be placed within the pool's placement timeout, the
+    resize says what is missing, and the pool keeps its map and workers."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from cluster.errors import ClusterStartError
+
+    before = assert_consistent(elastic.pool, 4)
+    free = int(ray.available_resources().get("CPU", 0))
+    hog = placement_group([{"CPU": 1}] * free) if free else None
+    if hog is not None:
+        ray.get(hog.ready(), timeout=60)
+    try:
+        with pytest.raises(ClusterStartError, match="could not place .* more expert workers"):
+            ray.get(elastic.pool.resize.remote(8))
+    finally:
+        if hog is not None:
+            remove_placement_group(hog)
+    after = assert_consistent(elastic.pool, 4)
+    assert after["map_version"] == before["map_version"] and after["placement"] == before["placement"]
+    prompts, params = workload(4, seed=15, max_tokens=8)
+    assert [r.completions[0].token_ids for r in elastic.engine.generate(prompts, params)] == \
+        expected(elastic.local, prompts, params)
