@@ -102,8 +102,8 @@ def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
     return {"moe-cluster": parser} | dict(sub.choices)
 
 
-@pytest.mark.parametrize("command", ["moe-cluster", "init-demo", "generate", "serve", "expert-load", "scale-pool"])
-@pytest.mark.parametrize("command", ["moe-cluster", "init-demo", "generate", "serve", "expert-load", "plan"])
+@pytest.mark.parametrize("command", ["moe-cluster", "init-demo", "generate", "serve", "expert-load", "scale-pool",
+                                     "plan"])
 def test_every_option_says_what_it_does_and_its_default(command: str) -> None:
     parser = subcommand_parsers()[command]
     text = parser.format_help()
