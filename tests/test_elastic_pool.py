@@ -17,6 +17,7 @@ import pytest
 
 from cluster import eplb
 from cluster.moe import ExpertMap
+from tests.test_eplb import expected_tokens, workload
 
 # ------------------------------------------------------------------------------------------ the placement
 
@@ -102,18 +103,6 @@ def elastic(demo_dir: Path, ray_local: None) -> Iterator[Elastic]:
     local.shutdown()
 
 
-def workload(n: int, seed: int, max_tokens: int) -> tuple[list[list[int]], list[Any]]:
-    from cluster.sampling import SamplingParams
-
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(3, 870) for _ in range(rng.randrange(4, 30))] for _ in range(n)]
-    return prompts, [SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)] * n
-
-
-def expected(local: Any, prompts: list[list[int]], params: list[Any]) -> list[list[int]]:
-    return [r.completions[0].token_ids for r in local.generate(prompts, params)]
-
-
 def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie waiting to be reaped does not)."""
     try:
@@ -158,7 +147,7 @@ def test_16_streams_while_the_pool_goes_4_8_2(elastic: Elastic) -> None:
     from tests.test_recovery import assert_once_and_equal, run_streams
 
     prompts, params = workload(16, seed=11, max_tokens=200)
-    want = expected(elastic.local, prompts, params)
+    want = expected_tokens(elastic.local, prompts, params)
     start = assert_consistent(elastic.pool, 4)
     deadline = time.monotonic() + 120
     while ray.get(elastic.pool.describe.remote())["spares"] < 1:
@@ -199,7 +188,7 @@ def test_16_streams_while_the_pool_goes_4_8_2(elastic: Elastic) -> None:
     assert_consistent(elastic.pool, 4)
     prompts, params = workload(4, seed=12, max_tokens=8)
     assert [r.completions[0].token_ids for r in elastic.engine.generate(prompts, params)] == \
-        expected(elastic.local, prompts, params)
+        expected_tokens(elastic.local, prompts, params)
 
 
 def test_refused_sizes_and_a_second_resize_change_nothing(elastic: Elastic) -> None:
@@ -233,7 +222,7 @@ def test_a_resize_racing_a_worker_sigkill_ends_consistent_with_every_request_com
 
     assert_consistent(elastic.pool, 4)
     prompts, params = workload(8, seed=13, max_tokens=80)
-    want = expected(elastic.local, prompts, params)
+    want = expected_tokens(elastic.local, prompts, params)
     outcome: list[Any] = []
 
     def race(produced: int) -> None:
@@ -277,7 +266,7 @@ def test_a_coordinator_attaching_mid_resize_ends_on_the_new_map(elastic: Elastic
     try:
         prompts, params = workload(4, seed=14, max_tokens=12)
         assert [r.completions[0].token_ids for r in late.generate(prompts, params)] == \
-            expected(elastic.local, prompts, params)
+            expected_tokens(elastic.local, prompts, params)
         assert late.describe()["map_version"] == report["map_version"]
         assert_consistent(elastic.pool, 3)
     finally:
@@ -309,4 +298,4 @@ def test_a_grow_without_resources_is_refused_and_changes_nothing(elastic: Elasti
     assert after["map_version"] == before["map_version"] and after["placement"] == before["placement"]
     prompts, params = workload(4, seed=15, max_tokens=8)
     assert [r.completions[0].token_ids for r in elastic.engine.generate(prompts, params)] == \
-        expected(elastic.local, prompts, params)
+        expected_tokens(elastic.local, prompts, params)
