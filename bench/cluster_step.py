@@ -31,10 +31,10 @@ import torch
 
 from bench.common import machine, progress, table, write_section
 from bench.models import bench_model, describe
-from cluster.config import ModelConfig
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
-from cluster.engine_loop import LocalEngine
-from cluster.sampling import SamplingParams
+from cluster.model.config import ModelConfig
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 
 

@@ -23,11 +23,11 @@ import ray
 
 from bench.common import machine, progress, table, write_section
 from bench.models import bench_model, describe
-from cluster.checkpoint import Checkpoint, load_layer_experts
-from cluster.config import ModelConfig
+from cluster.engine.loader import engine_dtype
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
-from cluster.loader import engine_dtype
-from cluster.sampling import SamplingParams
+from cluster.model.checkpoint import Checkpoint, load_layer_experts
+from cluster.model.config import ModelConfig
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 
 PLAN = (8, 2)  # the sizes the pool goes to, from 4

@@ -24,9 +24,9 @@ import torch
 
 from bench.common import add_workload_flags, machine, progress, table, write_section
 from bench.models import bench_model, describe
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
-from cluster.engine_loop import LocalEngine
-from cluster.sampling import SamplingParams
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 
 Generate = Callable[[list[list[int]]], None]

@@ -9,7 +9,7 @@ One table per pool shape (``--experts-per-worker``: 4 gives 2 workers, 2 gives 4
 redundant slots, and per workload (PROMPT:GENERATED tokens per sequence): decode-heavy (32:64) and prefill-heavy
 (256:16).
 
-The model is the benchmark size with routers skewed by ``--skew`` (cluster/demo.py: each layer prefers its own
+The model is the benchmark size with routers skewed by ``--skew`` (cluster/model/demo.py: each layer prefers its own
 group of adjacent experts, which the contiguous map puts on one worker). First a run with the contiguous map fills
 the pool's load window and ``ExpertPool.rebalance`` decides the new map (its own threshold and gain rules); then the
 two maps take turns, each repeat, so that machine noise hits both alike (switching maps is the live path: workers
@@ -31,11 +31,11 @@ import torch
 
 from bench.common import machine, progress, table, write_section
 from bench.models import bench_model, describe
-from cluster import eplb
-from cluster.config import ModelConfig
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
-from cluster.moe import ExpertMap
-from cluster.sampling import SamplingParams
+from cluster.model.config import ModelConfig
+from cluster.moe import eplb
+from cluster.moe.layer import ExpertMap
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 
 

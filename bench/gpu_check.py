@@ -290,7 +290,7 @@ def _hf_model(path: Path, device: str, dtype: Any) -> Any:
 
 
 def _local_engine(path: Path, device: str, dtype: str, max_seqs: int, tokens: int) -> Any:
-    from cluster.engine_loop import LocalEngine
+    from cluster.engine.loop import LocalEngine
 
     return LocalEngine.from_config(_engine_config(path, device, dtype, max_seqs, tokens))
 
@@ -322,7 +322,7 @@ def hf_generate(model: Any, batch: list[list[int]], new_tokens: int) -> list[lis
 
 
 def engine_generate(engine: Any, batch: list[list[int]], new_tokens: int) -> list[list[int]]:
-    from cluster.sampling import SamplingParams
+    from cluster.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     return [r.completions[0].token_ids for r in engine.generate(batch, params)]

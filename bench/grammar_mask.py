@@ -110,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import PreTrainedTokenizerFast
 
-    from cluster.config import ModelConfig
+    from cluster.model.config import ModelConfig
 
     model = args.model or bench_model("demo")
     hf = PreTrainedTokenizerFast(tokenizer_file=str(model / "tokenizer.json"), bos_token="<s>", eos_token="</s>",

@@ -118,7 +118,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from cluster.config import ModelConfig
+    from cluster.model.config import ModelConfig
 
     model = args.model or bench_model("demo")
     version = subprocess.run([args.guidellm, "--version"], capture_output=True, text=True, check=True).stdout.strip()

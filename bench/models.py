@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cluster.demo import init_demo
+from cluster.model.demo import init_demo
 
 CACHE = Path("/tmp/moe-cluster-bench")
 
@@ -22,7 +22,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 def describe(size: str) -> str:
-    from cluster.config import ModelConfig
+    from cluster.model.config import ModelConfig
 
     cfg = ModelConfig.from_file(bench_model(size))
     return (f"'{size}': {cfg.num_layers} layers, hidden {cfg.hidden_size}, expert intermediate "
@@ -32,7 +32,7 @@ def describe(size: str) -> str:
 
 def bench_model(size: str, router_skew: float = 0.0) -> Path:
     """The checkpoint of ``size``; with ``router_skew`` > 0, its routers prefer some experts per layer
-    (cluster/demo.py), for the load-balancing benchmark."""
+    (cluster/model/demo.py), for the load-balancing benchmark."""
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
     path = CACHE / (f"{size}-skew{router_skew:g}" if router_skew else size)

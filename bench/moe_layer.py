@@ -11,7 +11,8 @@ import argparse
 import torch
 
 from bench.common import machine, progress, table, time_interleaved, write_section
-from cluster.moe import LocalExperts, LocalMoE
+from cluster.model.experts import LocalExperts
+from cluster.moe.layer import LocalMoE
 
 
 def main() -> None:

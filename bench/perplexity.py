@@ -93,8 +93,8 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -
 
 def document_windows(model_dir: Path, documents: Sequence[str], max_length: int) -> list[Window]:
     """Every document tokenized without special tokens (as the harness does) and cut into rolling windows."""
-    from cluster.config import ModelConfig
-    from cluster.tokenizer import Tokenizer
+    from cluster.model.config import ModelConfig
+    from cluster.model.tokenizer import Tokenizer
 
     tok, bos = Tokenizer(model_dir), ModelConfig.from_file(model_dir).bos_token_id
     if bos is None:
@@ -144,7 +144,7 @@ def served_logprobs(base_url: str, model: str, windows: Sequence[Window], batch:
 
 def engine_logprobs(engine: Any, windows: Sequence[Window]) -> list[list[float]]:
     """Through an engine's own API (LocalEngine / ClusterEngine): the same echo + logprobs request."""
-    from cluster.sampling import SamplingParams
+    from cluster.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=1, temperature=0, logprobs=0, echo=True)
     results = engine.generate([w.tokens for w in windows], params)
@@ -248,8 +248,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     windows = document_windows(args.model, docs, args.max_length)
     progress(f"{len(docs)} documents, {len(windows)} windows, {sum(len(w.continuation) for w in windows)} tokens")
 
+    from cluster.engine.loop import LocalEngine
     from cluster.engine_config import EngineConfig
-    from cluster.engine_loop import LocalEngine
 
     timings: dict[str, float] = {}
     scores: dict[str, Score] = {}

@@ -1,10 +1,10 @@
 """Predicted vs measured decode step time: ``moe-cluster plan``'s cost model (op costs calibrated on this machine,
-cluster/calibrate.py) against the cluster's measured step, for the shapes given, side by side in one run.
+cluster/planning/calibrate.py) against the cluster's measured step, for the shapes given, side by side in one run.
 
     python -m bench.plan_check [--size bench] [--workers 1 2 8] [--micro-batches 1 2] [--batch 8 32]
 
 Decode step = (time for 1 + D tokens - time for 1 token) / D over the batch (bench/cluster_step.py's measure),
-median of repeats; prediction = cluster/plan.py's step_ms for the same shape (workers, micro-batches, batch) with
+median of repeats; prediction = planning/plan.py's step_ms for the same shape (workers, micro-batches, batch) with
 the calibrated costs at 1 thread. Also the local engine (all experts in-process, 1 thread) against its own
 prediction (every layer: the coordinator's part plus every expert that has rows, no link).
 """
@@ -21,11 +21,11 @@ import torch
 from bench.cluster_step import Peer, measure, prompts
 from bench.common import machine, progress, table, write_section
 from bench.models import bench_model, describe
-from cluster.calibrate import calibrate
-from cluster.config import ModelConfig
+from cluster.engine.loop import LocalEngine
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
-from cluster.engine_loop import LocalEngine
-from cluster.plan import Hardware, Plan, interpolate, plan_cpus, split_experts, step_ms, worker_layer_ms
+from cluster.model.config import ModelConfig
+from cluster.planning.calibrate import calibrate
+from cluster.planning.plan import Hardware, Plan, interpolate, plan_cpus, split_experts, step_ms, worker_layer_ms
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 
 PROMPT_LEN = 16

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 from bench.common import machine, progress, table, write_section
 from bench.models import bench_model, describe
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.sequence import RequestResult
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
-from cluster.sampling import SamplingParams
-from cluster.sequence import RequestResult
 
 
 @dataclass
@@ -114,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     assert args.system_len >= 3 * args.question_len, "the system prompt must be at least 3/4 of each prompt"
     model = str(bench_model(args.size))
-    from cluster.config import ModelConfig
+    from cluster.model.config import ModelConfig
 
     vocab = ModelConfig.from_file(model).vocab_size
     load_before = load()

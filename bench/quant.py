@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 from bench.common import ROOT, machine, progress, table, time_interleaved, write_section
 from bench.models import bench_model, describe
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
-from cluster.moe import LocalMoE
-from cluster.quant import ExpertQuantization, dequantize, quantize_weight
-from cluster.sampling import SamplingParams
+from cluster.model.quant import ExpertQuantization, dequantize, quantize_weight
+from cluster.moe.layer import LocalMoE
 
 DEFAULT_MODEL = ROOT / "cluster" / "demo_model"  # the trained demo checkpoint
 DEFAULT_TEXT = ROOT / "tests" / "data" / "kjv_jonah.txt"  # its held-out text

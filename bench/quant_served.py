@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from cluster.quant import ExpertQuantization
-    from cluster.quantize_checkpoint import quantize_checkpoint
+    from cluster.model.quant import ExpertQuantization
+    from cluster.model.quantize_checkpoint import quantize_checkpoint
     from router_service.serve_config import grpc_servicer_functions
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -160,7 +160,7 @@ def draw_passage(model: Any, tokenizer: Any, ids: list[int], path: Path, title: 
 def measure(model_dir: Path, chapters: Sequence[str], max_tokens: int, seed: int = 0) -> list[dict[str, float]]:
     from transformers import AutoModelForCausalLM
 
-    from cluster.tokenizer import Tokenizer
+    from cluster.model.tokenizer import Tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = Tokenizer(model_dir)
@@ -183,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     progress(f"load average before: {before[0]:.1f} {before[1]:.1f} {before[2]:.1f}")
     chapters = [line.strip() for line in args.text.read_text().splitlines() if line.strip()]
 
-    from cluster.demo import init_demo
-    from cluster.tokenizer import Tokenizer
+    from cluster.model.demo import init_demo
+    from cluster.model.tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         random_dir = init_demo(Path(tmp) / "random")

@@ -144,7 +144,7 @@ def run_server(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]
     import ray
     from ray import serve
 
-    from cluster.config import ModelConfig
+    from cluster.model.config import ModelConfig
     from router_service.app import build_app
     from router_service.client import AsyncGenerationClient
     from router_service.serve_config import grpc_servicer_functions

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from cluster.autoscale import AutoscalePolicy
-from cluster.config import parse_dtype
-from cluster.quant import ExpertQuantization, expert_quantization
+from cluster.model.config import parse_dtype
+from cluster.model.quant import ExpertQuantization, expert_quantization
+from cluster.moe.autoscale import AutoscalePolicy
 
 
 def _check_positive(name: str, value: Any, integer: bool = True) -> None:
@@ -40,7 +40,7 @@ class EngineConfig:
     progress: bool = True  # progress bars while loading weights
     # Expert weights held quantized (weight-only; attention, routers, embeddings untouched): "int8" (per output
     # channel) or "int4" (group-wise scales, quantize_group_size input features per scale; default
-    # cluster/quant.py DEFAULT_INT4_GROUP_SIZE), dequantized per call to the compute dtype. None: as stored.
+    # cluster/model/quant.py DEFAULT_INT4_GROUP_SIZE), dequantized per call to the compute dtype. None: as stored.
     quantize_experts: str | None = None
     quantize_group_size: int | None = None
     # The chat template, replacing the checkpoint's: a Jinja template, or the path of a file holding one (as
@@ -161,7 +161,7 @@ class PoolConfig:
     # rows of the same layer, to run each expert once on both (0: never wait). It must cover how far apart
     # coordinators' layers may drift (about one layer of attention) for them to fall into step.
     merge_wait_ms: float = 10.0
-    # Expert load balancing (cluster/eplb.py): this many extra expert slots across the pool (per layer) hold
+    # Expert load balancing (cluster/moe/eplb.py): this many extra expert slots across the pool (per layer) hold
     # replicas of the hottest experts once a rebalance has placed them; every rebalance_interval_s seconds
     # (0: never by itself) the pool measures the load of the last rebalance_window intervals and, when its
     # imbalance (the most loaded worker's rows over the mean) exceeds rebalance_threshold, moves to a better map.
@@ -170,7 +170,7 @@ class PoolConfig:
     # with its resources reserved, so that growing the pool only loads experts (a new worker process takes seconds
     # to start, far more on a busy node); a grow takes them first and starts new spares afterwards.
     spare_workers: int = 0
-    # An autoscaling policy for the pool's size (cluster/autoscale.py): {min_workers, max_workers, and
+    # An autoscaling policy for the pool's size (cluster/moe/autoscale.py): {min_workers, max_workers, and
     # target_rows_per_worker_s or target_expert_wait_ms, optional cooldown_s, interval_s, tolerance}; None: the
     # size changes only when asked (POST /scale_expert_pool).
     autoscale: dict[str, Any] | None = None

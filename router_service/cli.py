@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from router_service.engine_flags import add_engine_flags
 
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command needs them
-    from cluster.engine_api import EngineClient
-    from cluster.sampling import SamplingParams
+    from cluster.engine.api import EngineClient
+    from cluster.engine.sampling import SamplingParams
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _init_demo(args: argparse.Namespace) -> int:
-    from cluster.demo import copy_trained_demo, init_demo
+    from cluster.model.demo import copy_trained_demo, init_demo
 
     if args.random or args.router_skew is not None:
         path = init_demo(args.directory, seed=0 if args.seed is None else args.seed,
@@ -318,8 +318,8 @@ def _init_demo(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from cluster.quant import expert_quantization
-    from cluster.quantize_checkpoint import quantize_checkpoint
+    from cluster.model.quant import expert_quantization
+    from cluster.model.quantize_checkpoint import quantize_checkpoint
 
     quant = expert_quantization(f"int{args.bits}", args.group_size)
     assert quant is not None
@@ -338,7 +338,7 @@ def _expert_load(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from cluster.sampling import SamplingParams
+    from cluster.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
@@ -348,7 +348,7 @@ def _generate(args: argparse.Namespace) -> int:
         return grpc_generate_command(args, params)
     if not args.model:
         raise ValueError("--model DIR is required (or --grpc HOST:PORT to ask a server)")
-    from cluster.hub import resolve_model
+    from cluster.model.hub import resolve_model
 
     args.model = resolve_model(args.model)  # a Hugging Face Hub id: its local snapshot
     if not Path(args.model).is_dir():
@@ -383,7 +383,7 @@ def _make_engine(args: argparse.Namespace) -> EngineClient:
     engine_cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                               quantize_experts=args.quantize_experts, quantize_group_size=args.quantize_group_size)
     if args.engine == "local":
-        from cluster.engine_loop import LocalEngine
+        from cluster.engine.loop import LocalEngine
 
         return LocalEngine.from_config(engine_cfg)
     from workers.cluster_engine import ClusterEngine

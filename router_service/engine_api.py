@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.sampling import SamplingParams, TokenLogprob
-from cluster.sequence import Continuation, RequestMetrics, RequestOutput, fold_deltas
-from cluster.tokenizer import Tokenizer
+from cluster.engine.sampling import SamplingParams, TokenLogprob
+from cluster.engine.sequence import Continuation, RequestMetrics, RequestOutput, fold_deltas
+from cluster.model.tokenizer import Tokenizer
 
 
 @dataclass

@@ -19,11 +19,11 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.coordinator import new_coordinator_id
-from cluster.engine_loop import EngineLoop, LocalEngine
+from cluster.engine.coordinator import new_coordinator_id
+from cluster.engine.loader import build_engine, distributed_moe
+from cluster.engine.loop import EngineLoop, LocalEngine
+from cluster.engine.sequence import RequestOutput
 from cluster.errors import EngineDeadError, QueueFullError, RequestError, first_line
-from cluster.loader import build_engine, distributed_moe
-from cluster.sequence import RequestOutput
 from router_service.engine_api import Accepted, GenerateChunk, GenerateRequest, merge, to_chunk
 from router_service.metrics import EngineMetrics
 from router_service.pool_deployment import ServePool

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from ray.serve.grpc_util import RayServegRPCContext
 
-from cluster.sampling import SamplingParams
+from cluster.engine.sampling import SamplingParams
 from protos.moe_cluster.v1 import generation_pb2 as pb
 from router_service.engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, TokenInfo, merge
 from router_service.errors import ApiError

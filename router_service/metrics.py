@@ -7,9 +7,9 @@ from typing import Any
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from cluster.engine_api import EngineStats
-from cluster.eplb import imbalance
-from cluster.sequence import RequestMetrics
+from cluster.engine.api import EngineStats
+from cluster.engine.sequence import RequestMetrics
+from cluster.moe.eplb import imbalance
 from router_service.vllm_metrics import VllmSeries
 
 ITL_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0]

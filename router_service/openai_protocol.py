@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
-from cluster.sampling import SamplingParams
+from cluster.engine.sampling import SamplingParams
 from router_service.engine_api import GenerateChunk, TokenInfo
 from router_service.errors import ApiError
 

@@ -1,9 +1,9 @@
 """``moe-cluster plan``: fit the cluster to the hardware, from a checkpoint's config.json alone.
 
-The hardware: ``--gpus N --gpu-memory-gib G [--nodes K]``, or ``--cpus C --memory-gib M``, or ``--ray ADDRESS``
-(the CPUs, GPUs and nodes of a running Ray cluster), or, with none of these, this machine. Prints the plan
-(cluster/plan.py), or with ``--json`` one object; ``--write-overlay FILE`` writes it as a serve.yaml overlay (the
-form of k8s/overlays/*/serve-overrides.yaml) and ``--write-config FILE`` as a whole Serve config (the bundled
+The hardware: ``--gpus N --gpu-memory-gib G [--nodes K]``, or ``--cpus C --memory-gib M``, or ``--ray ADDRESS`` (the
+CPUs, GPUs and nodes of a running Ray cluster), or, with none of these, this machine. Prints the plan
+(cluster/planning/plan.py), or with ``--json`` one object; ``--write-overlay FILE`` writes it as a serve.yaml overlay
+(the form of k8s/overlays/*/serve-overrides.yaml) and ``--write-config FILE`` as a whole Serve config (the bundled
 serve.yaml with the plan merged in) that ``moe-cluster serve --config FILE`` deploys. Exit status 0 when the plan
 fits, 1 when it does not.
 """
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-if TYPE_CHECKING:  # `moe-cluster --help` builds this parser: torch (under cluster.config) only when planning
-    from cluster.plan import Hardware, Plan
+if TYPE_CHECKING:  # `moe-cluster --help` builds this parser: torch (under cluster.model.config) only when planning
+    from cluster.planning.plan import Hardware, Plan
 
 GIB = 2**30
 
@@ -63,8 +63,8 @@ def add_plan_parser(sub: Any) -> None:
 
 
 def hardware_from_args(args: argparse.Namespace) -> Hardware:
-    from cluster.hardware import local_hardware, memory_gib
-    from cluster.plan import Hardware
+    from cluster.planning.hardware import local_hardware, memory_gib
+    from cluster.planning.plan import Hardware
 
     if args.gpus is not None and args.cpus is not None:
         raise ValueError("--gpus and --cpus describe different hardware: give one")
@@ -82,8 +82,8 @@ def hardware_from_args(args: argparse.Namespace) -> Hardware:
 def _ray_hardware(address: str, gpu_memory_gib: float | None) -> Hardware:
     import ray
 
-    from cluster.hardware import memory_gib
-    from cluster.plan import Hardware
+    from cluster.planning.hardware import memory_gib
+    from cluster.planning.plan import Hardware
 
     started = not ray.is_initialized()
     if started:
@@ -103,8 +103,8 @@ def _ray_hardware(address: str, gpu_memory_gib: float | None) -> Hardware:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    from cluster.config import ModelConfig
-    from cluster.plan import plan_cpus, plan_gpus, predict, roofline_costs
+    from cluster.model.config import ModelConfig
+    from cluster.planning.plan import plan_cpus, plan_gpus, predict, roofline_costs
 
     cfg = ModelConfig.from_file(args.model)
     hw = hardware_from_args(args)
@@ -116,7 +116,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.calibrate == "yes" or (args.calibrate == "auto" and hw.kind == here):
         import torch
 
-        from cluster.calibrate import calibrate
+        from cluster.planning.calibrate import calibrate
 
         torch.set_num_threads(plan.threads["worker"])
         costs = calibrate(cfg, plan.sizes.dtype, "cuda" if here == "gpu" else "cpu", refresh=args.recalibrate)

@@ -19,7 +19,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.pool_api import VERSION_TIMEOUT_S, PoolView
+from cluster.moe.pool_api import VERSION_TIMEOUT_S, PoolView
 from router_service.metrics import PoolMetrics
 from router_service.settings import AppSettings
 from workers.placement import use_gpus, worker_bundle
@@ -160,7 +160,7 @@ class ServePool:
 
 def pool_deployment_options(settings: AppSettings) -> dict[str, Any]:
     """One replica; its placement group: the replica, then one bundle per expert worker."""
-    from cluster.config import ModelConfig
+    from cluster.model.config import ModelConfig
 
     pool_cfg = settings.pool_config()
     workers = -(-ModelConfig.from_file(settings.model).num_experts // pool_cfg.experts_per_worker)

@@ -4,7 +4,7 @@ Per generation in flight, ``Progress`` records what the client has been given - 
 characters of text and whether it finished - as the chunks pass through the gateway (a chunk is recorded before
 it is handed on, and everything handed on reaches the client in order). On the replica's death, ``resumed``
 makes the request another replica continues: the request itself when nothing had come yet, else its
-continuation form (cluster.sequence.Continuation), after which the new replica sends only what comes next.
+continuation form (cluster.engine.sequence.Continuation), after which the new replica sends only what comes next.
 ``with_seed`` gives a sampled request that has no seed one up front, drawn as the engine would draw it
 (sampling.new_request_seed: a fresh one per request), so that unseeded requests resume exactly too.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from cluster.sampling import new_request_seed
-from cluster.sequence import Continuation, SampleSoFar
+from cluster.engine.sampling import new_request_seed
+from cluster.engine.sequence import Continuation, SampleSoFar
 from router_service.engine_api import GenerateChunk, GenerateRequest
 
 

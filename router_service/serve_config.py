@@ -36,7 +36,7 @@ def grpc_servicer_functions() -> list[str]:
 def ensure_trained_demo(model_dir: Path) -> None:
     """The default model: the trained demo, copied to ``model_dir`` when it is missing there or is another one (a
     random demo an earlier version wrote, or an older training run)."""
-    from cluster.demo import copy_trained_demo, is_trained_demo
+    from cluster.model.demo import copy_trained_demo, is_trained_demo
 
     if is_trained_demo(model_dir):
         return
@@ -54,7 +54,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     app = config["applications"][0]
     app_args = app.setdefault("args", {})
     if args.model:
-        from cluster.hub import is_hub_id, resolve_model
+        from cluster.model.hub import is_hub_id, resolve_model
 
         app_args["model"] = str(Path(resolve_model(args.model)).resolve())
         if not args.config:  # a Hub id serves under its id (as vLLM does), a directory under its name
@@ -105,11 +105,11 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 def check_kv_budget(app_args: dict[str, Any]) -> None:
     """Refuse, before anything starts, engine options whose KV cache (given in GiB) cannot hold one max_model_len
     sequence, with the numbers and the flags that fix it. An engine sized from a fraction of free memory is
-    checked by the engine itself once its weights are loaded (cluster.loader.kv_cache_blocks)."""
-    from cluster.config import ModelConfig
+    checked by the engine itself once its weights are loaded (cluster.engine.loader.kv_cache_blocks)."""
+    from cluster.engine.loader import engine_dtype, kv_cache_blocks
+    from cluster.engine.validation import resolve_max_model_len
     from cluster.engine_config import EngineConfig
-    from cluster.loader import engine_dtype, kv_cache_blocks
-    from cluster.validation import resolve_max_model_len
+    from cluster.model.config import ModelConfig
 
     cfg = EngineConfig.from_dict({"model": app_args["model"]} | (app_args.get("engine_options") or {}))
     if cfg.kv_cache_gib is None or cfg.num_kv_blocks is not None:
@@ -124,9 +124,9 @@ PLANNED_CLUSTER_FIELDS = ("coordinator_threads", "use_gpus", "coordinator_num_gp
 def apply_planned_shape(app_args: dict[str, Any], model_dir: Path) -> None:
     """The bundled config's shape (one expert per worker) replaced by ``moe-cluster plan``'s for this machine: on
     a CPU node no more busy processes than cores; on GPUs one worker per GPU, the coordinator beside one."""
-    from cluster.config import ModelConfig
-    from cluster.hardware import local_hardware
-    from cluster.plan import plan_cpus, plan_gpus
+    from cluster.model.config import ModelConfig
+    from cluster.planning.hardware import local_hardware
+    from cluster.planning.plan import plan_cpus, plan_gpus
 
     hardware = local_hardware()
     cfg = ModelConfig.from_file(model_dir)

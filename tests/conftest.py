@@ -68,7 +68,7 @@ def make_hf_checkpoint(directory: Path, shards: bool = False, classic: bool = Fa
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cluster.demo import init_demo
+    from cluster.model.demo import init_demo
 
     return init_demo(tmp_path_factory.mktemp("demo") / "model")
 
@@ -78,7 +78,7 @@ def trained_hf() -> Any:
     """transformers' MixtralForCausalLM on the trained demo checkpoint shipped in cluster/demo_model (float32)."""
     from transformers import AutoModelForCausalLM
 
-    from cluster.demo import TRAINED_DEMO
+    from cluster.model.demo import TRAINED_DEMO
 
     return AutoModelForCausalLM.from_pretrained(TRAINED_DEMO, dtype=torch.float32).eval()
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cluster.checkpoint import (
+from cluster.model.checkpoint import (
     Checkpoint,
     expert_tensor_name,
     load_coordinator_weights,
     load_expert_weights,
 )
-from cluster.config import ModelConfig
-from cluster.quant import full_precision
+from cluster.model.config import ModelConfig
+from cluster.model.quant import full_precision
 from tests.conftest import HFCheckpoint, make_hf_checkpoint
 
 

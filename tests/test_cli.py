@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
-from cluster.sampling import SamplingParams
 from router_service.cli import build_parser
 
 

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import ray
 
-from cluster.engine_api import EngineClient
+from cluster.engine.api import EngineClient
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
 from cluster.errors import ClusterStartError, RequestFailedError
-from cluster.sampling import SamplingParams
 from tests.conftest import HFCheckpoint, cluster_config, make_hf_checkpoint, pool_config
 from tests.test_parity_hf import PARITY_CONFIGS, prompt_ids
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool

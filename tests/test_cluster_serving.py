@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
-from cluster.sampling import SamplingParams
 from tests.conftest import cluster_config, pool_config
 from workers.cluster_engine import ClusterEngine
 

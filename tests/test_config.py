@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from cluster.config import ModelConfig
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
+from cluster.model.config import ModelConfig
 
 # The config.json published with Mixtral-8x7B-v0.1 (classic form).
 MIXTRAL_8X7B = {

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.sequence import Continuation, RequestOutput, RequestResult, SampleSoFar
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
 from cluster.errors import RequestError
-from cluster.sampling import SamplingParams
-from cluster.sequence import Continuation, RequestOutput, RequestResult, SampleSoFar
-from cluster.tokenizer import IncrementalDetokenizer
+from cluster.model.tokenizer import IncrementalDetokenizer
 
 PROMPT = "The workers compute and send the results back"
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.config import ModelConfig
-from cluster.demo import CORPUS, demo_config, hot_experts, init_demo, skew_routers
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
-from cluster.eplb import imbalance, worker_rows
-from cluster.moe import ExpertMap
-from cluster.sampling import SamplingParams
+from cluster.model.config import ModelConfig
+from cluster.model.demo import CORPUS, demo_config, hot_experts, init_demo, skew_routers
+from cluster.moe.eplb import imbalance, worker_rows
+from cluster.moe.layer import ExpertMap
 from tests.conftest import HFCheckpoint
 from tests.test_cli import run_cli
 from tests.test_parity_hf import hf_greedy

@@ -19,10 +19,10 @@ from bench.perplexity import (
     total,
     transformers_logprobs,
 )
-from cluster.demo import TRAINED_DEMO, copy_trained_demo, init_demo, is_trained_demo
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
-from cluster.sampling import SamplingParams
+from cluster.model.demo import TRAINED_DEMO, copy_trained_demo, init_demo, is_trained_demo
 from router_service.cli import main
 from router_service.serve_config import ensure_trained_demo
 

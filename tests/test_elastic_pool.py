@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from cluster import eplb
-from cluster.moe import ExpertMap
+from cluster.moe import eplb
+from cluster.moe.layer import ExpertMap
 from tests.test_eplb import expected_tokens, workload
 
 # ------------------------------------------------------------------------------------------ the placement
@@ -42,7 +42,7 @@ def test_placement_for_n_workers_hosts_every_expert_and_keeps_what_it_can(worker
 
 
 def test_autoscaling_policy_wants_the_size_its_target_gives_within_bounds() -> None:
-    from cluster.autoscale import AutoscalePolicy
+    from cluster.moe.autoscale import AutoscalePolicy
 
     rows = AutoscalePolicy(min_workers=2, max_workers=8, target_rows_per_worker_s=1000)
     assert rows.wanted(4, rows_per_s=4000, wait_ms=None) == 4  # on target
@@ -86,8 +86,8 @@ class Elastic:
 
 @pytest.fixture(scope="module")
 def elastic(demo_dir: Path, ray_local: None) -> Iterator[Elastic]:
+    from cluster.engine.loop import LocalEngine
     from cluster.engine_config import EngineConfig
-    from cluster.engine_loop import LocalEngine
     from tests.conftest import cluster_config, pool_config
     from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 

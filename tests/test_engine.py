@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.sequence import RequestOutput
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
-from cluster.sampling import SamplingParams
-from cluster.sequence import RequestOutput
 from tests.conftest import HFCheckpoint
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)

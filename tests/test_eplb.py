@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from cluster import eplb
-from cluster.moe import ExpertMap, plan_dispatch, reference_moe
-from cluster.ops import combine, expert_swiglu, route
+from cluster.model.ops import combine, expert_swiglu, route
+from cluster.moe import eplb
+from cluster.moe.layer import ExpertMap, plan_dispatch, reference_moe
 from router_service.cli import build_parser
 from router_service.serve_config import resolve_config
 from workers.rebalance import LoadTracker
@@ -150,9 +150,9 @@ def test_serve_flags_reach_the_pool_options(demo_dir: Path) -> None:
 
 
 def test_a_new_map_reads_only_the_experts_a_worker_lacks(hf_small: Any) -> None:
-    from cluster.checkpoint import Checkpoint, expert_tensor_name, load_expert_weights, load_layer_experts
-    from cluster.config import ModelConfig
-    from cluster.quant import full_precision
+    from cluster.model.checkpoint import Checkpoint, expert_tensor_name, load_expert_weights, load_layer_experts
+    from cluster.model.config import ModelConfig
+    from cluster.model.quant import full_precision
 
     cfg = ModelConfig.from_file(hf_small.path)
     have = load_expert_weights(Checkpoint(hf_small.path), cfg, [0, 1], torch.float32, progress=False)
@@ -169,7 +169,7 @@ def test_a_new_map_reads_only_the_experts_a_worker_lacks(hf_small: Any) -> None:
 
 # ------------------------------------------------------------------------------------- on a real local Ray
 
-SKEW = 3.0  # cluster/demo.py: about 2.8x the mean rows on the hottest of 4 workers x 2 experts
+SKEW = 3.0  # cluster/model/demo.py: about 2.8x the mean rows on the hottest of 4 workers x 2 experts
 WORKERS, PER_WORKER, REDUNDANT = 4, 2, 2  # R = workers / 2
 
 
@@ -184,9 +184,9 @@ class Skewed:
 
 @pytest.fixture(scope="module")
 def skewed(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Iterator[Skewed]:
-    from cluster.demo import init_demo
+    from cluster.engine.loop import LocalEngine
     from cluster.engine_config import EngineConfig
-    from cluster.engine_loop import LocalEngine
+    from cluster.model.demo import init_demo
     from tests.conftest import cluster_config, pool_config
     from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 
@@ -203,7 +203,7 @@ def skewed(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Iterato
 
 
 def workload(n: int, seed: int, max_tokens: int) -> tuple[list[list[int]], list[Any]]:
-    from cluster.sampling import SamplingParams
+    from cluster.engine.sampling import SamplingParams
 
     rng = random.Random(seed)
     prompts = [[rng.randrange(3, 870) for _ in range(rng.randrange(4, 30))] for _ in range(n)]

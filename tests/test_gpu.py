@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
-from cluster.sampling import SamplingParams
 from tests.conftest import HFCheckpoint, cluster_config, pool_config
 from tests.test_parity_hf import hf_greedy, prompt_ids
 

@@ -48,7 +48,7 @@ def test_list_names_every_step_and_its_command_without_running_it(tmp_path: Path
 
 
 def test_local_engine_and_the_non_cluster_steps_import_no_ray() -> None:
-    done = python_without_ray("import cluster.engine_loop, cluster.loader, bench.gpu_check, bench.models, "
+    done = python_without_ray("import cluster.engine.loop, cluster.engine.loader, bench.gpu_check, bench.models, "
                               "tests.test_gpu, tests.test_parity_hf\nprint('imported')")
     assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-2000:]
 

@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
-from cluster.sampling import SamplingParams
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

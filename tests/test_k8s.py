@@ -337,8 +337,8 @@ EPSILON = 1e-9
 def checkpoint_config(overlay: str) -> Any:
     """The ModelConfig of the overlay's checkpoint, which is not here (the demo's is baked into the image, Mixtral's
     is on the weights volume): the shape its config.json has."""
-    from cluster.config import ModelConfig
-    from cluster.demo import demo_config
+    from cluster.model.config import ModelConfig
+    from cluster.model.demo import demo_config
 
     configs = {"cpu-demo": lambda: demo_config(1024), "gpu-mixtral-8x7b": lambda: ModelConfig(**MIXTRAL_8X7B)}
     assert overlay in configs, f"add the checkpoint shape of overlay {overlay} here"
@@ -707,7 +707,7 @@ def ray_dir() -> Iterator[Path]:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process cleanup reads /proc")
 def test_cpu_demo_serve_config_deploys_with_serve_deploy_and_answers_http_and_grpc(ray_dir: Path) -> None:
-    from cluster.demo import init_demo
+    from cluster.model.demo import init_demo
 
     config = yaml.safe_load(rayservice("cpu-demo")["spec"]["serveConfigV2"])
     http_port, grpc_port, gcs_port, dash_port, client_port, agent_port, metrics_port = (free_port() for _ in range(7))

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
-from cluster.sampling import (
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import (
     RowHistory,
     SamplingParams,
     apply_min_p,
@@ -25,7 +24,8 @@ from cluster.sampling import (
     sample,
     token_seed,
 )
-from cluster.sequence import RequestResult
+from cluster.engine.sequence import RequestResult
+from cluster.engine_config import EngineConfig
 from tests.test_continuation import cut_and_continue, run
 
 VOCAB = 12

@@ -7,8 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.moe import ExpertMap, LocalExperts, LocalMoE, plan_dispatch, reference_moe
-from cluster.ops import route
+from cluster.model.experts import LocalExperts
+from cluster.model.ops import route
+from cluster.moe.layer import ExpertMap, LocalMoE, plan_dispatch, reference_moe
 
 
 def hf_block(num_experts: int, top_k: int, hidden: int = 32, inter: int = 48, seed: int = 0):

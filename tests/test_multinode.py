@@ -14,8 +14,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from cluster.engine.loop import LocalEngine
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
 from tests.conftest import HFCheckpoint, cluster_config, pool_config
 from tests.test_cluster import assert_same_outputs
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool

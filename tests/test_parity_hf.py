@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
-from cluster.sampling import SamplingParams
 from tests.conftest import HFCheckpoint, make_hf_checkpoint
 
 # Each config varies what the issue names: experts, top-k, GQA ratio, sliding window, tying, sharding.
@@ -127,7 +127,7 @@ def test_engine_bfloat16_tracks_float32(hf_small: HFCheckpoint) -> None:
 
 
 def test_classic_and_current_config_forms_agree(tmp_path: Path) -> None:
-    from cluster.config import ModelConfig
+    from cluster.model.config import ModelConfig
 
     current = make_hf_checkpoint(tmp_path / "a")
     classic = make_hf_checkpoint(tmp_path / "b", classic=True)

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from cluster.config import ModelConfig
 from cluster.engine_config import ClusterConfig, PoolConfig
-from cluster.plan import GIB, Hardware, ModelSizes, interpolate, plan_cpus, plan_gpus, split_experts
+from cluster.model.config import ModelConfig
+from cluster.planning.plan import GIB, Hardware, ModelSizes, interpolate, plan_cpus, plan_gpus, split_experts
 from router_service.cli import main
 from router_service.settings import AppSettings
 

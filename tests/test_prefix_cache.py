@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.engine import LLMEngine
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.loader import build_local_engine
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
-from cluster.kv_cache import BlockAllocator, chain_block_hash
-from cluster.loader import build_local_engine
-from cluster.sampling import SamplingParams
+from cluster.model.kv_cache import BlockAllocator, chain_block_hash
 from tests.conftest import make_hf_checkpoint
 from tests.test_parity_hf import PARITY_CONFIGS
 from tests.test_scheduler import Collector

@@ -14,12 +14,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from cluster.checkpoint import Checkpoint, load_expert_weights
-from cluster.config import ModelConfig
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
-from cluster.moe import LocalExperts, LocalMoE
-from cluster.quant import (
+from cluster.model.checkpoint import Checkpoint, load_expert_weights
+from cluster.model.config import ModelConfig
+from cluster.model.experts import LocalExperts
+from cluster.model.quant import (
     ExpertQuantization,
     dequantize,
     pack_int4,
@@ -28,7 +29,7 @@ from cluster.quant import (
     unpack_int4,
     unpack_int32,
 )
-from cluster.sampling import SamplingParams
+from cluster.moe.layer import LocalMoE
 from tests.conftest import HFCheckpoint, make_hf_checkpoint
 from tests.test_parity_hf import prompt_ids
 
@@ -279,7 +280,7 @@ def test_transformers_with_compressed_tensors_reads_the_quantize_output(hf_small
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from cluster.quantize_checkpoint import quantize_checkpoint
+    from cluster.model.quantize_checkpoint import quantize_checkpoint
 
     out = quantize_checkpoint(hf_small.path, tmp_path / "int4", ExpertQuantization(4, 16), progress=False)
     reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import ray
 
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
-from cluster.moe import LocalMoE
-from cluster.sampling import SamplingParams
+from cluster.moe.layer import LocalMoE
 from tests.conftest import cluster_config, pool_config
 from tests.test_parity_hf import prompt_ids
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool

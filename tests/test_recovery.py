@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import ray
 
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.sequence import RequestOutput
 from cluster.engine_config import EngineConfig
-from cluster.sampling import SamplingParams
-from cluster.sequence import RequestOutput
 from tests.conftest import cluster_config, pool_config
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from cluster.sampling import (
+from cluster.engine.sampling import (
     SamplingParams,
     apply_top_k_top_p,
     new_request_seed,

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.engine import LLMEngine
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.loader import build_local_engine
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.sequence import RequestOutput
 from cluster.engine_config import EngineConfig
-from cluster.kv_cache import BlockAllocator, blocks_for
-from cluster.loader import build_local_engine
-from cluster.sampling import SamplingParams
-from cluster.sequence import RequestOutput
+from cluster.model.kv_cache import BlockAllocator, blocks_for
 
 
 @settings(max_examples=20, deadline=None)

@@ -19,10 +19,10 @@ import grpc
 import httpx
 import pytest
 
+from cluster.engine.loop import LocalEngine
+from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
 from cluster.errors import RequestFailedError
-from cluster.sampling import SamplingParams
 from protos.moe_cluster.v1 import generation_pb2_grpc as pb_grpc
 from router_service.client import build_request
 from router_service.engine_deployment import engine_deployment_options

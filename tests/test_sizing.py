@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ModelConfig
+from cluster.engine.loader import build_local_engine, engine_dtype
 from cluster.engine_config import EngineConfig
-from cluster.kv_cache import kv_bytes_per_block
-from cluster.loader import build_local_engine, engine_dtype
+from cluster.model.config import ModelConfig
+from cluster.model.kv_cache import kv_bytes_per_block
 from k8s.render import overlays, serve_config
 from router_service.cli import build_parser
 from router_service.serve_config import DEFAULT_CONFIG, check_kv_budget, load_serve_config, resolve_config

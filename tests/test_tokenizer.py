@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.tokenizer import DEFAULT_CHAT_TEMPLATE, ChatTemplateError, IncrementalDetokenizer, Tokenizer
+from cluster.model.tokenizer import DEFAULT_CHAT_TEMPLATE, ChatTemplateError, IncrementalDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -140,7 +140,7 @@ def _demo_tokenizer() -> Tokenizer:
     if "tok" not in _DEMO:
         import tempfile
 
-        from cluster.demo import init_demo
+        from cluster.model.demo import init_demo
 
         _DEMO["tok"] = Tokenizer(init_demo(Path(tempfile.mkdtemp()) / "m"))
     return _DEMO["tok"]

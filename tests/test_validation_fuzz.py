@@ -9,7 +9,7 @@ import pydantic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.sampling import SamplingParams
+from cluster.engine.sampling import SamplingParams
 from protos.moe_cluster.v1 import generation_pb2 as pb
 from router_service.errors import ApiError
 from router_service.grpc_service import sampling_params

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.engine_api import EngineStats
-from cluster.sequence import RequestMetrics
+from cluster.engine.api import EngineStats
+from cluster.engine.sequence import RequestMetrics
 from router_service.metrics import EngineMetrics
 from router_service.vllm_metrics import SERIES, render, series_names
 

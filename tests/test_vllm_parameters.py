@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from cluster.engine_config import EngineConfig
-from cluster.tokenizer import ChatTemplateError, Tokenizer
+from cluster.model.tokenizer import ChatTemplateError, Tokenizer
 from router_service.cli import build_parser
 from router_service.errors import ApiError, engine_error
 from router_service.openai_protocol import ChatCompletionRequest, CompletionRequest, log_unknown_field

@@ -5,7 +5,7 @@
 
 Everything the result depends on is here: the seed, the data preparation (training/kjv.py), the tokenizer
 (BPE with byte fallback, Mistral's scheme, trained with ``tokenizers`` on the training text), the architecture
-and the hyper-parameters (TrainConfig). The forward pass is the project's own math (cluster/ops.py: rms_norm,
+and the hyper-parameters (TrainConfig). The forward pass is the project's own math (cluster/model/ops.py: rms_norm,
 RoPE, route, expert_swiglu, combine) written for whole sequences, plus the usual router load-balancing loss
 (Switch Transformer / Mixtral: E * sum_e f_e * P_e). The checkpoint is written in Hugging Face's Mixtral
 format (bf16 safetensors, config.json, tokenizer.json, tokenizer_config.json with a chat template), with the
@@ -35,12 +35,12 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster.config import ModelConfig  # noqa: E402
-from cluster.demo import build_tokenizer  # noqa: E402
-from cluster.demo import write_checkpoint as write_safetensors  # noqa: E402
-from cluster.ops import apply_rope, attention_mask, combine, expert_swiglu, rms_norm, rope_cos_sin, rope_inv_freq  # noqa: E402
-from cluster.ops import route as route_top_k  # noqa: E402
-from cluster.tokenizer import DEFAULT_CHAT_TEMPLATE  # noqa: E402
+from cluster.model.config import ModelConfig  # noqa: E402
+from cluster.model.demo import build_tokenizer  # noqa: E402
+from cluster.model.demo import write_checkpoint as write_safetensors  # noqa: E402
+from cluster.model.ops import apply_rope, attention_mask, combine, expert_swiglu, rms_norm, rope_cos_sin, rope_inv_freq  # noqa: E402
+from cluster.model.ops import route as route_top_k  # noqa: E402
+from cluster.model.tokenizer import DEFAULT_CHAT_TEMPLATE  # noqa: E402
 from training.kjv import load_corpus  # noqa: E402
 
 

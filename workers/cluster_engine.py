@@ -17,16 +17,16 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from torch import Tensor
 
-from cluster.config import ModelConfig
-from cluster.coordinator import Coordinator
-from cluster.engine_api import EngineStats, Prompt, new_request_id
+from cluster.engine.api import EngineStats, Prompt, new_request_id
+from cluster.engine.coordinator import Coordinator
+from cluster.engine.loop import each_output
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.sequence import RequestOutput, RequestResult
+from cluster.engine.validation import resolve_max_model_len
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
-from cluster.engine_loop import each_output
 from cluster.errors import ClusterStartError, EngineDeadError, first_line, root_cause
-from cluster.sampling import SamplingParams
-from cluster.sequence import RequestOutput, RequestResult
-from cluster.tokenizer import Tokenizer
-from cluster.validation import resolve_max_model_len
+from cluster.model.config import ModelConfig
+from cluster.model.tokenizer import Tokenizer
 from workers.placement import ensure_ray, use_gpus
 from workers.pool import ExpertPool
 

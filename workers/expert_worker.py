@@ -20,14 +20,14 @@ import ray
 import torch
 import torch.distributed as dist
 
-from cluster.checkpoint import Checkpoint, load_layer_experts
-from cluster.config import ModelConfig
+from cluster.engine.loader import engine_dtype
 from cluster.engine_config import EngineConfig
 from cluster.errors import first_line
-from cluster.exchange import LinkSpec
-from cluster.loader import engine_dtype
-from cluster.moe import LocalExperts
-from cluster.pg_link import PgWorkerEnd, pair_group
+from cluster.links.process_group import PgWorkerEnd, pair_group
+from cluster.links.protocol import LinkSpec
+from cluster.model.checkpoint import Checkpoint, load_layer_experts
+from cluster.model.config import ModelConfig
+from cluster.model.experts import LocalExperts
 from workers.expert_loop import ExpertLoop, pick_address
 from workers.versioned_experts import VersionedExperts
 

@@ -41,15 +41,15 @@ import ray
 from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-from cluster import eplb
-from cluster.autoscale import AutoscalePolicy
-from cluster.config import ModelConfig
+from cluster.engine.loader import engine_dtype
 from cluster.engine_config import EngineConfig, PoolConfig
 from cluster.errors import ClusterStartError, PoolBusyError, PoolSizeError, describe_failure, first_line
-from cluster.exchange import LinkSpec
-from cluster.loader import engine_dtype
-from cluster.moe import ExpertMap
-from cluster.pool_api import PoolView, WorkerEndpoint
+from cluster.links.protocol import LinkSpec
+from cluster.model.config import ModelConfig
+from cluster.moe import eplb
+from cluster.moe.autoscale import AutoscalePolicy
+from cluster.moe.layer import ExpertMap
+from cluster.moe.pool_api import PoolView, WorkerEndpoint
 from workers.expert_worker import ExpertWorker
 from workers.placement import bundle_strategy, place, worker_bundle
 from workers.rebalance import Decision, LoadTracker

@@ -2,7 +2,7 @@
 
 Each sample is what the workers computed since the previous one, per [layer][global expert] (every replica's
 rows add up to its expert's) and per [layer][worker]; the window is the last few samples. A placement is
-computed from the window's expert loads (cluster/eplb.py) and applied only when it is worth it: the current map's
+computed from the window's expert loads (cluster/moe/eplb.py) and applied only when it is worth it: the current map's
 imbalance on those loads is above the threshold and the new one lowers it by at least MIN_GAIN.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cluster import eplb
-from cluster.moe import ExpertMap
+from cluster.moe import eplb
+from cluster.moe.layer import ExpertMap
 
 MIN_GAIN = 1.05  # a new placement must cut the imbalance by this factor: moving weights is not free
 

@@ -14,7 +14,7 @@ import threading
 import torch
 from torch import Tensor
 
-from cluster.moe import LocalExperts
+from cluster.model.experts import LocalExperts
 
 log = logging.getLogger("moe_cluster.worker")
 

@@ -10,8 +10,8 @@ from typing import Any, TypedDict
 
 import pytest
 
+from cluster.engine.loop import LocalEngine
 from cluster.engine_config import EngineConfig
-from cluster.engine_loop import LocalEngine
 from router_service.serve_config import grpc_servicer_functions
 
 MODEL_NAME = "demo"

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.moe import ExpertMap
-from cluster.sampling import SamplingParams
+from cluster.engine.sampling import SamplingParams
+from cluster.moe.layer import ExpertMap
 from router_service.cli import main
 from router_service.expert_load import ExpertLoad, metrics_url, read_load
 from tests.serving.conftest import Served, app_args

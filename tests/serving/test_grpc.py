@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from cluster.sampling import SamplingParams
+from cluster.engine.sampling import SamplingParams
 from protos.moe_cluster.v1 import generation_pb2 as pb
 from protos.moe_cluster.v1 import generation_pb2_grpc as pb_grpc
 from router_service.client import AsyncGenerationClient, GenerationClient, build_request

@@ -12,8 +12,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from cluster.sampling import SamplingParams
-from cluster.sequence import RequestResult
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.sequence import RequestResult
 from tests.serving.conftest import Served
 
 PROMPT = "The experts of one layer can live on different machines"
@@ -353,7 +353,7 @@ def test_prefix_caching_keeps_greedy_text_and_prompt_logprobs_exact(served: Serv
     """The app serves with prefix caching on (the default): prompts sharing a long prefix, each sent twice (the
     later ones find the prefix cached), give the greedy text and the echoed prompt logprobs of a local engine with
     caching off."""
-    from cluster.engine_loop import LocalEngine
+    from cluster.engine.loop import LocalEngine
 
     off = LocalEngine.from_config(served.reference.engine.engine_cfg.with_(enable_prefix_caching=False))
     try:

@@ -41,7 +41,7 @@ def wait_for_gauges(served: Served, version: int, workers: int) -> None:
 
 @pytest.mark.slow
 def test_scale_pool_while_16_http_streams_run(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
-    from cluster.sampling import SamplingParams
+    from cluster.engine.sampling import SamplingParams
 
     start = pool_state()
     prompts = [f"Stream number {i} says" for i in range(16)]

@@ -19,7 +19,7 @@ from bench.perplexity import (
     total,
     transformers_logprobs,
 )
-from cluster.demo import TRAINED_DEMO
+from cluster.model.demo import TRAINED_DEMO
 from tests.serving.conftest import Served, app_args
 
 APP, PREFIX, MODEL = "trained", "/trained", "trained-demo"
@@ -39,7 +39,7 @@ def trained_url(served: Served) -> Iterator[str]:
 
 
 def test_greedy_completion_matches_transformers(trained_url: str, trained_hf: Any) -> None:
-    from cluster.tokenizer import Tokenizer
+    from cluster.model.tokenizer import Tokenizer
 
     reply = httpx.post(f"{trained_url}/v1/completions", timeout=300, json={
         "model": MODEL, "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True})

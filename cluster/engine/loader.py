@@ -9,19 +9,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cluster.checkpoint import Checkpoint, load_coordinator_weights, load_expert_weights
-from cluster.config import ModelConfig, parse_dtype
-from cluster.engine import LLMEngine
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.validation import resolve_max_model_len
 from cluster.engine_config import ClusterConfig, EngineConfig
-from cluster.kv_cache import blocks_for, kv_bytes_per_block
-from cluster.model import MixtralTransformer, MoEBackend
-from cluster.moe import LocalMoE
-from cluster.quant import ExpertQuantization
-from cluster.tokenizer import Tokenizer
-from cluster.validation import resolve_max_model_len
+from cluster.model.checkpoint import Checkpoint, load_coordinator_weights, load_expert_weights
+from cluster.model.config import ModelConfig, parse_dtype
+from cluster.model.forward import MixtralTransformer, MoEBackend
+from cluster.model.kv_cache import blocks_for, kv_bytes_per_block
+from cluster.model.quant import ExpertQuantization
+from cluster.model.tokenizer import Tokenizer
+from cluster.moe.layer import LocalMoE
 
 if TYPE_CHECKING:  # the local engine must not import Ray: a GPU box without Ray still runs it
-    from cluster.pool_api import PoolHandle
+    from cluster.moe.pool_api import PoolHandle
 
 log = logging.getLogger("moe_cluster.loader")
 
@@ -122,7 +122,7 @@ def local_moe(progress: bool = True, quantize: ExpertQuantization | None = None)
 
 def distributed_moe(pool: PoolHandle, coordinator_id: str, cluster_cfg: ClusterConfig) -> MoEFactory:
     """The experts of an expert pool: attach to it and link to each of its workers."""
-    from cluster.dispatch import DistributedMoE  # imports Ray: only a coordinator needs it
+    from cluster.moe.dispatch import DistributedMoE  # imports Ray: only a coordinator needs it
 
     def make(model_cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> MoEBackend:
         return DistributedMoE(pool, coordinator_id, cluster_cfg, model_cfg.num_layers, model_cfg.experts_per_token,

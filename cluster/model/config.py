@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cluster.quant_format import CheckpointQuantization, parse_quantization_config
+from cluster.model.quant_format import CheckpointQuantization, parse_quantization_config
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cluster.config import ModelConfig
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.sequence import Continuation
 from cluster.engine_config import EngineConfig
 from cluster.errors import RequestError
-from cluster.kv_cache import blocks_for
-from cluster.sampling import SamplingParams
-from cluster.sequence import Continuation
+from cluster.model.config import ModelConfig
+from cluster.model.kv_cache import blocks_for
 
 
 def resolve_max_model_len(model_cfg: ModelConfig, engine_cfg: EngineConfig) -> int:

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import ray
 
-from cluster.exchange import LinkSpec
-from cluster.moe import ExpertMap
+from cluster.links.protocol import LinkSpec
+from cluster.moe.layer import ExpertMap
 
 VERSION_TIMEOUT_S = 5.0  # an idle coordinator's check for a new map must not hold up its heartbeats
 

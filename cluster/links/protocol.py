@@ -36,7 +36,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from cluster.config import parse_dtype
+from cluster.model.config import parse_dtype
 
 # Header ops
 OP_NOOP = 0  # heartbeat: keeps an idle link's peers sure of each other

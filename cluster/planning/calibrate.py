@@ -8,7 +8,7 @@ a few row counts, each in milliseconds (median of a few runs, torch's threads as
   expert[rows]             one SwiGLU expert (cluster/ops.expert_swiglu) on ``rows`` rows
   lm_head[rows]            the final norm and the LM head
 
-``cluster/plan.py`` interpolates these (linearly in rows, extrapolating from the last two points) to predict
+``cluster/planning/plan.py`` interpolates these (linearly in rows, extrapolating from the last two points) to predict
 step times. Cached under ~/.cache/moe-cluster/calibration/ by shapes, dtype, device, threads and torch version.
 Shape legend: R rows (tokens), H hidden, Q/KV heads, D head dim, I expert intermediate, S keys per sequence.
 """
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from cluster.config import ModelConfig, parse_dtype
-from cluster.ops import apply_rope, attention, expert_swiglu, rms_norm, rope_cos_sin, rope_inv_freq, route
+from cluster.model.config import ModelConfig, parse_dtype
+from cluster.model.ops import apply_rope, attention, expert_swiglu, rms_norm, rope_cos_sin, rope_inv_freq, route
 
 CACHE = Path("~/.cache/moe-cluster/calibration").expanduser()
 DECODE_ROWS = (1, 4, 16, 64)

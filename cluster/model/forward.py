@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cluster.checkpoint import CoordinatorWeights
-from cluster.config import ModelConfig
 from cluster.errors import WorkerFailure
-from cluster.kv_cache import PagedKVCache
-from cluster.ops import apply_rope, attention, rms_norm, rope_cos_sin, rope_inv_freq
-from cluster.step_batch import StepBatch
+from cluster.model.checkpoint import CoordinatorWeights
+from cluster.model.config import ModelConfig
+from cluster.model.kv_cache import PagedKVCache
+from cluster.model.ops import apply_rope, attention, rms_norm, rope_cos_sin, rope_inv_freq
+from cluster.model.step_batch import StepBatch
 
 
 class MoEBackend(Protocol):

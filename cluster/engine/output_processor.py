@@ -8,9 +8,8 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Sequence
 
-from cluster.errors import RequestError
-from cluster.sampling import TokenLogprob
-from cluster.sequence import (
+from cluster.engine.sampling import TokenLogprob
+from cluster.engine.sequence import (
     FINISH_LENGTH,
     FINISH_STOP,
     CompletionDelta,
@@ -19,6 +18,7 @@ from cluster.sequence import (
     SampleSoFar,
     Seq,
 )
+from cluster.errors import RequestError
 
 
 class OutputProcessor:

@@ -21,9 +21,9 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 
-from cluster.config import ModelConfig
-from cluster.moe import LocalExperts
-from cluster.quant import (
+from cluster.model.config import ModelConfig
+from cluster.model.experts import LocalExperts
+from cluster.model.quant import (
     FP8_DTYPES,
     ExpertQuantization,
     QuantizedWeight,
@@ -105,7 +105,7 @@ def layer_expert_shapes(cfg: ModelConfig, pairs: Iterable[tuple[int, int]]) -> d
 class Checkpoint:
     """A checkpoint directory: which file holds which tensor, and role-based loading.
 
-    A quantized checkpoint (config.json ``quantization_config``, cluster/quant_format.py) is read here too: an FP8
+    A quantized checkpoint (config.json ``quantization_config``, cluster/model/quant_format.py) is read here too: an FP8
     weight is dequantized with its scale; a pack-quantized int weight is unpacked (and kept quantized where the
     caller asks: the experts)."""
 

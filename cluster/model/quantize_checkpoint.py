@@ -4,7 +4,7 @@ The output is the Hugging Face layout with compressed-tensors' ``pack-quantized`
 (``...experts.{e}.w{1,2,3}.weight_packed`` int32, ``weight_scale`` float32 (N, groups), ``weight_shape``) and every
 other tensor (embeddings, attention, routers, norms, LM head) copied unchanged; config.json gets the matching
 ``quantization_config`` (targets ``Linear``, the non-expert Linears listed in ``ignore``). This project loads it with
-the experts kept quantized; the same numbers as ``--quantize-experts`` at load (cluster/quant.py quantize_weight).
+the experts kept quantized; the same numbers as ``--quantize-experts`` at load (cluster/model/quant.py quantize_weight).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from cluster.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
-from cluster.quant import ExpertQuantization, quantize_weight, to_compressed_tensors
+from cluster.model.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
+from cluster.model.quant import ExpertQuantization, quantize_weight, to_compressed_tensors
 
 log = logging.getLogger("moe_cluster.quantize")
 EXPERT_WEIGHT = re.compile(r"^model\.layers\.\d+\.block_sparse_moe\.experts\.\d+\.w[123]\.weight$")

@@ -1,4 +1,4 @@
-"""The hardware of this machine, as ``moe-cluster plan`` describes hardware (cluster/plan.py's ``Hardware``)."""
+"""The hardware of this machine, as ``moe-cluster plan`` describes hardware (plan.py's ``Hardware``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from cluster.plan import GIB, Hardware
+from cluster.planning.plan import GIB, Hardware
 
 
 def local_hardware(gpu_memory_gib: float | None = None, memory_gib_: float | None = None) -> Hardware:

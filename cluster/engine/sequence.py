@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol, TypeVar
 
-from cluster.sampling import SamplingParams, TokenLogprob, new_request_seed
-from cluster.tokenizer import IncrementalDetokenizer
+from cluster.engine.sampling import SamplingParams, TokenLogprob, new_request_seed
+from cluster.model.tokenizer import IncrementalDetokenizer
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"

@@ -1,7 +1,7 @@
 """DistributedMoE: the MoE backend of a coordinator whose experts live in an expert pool (workers/pool.py).
 
 This computes exactly what ``reference_moe`` computes - route, run the chosen experts, combine with the routing
-weights - and shares its routing, dispatch plan and combine with the local path (cluster/moe.py). Only the
+weights - and shares its routing, dispatch plan and combine with the local path (cluster/moe/layer.py). Only the
 middle differs: instead of running the experts in-process, the rows travel to the workers and back.
 
 Per layer, on the coordinator:
@@ -41,12 +41,12 @@ from torch import Tensor
 
 from cluster.engine_config import ClusterConfig
 from cluster.errors import WorkerFailure, first_line
-from cluster.exchange import OP_NOOP, OP_WORK, CoordinatorEnd, LinkClosed, Result
-from cluster.moe import DispatchPlan, RoutingStats, plan_dispatch
-from cluster.ops import combine, route
-from cluster.pg_link import PgCoordinatorEnd, pair_group
-from cluster.pool_api import PoolHandle, PoolView, WorkerEndpoint
-from cluster.shm_link import ShmCoordinatorEnd
+from cluster.links.process_group import PgCoordinatorEnd, pair_group
+from cluster.links.protocol import OP_NOOP, OP_WORK, CoordinatorEnd, LinkClosed, Result
+from cluster.links.shm import ShmCoordinatorEnd
+from cluster.model.ops import combine, route
+from cluster.moe.layer import DispatchPlan, RoutingStats, plan_dispatch
+from cluster.moe.pool_api import PoolHandle, PoolView, WorkerEndpoint
 
 log = logging.getLogger("moe_cluster.dispatch")
 

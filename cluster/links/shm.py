@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from cluster.exchange import (
+from cluster.links.protocol import (
     IN_BUFFER,
     IN_SLOT,
     OP_BYE,

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from cluster.errors import first_line
-from cluster.exchange import (
+from cluster.links.protocol import (
     INLINE,
     OP_BYE,
     OP_RESULT,

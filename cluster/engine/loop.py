@@ -19,13 +19,13 @@ from typing import Any, TypeVar
 
 from torch import Tensor
 
-from cluster.engine import LLMEngine
-from cluster.engine_api import EngineStats, Prompt, new_request_id
+from cluster.engine.api import EngineStats, Prompt, new_request_id
+from cluster.engine.llm_engine import LLMEngine
+from cluster.engine.loader import build_local_engine
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.sequence import Continuation, RequestOutput, RequestResult
 from cluster.engine_config import EngineConfig
 from cluster.errors import EngineDeadError, RequestFailedError, WorkerFailure
-from cluster.loader import build_local_engine
-from cluster.sampling import SamplingParams
-from cluster.sequence import Continuation, RequestOutput, RequestResult
 
 log = logging.getLogger("moe_cluster.engine")
 T = TypeVar("T")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-# What cluster/config.py, cluster/tokenizer.py and cluster/checkpoint.py read; nothing else is downloaded
+# What cluster/model/ config.py, tokenizer.py and checkpoint.py read; nothing else is downloaded
 # (no PyTorch .bin/.pt weights, no consolidated.* duplicates).
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
              "special_tokens_map.json", "chat_template.jinja", "model*.safetensors", "model.safetensors.index.json"]

@@ -1,6 +1,6 @@
 """Fit the cluster to the hardware: from a ModelConfig alone (no weights) and a hardware description, the shape
 of the cluster (coordinators, expert workers, experts per worker, who shares a device), the memory of every
-device by kind, threads and micro-batches, and predicted step times from a cost model (cluster/calibrate.py).
+device by kind, threads and micro-batches, and predicted step times from a cost model (cluster/planning/calibrate.py).
 
 Pure: no Ray, no I/O, no torch calls. ``plan_gpus`` / ``plan_cpus`` build a ``Plan``; ``Plan.overlay`` is the
 serve.yaml overlay (the ``applications: {name: {args: ...}}`` form of k8s/*/serve-overrides.yaml).
@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cluster.config import ModelConfig
+from cluster.model.config import ModelConfig
 
 GIB = 2**30
 GB = 10**9

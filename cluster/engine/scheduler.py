@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from cluster.kv_cache import KVCacheManager
-from cluster.sequence import Seq, SeqStatus
+from cluster.engine.sequence import Seq, SeqStatus
+from cluster.model.kv_cache import KVCacheManager
 
 
 @dataclass

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from cluster.config import ModelConfig
-    from cluster.sampling import SamplingParams
-    from cluster.sequence import RequestOutput, RequestResult
-    from cluster.tokenizer import Tokenizer
+    from cluster.engine.sampling import SamplingParams
+    from cluster.engine.sequence import RequestOutput, RequestResult
+    from cluster.model.config import ModelConfig
+    from cluster.model.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]  # text, or token ids
 

@@ -16,14 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from cluster.config import ModelConfig
-from cluster.engine_api import EngineStats
-from cluster.engine_config import EngineConfig
-from cluster.errors import QueueFullError, WorkerFailure
-from cluster.kv_cache import KVCacheManager, PagedKVCache
-from cluster.model import MixtralTransformer, MoEBackend
-from cluster.output_processor import OutputProcessor
-from cluster.sampling import (
+from cluster.engine.api import EngineStats
+from cluster.engine.output_processor import OutputProcessor
+from cluster.engine.sampling import (
     RowHistory,
     SamplingParams,
     TokenLogprob,
@@ -35,11 +30,16 @@ from cluster.sampling import (
     token_logprobs,
     token_seed,
 )
-from cluster.scheduler import ScheduledSeq, Scheduler
-from cluster.sequence import FINISH_ABORT, Continuation, OutputSink, Request, Seq, SeqStatus
-from cluster.step_batch import SeqChunk, build_step_batch, split_micro_batches
-from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
-from cluster.validation import resolve_max_model_len, validate_request
+from cluster.engine.scheduler import ScheduledSeq, Scheduler
+from cluster.engine.sequence import FINISH_ABORT, Continuation, OutputSink, Request, Seq, SeqStatus
+from cluster.engine.validation import resolve_max_model_len, validate_request
+from cluster.engine_config import EngineConfig
+from cluster.errors import QueueFullError, WorkerFailure
+from cluster.model.config import ModelConfig
+from cluster.model.forward import MixtralTransformer, MoEBackend
+from cluster.model.kv_cache import KVCacheManager, PagedKVCache
+from cluster.model.step_batch import SeqChunk, build_step_batch, split_micro_batches
+from cluster.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("moe_cluster.engine")
 

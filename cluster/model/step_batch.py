@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cluster.ops import attention_mask
+from cluster.model.ops import attention_mask
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from cluster.config import ModelConfig
+from cluster.model.config import ModelConfig
 
 BlockHash = bytes
 

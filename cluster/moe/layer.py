@@ -7,7 +7,7 @@ Every MoE path computes the same thing:  out[t] = sum_k  w[t,k] * expert_{id[t,k
   * ``reference_moe``  - a plain loop over experts: the yardstick every other path is tested against.
   * ``LocalMoE.moe``   - the engine's single-process path: route, group rows by expert (a DispatchPlan),
     run each expert once on its contiguous rows, combine.
-  * the cluster path (cluster/dispatch.py) uses the same DispatchPlan but replaces "run each expert"
+  * the cluster path (cluster/moe/dispatch.py) uses the same DispatchPlan but replaces "run each expert"
     with an all-to-all to the expert workers and back. Nothing else changes: an expert with replicas on several
     workers only has its rows split among them.
 """
@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cluster.errors import WorkerFailure
-from cluster.ops import combine, expert_swiglu, grouped_expert_swiglu, route
-from cluster.quant import QuantizedWeight, weight_nbytes
+from cluster.model.experts import LocalExperts
+from cluster.model.ops import combine, expert_swiglu, route
 
 
 @dataclass(frozen=True)
@@ -166,76 +165,6 @@ def plan_dispatch(weights: Tensor, expert_ids: Tensor, slots: LayerSlots) -> Dis
     order = torch.argsort(slot, stable=True)  # (R,) rows grouped by slot, token order kept
     counts = torch.bincount(slot, minlength=slots.slot_expert.numel())
     return DispatchPlan(row_token=order // top_k, row_weight=weights.reshape(-1)[order], rows_per_slot=counts)
-
-
-@dataclass
-class LocalExperts:
-    """Weights of the experts one process holds, stacked per layer in local-id order.
-
-    layer_experts[layer]: global ids of the layer's local experts (index = local id);
-    w13[layer]: (n_local, 2I, H) with w1 and w3 fused; w2[layer]: (n_local, H, I). Either plain tensors in the
-    compute dtype or QuantizedWeight stacks (cluster/quant.py), dequantized per call - only the experts that have
-    rows - to the dtype of the rows.
-    """
-
-    layer_experts: tuple[tuple[int, ...], ...]
-    w13: list[Tensor | QuantizedWeight]
-    w2: list[Tensor | QuantizedWeight]
-
-    def n_local_experts(self, layer: int) -> int:
-        return len(self.layer_experts[layer])
-
-    @property
-    def nbytes(self) -> int:
-        """Resident bytes of the expert weights (integers and scales when quantized)."""
-        return sum(weight_nbytes(w) for w in (*self.w13, *self.w2))
-
-    @property
-    def quantization(self) -> str | None:
-        """'int8' / 'int4-g64' ... when the experts are held quantized, else None."""
-        held = [w for w in (*self.w13, *self.w2) if isinstance(w, QuantizedWeight) and w.data.shape[0]]
-        if not held:
-            return None
-        groups = {w.group_size for w in held if w.group_size != w.in_features}
-        return f"int{held[0].bits}" + (f"-g{max(groups)}" if groups else "")
-
-    def run_grouped(self, layer: int, rows: Tensor, rows_per_local_expert: Tensor) -> Tensor:
-        """rows (R_w, H) grouped by local expert, rows_per_local_expert (n_local,) -> outputs (R_w, H)."""
-        w13, w2, counts = self.w13[layer], self.w2[layer], rows_per_local_expert
-        if isinstance(w13, QuantizedWeight) or isinstance(w2, QuantizedWeight):
-            # Dequantize only the experts that have rows (a decode step touches few), to the rows' dtype.
-            active = torch.nonzero(counts.cpu() > 0).flatten()  # (n_active,) local ids with rows
-            counts = counts[active.to(counts.device)]
-            w13 = _dense(w13, active, rows.dtype)  # (n_active, 2I, H)
-            w2 = _dense(w2, active, rows.dtype)  # (n_active, H, I)
-        assert isinstance(w13, Tensor) and isinstance(w2, Tensor)
-        if grouped_mm_supported(rows):
-            offsets = counts.cumsum(0).to(device=rows.device, dtype=torch.int32)
-            return grouped_expert_swiglu(rows, w13, w2, offsets)
-        out = torch.empty_like(rows)
-        start = 0
-        for local_id, count in enumerate(counts.tolist()):
-            if count:
-                end = start + count
-                out[start:end] = expert_swiglu(rows[start:end], w13[local_id], w2[local_id])
-                start = end
-        return out
-
-
-def _dense(w: Tensor | QuantizedWeight, local_ids: Tensor, dtype: torch.dtype) -> Tensor:
-    """The ``local_ids`` experts of a stack as plain tensors in ``dtype``."""
-    if isinstance(w, QuantizedWeight):
-        return w[local_ids.to(w.data.device)].dequantize(dtype)
-    return w[local_ids.to(w.device)]
-
-
-def grouped_mm_supported(x: Tensor) -> bool:
-    """torch's grouped matmul: on CPUs for every dtype; on CUDA for bfloat16 on Hopper and newer."""
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        return True
-    return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
 class RoutingStats:

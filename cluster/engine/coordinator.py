@@ -15,14 +15,14 @@ from typing import Any
 import ray
 import torch
 
-from cluster.dispatch import DistributedMoE
-from cluster.engine_api import EngineStats, Prompt
+from cluster.engine.api import EngineStats, Prompt
+from cluster.engine.loader import build_engine, distributed_moe
+from cluster.engine.loop import EngineLoop
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.sequence import RequestOutput, RequestResult
 from cluster.engine_config import ClusterConfig, EngineConfig
-from cluster.engine_loop import EngineLoop
-from cluster.loader import build_engine, distributed_moe
-from cluster.pool_api import RayActorPool
-from cluster.sampling import SamplingParams
-from cluster.sequence import RequestOutput, RequestResult
+from cluster.moe.dispatch import DistributedMoE
+from cluster.moe.pool_api import RayActorPool
 
 log = logging.getLogger("moe_cluster.coordinator")
 

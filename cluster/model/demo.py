@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from cluster.checkpoint import INDEX_FILE, coordinator_shapes, expert_shapes
-from cluster.config import ModelConfig
-from cluster.tokenizer import DEFAULT_CHAT_TEMPLATE
+from cluster.model.checkpoint import INDEX_FILE, coordinator_shapes, expert_shapes
+from cluster.model.config import ModelConfig
+from cluster.model.tokenizer import DEFAULT_CHAT_TEMPLATE
 
-TRAINED_DEMO = Path(__file__).parent / "demo_model"  # shipped as package data (pyproject.toml)
+TRAINED_DEMO = Path(__file__).parent.parent / "demo_model"  # shipped as package data (pyproject.toml)
 TRAINED_DEMO_MARKER = "training.json"  # the trainer's record: only the trained demo has it
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
