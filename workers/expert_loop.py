@@ -32,7 +32,7 @@ log = logging.getLogger("moe_cluster.worker")
 
 
 class Experts(Protocol):
-    """The weights the loop runs rows on, by expert-map version (workers/expert_worker.py's VersionedExperts)."""
+    """The weights the loop runs rows on, by expert-map version (workers/versioned_experts.py's VersionedExperts)."""
 
     @property
     def latest(self) -> int:

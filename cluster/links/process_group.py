@@ -1,4 +1,4 @@
-"""The process-group link (see exchange.py): a torch.distributed group of exactly two members (gloo between
+"""The process-group link (see protocol.py): a torch.distributed group of exactly two members (gloo between
 CPUs, NCCL between GPUs), for links across nodes or between GPUs."""
 
 from __future__ import annotations

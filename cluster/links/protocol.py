@@ -10,7 +10,7 @@ its messages with a ``tag``; a worker answers each WORK with a RESULT carrying t
 
 Two kinds of link, chosen per pair when the coordinator attaches (this module holds what they share: the
 header, the message types, the ends' protocols):
-  * ``shm`` (shm_link.py): coordinator and worker on one node, tensors on CPU. Headers travel over a Unix
+  * ``shm`` (shm.py): coordinator and worker on one node, tensors on CPU. Headers travel over a Unix
     socket (abstract namespace); rows and results are copied into two shared-memory buffers (memfd, handed to
     the worker over the socket with SCM_RIGHTS; nothing to clean up, they vanish with the last process that maps
     them), ``slots`` fixed-size slots each, slot = tag % slots. A message larger than a slot gets a buffer of its
@@ -18,7 +18,7 @@ header, the message types, the ends' protocols):
     the socket, so no end ever blocks on a full socket buffer: with several coordinators and workers, blocked
     writes could otherwise wait on each other in a cycle. One wake-up per message, and a closed socket is a dead
     peer at once.
-  * ``pg`` (pg_link.py): anywhere else - a torch.distributed process group of exactly two members (gloo on
+  * ``pg`` (process_group.py): anywhere else - a torch.distributed process group of exactly two members (gloo on
     CPUs, NCCL on GPUs), built directly from a store, a rank and a size. The worker's end receives on a thread
     of its own and signals a pipe, so the worker's loop waits on both kinds of link alike.
 
@@ -60,7 +60,7 @@ class LinkSpec:
     dtype: str
     max_local: int  # L: counts per message (the most expert slots a worker of the pool hosts)
     slots: int = 4  # messages a coordinator may have outstanding on one link (pipeline depth)
-    slot_bytes: int = 1 << 20  # rows up to this size travel in shared memory, larger ones inline (shm links)
+    slot_bytes: int = 1 << 20  # shm links: rows up to this size travel in a slot, larger ones in a buffer of their own
     timeout_s: float = 60.0  # a peer silent this long in the middle of an exchange is dead
 
     @property
@@ -137,12 +137,6 @@ class Result:
     started_ns: int  # the worker started its expert call (after any merge wait or earlier work)
     finished_ns: int  # ... and finished it
     arrived_ns: int  # the coordinator had the results
-
-
-def as_bytes(t: Tensor) -> memoryview:
-    """A contiguous CPU tensor's memory as bytes (any dtype, bfloat16 included)."""
-    return t.contiguous().view(-1).view(torch.uint8).numpy().data
-
 
 
 def check_result(header: Header, tag: int, rows: int) -> None:

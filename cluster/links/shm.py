@@ -1,4 +1,4 @@
-"""The shared-memory link (see exchange.py): one node, CPU tensors; headers over an abstract Unix socket, rows
+"""The shared-memory link (see protocol.py): one node, CPU tensors; headers over an abstract Unix socket, rows
 and results in two memfd buffers with one slot per message in flight."""
 
 from __future__ import annotations

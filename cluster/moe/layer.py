@@ -106,9 +106,6 @@ class ExpertMap:
         """Every expert the worker hosts in some layer (for messages and reports)."""
         return tuple(sorted({e for experts in self.worker_experts(worker) for e in experts}))
 
-    def with_version(self, version: int) -> ExpertMap:
-        return ExpertMap(self.layers, self.num_experts, version)
-
     def slots(self, layer: int, device: torch.device | None = None) -> LayerSlots:
         """The dispatch slots of ``layer`` as tensors on ``device`` (made once per layer and device)."""
         key = (layer, str(device or "cpu"))
