@@ -25,8 +25,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from cluster.links.protocol import OP_BYE, OP_WORK, LinkClosed, LinkSpec, Message, WorkerEnd
-from cluster.links.shm import ShmWorkerEnd, listen
+from cluster.links.protocol import OP_BYE, OP_WORK, LinkClosed, LinkSpec
+from workers.link_ends import Message, ShmWorkerEnd, WorkerEnd, listen
 
 log = logging.getLogger("moe_cluster.worker")
 

@@ -103,31 +103,6 @@ class Header:
                    stamps=(w[7], w[8], w[9]), counts=tuple(w[HEADER_FIELDS:]))
 
 
-@dataclass
-class Message:
-    """A message a worker read: its header, and for WORK its rows (R, H)."""
-
-    header: Header
-    rows: Tensor | None = None
-    read_ns: int = 0  # when the worker read it
-
-    @property
-    def op(self) -> int:
-        return self.header.op
-
-    @property
-    def layer(self) -> int:
-        return self.header.layer
-
-    @property
-    def tag(self) -> int:
-        return self.header.tag
-
-    @property
-    def counts(self) -> list[int]:
-        return list(self.header.counts)
-
-
 @dataclass(frozen=True)
 class Result:
     """What came back with a RESULT: the worker's map version and the clock stamps of its message's trip."""
@@ -151,23 +126,14 @@ def result_of(header: Header) -> Result:
 
 
 class CoordinatorEnd(Protocol):
-    kind: str
+    """The coordinator's end of a link (shm.py, process_group.py; the worker's end is workers/link_ends.py)."""
+
+    kind: str  # "shm" or "pg"
+    backend: str  # what moves the rows: "shm", "gloo" or "nccl"
 
     def send(self, op: int, layer: int = 0, tag: int = 0, version: int = 0, counts: Sequence[int] = (),
              rows: Tensor | None = None, out: Tensor | None = None) -> int: ...
 
     def recv_result(self, tag: int) -> Result: ...
-
-    def close(self) -> None: ...
-
-
-class WorkerEnd(Protocol):
-    kind: str
-
-    def fileno(self) -> int: ...
-
-    def read(self) -> list[Message]: ...
-
-    def send_result(self, message: Message, version: int, out: Tensor, started_ns: int) -> None: ...
 
     def close(self) -> None: ...
