@@ -51,6 +51,9 @@ class Sent:
 
 
 class LinkedExperts:
+    """An ``ExpertExecutor`` over the workers of an expert pool: one link to each (cluster/links/), opened when
+    it attaches, kept through the pool's map changes, rebuilt after a worker is replaced."""
+
     def __init__(self, pool: PoolHandle, coordinator_id: str, cluster_cfg: ClusterConfig,
                  device: torch.device) -> None:
         self.pool = pool
