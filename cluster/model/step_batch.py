@@ -3,7 +3,8 @@ the paged KV cache, and which rows need logits. Pure bookkeeping: no model math.
 
 Shape legend: T new tokens in the step (all sequences, flattened), Bd sequences decoding one token,
 S keys attended, N_out rows whose logits are wanted.
-Token rows are ordered: all single-token (decode) sequences first, then the multi-token (prefill) chunks.
+Token rows are ordered: all single-token (decode) sequences first, then the multi-token (prefill) chunks (the
+step's one reordering; ``logits_rows`` lists the logits rows in chunk order, so the logits come back unpermuted).
 """
 
 from __future__ import annotations
