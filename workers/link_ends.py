@@ -59,8 +59,6 @@ class Message:
         return list(self.header.counts)
 
 
-
-
 class WorkerEnd(Protocol):
     """A worker's end of a link: the loop waits on ``fileno`` and reads every whole message there is."""
 
