@@ -8,6 +8,7 @@ in a layer (local ids 0..n_local-1; ``layer_experts`` maps them to global ids).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,22 @@ from torch import Tensor
 
 from cluster.model.ops import expert_swiglu, grouped_expert_swiglu
 from cluster.model.quant import QuantizedWeight, weight_nbytes
+
+
+class GroupedExperts(Protocol):
+    """Expert weights one process runs rows on (what the Experts stage of cluster/moe/layer.py and an expert
+    worker call): ``LocalExperts`` below, or anything holding the same experts otherwise (a cache of them)."""
+
+    layer_experts: tuple[tuple[int, ...], ...]  # [layer][local id] -> global expert id
+
+    def n_local_experts(self, layer: int) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def run_grouped(self, layer: int, rows: Tensor, rows_per_local_expert: Tensor) -> Tensor:
+        """rows (R_w, H) grouped by local expert, rows_per_local_expert (n_local,) -> outputs (R_w, H)."""
+        ...
 
 
 @dataclass
