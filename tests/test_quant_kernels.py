@@ -25,6 +25,7 @@ from cluster.model.quant_kernels import (
     quantized_linear,
     run_experts_with_kernels,
 )
+from cluster.moe.layer import LocalMoE
 from tests.conftest import HFCheckpoint
 from tests.test_parity_hf import prompt_ids
 from tests.test_quant import engine, fp8_checkpoint
@@ -51,7 +52,7 @@ def test_fp8_experts_kept_in_fp8_mean_the_weights_dequantized_at_load(hf_small: 
     cfg = ModelConfig.from_file(tmp_path / "fp8" / "config.json")
     names = [f"model.layers.1.block_sparse_moe.experts.3.{p}.weight" for p in ("w1", "w3", "w2")]
     i, h = cfg.intermediate_size, cfg.hidden_size
-    shapes = dict(zip(names, [(i, h), (i, h), (h, i)], strict=True))
+    shapes: dict[str, tuple[int, ...]] = dict(zip(names, [(i, h), (i, h), (h, i)], strict=True))
     kept = ckpt.load_weights(shapes, torch.float32, "cpu", "t", progress=False, keep_quantized=True, keep_fp8=True)
     dequantized = ckpt.load(shapes, torch.float32, "cpu", "t", progress=False)
     for name in names:
@@ -61,6 +62,7 @@ def test_fp8_experts_kept_in_fp8_mean_the_weights_dequantized_at_load(hf_small: 
         assert w.nbytes < dequantized[name].numel() * 4 / 3  # one byte a weight plus small scales
     # w1 and w3 with different per-tensor scales still fuse into w13
     w13 = cat_rows(kept[names[0]], kept[names[1]])
+    assert isinstance(w13, QuantizedWeight)
     assert torch.equal(w13.dequantize(torch.float32), torch.cat([dequantized[names[0]], dequantized[names[1]]]))
     assert w13.name == ("fp8-g16" if scheme == "block" else "fp8")
 
@@ -166,7 +168,9 @@ def test_fp8_checkpoint_on_cuda_keeps_fp8_experts_and_equals_the_cpu_engine(hf_s
     for device, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "bfloat16")):
         ours = engine(tmp_path / "fp8", device=device, dtype=dtype)
         try:
-            experts = ours.engine.moe.experts
+            moe = ours.engine.moe
+            assert isinstance(moe, LocalMoE)
+            experts = moe.experts
             if device == "cuda" and torch.cuda.get_device_capability() >= (8, 9):
                 assert experts.quantization == "fp8"
             logits[device, dtype] = ours.score([ids])[0].double().cpu()
