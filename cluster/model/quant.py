@@ -95,7 +95,8 @@ class QuantizedWeight:
         return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
 
     def __getitem__(self, index: int | Tensor | slice) -> QuantizedWeight:
-        return QuantizedWeight(self.data[index], self.scale[index], self.bits, self.group_size, self.in_features)
+        return QuantizedWeight(_as_bytes(self.data)[index].view(self.data.dtype), self.scale[index], self.bits,
+                               self.group_size, self.in_features)
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         return QuantizedWeight(self.data.to(device), self.scale.to(device), self.bits, self.group_size,
@@ -116,8 +117,9 @@ def stack_weights(parts: Sequence[Tensor | QuantizedWeight]) -> Tensor | Quantiz
     if any((q.bits, q.group_size, q.in_features, q.data.dtype)
            != (first.bits, first.group_size, first.in_features, first.data.dtype) for q in quantized):
         raise ValueError("cannot stack expert weights quantized differently")
-    return QuantizedWeight(torch.stack([q.data for q in quantized]), torch.stack([q.scale for q in quantized]),
-                           first.bits, first.group_size, first.in_features)
+    data = torch.stack([_as_bytes(q.data) for q in quantized]).view(first.data.dtype)
+    return QuantizedWeight(data, torch.stack([q.scale for q in quantized]), first.bits, first.group_size,
+                           first.in_features)
 
 
 def cat_rows(a: Tensor | QuantizedWeight, b: Tensor | QuantizedWeight) -> Tensor | QuantizedWeight:
@@ -128,8 +130,14 @@ def cat_rows(a: Tensor | QuantizedWeight, b: Tensor | QuantizedWeight) -> Tensor
             or (a.bits, a.group_size, a.in_features, a.data.dtype) != (b.bits, b.group_size, b.in_features,
                                                                       b.data.dtype):
         raise ValueError("w1 and w3 of an expert must be quantized the same way")
-    return QuantizedWeight(torch.cat([a.data, b.data], dim=-2), torch.cat([a.scale, b.scale], dim=-2),
-                           a.bits, a.group_size, a.in_features)
+    data = torch.cat([_as_bytes(a.data), _as_bytes(b.data)], dim=-2).view(a.data.dtype)
+    return QuantizedWeight(data, torch.cat([a.scale, b.scale], dim=-2), a.bits, a.group_size, a.in_features)
+
+
+def _as_bytes(data: Tensor) -> Tensor:
+    """FP8 values as uint8 (the same bytes): indexing, stacking and concatenating FP8 tensors are not implemented on
+    every device for float8 dtypes, and copying bytes is all they do."""
+    return data.view(torch.uint8) if data.dtype in FP8_DTYPES else data
 
 
 def weight_nbytes(w: Tensor | QuantizedWeight) -> int:

@@ -93,7 +93,7 @@ def int4pack_linear(x: Tensor, packed: Int4Packed) -> Tensor:
 def fp8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """x (M, K) -> its FP8 values and per-row scales (M, 1) float32, x ~= x_fp8 * scale."""
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
 def scaled_mm_linear(x: Tensor, w: QuantizedWeight, rowwise: bool = True) -> Tensor:
@@ -106,7 +106,7 @@ def scaled_mm_linear(x: Tensor, w: QuantizedWeight, rowwise: bool = True) -> Ten
         return torch._scaled_mm(x_q, w.data.t(), scale_a=x_scale, scale_b=w.scale.reshape(1, -1),
                                 out_dtype=x.dtype)
     x_scale = x.abs().amax().float().clamp(min=1e-12) / FP8_MAX
-    x_q = (x.float() / x_scale).to(torch.float8_e4m3fn)
+    x_q = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     one = torch.ones((), device=x.device, dtype=torch.float32)
     out = torch._scaled_mm(x_q, w.data.t(), scale_a=x_scale, scale_b=one, out_dtype=torch.float32)
     return (out * w.scale.reshape(1, -1)).to(x.dtype)
