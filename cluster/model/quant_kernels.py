@@ -82,12 +82,13 @@ def pack_for_int4mm(w: QuantizedWeight, high_nibble_first: bool = True) -> Int4P
 
 def int8pack_linear(x: Tensor, w: QuantizedWeight) -> Tensor:
     """x (M, K) -> (M, N) by torch._weight_int8pack_mm (int8 per output channel)."""
-    return torch.ops.aten._weight_int8pack_mm(x, w.data, w.scale.reshape(-1))
+    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.data, w.scale.reshape(-1))
 
 
 def int4pack_linear(x: Tensor, packed: Int4Packed) -> Tensor:
     """x (M, K) bf16 -> (M, N) by torch._weight_int4pack_mm."""
-    return torch.ops.aten._weight_int4pack_mm(x, packed.packed, packed.group_size, packed.scale_and_zeros)
+    return torch.ops.aten._weight_int4pack_mm(x.contiguous(), packed.packed, packed.group_size,
+                                              packed.scale_and_zeros)
 
 
 def fp8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
