@@ -97,6 +97,31 @@ def test_the_per_expert_loop_equals_the_grouped_layer(quant: ExpertQuantization)
     assert relative_error(got, want) <= 1e-5
 
 
+def test_kernel_calls_fit_torchs_own_shape_and_dtype_checks() -> None:
+    """Without a GPU the kernels cannot run, but torch's meta functions check what they are given (shapes, dtypes,
+    strides, scale layouts): run each call on fake tensors (FakeTensorMode) at demo-like shapes and 1 and 32 rows."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from cluster.model.quant_kernels import int4pack_linear, pack_for_int4mm, scaled_mm_linear
+
+    gen = torch.Generator().manual_seed(9)
+    n, k = 1024, 512
+    int4 = quantize_weight(torch.randn(n, k, generator=gen), ExpertQuantization(4, 64))
+    fp8 = _held("fp8", torch.randn(n, k, generator=gen))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        def fake(w: QuantizedWeight) -> QuantizedWeight:
+            return QuantizedWeight(mode.from_tensor(w.data), mode.from_tensor(w.scale), w.bits, w.group_size, k)
+
+        packed = pack_for_int4mm(fake(int4))
+        assert packed.scale_and_zeros.shape == (k // 64, n, 2)
+        for rows in (1, 32):
+            x = mode.from_tensor(torch.randn(rows, k, dtype=torch.bfloat16))
+            assert int4pack_linear(x, packed).shape == (rows, n)
+            for rowwise in (True, False):
+                out = scaled_mm_linear(x, fake(fp8), rowwise)
+                assert out.shape == (rows, n) and out.dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------------------------------------ on a GPU
 
 

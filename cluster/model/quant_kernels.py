@@ -81,8 +81,9 @@ def pack_for_int4mm(w: QuantizedWeight, high_nibble_first: bool = True) -> Int4P
 
 
 def int8pack_linear(x: Tensor, w: QuantizedWeight) -> Tensor:
-    """x (M, K) -> (M, N) by torch._weight_int8pack_mm (int8 per output channel)."""
-    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.data, w.scale.reshape(-1))
+    """x (M, K) -> (M, N) by torch._weight_int8pack_mm (int8 per output channel). The scales go in x's dtype, as
+    the CPU kernel requires (the CUDA one takes any and computes in float32)."""
+    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.data, w.scale.reshape(-1).to(x.dtype))
 
 
 def int4pack_linear(x: Tensor, packed: Int4Packed) -> Tensor:
