@@ -27,7 +27,14 @@ from torch import Tensor
 
 from bench.common import machine, progress, table, write_section
 from cluster.model.experts import LocalExperts
-from cluster.model.quant import ExpertQuantization, QuantizedWeight, fp8_weight, quantize_weight, weight_nbytes
+from cluster.model.quant import (
+    ExpertQuantization,
+    QuantizedWeight,
+    fp8_weight,
+    quantize_weight,
+    stack_weights,
+    weight_nbytes,
+)
 from cluster.model.quant_kernels import FP8_MAX, kernel_report, layer_kernels
 
 SHAPES = {  # (hidden H, expert intermediate I): 8 experts each
@@ -76,14 +83,20 @@ def synthetic_layer(hidden: int, inter: int, device: str, seed: int) -> tuple[Te
     return w13, w2
 
 
-def fp8_stack(w: Tensor) -> QuantizedWeight:
-    """(E, N, K) float32 -> FP8 with a scale per output channel (the published Mixtral FP8 checkpoints' scheme)."""
+def fp8_stack(w: Tensor, block: int | None = None) -> QuantizedWeight:
+    """(E, N, K) float32 -> FP8 with a scale per output channel (the published Mixtral FP8 checkpoints' scheme), or
+    per [block, block] (transformers' fp8 format, DeepSeek-style)."""
     parts = []
     for e in range(w.shape[0]):
-        scale = w[e].abs().amax(dim=1, keepdim=True) / FP8_MAX
-        parts.append(fp8_weight((w[e] / scale).to(torch.float8_e4m3fn), scale))
-    return QuantizedWeight(torch.stack([p.data for p in parts]), torch.stack([p.scale for p in parts]), 8,
-                           parts[0].group_size, parts[0].in_features)
+        if block is None:
+            scale = w[e].abs().amax(dim=1, keepdim=True) / FP8_MAX
+            parts.append(fp8_weight((w[e] / scale).to(torch.float8_e4m3fn), scale))
+            continue
+        n, k = w[e].shape
+        blocks = w[e].abs().reshape(n // block, block, k // block, block).amax(dim=(1, 3)) / FP8_MAX
+        full = blocks.repeat_interleave(block, 0).repeat_interleave(block, 1)
+        parts.append(fp8_weight((w[e] / full).to(torch.float8_e4m3fn), blocks, (block, block)))
+    return stack_weights(parts)  # type: ignore[return-value]
 
 
 def peers(w13: Tensor, w2: Tensor, group_size: int) -> list[Peer]:
@@ -91,6 +104,7 @@ def peers(w13: Tensor, w2: Tensor, group_size: int) -> list[Peer]:
     out = [Peer("fp32", LocalExperts(ids, [w13], [w2]), torch.float32),
            Peer("bf16", LocalExperts(ids, [w13.bfloat16()], [w2.bfloat16()]), torch.bfloat16)]
     held = {"fp8": (fp8_stack(w13), fp8_stack(w2)),
+            "fp8-b128": (fp8_stack(w13, 128), fp8_stack(w2, 128)),
             "int8": (quantize_weight(w13, ExpertQuantization(8)), quantize_weight(w2, ExpertQuantization(8))),
             f"int4-g{group_size}": (quantize_weight(w13, ExpertQuantization(4, group_size)),
                                     quantize_weight(w2, ExpertQuantization(4, group_size)))}

@@ -102,12 +102,21 @@ def test_kernel_calls_fit_torchs_own_shape_and_dtype_checks() -> None:
     strides, scale layouts): run each call on fake tensors (FakeTensorMode) at demo-like shapes and 1 and 32 rows."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from cluster.model.quant_kernels import int4pack_linear, pack_for_int4mm, scaled_mm_linear
+    from cluster.model.quant_kernels import (
+        fp8_block_scales,
+        int4pack_linear,
+        pack_for_int4mm,
+        scaled_mm_block_linear,
+        scaled_mm_linear,
+    )
 
     gen = torch.Generator().manual_seed(9)
     n, k = 1024, 512
     int4 = quantize_weight(torch.randn(n, k, generator=gen), ExpertQuantization(4, 64))
     fp8 = _held("fp8", torch.randn(n, k, generator=gen))
+    fp8_block = _held("fp8-block", torch.randn(n, k, generator=gen))
+    block_scales = fp8_block_scales(fp8_block)
+    assert block_scales is not None and fp8_block_scales(fp8) is None  # per channel: no 128-row blocks
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         def fake(w: QuantizedWeight) -> QuantizedWeight:
             return QuantizedWeight(mode.from_tensor(w.data), mode.from_tensor(w.scale), w.bits, w.group_size, k)
@@ -120,6 +129,9 @@ def test_kernel_calls_fit_torchs_own_shape_and_dtype_checks() -> None:
             for rowwise in (True, False):
                 out = scaled_mm_linear(x, fake(fp8), rowwise)
                 assert out.shape == (rows, n) and out.dtype == torch.bfloat16
+            if hasattr(torch.nn.functional, "ScalingType"):  # the blockwise recipes (torch >= 2.10)
+                out = scaled_mm_block_linear(x, fake(fp8_block), mode.from_tensor(block_scales))
+                assert out.shape == (rows, n) and out.dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------------ on a GPU
@@ -130,20 +142,28 @@ def _held(kind: str, w: Tensor) -> QuantizedWeight:
         return quantize_weight(w, ExpertQuantization(8))
     if kind == "int4":
         return quantize_weight(w, ExpertQuantization(4, 64))
+    if kind == "fp8-block":  # [128, 128] blocks, transformers' fp8 format as DeepSeek-style checkpoints write it
+        n, k = w.shape
+        blocks = w.abs().reshape(n // 128, 128, k // 128, 128).amax(dim=(1, 3)) / FP8_MAX
+        full = blocks.repeat_interleave(128, 0).repeat_interleave(128, 1)
+        return fp8_weight((w / full).to(torch.float8_e4m3fn), blocks, (128, 128))
     scale = w.abs().amax(dim=1, keepdim=True) / FP8_MAX
     return fp8_weight((w / scale).to(torch.float8_e4m3fn), scale)
 
 
 # Relative to the output's magnitude: the rows' own bf16 rounding for the integer kernels; FP8 rows (3 mantissa bits)
 # for scaled_mm.
-KERNEL_TOLERANCE = {"int8": 2e-2, "int4": 2e-2, "fp8": 8e-2}
-EXPECTED_KERNEL = {"int8": ("int8pack",), "int4": ("int4pack",), "fp8": ("scaled_mm_rowwise", "scaled_mm_tensorwise")}
+KERNEL_TOLERANCE = {"int8": 2e-2, "int4": 2e-2, "fp8": 8e-2, "fp8-block": 8e-2}
+EXPECTED_KERNEL = {"int8": ("int8pack",), "int4": ("int4pack",), "fp8": ("scaled_mm_rowwise", "scaled_mm_tensorwise"),
+                   "fp8-block": ("scaled_mm_block",)}
+NEEDS = {"int8": (8, 0), "int4": (8, 0), "fp8": (8, 9), "fp8-block": (9, 0)}
 
 
 def require_kernel(kind: str, device: str) -> None:
     """No kernel was chosen: fail where one gave wrong numbers, skip (saying why) where torch lacks them here."""
     problems = {c: kernel_problem(c, device, torch.bfloat16) for c in EXPECTED_KERNEL[kind]}
-    if torch.cuda.get_device_capability() < ((8, 9) if kind == "fp8" else (8, 0)):
+    capability = torch.cuda.get_device_capability()
+    if capability < NEEDS[kind] or (kind == "fp8-block" and capability != (9, 0)):
         pytest.skip(f"{kind}: compute capability {torch.cuda.get_device_capability()} has no such kernel")
     assert not any(p and "differs" in p for p in problems.values()), problems
     pytest.skip(f"no {kind} kernel in this torch build on this GPU: {problems}")
@@ -151,7 +171,7 @@ def require_kernel(kind: str, device: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 32])
-@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8", "fp8-block"])
 def test_each_kernel_agrees_with_the_cpu_dequantize_path(kind: str, rows: int) -> None:
     """Mixtral-like proportions (w13 of the demo: 1024 x 256; w2: 256 x 512), bf16 rows on the GPU."""
     gen = torch.Generator().manual_seed(5)

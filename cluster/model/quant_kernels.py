@@ -8,6 +8,8 @@ layer's experts built on it.
   FP8 (e4m3), per channel, bf16/fp16   -> ``torch._scaled_mm(x_fp8, q.t(), s_x (M, 1), s_w (1, N))``: x quantized
                                           to FP8 per row on the fly (W8A8 with dynamic per-token scales, what vLLM
                                           runs for these checkpoints), needs compute capability >= 8.9
+  FP8 in [128, 128] blocks, bf16, sm90 -> ``F.scaled_mm`` with BlockWise1x128 x BlockWise128x128 scaling (x in FP8
+                                          per 1 x 128 block), where this torch has it
   anything else (CPU, fp32 rows for int4/FP8, FP8 blocks, ragged groups, a kernel missing from this torch build)
                                        -> dequantize W to the rows' dtype and F.linear, as on a CPU.
 
@@ -39,7 +41,7 @@ from cluster.model.quant import (
 
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 INT4_GROUPS = (32, 64, 128, 256)  # what tinygemm (_weight_int4pack_mm) takes
-KERNELS = ("int8pack", "int4pack", "scaled_mm_rowwise", "scaled_mm_tensorwise")
+KERNELS = ("int8pack", "int4pack", "scaled_mm_rowwise", "scaled_mm_tensorwise", "scaled_mm_block")
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: FP8 tensor cores
 
 
@@ -114,6 +116,35 @@ def scaled_mm_linear(x: Tensor, w: QuantizedWeight, rowwise: bool = True) -> Ten
     return (out * w.scale.reshape(1, -1)).to(x.dtype)
 
 
+FP8_BLOCK = 128  # the DeepSeek-style [128, 128] weight blocks that _scaled_mm's blockwise recipes take
+
+
+def fp8_block_scales(w: QuantizedWeight) -> Tensor | None:
+    """An FP8 weight's per-(row, K block) scales (N, K/128) as the (N/128, K/128) of [128, 128] blocks, padded
+    along K blocks to a multiple of 4 (cuBLAS), or None when its scales are not constant over 128-row blocks."""
+    blocks = w.scale[::FP8_BLOCK]  # (N/128, K/128)
+    if not torch.equal(blocks.repeat_interleave(FP8_BLOCK, dim=0)[: w.scale.shape[0]], w.scale):
+        return None
+    pad = -blocks.shape[1] % 4
+    return F.pad(blocks, (0, pad)) if pad else blocks.contiguous()
+
+
+def scaled_mm_block_linear(x: Tensor, w: QuantizedWeight, block_scales: Tensor) -> Tensor:
+    """x (M, K) bf16 -> (M, N) by F.scaled_mm with x in FP8 per 1 x 128 block (BlockWise1x128) and W in [128, 128]
+    blocks (BlockWise128x128, ``block_scales`` from ``fp8_block_scales``). cuBLAS wants M a multiple of 4 (x is
+    zero-padded) and x's scales outer-dim-major."""
+    m, k = x.shape
+    pad = -m % 4
+    xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+    groups = xp.float().reshape(m + pad, k // FP8_BLOCK, FP8_BLOCK)
+    x_scale = groups.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX  # (M', K/128)
+    x_q = (groups / x_scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(m + pad, k)
+    scaling = F.ScalingType
+    out = F.scaled_mm(x_q, w.data.t(), x_scale.t().contiguous().t(), scaling.BlockWise1x128,
+                      block_scales.t(), scaling.BlockWise128x128, output_dtype=x.dtype)
+    return out[:m]
+
+
 def dequantize_linear(x: Tensor, w: QuantizedWeight) -> Tensor:
     """The reference path: W dequantized to x's dtype, then F.linear (what the CPU runs)."""
     return F.linear(x, dequantize(w, x.dtype))
@@ -129,6 +160,9 @@ def kernel_candidates(w: QuantizedWeight, x: Tensor) -> tuple[str, ...]:
     n, k = w.data.shape[-2], w.in_features
     per_channel = w.group_size == k
     if w.is_fp8:
+        if w.group_size == FP8_BLOCK and k % FP8_BLOCK == 0 and n % FP8_BLOCK == 0 and x.dtype == torch.bfloat16 \
+                and torch.cuda.get_device_capability(x.device) == (9, 0):
+            return ("scaled_mm_block",)  # torch restricts the blockwise recipes to sm90
         fits = (per_channel and x.dtype in (torch.bfloat16, torch.float16) and k % 16 == 0 and n % 16 == 0
                 and torch.cuda.get_device_capability(x.device) >= FP8_MIN_CAPABILITY)
         return ("scaled_mm_rowwise", "scaled_mm_tensorwise") if fits else ()
@@ -154,7 +188,7 @@ def kernel_problem(kernel: str, device: str, dtype: torch.dtype) -> str | None:
     integer kernels within 2% (the rows' own rounding), FP8 within 10% (x is rounded to FP8 too)."""
     try:
         gen = torch.Generator().manual_seed(0)
-        w_full = torch.randn(64, 256, generator=gen)
+        w_full = torch.randn(256 if kernel == "scaled_mm_block" else 64, 256, generator=gen)
         x_all = torch.randn(3, 256, generator=gen).to(device, dtype)
         run, w = _probe_case(kernel, w_full, device)
         tolerance = 0.1 if kernel.startswith("scaled_mm") else 0.02
@@ -177,6 +211,14 @@ def _probe_case(kernel: str, w_full: Tensor, device: str) -> tuple[Callable[[Ten
         w = quantize_weight(w_full, ExpertQuantization(4, 64)).to(device)
         packed = pack_for_int4mm(w, int4_high_nibble_first(device))
         return (lambda x: int4pack_linear(x, packed)), w
+    if kernel == "scaled_mm_block":
+        n, k = w_full.shape
+        blocks = w_full.abs().reshape(n // FP8_BLOCK, FP8_BLOCK, k // FP8_BLOCK, FP8_BLOCK).amax(dim=(1, 3)) / FP8_MAX
+        full = blocks.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+        w = fp8_weight((w_full / full).to(torch.float8_e4m3fn), blocks, (FP8_BLOCK, FP8_BLOCK)).to(device)
+        block_scales = fp8_block_scales(w)
+        assert block_scales is not None
+        return (lambda x: scaled_mm_block_linear(x, w, block_scales)), w
     scale = w_full.abs().amax(dim=1, keepdim=True) / FP8_MAX
     w = fp8_weight((w_full / scale).to(torch.float8_e4m3fn), scale).to(device)
     rowwise = kernel == "scaled_mm_rowwise"
@@ -210,10 +252,16 @@ def kernel_report(device: str, dtype: torch.dtype) -> dict[str, str]:
 # ------------------------------------------------------------------------------------ a layer's experts
 
 
-def quantized_linear(x: Tensor, w: QuantizedWeight, cache: dict[Any, Int4Packed], key: Any,
+def quantized_linear(x: Tensor, w: QuantizedWeight, cache: dict[Any, Any], key: Any,
                      kernel: str | None) -> Tensor:
     """x (M, K) @ W^T -> (M, N) with ``kernel`` (from ``choose_kernel``; None: dequantize). ``cache[key]`` keeps
-    this matrix's int4 packing between calls."""
+    this matrix's int4 packing (or FP8 block scales) between calls."""
+    if kernel == "scaled_mm_block":
+        if key not in cache:
+            cache[key] = fp8_block_scales(w)
+        if cache[key] is None:  # blocks of another height than 128: not what the kernel takes
+            return dequantize_linear(x, w)
+        return scaled_mm_block_linear(x, w, cache[key])
     if kernel == "int8pack":
         return int8pack_linear(x, w)
     if kernel == "int4pack":
@@ -237,7 +285,7 @@ def layer_kernels(w13: Tensor | QuantizedWeight, w2: Tensor | QuantizedWeight, r
 
 def run_experts_with_kernels(rows: Tensor, w13: Tensor | QuantizedWeight, w2: Tensor | QuantizedWeight,
                              counts: list[int], kernels: tuple[str | None, str | None],
-                             cache: dict[Any, Int4Packed]) -> Tensor:
+                             cache: dict[Any, Any]) -> Tensor:
     """The grouped SwiGLU (ops.expert_swiglu per expert) of rows (R_w, H) grouped by local expert, ``counts`` rows
     per local expert, each expert's two Linears through ``kernels`` (w13's, w2's) -> (R_w, H)."""
     out = torch.empty_like(rows)
@@ -255,7 +303,7 @@ def run_experts_with_kernels(rows: Tensor, w13: Tensor | QuantizedWeight, w2: Te
 
 
 def _linear(x: Tensor, stack: Tensor | QuantizedWeight, local_id: int, kernel: str | None,
-            cache: dict[Any, Int4Packed], which: str) -> Tensor:
+            cache: dict[Any, Any], which: str) -> Tensor:
     if isinstance(stack, Tensor):
         return F.linear(x, stack[local_id])
     return quantized_linear(x, stack[local_id], cache, (which, local_id), kernel)
