@@ -37,6 +37,11 @@ class LocalExperts:
     # per layer: int4 weights packed for torch's int4 kernel, made at first use (a copy beside the held integers)
     kernel_cache: dict[int, dict[Any, Any]] = field(default_factory=dict, repr=False, compare=False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (a worker's export through Ray's object store) without the kernels' packed copies, which the
+        receiver rebuilds at first use."""
+        return {**self.__dict__, "kernel_cache": {}}
+
     def n_local_experts(self, layer: int) -> int:
         return len(self.layer_experts[layer])
 
