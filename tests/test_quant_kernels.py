@@ -97,6 +97,26 @@ def test_the_per_expert_loop_equals_the_grouped_layer(quant: ExpertQuantization)
     assert relative_error(got, want) <= 1e-5
 
 
+def test_a_packed_copy_is_made_again_when_the_weights_change_in_place() -> None:
+    """The kernels' cache (int4 packing, FP8 block scales) never serves a stale copy: an expert overwritten in place
+    (say, an expert cache refilling a slot) is packed again; unchanged weights are packed once."""
+    from cluster.model.quant_kernels import _cached
+
+    stack = quantize_weight(torch.randn(2, 64, 128), ExpertQuantization(4, 64))
+    made: list[Tensor] = []
+
+    def make(w: QuantizedWeight) -> Tensor:
+        made.append(w.data.clone())
+        return made[-1]
+
+    cache: dict[object, object] = {}
+    first = _cached(cache, ("w13", 1), stack[1], make)
+    assert _cached(cache, ("w13", 1), stack[1], make) is first and len(made) == 1
+    stack.data[1].copy_(stack.data[0])  # new values, same storage
+    again = _cached(cache, ("w13", 1), stack[1], make)
+    assert len(made) == 2 and torch.equal(again, stack.data[0])
+
+
 def test_kernel_calls_fit_torchs_own_shape_and_dtype_checks() -> None:
     """Without a GPU the kernels cannot run, but torch's meta functions check what they are given (shapes, dtypes,
     strides, scale layouts): run each call on fake tensors (FakeTensorMode) at demo-like shapes and 1 and 32 rows."""

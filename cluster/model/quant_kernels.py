@@ -255,23 +255,29 @@ def kernel_report(device: str, dtype: torch.dtype) -> dict[str, str]:
 def quantized_linear(x: Tensor, w: QuantizedWeight, cache: dict[Any, Any], key: Any,
                      kernel: str | None) -> Tensor:
     """x (M, K) @ W^T -> (M, N) with ``kernel`` (from ``choose_kernel``; None: dequantize). ``cache[key]`` keeps
-    this matrix's int4 packing (or FP8 block scales) between calls."""
+    this matrix's int4 packing (or FP8 block scales) between calls, stamped with where its values live and their
+    version, so that weights replaced in place (an expert cache refilling a slot) are packed again, never stale."""
     if kernel == "scaled_mm_block":
-        if key not in cache:
-            cache[key] = fp8_block_scales(w)
-        if cache[key] is None:  # blocks of another height than 128: not what the kernel takes
+        block_scales = _cached(cache, key, w, fp8_block_scales)
+        if block_scales is None:  # blocks of another height than 128: not what the kernel takes
             return dequantize_linear(x, w)
-        return scaled_mm_block_linear(x, w, cache[key])
+        return scaled_mm_block_linear(x, w, block_scales)
     if kernel == "int8pack":
         return int8pack_linear(x, w)
     if kernel == "int4pack":
-        packed = cache.get(key)
-        if packed is None:
-            packed = cache[key] = pack_for_int4mm(w, int4_high_nibble_first(str(x.device)))
-        return int4pack_linear(x, packed)
+        order = int4_high_nibble_first(str(x.device))
+        return int4pack_linear(x, _cached(cache, key, w, lambda q: pack_for_int4mm(q, order)))
     if kernel is not None and kernel.startswith("scaled_mm"):
         return scaled_mm_linear(x, w, rowwise=kernel == "scaled_mm_rowwise")
     return dequantize_linear(x, w)
+
+
+def _cached(cache: dict[Any, Any], key: Any, w: QuantizedWeight, make: Callable[[QuantizedWeight], Any]) -> Any:
+    stamp = (w.data.data_ptr(), w.data._version, w.scale.data_ptr(), w.scale._version)
+    held = cache.get(key)
+    if held is None or held[0] != stamp:
+        held = cache[key] = (stamp, make(w))
+    return held[1]
 
 
 def layer_kernels(w13: Tensor | QuantizedWeight, w2: Tensor | QuantizedWeight, rows: Tensor
