@@ -163,6 +163,7 @@ def run_shape(args: argparse.Namespace, shape: str) -> tuple[list[list[object]],
     cells: dict[tuple[str, int], float] = {}
     errors: dict[str, float] = {}
     kernels: dict[str, str] = {}
+    failures: dict[str, str] = {}
     for tokens in args.tokens:
         counts = routed_counts(tokens, seed=tokens)
         gen = torch.Generator().manual_seed(tokens)
@@ -174,11 +175,16 @@ def run_shape(args: argparse.Namespace, shape: str) -> tuple[list[list[object]],
             def call(p: Peer = peer, r: Tensor = rows, c: Tensor = count_t) -> Tensor:
                 return p.experts.run_grouped(0, r, c)
 
-            out = call().double()
-            err = ((out - reference).abs().max() / reference.abs().max()).item()
-            errors[peer.name] = max(errors.get(peer.name, 0.0), err)
             kernels[peer.name] = kernel_names(peer, rows)
-            cells[peer.name, tokens] = timed(call, args.repeats, args.cell_budget_s, args.device)
+            try:
+                out = call().double()
+                err = ((out - reference).abs().max() / reference.abs().max()).item()
+                errors[peer.name] = max(errors.get(peer.name, 0.0), err)
+                cells[peer.name, tokens] = timed(call, args.repeats, args.cell_budget_s, args.device)
+            except Exception as exc:  # one peer failing (a kernel refusing this shape) leaves the others' numbers
+                failures[peer.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                progress(f"{shape}, {tokens} tokens, {peer.name}: FAILED: {failures[peer.name]}")
+                continue
             progress(f"{shape}, {tokens} tokens, {peer.name}: {cells[peer.name, tokens] * 1e3:.3f} ms "
                      f"({kernels[peer.name]}, error {err:.2g})")
     base = "bf16"
@@ -189,13 +195,17 @@ def run_shape(args: argparse.Namespace, shape: str) -> tuple[list[list[object]],
         row: list[object] = [shape, peer.name, kernels[peer.name], f"{nbytes / 2**20:,.1f}",
                              f"{nbytes / fp32_bytes:.3f}x"]
         for tokens in args.tokens:
-            seconds = cells[peer.name, tokens]
-            row += [f"{seconds * 1e3:,.3f}", f"{tokens / seconds:,.0f}", f"{cells[base, tokens] / seconds:.2f}x"]
-        row.append(f"{errors[peer.name]:.2g}")
+            seconds = cells.get((peer.name, tokens), float("nan"))
+            base_s = cells.get((base, tokens), float("nan"))
+            row += [f"{seconds * 1e3:,.3f}", f"{tokens / seconds:,.0f}", f"{base_s / seconds:.2f}x"]
+        row.append(f"{errors[peer.name]:.2g}" if peer.name in errors else f"FAILED: {failures.get(peer.name, '?')}")
         rows_out.append(row)
     notes = []
     for tokens in args.tokens:
-        best = {name: cells[name, tokens] for name in (p.name for p in all_peers)}
+        best = {name: cells[name, tokens] for name in (p.name for p in all_peers) if (name, tokens) in cells}
+        if base not in best:
+            notes.append(f"- {shape}, {tokens} token(s): no bf16 baseline ({failures.get(base, 'failed')})")
+            continue
         fastest = min(best, key=lambda n: best[n])
         notes.append(f"- {shape}, {tokens} token(s): fastest {fastest} ({best[fastest] * 1e3:.3f} ms per layer); "
                      + ", ".join(f"{n} {cells[base, tokens] / best[n]:.2f}x bf16" for n in best if "kernel" in n))
@@ -220,7 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes: list[str] = []
     with torch.inference_mode():
         for shape in args.shapes:
-            shape_rows, shape_notes = run_shape(args, shape)
+            try:
+                shape_rows, shape_notes = run_shape(args, shape)
+            except Exception as exc:  # (a CUDA error poisons the rest of the process: say so, keep the rest)
+                progress(f"{shape}: FAILED: {type(exc).__name__}: {exc}")
+                notes.append(f"- {shape}: FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                continue
             rows += shape_rows
             notes += shape_notes
     load_after = os.getloadavg()
