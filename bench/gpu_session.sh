@@ -6,7 +6,8 @@
 # Steps, each under its own `timeout` cut from one budget (default 420 s), each writing into $OUT:
 #   1. tests        pytest -m gpu over tests/test_gpu.py, tests/test_quant.py, tests/test_quant_kernels.py
 #   2. quant_gpu    python -m bench.quant_gpu: one layer's expert time, fp32/bf16 vs FP8/int8/int4, kernels vs
-#                   dequantize, 1 and 32 tokens (markdown table: $OUT/quant-gpu.md)
+#                   dequantize, 1 and 32 tokens; then the local engine's tok/s with bf16/int8/int4 experts on the
+#                   `bench` model (markdown tables: $OUT/quant-gpu.md)
 #   3. expert_copy  python -m bench.expert_copy_gpu, if bench/expert_copy_gpu.py exists (skipped otherwise)
 #   4. gpu_check    bash bench/gpu_check.sh --no-install (env, parity, throughput, cluster; its own `tests` step is
 #                   left out: step 1 ran tests/test_gpu.py) -> $OUT/gpu-check.md
@@ -20,7 +21,7 @@ budget=420
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget-s) budget="${2:-}"; shift 2 ;;
-    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_session: unknown argument '$1' (only --budget-s N)" >&2; exit 2 ;;
   esac
 done
@@ -71,7 +72,7 @@ cuda=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0) if torch.
 run_step tests 170 "$PYTHON" -m pytest tests/test_gpu.py tests/test_quant.py tests/test_quant_kernels.py -m gpu \
   -q -rs -p no:cacheprovider
 # 2. quantized experts: kernels vs dequantize vs full precision
-run_step quant_gpu 120 "$PYTHON" -m bench.quant_gpu --out "$OUT/quant-gpu.md"
+run_step quant_gpu 150 "$PYTHON" -m bench.quant_gpu --out "$OUT/quant-gpu.md"
 # 3. another helper's expert-copy benchmark, where it exists
 if [ -f bench/expert_copy_gpu.py ]; then
   run_step expert_copy 60 bash -c "'$PYTHON' -m bench.expert_copy_gpu > '$OUT/expert-copy-gpu.md'"

@@ -63,6 +63,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="stop repeating a cell after this many seconds (a slow kernel still gets a number)")
     parser.add_argument("--group-size", type=int, default=64, help="int4 group size (default: %(default)s)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--engine-model", choices=["bench", "demo", "none"], default=None,
+                        help="also the local engine's tok/s with bf16 / int8 / int4 experts on this bench/models.py "
+                             "model (default: bench on a GPU, demo on a CPU; none: skip)")
     parser.add_argument("--out", default=None, help="also write the markdown (table and notes) to this file")
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -70,6 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     gpu = args.device.startswith("cuda")
     args.shapes = args.shapes or (["mixtral", "bench"] if gpu else ["demo"])
     args.repeats = args.repeats or (30 if gpu else 3)
+    args.engine_model = args.engine_model or ("bench" if gpu else "demo")
     if any(t < 1 for t in args.tokens):
         parser.error(f"--tokens must be positive, got {args.tokens}")
     return args
@@ -215,6 +219,48 @@ def run_shape(args: argparse.Namespace, shape: str) -> tuple[list[list[object]],
     return rows_out, notes
 
 
+def engine_table(args: argparse.Namespace) -> list[str]:
+    """The local engine's greedy tok/s on a bench/models.py model with full-precision, int8 and int4 experts, side
+    by side (each engine built, timed at each batch size best of 2, shut down), as markdown lines."""
+    from bench.gpu_check import _engine_config, engine_generate, prompts
+    from bench.models import bench_model
+    from cluster.engine.loop import LocalEngine
+
+    gpu = args.device.startswith("cuda")
+    dtype = "bfloat16" if gpu else "float32"
+    sizes, prompt_len, output_len = ([1, 32], 64, 64) if gpu else ([1, 2], 8, 4)
+    path = bench_model(args.engine_model)
+    peers = {dtype: {}, "int8": {"quantize_experts": "int8"},
+             f"int4-g{args.group_size}": {"quantize_experts": "int4", "quantize_group_size": args.group_size}}
+    tps: dict[str, dict[int, float]] = {}
+    described: dict[str, str] = {}
+    for name, options in peers.items():
+        cfg = _engine_config(path, args.device, dtype, max(sizes), prompt_len + output_len).with_(**options)
+        engine = LocalEngine.from_config(cfg)
+        try:
+            experts = engine.engine.moe.experts  # type: ignore[attr-defined]
+            described[name] = f"{experts.nbytes / 2**20:,.0f} MiB of experts"
+            vocab = engine.model_config.vocab_size
+            engine_generate(engine, prompts(2, prompt_len, vocab), output_len)  # warm-up (kernels, packing)
+            for n in sizes:
+                batch = prompts(n, prompt_len, vocab)
+                best = 0.0
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    engine_generate(engine, batch, output_len)
+                    best = max(best, n * output_len / (time.perf_counter() - t0))
+                tps.setdefault(name, {})[n] = best
+                progress(f"engine '{args.engine_model}', {name}, {n} seqs: {best:,.0f} tok/s")
+        finally:
+            engine.shutdown()
+    headers = ["experts", "resident"] + [f"{n} seqs: tok/s" for n in sizes] + [f"{n} seqs: vs {dtype}" for n in sizes]
+    rows = [[name, described[name], *(f"{tps[name][n]:,.0f}" for n in sizes),
+             *(f"{tps[name][n] / tps[dtype][n]:.2f}x" for n in sizes)] for name in tps]
+    return [f"Local engine, model '{args.engine_model}' on {args.device}, {dtype} compute, greedy, {prompt_len} "
+            f"prompt + {output_len} generated tokens per sequence, best of 2 (quantized experts through the kernels "
+            "above where they fit):", "", table(headers, rows)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     load_before = os.getloadavg()
@@ -238,6 +284,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             rows += shape_rows
             notes += shape_notes
+    if args.out:  # the layer table now, in case the engine part below does not finish in a caller's time limit
+        with open(args.out, "w") as f:
+            f.write("# Quantized experts on a GPU: one layer's expert time\n\n" + table(headers, rows) + "\n\n"
+                    + "\n".join(notes) + "\n\n(the engine part did not finish)\n")
+    engine_part: list[str] = []
+    if args.engine_model != "none":
+        try:
+            engine_part = engine_table(args)
+        except Exception as exc:  # the layer table above still counts
+            progress(f"engine: FAILED: {type(exc).__name__}: {exc}")
+            engine_part = [f"Local engine: FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"]
     load_after = os.getloadavg()
     kernels_line = ("Kernels on this device (bf16 rows): " + "; ".join(f"{k}: {v}" for k, v in report.items())
                     if report else "No CUDA: every peer took the dequantize path (the CPU fallback).")
@@ -253,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         table(headers, rows),
         "",
         *notes,
+        "",
+        *engine_part,
     ])
     print(body)
     if args.out:
