@@ -25,7 +25,7 @@ from cluster.model.quant_kernels import (
     quantized_linear,
     run_experts_with_kernels,
 )
-from cluster.moe.layer import LocalMoE
+from cluster.moe.layer import InProcessExperts, MoELayer
 from tests.conftest import HFCheckpoint
 from tests.test_parity_hf import prompt_ids
 from tests.test_quant import engine, fp8_checkpoint
@@ -245,8 +245,9 @@ def test_fp8_checkpoint_on_cuda_keeps_fp8_experts_and_equals_the_cpu_engine(hf_s
         ours = engine(tmp_path / "fp8", device=device, dtype=dtype)
         try:
             moe = ours.engine.moe
-            assert isinstance(moe, LocalMoE)
-            experts = moe.experts
+            assert isinstance(moe, MoELayer) and isinstance(moe.executor, InProcessExperts)
+            experts = moe.executor.experts
+            assert isinstance(experts, LocalExperts)
             if device == "cuda" and torch.cuda.get_device_capability() >= (8, 9):
                 assert experts.quantization == "fp8"
             logits[device, dtype] = ours.score([ids])[0].double().cpu()
