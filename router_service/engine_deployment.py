@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.engine.coordinator import new_coordinator_id
 from cluster.engine.loader import build_engine, distributed_moe
-from cluster.engine.loop import EngineLoop, LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sequence import RequestOutput
 from cluster.errors import EngineDeadError, QueueFullError, RequestError, first_line
 from router_service.engine_api import Accepted, GenerateChunk, GenerateRequest, merge, to_chunk
@@ -44,7 +44,7 @@ class EngineDeployment:
         engine_cfg = settings.engine_config()
         if pool is None:
             self.engine_id = f"engine-{uuid.uuid4().hex[:6]}"
-            self.engine: EngineLoop = LocalEngine.from_config(engine_cfg)
+            self.engine: EngineLoop = EngineLoop.local(engine_cfg)
         else:
             # This replica is a coordinator: the engine runs here, in-process, so tokens reach the ingress with one
             # Ray hop; its MoE layers go to the pool's workers over links of its own.

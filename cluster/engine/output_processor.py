@@ -82,6 +82,7 @@ class OutputProcessor:
         if not request.sent_prompt:
             request.sent_prompt = True
             out.prompt_token_ids = list(request.prompt_ids)
+            out.seed = request.seed
             out.prompt_logprobs = request.prompt_logprobs
         if finished:
             request.metrics.finished_time = time.monotonic()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol, TypeVar
 
-from cluster.engine.sampling import SamplingParams, TokenLogprob, new_request_seed
+from cluster.engine.sampling import SamplingParams, TokenLogprob
 from cluster.model.tokenizer import IncrementalDetokenizer
 
 FINISH_STOP = "stop"
@@ -82,6 +82,7 @@ class RequestOutput:
     outputs: list[CompletionDelta]
     finished: bool = False
     prompt_token_ids: list[int] | None = None  # in the first report only
+    seed: int | None = None  # in the first report: the seed the request is sampled with (given or drawn)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with echo + logprobs, first report
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0  # all samples, so far
@@ -179,8 +180,9 @@ _arrival_counter = itertools.count()
 
 
 class Request:
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
-                 sink: OutputSink, arrival_time: float | None = None) -> None:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int, seed: int,
+                 sink: OutputSink, arrival_time: float | None = None,
+                 bad_words_ids: Sequence[Sequence[int]] = ()) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
@@ -189,12 +191,12 @@ class Request:
         self.arrival_order = next(_arrival_counter)
         self.metrics = RequestMetrics(arrival_time if arrival_time is not None else time.monotonic())
         self.seqs: list[Seq] = []
-        self.seed = params.seed if params.seed is not None else new_request_seed()
+        self.seed = seed  # params.seed, or the one the input processor drew
         self.needs_fork = params.n > 1  # forks into n samples when its prompt is computed
         self.prompt_logprobs: list[TokenLogprob | None] | None = (
             [None] if params.echo and params.logprobs is not None else None)
         self.sent_prompt = False
-        self.bad_words_ids: list[list[int]] = []  # params.bad_words as token sequences (the engine fills them)
+        self.bad_words_ids = bad_words_ids  # params.bad_words as token sequences
         self.closed = False  # aborted or failed: no more reports after the final one
 
     @property
