@@ -28,6 +28,7 @@ class EngineRequest:
     seed: int  # params.seed, or one drawn for this request
     continuation: Continuation | None = None
     bad_words_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words as token sequences
+    prompt_text: str | None = None  # the prompt, when it came as text (echoed as given)
     arrival_time: float = field(default_factory=time.monotonic)
 
 
@@ -58,4 +59,4 @@ class InputProcessor:
                                         lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         return EngineRequest(request_id or new_request_id(), tuple(prompt_ids), params, max_tokens,
                              params.seed if params.seed is not None else new_request_seed(), continuation,
-                             tuple(tuple(ids) for ids in bad_words))
+                             tuple(tuple(ids) for ids in bad_words), prompt if isinstance(prompt, str) else None)

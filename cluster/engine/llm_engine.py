@@ -61,7 +61,7 @@ class LLMEngine:
         eos_ids = set(model_cfg.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
-        self.outputs = OutputProcessor(eos_ids)
+        self.outputs = OutputProcessor(eos_ids, tokenizer)
         self.input_processor = InputProcessor(tokenizer, model_cfg.vocab_size, self.max_model_len, num_blocks,
                                               self.block_size)
         self._seq_ids = itertools.count()
@@ -78,7 +78,7 @@ class LLMEngine:
             raise QueueFullError(f"the engine's queue is full ({self.engine_cfg.max_queue_len} waiting "
                                  "requests); retry later")
         state = Request(request.request_id, list(request.prompt_ids), request.params, request.max_tokens,
-                        request.seed, sink, request.arrival_time, request.bad_words_ids)
+                        request.seed, sink, request.arrival_time, request.bad_words_ids, request.prompt_text)
         continuation = request.continuation
         seqs = [self._new_seq(state, 0, list(request.prompt_ids))] if continuation is None else \
             self._resumed_seqs(state, continuation)
