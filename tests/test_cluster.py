@@ -3,12 +3,13 @@ the local engine, merging across coordinators, failures, shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ import ray
 from cluster.engine.client import EngineClient
 from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
+from cluster.engine.sequence import Continuation, RequestOutput, RequestResult
 from cluster.engine_config import EngineConfig
 from cluster.errors import ClusterStartError, RequestFailedError
 from tests.conftest import HFCheckpoint, cluster_config, make_hf_checkpoint, pool_config
@@ -260,6 +262,45 @@ def test_bad_request_through_the_cluster_is_a_value_error(
             cluster.generate([[999]], GREEDY)
         assert cluster.health()["alive"]
         assert cluster.generate([[1, 2]], GREEDY)[0].completions[0].token_ids
+    finally:
+        cluster.shutdown()
+
+
+def test_cluster_stream_takes_the_pace_and_the_continuation_of_the_serve_path(
+        parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]], pool2: Any) -> None:
+    """ClusterEngine.stream_batches with interval_s and continuation, as a Serve replica calls an engine: paced by
+    an interval longer than the whole generation, the first batch comes at once and the rest in one final batch
+    without waiting for the interval; a seeded n=2 request the local engine started, cut after its 4th report and
+    continued on the cluster, ends exactly as the uninterrupted request on the local engine."""
+    from tests.test_continuation import received
+
+    ckpt, local = parity_models[E8]
+    prompt = prompt_ids(ckpt.config["vocab_size"], 9, seed=3)
+    params = SamplingParams(n=2, max_tokens=12, temperature=1.0, seed=11, ignore_eos=True, logprobs=1)
+    interval = 30.0
+    cluster = ClusterEngine.start(local.engine.engine_cfg, cluster_config(), pool=pool2)
+
+    async def batches(engine: EngineClient, interval_s: Callable[[], float] | None = None,
+                      continuation: Continuation | None = None) -> tuple[list[list[RequestOutput]], float]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        got = [b async for b in engine.stream_batches(prompt, params, interval_s=interval_s,
+                                                         continuation=continuation)]
+        return got, loop.time() - started
+
+    try:
+        paced, elapsed = asyncio.run(batches(cluster, lambda: interval))
+        assert elapsed < interval and len(paced) <= 2 and paced[-1][-1].finished
+        whole = [out for batch in asyncio.run(batches(local))[0] for out in batch]
+        assert len(whole) > 4
+        want = RequestResult.fold(whole)
+        assert [c.token_ids for c in RequestResult.fold([o for b in paced for o in b]).completions] == \
+            [c.token_ids for c in want.completions]
+        after, _ = asyncio.run(batches(cluster, continuation=received(whole[:4], params.n)))
+        joined = RequestResult.fold(whole[:4] + [out for batch in after for out in batch])
+        assert [(c.token_ids, c.text, c.finish_reason) for c in joined.completions] == \
+            [(c.token_ids, c.text, c.finish_reason) for c in want.completions]
+        assert joined.num_generated_tokens == want.num_generated_tokens == 24
     finally:
         cluster.shutdown()
 
