@@ -13,7 +13,7 @@ import pytest
 
 from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
-from cluster.engine.sequence import RequestOutput
+from cluster.engine.sequence import RequestOutput, RequestResult
 from cluster.engine_config import EngineConfig
 from tests.conftest import HFCheckpoint
 
@@ -109,6 +109,24 @@ def test_unseeded_sampling_differs_per_request(engine: EngineLoop) -> None:
     params = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
     first, second = engine.generate([PROMPT, PROMPT], params)
     assert first.completions[0].token_ids != second.completions[0].token_ids
+
+
+def test_the_seed_drawn_for_an_unseeded_request_is_reported_and_is_the_one_it_samples_with(engine: EngineLoop
+                                                                                           ) -> None:
+    """The input processor draws the seed of an unseeded request (once: the engine draws none) and the first
+    output reports it; a request given that seed samples the same tokens (n=2: both samples)."""
+    params = SamplingParams(n=2, max_tokens=12, temperature=1.0, ignore_eos=True)
+
+    async def first_and_all() -> list[RequestOutput]:
+        return [out async for out in engine.stream(PROMPT, params)]
+
+    outs = asyncio.run(first_and_all())
+    seed = outs[0].seed
+    assert seed is not None and all(out.seed is None for out in outs[1:])
+    drawn = RequestResult.fold(outs).completions
+    again = engine.generate([PROMPT], SamplingParams(n=2, max_tokens=12, temperature=1.0, ignore_eos=True,
+                                                     seed=seed))[0].completions
+    assert [c.token_ids for c in again] == [c.token_ids for c in drawn]
 
 
 def test_top_k_one_is_greedy(engine: EngineLoop) -> None:
