@@ -111,6 +111,28 @@ def test_seeded_sampled_n2_with_stop_strings_and_logprobs_continues_exactly(engi
     assert engine.stats().kv_blocks_used == 0
 
 
+def test_unseeded_request_resumes_exactly_with_the_seed_its_engine_reported(engine: EngineLoop) -> None:
+    """The gateway's resume bookkeeping (router_service/resume.py) with a real engine: an unseeded sampled n=2
+    request gets its seed from the engine's input processor (reported in the first output, pinned with
+    ``with_seed``, as the gateway does on Accepted); cut after its 3rd report and resumed from what the client had
+    (Progress), it ends exactly as the uninterrupted request."""
+    from router_service.engine_api import GenerateRequest
+    from router_service.resume import Progress, resumed, with_seed
+
+    request = GenerateRequest("r", SamplingParams(max_tokens=16, temperature=1.0, n=2, ignore_eos=True),
+                              prompt=PROMPT)
+    whole = run(engine, request.params)
+    assert request.params.seed is None and whole[0].seed is not None
+    pinned = with_seed(request, whole[0].seed)
+    progress = Progress.of(pinned)
+    for out in whole[:3]:
+        progress.record(out)
+    again = resumed(pinned, progress)
+    assert again.params.seed == whole[0].seed and again.continuation is not None
+    after = run(engine, again.params, again.continuation)
+    assert_same(RequestResult.fold(whole[:3] + after), RequestResult.fold(whole))
+
+
 def test_continuation_is_validated(engine: EngineLoop) -> None:
     one = Continuation((SampleSoFar((5, 6), 3),))
     cases = [(SamplingParams(max_tokens=8, temperature=0.7), one, "seed"),
