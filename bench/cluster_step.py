@@ -31,7 +31,7 @@ import torch
 
 from bench.common import machine, progress, table, write_section
 from bench.models import bench_model, describe
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.model.config import ModelConfig
@@ -120,8 +120,8 @@ def run_size(size: str, args: argparse.Namespace) -> str:
     engine_cfg = EngineConfig(model=str(model), progress=False, max_num_batched_tokens=4096, max_num_seqs=128,
                               num_kv_blocks=max(512, args.batch * 16))
     batch = prompts(args.batch, 16, cfg.vocab_size, seed=1)
-    peers = [Peer("local engine, 1 thread", [LocalEngine.from_config(engine_cfg)], threads=1),
-             Peer("local engine, 2 threads", [LocalEngine.from_config(engine_cfg)], threads=2)]
+    peers = [Peer("local engine, 1 thread", [EngineLoop.local(engine_cfg)], threads=1),
+             Peer("local engine, 2 threads", [EngineLoop.local(engine_cfg)], threads=2)]
     progress(f"starting an expert pool ({args.experts_per_worker} experts per worker) and its coordinators")
     pool = start_pool(engine_cfg, PoolConfig(experts_per_worker=args.experts_per_worker, threads_per_worker=1,
                                              merge_wait_ms=args.merge_wait_ms))

@@ -24,7 +24,7 @@ import torch
 
 from bench.common import add_workload_flags, machine, progress, table, write_section
 from bench.models import bench_model, describe
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
@@ -96,7 +96,7 @@ def main() -> None:
                               num_kv_blocks=64 * ((args.prompt_len + args.output_len) // 16 + 2))
     progress("loading transformers, the local engine, an expert pool and its coordinators")
     pool = start_pool(engine_cfg, PoolConfig(experts_per_worker=args.experts_per_worker, threads_per_worker=1))
-    local = LocalEngine.from_config(engine_cfg)
+    local = EngineLoop.local(engine_cfg)
 
     def coordinator(micro_batches: int = 0) -> ClusterEngine:
         return ClusterEngine.start(engine_cfg, ClusterConfig(micro_batches=micro_batches), pool=pool)

@@ -290,9 +290,9 @@ def _hf_model(path: Path, device: str, dtype: Any) -> Any:
 
 
 def _local_engine(path: Path, device: str, dtype: str, max_seqs: int, tokens: int) -> Any:
-    from cluster.engine.loop import LocalEngine
+    from cluster.engine.loop import EngineLoop
 
-    return LocalEngine.from_config(_engine_config(path, device, dtype, max_seqs, tokens))
+    return EngineLoop.local(_engine_config(path, device, dtype, max_seqs, tokens))
 
 
 def _engine_config(path: Path, device: str, dtype: str, max_seqs: int, tokens: int) -> Any:

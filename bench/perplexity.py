@@ -143,7 +143,7 @@ def served_logprobs(base_url: str, model: str, windows: Sequence[Window], batch:
 
 
 def engine_logprobs(engine: Any, windows: Sequence[Window]) -> list[list[float]]:
-    """Through an engine's own API (LocalEngine / ClusterEngine): the same echo + logprobs request."""
+    """Through an engine's own API (EngineLoop / ClusterEngine): the same echo + logprobs request."""
     from cluster.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=1, temperature=0, logprobs=0, echo=True)
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     windows = document_windows(args.model, docs, args.max_length)
     progress(f"{len(docs)} documents, {len(windows)} windows, {sum(len(w.continuation) for w in windows)} tokens")
 
-    from cluster.engine.loop import LocalEngine
+    from cluster.engine.loop import EngineLoop
     from cluster.engine_config import EngineConfig
 
     timings: dict[str, float] = {}
@@ -257,8 +257,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     scores["transformers"] = total(transformers_logprobs(load_transformers(args.model), windows), docs)
     timings["transformers"] = time.perf_counter() - t0
     progress(f"transformers: {scores['transformers'].perplexity:.4f}")
-    local = LocalEngine.from_config(EngineConfig(model=str(args.model), progress=False,
-                                                 max_model_len=args.max_length + 2, kv_cache_gib=0.25))
+    local = EngineLoop.local(EngineConfig(model=str(args.model), progress=False,
+                                          max_model_len=args.max_length + 2, kv_cache_gib=0.25))
     try:
         t0 = time.perf_counter()
         scores["local engine"] = total(engine_logprobs(local, windows), docs)

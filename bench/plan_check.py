@@ -21,7 +21,7 @@ import torch
 from bench.cluster_step import Peer, measure, prompts
 from bench.common import machine, progress, table, write_section
 from bench.models import bench_model, describe
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.model.config import ModelConfig
 from cluster.planning.calibrate import calibrate
@@ -63,7 +63,7 @@ def main() -> None:
     engine_cfg = EngineConfig(model=str(model), progress=False, max_num_batched_tokens=4096, max_num_seqs=128,
                               num_kv_blocks=max(512, max(args.batch) * 4))
     rows: list[list[object]] = []
-    local = LocalEngine.from_config(engine_cfg)
+    local = EngineLoop.local(engine_cfg)
     try:
         for batch_size in args.batch:
             batch = prompts(batch_size, PROMPT_LEN, cfg.vocab_size, seed=1)

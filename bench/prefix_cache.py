@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from bench.common import machine, progress, table, write_section
 from bench.models import bench_model, describe
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.sequence import RequestResult
 from cluster.engine_config import EngineConfig
@@ -47,13 +47,13 @@ def load() -> str:
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
 
 
-def engine(model: str, caching: bool, args: argparse.Namespace) -> LocalEngine:
-    return LocalEngine.from_config(EngineConfig(model=model, progress=False, enable_prefix_caching=caching,
-                                                max_num_seqs=64, max_num_batched_tokens=args.batched_tokens,
-                                                kv_cache_gib=1.0, max_model_len=2048))
+def engine(model: str, caching: bool, args: argparse.Namespace) -> EngineLoop:
+    return EngineLoop.local(EngineConfig(model=model, progress=False, enable_prefix_caching=caching,
+                                         max_num_seqs=64, max_num_batched_tokens=args.batched_tokens,
+                                         kv_cache_gib=1.0, max_model_len=2048))
 
 
-def finish(eng: LocalEngine, results: list[RequestResult], wall: float) -> Run:
+def finish(eng: EngineLoop, results: list[RequestResult], wall: float) -> Run:
     stats = eng.stats()
     eng.shutdown()
     ttfts = [r.metrics.ttft for r in results if r.metrics is not None and r.metrics.ttft is not None]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from bench.common import ROOT, machine, progress, table, time_interleaved, write_section
 from bench.models import bench_model, describe
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
 from cluster.model.quant import ExpertQuantization, dequantize, quantize_weight
@@ -56,18 +56,18 @@ def shown(path: Path, default: Path) -> str:
     return str(relative) if path.parts[-len(relative.parts):] == relative.parts else path.name
 
 
-def make_engine(model: Path, quantize: str | None, group: int | None, **options: Any) -> LocalEngine:
-    return LocalEngine.from_config(EngineConfig(model=str(model), progress=False, quantize_experts=quantize,
-                                                quantize_group_size=group, **options))
+def make_engine(model: Path, quantize: str | None, group: int | None, **options: Any) -> EngineLoop:
+    return EngineLoop.local(EngineConfig(model=str(model), progress=False, quantize_experts=quantize,
+                                         quantize_group_size=group, **options))
 
 
-def expert_bytes(engine: LocalEngine) -> int:
+def expert_bytes(engine: EngineLoop) -> int:
     moe = engine.engine.moe
     assert isinstance(moe, MoELayer) and isinstance(moe.executor, InProcessExperts)
     return moe.executor.experts.nbytes
 
 
-def echo_logprobs(engine: LocalEngine, text: str) -> list[float]:
+def echo_logprobs(engine: EngineLoop, text: str) -> list[float]:
     """Log-probabilities of every token of ``text`` after the first (BOS), as echo + logprobs=0 returns them."""
     params = SamplingParams(max_tokens=1, temperature=0, logprobs=0, echo=True)
     result = engine.generate([text], params)[0]
@@ -75,7 +75,7 @@ def echo_logprobs(engine: LocalEngine, text: str) -> list[float]:
     return [e.logprob for e in entries if e is not None]
 
 
-def perplexity(engine: LocalEngine, documents: list[str]) -> tuple[float, int]:
+def perplexity(engine: EngineLoop, documents: list[str]) -> tuple[float, int]:
     logprobs = [lp for doc in documents for lp in echo_logprobs(engine, doc)]
     return math.exp(-sum(logprobs) / len(logprobs)), len(logprobs)
 

@@ -224,7 +224,7 @@ def engine_table(args: argparse.Namespace) -> list[str]:
     by side (each engine built, timed at each batch size best of 2, shut down), as markdown lines."""
     from bench.gpu_check import _engine_config, engine_generate, prompts
     from bench.models import bench_model
-    from cluster.engine.loop import LocalEngine
+    from cluster.engine.loop import EngineLoop
 
     gpu = args.device.startswith("cuda")
     dtype = "bfloat16" if gpu else "float32"
@@ -236,9 +236,9 @@ def engine_table(args: argparse.Namespace) -> list[str]:
     described: dict[str, str] = {}
     for name, options in peers.items():
         cfg = _engine_config(path, args.device, dtype, max(sizes), prompt_len + output_len).with_(**options)
-        engine = LocalEngine.from_config(cfg)
+        engine = EngineLoop.local(cfg)
         try:
-            experts = engine.engine.moe.experts  # type: ignore[attr-defined]
+            experts = engine.engine.moe.executor.experts  # type: ignore[attr-defined]
             described[name] = f"{experts.nbytes / 2**20:,.0f} MiB of experts"
             vocab = engine.model_config.vocab_size
             engine_generate(engine, prompts(2, prompt_len, vocab), output_len)  # warm-up (kernels, packing)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from router_service.engine_flags import add_engine_flags
 
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command needs them
-    from cluster.engine.api import EngineClient
+    from cluster.engine.client import EngineClient
     from cluster.engine.sampling import SamplingParams
 
 EXIT_USAGE = 2
@@ -383,9 +383,9 @@ def _make_engine(args: argparse.Namespace) -> EngineClient:
     engine_cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                               quantize_experts=args.quantize_experts, quantize_group_size=args.quantize_group_size)
     if args.engine == "local":
-        from cluster.engine.loop import LocalEngine
+        from cluster.engine.loop import EngineLoop
 
-        return LocalEngine.from_config(engine_cfg)
+        return EngineLoop.local(engine_cfg)
     from workers.cluster_engine import ClusterEngine
 
     return ClusterEngine.start(engine_cfg, ClusterConfig(address=args.address),

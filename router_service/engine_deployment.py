@@ -19,12 +19,14 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from cluster.engine.api import Prompt
+from cluster.engine.client import EngineClient
 from cluster.engine.coordinator import new_coordinator_id
 from cluster.engine.loader import build_engine, distributed_moe
-from cluster.engine.loop import EngineLoop, LocalEngine
-from cluster.engine.sequence import RequestOutput
+from cluster.engine.loop import EngineLoop
+from cluster.engine.sequence import RequestOutput, merge_outputs
 from cluster.errors import EngineDeadError, QueueFullError, RequestError, first_line
-from router_service.engine_api import Accepted, GenerateChunk, GenerateRequest, merge, to_chunk
+from router_service.engine_api import Accepted, GenerateRequest
 from router_service.metrics import EngineMetrics
 from router_service.pool_deployment import ServePool
 from router_service.settings import AppSettings
@@ -44,7 +46,7 @@ class EngineDeployment:
         engine_cfg = settings.engine_config()
         if pool is None:
             self.engine_id = f"engine-{uuid.uuid4().hex[:6]}"
-            self.engine: EngineLoop = LocalEngine.from_config(engine_cfg)
+            self.engine: EngineClient = EngineLoop.local(engine_cfg)
         else:
             # This replica is a coordinator: the engine runs here, in-process, so tokens reach the ingress with one
             # Ray hop; its MoE layers go to the pool's workers over links of its own.
@@ -74,21 +76,20 @@ class EngineDeployment:
             with contextlib.suppress(Exception):
                 self.metrics.sample(await asyncio.to_thread(self.engine.stats))
 
-    async def generate(self, request: GenerateRequest) -> AsyncGenerator[Accepted | list[GenerateChunk], None]:
-        """Accepted first (or an exception: a bad request, a full queue, a dead engine), then chunks."""
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[Accepted | list[RequestOutput], None]:
+        """Accepted first (or an exception: a bad request, a full queue, a dead engine), then outputs."""
         self._ensure_sampler()
-        prompt: str | list[int]
+        prompt: Prompt  # text, or the token ids of the rendered chat; the engine's input processor does the rest
         if request.messages is not None:
             prompt = self.tokenizer.encode_chat(request.messages, **request.chat_options)
         else:
             assert request.prompt is not None
             prompt = request.prompt
-        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         remaining = request.remaining()
         if remaining is not None and remaining <= 0:
             raise TimeoutError(f"request {request.request_id} reached its deadline before it started")
         resumed_at = 0 if request.continuation is None else sum(len(s.token_ids) for s in request.continuation.samples)
-        stream = self.engine.stream_batches(prompt_ids, request.params, request.request_id,
+        stream = self.engine.stream_batches(prompt, request.params, request.request_id,
                                             interval_s=self._stream_interval_s, continuation=request.continuation)
         async with contextlib.aclosing(stream):
             try:
@@ -96,32 +97,34 @@ class EngineDeployment:
             except (ValueError, TypeError, QueueFullError, TimeoutError) as err:
                 self._refused(request.request_id, err)
                 raise
-            yield Accepted(request.request_id, len(prompt_ids), self.engine_id)
+            assert batch is not None
+            first = batch[0]
+            yield Accepted(request.request_id, first.num_prompt_tokens, self.engine_id,
+                           first.seed if first.seed is not None else request.params.seed)
             self._open_streams += 1
             try:
                 while batch is not None:
-                    chunks = [to_chunk(self.tokenizer, out) for out in batch]
-                    if request.params.echo and chunks[0].prompt_token_ids is not None:
-                        chunks[0].prompt_text = (request.prompt if isinstance(request.prompt, str) else
-                                                 self.tokenizer.decode(prompt_ids, skip_special_tokens=False))
-                    # One chunk per batch, not one per engine step: every chunk is a Ray item to the ingress
+                    # One output per batch, not one per engine step: every output is a Ray item to the ingress
                     # and then an SSE event / gRPC message through the proxy, each with a fixed CPU cost.
-                    yield [merge(chunks)] if len(chunks) > 1 else chunks
-                    last = chunks[-1]
+                    last = merge_outputs(batch) if len(batch) > 1 else batch[0]
+                    yield [last]
                     if last.finished:  # (a continuation's latencies count from the resume, so do its tokens)
-                        self.metrics.observe_request(last.ttft_s, last.e2e_s, last.completion_tokens - resumed_at,
-                                                     [c.finish_reason or "" for c in last.choices], last.metrics)
-                        if self.settings.log_requests:
-                            reasons = ", ".join(c.finish_reason or "?" for c in last.choices)
-                            self._request_line(
-                                f"{request.request_id}: prompt {len(prompt_ids)} tokens, completion "
-                                f"{last.completion_tokens} tokens ({reasons}), "
-                                f"time to first token {last.ttft_s or 0.0:.2f} s, total {last.e2e_s or 0.0:.2f} s")
+                        self._finished(request.request_id, last, last.num_generated_tokens - resumed_at)
                         return
                     # The engine paces the stream (interval_s): what it produced meanwhile is one batch.
                     batch = await self._next(stream, request.remaining())
             finally:
                 self._open_streams -= 1
+
+    def _finished(self, request_id: str, last: RequestOutput, new_tokens: int) -> None:
+        ttft, e2e = (last.metrics.ttft, last.metrics.e2e) if last.metrics is not None else (None, None)
+        self.metrics.observe_request(ttft, e2e, new_tokens, [c.finish_reason or "" for c in last.outputs],
+                                     last.metrics)
+        if self.settings.log_requests:
+            reasons = ", ".join(c.finish_reason or "?" for c in last.outputs)
+            self._request_line(f"{request_id}: prompt {last.num_prompt_tokens} tokens, completion "
+                               f"{last.num_generated_tokens} tokens ({reasons}), "
+                               f"time to first token {ttft or 0.0:.2f} s, total {e2e or 0.0:.2f} s")
 
     def _refused(self, request_id: str, err: BaseException) -> None:
         """A client's mistake (or a full queue, a passed deadline): one INFO line, no traceback; the ingress

@@ -22,8 +22,9 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from cluster.engine.sequence import RequestOutput
 from cluster.errors import first_line
-from router_service.engine_api import GenerateChunk, GenerateRequest
+from router_service.engine_api import GenerateRequest
 from router_service.errors import SHUTTING_DOWN, ApiError, engine_error, engine_unavailable, replica_died, shutting_down
 from router_service.metrics import IngressMetrics
 from router_service.resume import Progress, resumed, with_seed
@@ -111,9 +112,8 @@ class EngineGateway:
         return time.time() + (timeout if timeout is not None else self.request_timeout_s)
 
     async def open(self, request: GenerateRequest) -> Generation:
-        """Start a generation (a sampled one gets its own seed first, see resume.with_seed); errors before the
-        engine accepted it are raised as ApiError."""
-        generation = Generation(with_seed(request))
+        """Start a generation; errors before the engine accepted it are raised as ApiError."""
+        generation = Generation(request)
         await self._attach(generation, None)
         return generation
 
@@ -138,6 +138,7 @@ class EngineGateway:
                             generation.replica or "its replica", first_line(died) if died else "",
                             generation.progress.num_tokens, generation.resumes, self.max_resumes)
             generation.stream, generation.replica = stream, accepted.engine_id
+            generation.request = with_seed(generation.request, accepted.seed)  # to resume with the same draws
             return
 
     async def _plan_resume(self, generation: Generation, died: BaseException) -> GenerateRequest:
@@ -172,7 +173,7 @@ class EngineGateway:
             raise failure
         return generations
 
-    async def _chunks(self, generation: Generation) -> AsyncGenerator[GenerateChunk, None]:
+    async def _chunks(self, generation: Generation) -> AsyncGenerator[RequestOutput, None]:
         """The chunks of one generation, each recorded in its progress before it is handed on; when its replica
         dies, the rest of them from another replica."""
         while True:
@@ -191,7 +192,7 @@ class EngineGateway:
                     generation.stream.cancel()
                 await self._attach(generation, err)
 
-    async def iterate(self, generations: list[Generation]) -> AsyncGenerator[tuple[int, GenerateChunk], None]:
+    async def iterate(self, generations: list[Generation]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """Chunks of several open generations as they come, tagged with the generation's position. An error, or
         closing this generator early (a caller that may stop before the end closes it with contextlib.aclosing,
         so as not to wait for garbage collection), stops every generation still running."""

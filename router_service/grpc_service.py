@@ -13,9 +13,10 @@ import grpc
 from grpc_health.v1 import health_pb2
 from ray.serve.grpc_util import RayServegRPCContext
 
-from cluster.engine.sampling import SamplingParams
+from cluster.engine.sampling import SamplingParams, TokenLogprob
+from cluster.engine.sequence import CompletionOutput, RequestOutput, merge_outputs
 from protos.moe_cluster.v1 import generation_pb2 as pb
-from router_service.engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, TokenInfo, merge
+from router_service.engine_api import GenerateRequest
 from router_service.errors import ApiError
 from router_service.gateway import EngineGateway, new_id
 
@@ -37,7 +38,7 @@ def fail(context: RayServegRPCContext, err: ApiError) -> NoReturn:
     raise err
 
 
-def stop_fields(choice: ChoiceDelta) -> dict[str, Any]:
+def stop_fields(choice: CompletionOutput) -> dict[str, Any]:
     reason = {"length": pb.MAX_TOKENS, "abort": pb.CANCELLED}.get(choice.finish_reason or "",
                                                                   pb.STOP_REASON_UNSPECIFIED)
     fields: dict[str, Any] = {"stop_reason": reason}
@@ -53,15 +54,16 @@ def stop_fields(choice: ChoiceDelta) -> dict[str, Any]:
     return fields
 
 
-def logprobs_pb(tokens: list[TokenInfo] | None) -> list[pb.TokenLogprob]:
+def logprobs_pb(tokens: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
     return [pb.TokenLogprob(token_id=t.token_id, token=t.text, logprob=t.logprob,
-                            top=[pb.TopLogprob(token_id=i, token=s, logprob=v) for i, s, v in t.top])
+                            top=[pb.TopLogprob(token_id=i, token=s, logprob=v)
+                                 for s, (i, v) in zip(t.top_texts, t.top, strict=True)])
             for t in tokens or []]
 
 
-def usage_pb(chunk: GenerateChunk) -> pb.Usage:
-    return pb.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
-                    total_tokens=chunk.prompt_tokens + chunk.completion_tokens)
+def usage_pb(chunk: RequestOutput) -> pb.Usage:
+    return pb.Usage(prompt_tokens=chunk.num_prompt_tokens, completion_tokens=chunk.num_generated_tokens,
+                    total_tokens=chunk.num_prompt_tokens + chunk.num_generated_tokens)
 
 
 def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
@@ -121,10 +123,10 @@ class GrpcApi:
         try:
             self.authorize(context)
             streams = await self.gateway.open_all([self.generate_request(request)])
-            merged = merge([chunk async for _, chunk in self.gateway.iterate(streams)])
+            merged = merge_outputs([chunk async for _, chunk in self.gateway.iterate(streams)])
         except ApiError as err:
             fail(context, err)
-        choice = merged.choices[0]
+        choice = merged.outputs[0]
         return pb.GenerateResponse(request_id=merged.request_id, model=self.gateway.model_name, text=choice.text,
                                    token_ids=choice.token_ids, usage=usage_pb(merged),
                                    logprobs=logprobs_pb(choice.logprobs), **stop_fields(choice))
@@ -137,7 +139,7 @@ class GrpcApi:
             streams = await self.gateway.open_all([gen_request])
             async with contextlib.aclosing(self.gateway.iterate(streams)) as chunks:
                 async for _, chunk in chunks:
-                    for choice in chunk.choices:
+                    for choice in chunk.outputs:
                         message = pb.GenerateStreamResponse(request_id=gen_request.request_id, text=choice.text,
                                                             token_ids=choice.token_ids,
                                                             logprobs=logprobs_pb(choice.logprobs))

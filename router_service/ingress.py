@@ -19,8 +19,9 @@ from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.engine.sequence import RequestOutput, merge_outputs
 from protos.moe_cluster.v1 import generation_pb2 as pb
-from router_service.engine_api import GenerateChunk, GenerateRequest, merge
+from router_service.engine_api import GenerateRequest
 from router_service.errors import RETRY_AFTER_S, ApiError
 from router_service.gateway import EngineGateway, Generation, new_id
 from router_service.grpc_service import GrpcApi
@@ -191,16 +192,16 @@ class Ingress:
         if body.stream:
             return self.sse(self.completion_events(rid, requests, streams, n, with_logprobs, body.include_usage,
                                                    body.continuous_usage))
-        per_prompt: dict[int, list[GenerateChunk]] = {}
+        per_prompt: dict[int, list[RequestOutput]] = {}
         async for i, chunk in self.gateway.iterate(streams):
             per_prompt.setdefault(i, []).append(chunk)
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i in range(len(requests)):
-            merged = merge(per_prompt[i])
-            prompt_tokens += merged.prompt_tokens
-            completion_tokens += merged.completion_tokens
+            merged = merge_outputs(per_prompt[i])
+            prompt_tokens += merged.num_prompt_tokens
+            completion_tokens += merged.num_generated_tokens
             echo_text = merged.prompt_text if params.echo else None
-            for pos, choice in enumerate(merged.choices):
+            for pos, choice in enumerate(merged.outputs):
                 choices.append(completion_choice(i * n + choice.index, merged, pos, echo_text, with_logprobs))
         return {"id": rid, "object": "text_completion", "created": created(), "model": self.gateway.model_name,
                 "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
@@ -215,9 +216,9 @@ class Ingress:
         base = {"id": rid, "object": "text_completion", "created": created(), "model": self.gateway.model_name}
         async with contextlib.aclosing(self.gateway.iterate(streams)) as chunks:
             async for i, chunk in chunks:
-                tokens[i] = (chunk.prompt_tokens, chunk.completion_tokens)
+                tokens[i] = (chunk.num_prompt_tokens, chunk.num_generated_tokens)
                 echo = requests[i].params.echo and chunk.prompt_text is not None  # only the first chunk has it
-                for pos, choice in enumerate(chunk.choices):
+                for pos, choice in enumerate(chunk.outputs):
                     if not choice.text and not choice.token_ids and choice.finish_reason is None:
                         continue
                     index = i * n + choice.index
@@ -228,7 +229,7 @@ class Ingress:
                         text_offsets[index] = offsets[-1] + len(texts[-1])
                     event = base | {"choices": [data]}
                     if continuous_usage:
-                        event["usage"] = usage(chunk.prompt_tokens, chunk.completion_tokens)
+                        event["usage"] = usage(chunk.num_prompt_tokens, chunk.num_generated_tokens)
                     yield stream_event(event)
         if include_usage:
             yield stream_event(base | {"choices": [], "usage": usage(sum(p for p, _ in tokens.values()),
@@ -252,12 +253,12 @@ class Ingress:
         if body.stream:
             return self.sse(self.chat_events(rid, request, streams, body.include_usage, body.continuous_usage))
         chunks = [chunk async for _, chunk in self.gateway.iterate(streams)]
-        merged = merge(chunks)
+        merged = merge_outputs(chunks)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": chat_logprobs(c.logprobs or []) if params.logprobs is not None else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in merged.choices]
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in merged.outputs]
         return {"id": rid, "object": "chat.completion", "created": created(), "model": self.gateway.model_name,
-                "choices": choices, "usage": usage(merged.prompt_tokens, merged.completion_tokens)}
+                "choices": choices, "usage": usage(merged.num_prompt_tokens, merged.num_generated_tokens)}
 
     async def chat_events(self, rid: str, request: GenerateRequest, streams: list[Generation],
                           include_usage: bool, continuous_usage: bool = False) -> AsyncGenerator[str, None]:
@@ -268,7 +269,7 @@ class Ingress:
         async with contextlib.aclosing(self.gateway.iterate(streams)) as chunks:
             async for _, chunk in chunks:
                 last = chunk
-                for choice in chunk.choices:
+                for choice in chunk.outputs:
                     delta: dict[str, Any] = {"content": choice.text}
                     if choice.index not in started:
                         started.add(choice.index)
@@ -280,10 +281,11 @@ class Ingress:
                             "logprobs": chat_logprobs(choice.logprobs or []) if with_logprobs else None}
                     event = base | {"choices": [data]}
                     if continuous_usage:
-                        event["usage"] = usage(chunk.prompt_tokens, chunk.completion_tokens)
+                        event["usage"] = usage(chunk.num_prompt_tokens, chunk.num_generated_tokens)
                     yield stream_event(event)
         if include_usage and last is not None:
-            yield stream_event(base | {"choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)})
+            yield stream_event(base | {"choices": [],
+                                       "usage": usage(last.num_prompt_tokens, last.num_generated_tokens)})
         yield stream_event("[DONE]")
 
     @app.post("/scale_expert_pool")

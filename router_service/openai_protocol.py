@@ -11,8 +11,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
-from cluster.engine.sampling import SamplingParams
-from router_service.engine_api import GenerateChunk, TokenInfo
+from cluster.engine.sampling import SamplingParams, TokenLogprob
+from cluster.engine.sequence import RequestOutput
 from router_service.errors import ApiError
 
 log = logging.getLogger("moe_cluster.serve")
@@ -298,7 +298,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_logprobs(tokens: list[TokenInfo | None], offset: int) -> dict[str, Any]:
+def completion_logprobs(tokens: list[TokenLogprob | None], offset: int) -> dict[str, Any]:
     """OpenAI's legacy completions logprobs object; ``None`` entries (the first prompt token) have none."""
     texts: list[str] = []
     lps: list[float | None] = []
@@ -313,27 +313,28 @@ def completion_logprobs(tokens: list[TokenInfo | None], offset: int) -> dict[str
             continue
         texts.append(info.text)
         lps.append(info.logprob)
-        tops.append({text: lp for _, text, lp in info.top} if info.top else None)
+        tops.append({text: lp for text, (_, lp) in zip(info.top_texts, info.top, strict=True)} if info.top else None)
         offset += len(info.text)
     return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
     def entry(text: str, lp: float) -> dict[str, Any]:
         return {"token": text, "logprob": lp, "bytes": list(text.encode())}
 
-    return {"content": [entry(t.text, t.logprob) | {"top_logprobs": [entry(text, lp) for _, text, lp in t.top]}
+    return {"content": [entry(t.text, t.logprob) | {"top_logprobs": [entry(text, lp) for text, (_, lp)
+                                                                      in zip(t.top_texts, t.top, strict=True)]}
                         for t in tokens]}
 
 
-def completion_choice(index: int, chunk: GenerateChunk, choice_pos: int, echo_text: str | None,
+def completion_choice(index: int, chunk: RequestOutput, choice_pos: int, echo_text: str | None,
                       with_logprobs: bool, text_offset: int = 0) -> dict[str, Any]:
     """One choice; ``text_offset``: where this chunk's text starts in the whole text (streams send several)."""
-    choice = chunk.choices[choice_pos]
+    choice = chunk.outputs[choice_pos]
     text = choice.text if echo_text is None else echo_text + choice.text
     logprobs = None
     if with_logprobs:
-        entries: list[TokenInfo | None] = []
+        entries: list[TokenLogprob | None] = []
         if echo_text is not None and chunk.prompt_logprobs is not None:
             entries.extend(chunk.prompt_logprobs)
         entries.extend(choice.logprobs or [])

@@ -5,25 +5,24 @@ characters of text and whether it finished - as the chunks pass through the gate
 it is handed on, and everything handed on reaches the client in order). On the replica's death, ``resumed``
 makes the request another replica continues: the request itself when nothing had come yet, else its
 continuation form (cluster.engine.sequence.Continuation), after which the new replica sends only what comes next.
-``with_seed`` gives a sampled request that has no seed one up front, drawn as the engine would draw it
-(sampling.new_request_seed: a fresh one per request), so that unseeded requests resume exactly too.
+``with_seed`` pins the seed the first replica's input processor resolved (drawn there when the request gave none,
+reported in ``Accepted``), so that unseeded requests resume exactly too: no seed is drawn here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from cluster.engine.sampling import new_request_seed
-from cluster.engine.sequence import Continuation, SampleSoFar
-from router_service.engine_api import GenerateChunk, GenerateRequest
+from cluster.engine.sequence import Continuation, RequestOutput, SampleSoFar
+from router_service.engine_api import GenerateRequest
 
 
-def with_seed(request: GenerateRequest) -> GenerateRequest:
-    """``request``, with a seed of its own when it samples without one (greedy requests need none)."""
+def with_seed(request: GenerateRequest, seed: int | None) -> GenerateRequest:
+    """``request``, with the seed its engine samples it with when it gave none (greedy requests need none)."""
     params = request.params
-    if params.greedy or params.seed is not None:
+    if params.greedy or params.seed is not None or seed is None:
         return request
-    return replace(request, params=replace(params, seed=new_request_seed()))
+    return replace(request, params=replace(params, seed=seed))
 
 
 @dataclass
@@ -41,10 +40,10 @@ class Progress:
         n = request.params.n
         return cls([[] for _ in range(n)], [0] * n, [False] * n)
 
-    def record(self, chunk: GenerateChunk) -> None:
+    def record(self, chunk: RequestOutput) -> None:
         self.chunks += 1
         self.done = self.done or chunk.finished
-        for choice in chunk.choices:
+        for choice in chunk.outputs:
             self.token_ids[choice.index].extend(choice.token_ids)
             self.text_chars[choice.index] += len(choice.text)
             self.finished[choice.index] = self.finished[choice.index] or choice.finish_reason is not None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
 from router_service.cli import build_parser
@@ -31,7 +31,7 @@ def test_init_demo_then_generate_json_matches_the_engine(tmp_path: Path) -> None
                   "--json")
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
-    engine = LocalEngine.from_config(EngineConfig(model=str(model), progress=False))
+    engine = EngineLoop.local(EngineConfig(model=str(model), progress=False))
     try:
         want = engine.generate(["Once upon a time"], SamplingParams(max_tokens=9, temperature=0))[0].completions[0]
     finally:
@@ -49,7 +49,7 @@ def test_transformers_loads_the_demo_checkpoint(demo_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(demo_dir)
-    engine = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=16))
+    engine = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=16))
     try:
         ids = engine.tokenizer.encode("The quick brown fox")
         with torch.no_grad():

@@ -3,20 +3,22 @@ the local engine, merging across coordinators, failures, shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import ray
 
-from cluster.engine.api import EngineClient
-from cluster.engine.loop import LocalEngine
+from cluster.engine.client import EngineClient
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
+from cluster.engine.sequence import Continuation, RequestOutput, RequestResult
 from cluster.engine_config import EngineConfig
 from cluster.errors import ClusterStartError, RequestFailedError
 from tests.conftest import HFCheckpoint, cluster_config, make_hf_checkpoint, pool_config
@@ -29,12 +31,12 @@ LENGTHS = (40, 7, 23, 1, 12)
 E8, E4 = "e8-top2-gqa4-window8-untied-sharded", "e4-top1-gqa1-window16-tied-single"
 
 
-def engines_share_one_api(local: LocalEngine, cluster: ClusterEngine) -> list[EngineClient]:
+def engines_share_one_api(local: EngineLoop, cluster: ClusterEngine) -> list[EngineClient]:
     """Checked by mypy, not at run time: both engines implement the EngineClient protocol."""
     return [local, cluster]
 
 
-def assert_same_outputs(cluster: ClusterEngine, local: LocalEngine, vocab: int, seed: int = 100) -> None:
+def assert_same_outputs(cluster: ClusterEngine, local: EngineLoop, vocab: int, seed: int = 100) -> None:
     prompts = [prompt_ids(vocab, n, seed=seed + n) for n in LENGTHS]
     for ours, theirs in zip(cluster.score(prompts), local.score(prompts), strict=True):
         assert (ours - theirs).abs().max().item() <= 1e-5
@@ -52,19 +54,19 @@ def routed_since(before: list[list[int]], after: list[list[int]]) -> list[list[i
 
 
 @pytest.fixture(scope="module")
-def parity_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[HFCheckpoint, LocalEngine]]]:
-    models: dict[str, tuple[HFCheckpoint, LocalEngine]] = {}
+def parity_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[HFCheckpoint, EngineLoop]]]:
+    models: dict[str, tuple[HFCheckpoint, EngineLoop]] = {}
     for name in (E8, E4):
         ckpt = make_hf_checkpoint(tmp_path_factory.mktemp("cluster-parity"), **PARITY_CONFIGS[name])
         engine_cfg = EngineConfig(model=str(ckpt.path), progress=False, num_kv_blocks=128, block_size=8)
-        models[name] = (ckpt, LocalEngine.from_config(engine_cfg))
+        models[name] = (ckpt, EngineLoop.local(engine_cfg))
     yield models
     for _, local in models.values():
         local.shutdown()
 
 
 @pytest.fixture(scope="module")
-def pool2(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]]) -> Iterator[Any]:
+def pool2(parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]]) -> Iterator[Any]:
     """An expert pool of the 8-expert model, 2 experts per worker (4 workers), shared by this module's tests. Its
     merge window is wide, so that merging shows even on a loaded machine."""
     pool = start_pool(parity_models[E8][1].engine.engine_cfg, pool_config(experts_per_worker=2, merge_wait_ms=20))
@@ -73,7 +75,7 @@ def pool2(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]]) -> Iterato
 
 
 def test_three_coordinators_on_one_pool_equal_the_local_engine(
-        parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]], pool2: Any) -> None:
+        parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]], pool2: Any) -> None:
     """Two coordinators (one on shared-memory links, one on process-group links) generate at the same time, and
     a third attaches while they do; each equals the local engine, token for token."""
     ckpt, local = parity_models[E8]
@@ -129,7 +131,7 @@ def rows_per_call(pool: Any, run: Any) -> float:
 
 
 def test_rows_of_two_coordinators_merge_into_one_expert_call(
-        parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]], pool2: Any) -> None:
+        parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]], pool2: Any) -> None:
     """At the same batch per coordinator, two coordinators give each expert call about twice the rows of one."""
     cfg = parity_models[E8][1].engine.engine_cfg
     engines = [ClusterEngine.start(cfg, cluster_config(), pool=pool2) for _ in range(2)]
@@ -154,13 +156,13 @@ def test_rows_of_two_coordinators_merge_into_one_expert_call(
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2, 3])
-def test_micro_batches_equal_the_serial_schedule(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]],
-                                                 pool2: Any, micro_batches: int) -> None:
+def test_micro_batches_equal_the_serial_schedule(parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]],
+                                                pool2: Any, micro_batches: int) -> None:
     """A step split into 1, 2 or 3 pipelined micro-batches gives the local engine's tokens, with prefill chunked
     (16 tokens a step), a sliding window (8) and a KV cache too small for all sequences at once (preemption)."""
     ckpt, _ = parity_models[E8]
     cfg = parity_models[E8][1].engine.engine_cfg.with_(max_num_batched_tokens=16, num_kv_blocks=12)
-    local = LocalEngine.from_config(cfg)
+    local = EngineLoop.local(cfg)
     cluster = ClusterEngine.start(cfg, cluster_config(micro_batches=micro_batches), pool=pool2)
     try:
         assert_same_outputs(cluster, local, ckpt.config["vocab_size"], seed=500 + micro_batches)
@@ -170,7 +172,7 @@ def test_micro_batches_equal_the_serial_schedule(parity_models: dict[str, tuple[
         local.shutdown()
 
 
-def test_two_micro_batches_are_really_used(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]],
+def test_two_micro_batches_are_really_used(parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]],
                                            pool2: Any) -> None:
     """Configured with 2 micro-batches, a coordinator splits its steps in two (its stats say so: this fails if
     micro-batching is silently off) and gives the serial local engine's tokens; over gloo process groups here,
@@ -188,15 +190,15 @@ def test_two_micro_batches_are_really_used(parity_models: dict[str, tuple[HFChec
     assert set(local.stats().micro_batch_steps) == {1}  # the local engine has nothing to overlap
 
 
-def test_prefix_caching_in_the_cluster_equals_caching_off(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]],
-                                                          pool2: Any) -> None:
+def test_prefix_caching_in_the_cluster_equals_caching_off(parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]],
+                                                         pool2: Any) -> None:
     """A coordinator with prefix caching on (the default), the sliding-window model (8), a cache small enough to
     preempt, prompts sharing a long prefix sent twice: greedy tokens, seeded n=2 samples and prompt logprobs equal
     the local engine with caching off."""
     from tests.test_prefix_cache import shared_prefix_prompts
 
     cfg = parity_models[E8][1].engine.engine_cfg.with_(max_num_batched_tokens=32, num_kv_blocks=24)
-    local = LocalEngine.from_config(cfg.with_(enable_prefix_caching=False))
+    local = EngineLoop.local(cfg.with_(enable_prefix_caching=False))
     cluster = ClusterEngine.start(cfg, cluster_config(), pool=pool2)
     prompts = shared_prefix_prompts(7, 5, prefix_len=30)
     try:
@@ -219,8 +221,8 @@ def test_prefix_caching_in_the_cluster_equals_caching_off(parity_models: dict[st
         local.shutdown()
 
 
-def test_one_expert_per_worker_two_coordinators_at_once(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]]
-                                                  ) -> None:
+def test_one_expert_per_worker_two_coordinators_at_once(parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]]
+                                                 ) -> None:
     """One expert per worker, with 1 KiB link slots so that most messages (and their results) travel in buffers
     of their own, two coordinators at once."""
     ckpt, local = parity_models[E4]
@@ -249,8 +251,8 @@ def test_one_expert_per_worker_two_coordinators_at_once(parity_models: dict[str,
 
 
 @pytest.mark.slow
-def test_workers_hosting_unequal_numbers_of_experts(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]]
-                                                    ) -> None:
+def test_workers_hosting_unequal_numbers_of_experts(parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]]
+                                                   ) -> None:
     ckpt, local = parity_models[E8]
     uneven = ClusterEngine.start(local.engine.engine_cfg, cluster_config(), pool_config(experts_per_worker=3))
     try:  # experts [0, 1, 2], [3, 4, 5], [6, 7]
@@ -260,8 +262,8 @@ def test_workers_hosting_unequal_numbers_of_experts(parity_models: dict[str, tup
         uneven.shutdown()
 
 
-def test_workers_read_only_their_experts_shards(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]],
-                                                pool2: Any) -> None:
+def test_workers_read_only_their_experts_shards(parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]],
+                                               pool2: Any) -> None:
     ckpt, _ = parity_models[E8]
     index = json.loads((ckpt.path / "model.safetensors.index.json").read_text())["weight_map"]
     for worker in ray.get(pool2.describe.remote())["workers"]:
@@ -270,7 +272,7 @@ def test_workers_read_only_their_experts_shards(parity_models: dict[str, tuple[H
 
 
 def test_bad_request_through_the_cluster_is_a_value_error(
-        parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]], pool2: Any) -> None:
+        parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]], pool2: Any) -> None:
     cfg = parity_models[E8][1].engine.engine_cfg.with_(max_model_len=64)
     cluster = ClusterEngine.start(cfg, cluster_config(), pool=pool2)
     try:
@@ -278,6 +280,45 @@ def test_bad_request_through_the_cluster_is_a_value_error(
             cluster.generate([[999]], GREEDY)
         assert cluster.health()["alive"]
         assert cluster.generate([[1, 2]], GREEDY)[0].completions[0].token_ids
+    finally:
+        cluster.shutdown()
+
+
+def test_cluster_stream_takes_the_pace_and_the_continuation_of_the_serve_path(
+        parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]], pool2: Any) -> None:
+    """ClusterEngine.stream_batches with interval_s and continuation, as a Serve replica calls an engine: paced by
+    an interval longer than the whole generation, the first batch comes at once and the rest in one final batch
+    without waiting for the interval; a seeded n=2 request the local engine started, cut after its 4th report and
+    continued on the cluster, ends exactly as the uninterrupted request on the local engine."""
+    from tests.test_continuation import received
+
+    ckpt, local = parity_models[E8]
+    prompt = prompt_ids(ckpt.config["vocab_size"], 9, seed=3)
+    params = SamplingParams(n=2, max_tokens=12, temperature=1.0, seed=11, ignore_eos=True, logprobs=1)
+    interval = 30.0
+    cluster = ClusterEngine.start(local.engine.engine_cfg, cluster_config(), pool=pool2)
+
+    async def batches(engine: EngineClient, interval_s: Callable[[], float] | None = None,
+                      continuation: Continuation | None = None) -> tuple[list[list[RequestOutput]], float]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        got = [b async for b in engine.stream_batches(prompt, params, interval_s=interval_s,
+                                                         continuation=continuation)]
+        return got, loop.time() - started
+
+    try:
+        paced, elapsed = asyncio.run(batches(cluster, lambda: interval))
+        assert elapsed < interval and len(paced) <= 2 and paced[-1][-1].finished
+        whole = [out for batch in asyncio.run(batches(local))[0] for out in batch]
+        assert len(whole) > 4
+        want = RequestResult.fold(whole)
+        assert [c.token_ids for c in RequestResult.fold([o for b in paced for o in b]).completions] == \
+            [c.token_ids for c in want.completions]
+        after, _ = asyncio.run(batches(cluster, continuation=received(whole[:4], params.n)))
+        joined = RequestResult.fold(whole[:4] + [out for batch in after for out in batch])
+        assert [(c.token_ids, c.text, c.finish_reason) for c in joined.completions] == \
+            [(c.token_ids, c.text, c.finish_reason) for c in want.completions]
+        assert joined.num_generated_tokens == want.num_generated_tokens == 24
     finally:
         cluster.shutdown()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.sequence import Continuation, RequestOutput, RequestResult, SampleSoFar
 from cluster.engine_config import EngineConfig
@@ -21,15 +21,15 @@ PROMPT = "The workers compute and send the results back"
 
 
 @pytest.fixture(scope="module")
-def engine(demo_dir: Path) -> Iterator[LocalEngine]:
-    eng = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=96,
-                                               block_size=8, max_model_len=256))
+def engine(demo_dir: Path) -> Iterator[EngineLoop]:
+    eng = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=96,
+                                        block_size=8, max_model_len=256))
     yield eng
     eng.shutdown()
 
 
-def run(engine: LocalEngine, params: SamplingParams, continuation: Continuation | None = None
-        ) -> list[RequestOutput]:
+def run(engine: EngineLoop, params: SamplingParams, continuation: Continuation | None = None
+       ) -> list[RequestOutput]:
     async def reports() -> list[RequestOutput]:
         return [out async for out in engine.stream(PROMPT, params, continuation=continuation)]
 
@@ -64,8 +64,8 @@ def assert_same(joined: RequestResult, whole: RequestResult) -> None:
             assert [t for t, _ in g.top] == [t for t, _ in w.top]
 
 
-def cut_and_continue(engine: LocalEngine, params: SamplingParams, whole: list[RequestOutput], k: int
-                     ) -> tuple[Continuation, list[RequestOutput]]:
+def cut_and_continue(engine: EngineLoop, params: SamplingParams, whole: list[RequestOutput], k: int
+                    ) -> tuple[Continuation, list[RequestOutput]]:
     """Cut ``whole`` after its k-th report, continue it, and check the joined result equals ``whole``."""
     before = received(whole[:k], params.n)
     after = run(engine, params, before)
@@ -76,7 +76,7 @@ def cut_and_continue(engine: LocalEngine, params: SamplingParams, whole: list[Re
     return before, after
 
 
-def test_greedy_request_cut_anywhere_continues_exactly(engine: LocalEngine) -> None:
+def test_greedy_request_cut_anywhere_continues_exactly(engine: EngineLoop) -> None:
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     whole = run(engine, params)
     assert len(whole) == 20  # one report per token: every cut point is tried
@@ -85,7 +85,7 @@ def test_greedy_request_cut_anywhere_continues_exactly(engine: LocalEngine) -> N
     assert engine.stats().kv_blocks_used == 0
 
 
-def test_seeded_sampled_n2_with_stop_strings_and_logprobs_continues_exactly(engine: LocalEngine) -> None:
+def test_seeded_sampled_n2_with_stop_strings_and_logprobs_continues_exactly(engine: EngineLoop) -> None:
     base = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234, n=2, logprobs=2, ignore_eos=True)
     free = RequestResult.fold(run(engine, base)).completions
     # A stop string from the middle of sample 1's text: sample 1 stops early, sample 0 runs on.
@@ -111,7 +111,29 @@ def test_seeded_sampled_n2_with_stop_strings_and_logprobs_continues_exactly(engi
     assert engine.stats().kv_blocks_used == 0
 
 
-def test_continuation_is_validated(engine: LocalEngine) -> None:
+def test_unseeded_request_resumes_exactly_with_the_seed_its_engine_reported(engine: EngineLoop) -> None:
+    """The gateway's resume bookkeeping (router_service/resume.py) with a real engine: an unseeded sampled n=2
+    request gets its seed from the engine's input processor (reported in the first output, pinned with
+    ``with_seed``, as the gateway does on Accepted); cut after its 3rd report and resumed from what the client had
+    (Progress), it ends exactly as the uninterrupted request."""
+    from router_service.engine_api import GenerateRequest
+    from router_service.resume import Progress, resumed, with_seed
+
+    request = GenerateRequest("r", SamplingParams(max_tokens=16, temperature=1.0, n=2, ignore_eos=True),
+                              prompt=PROMPT)
+    whole = run(engine, request.params)
+    assert request.params.seed is None and whole[0].seed is not None
+    pinned = with_seed(request, whole[0].seed)
+    progress = Progress.of(pinned)
+    for out in whole[:3]:
+        progress.record(out)
+    again = resumed(pinned, progress)
+    assert again.params.seed == whole[0].seed and again.continuation is not None
+    after = run(engine, again.params, again.continuation)
+    assert_same(RequestResult.fold(whole[:3] + after), RequestResult.fold(whole))
+
+
+def test_continuation_is_validated(engine: EngineLoop) -> None:
     one = Continuation((SampleSoFar((5, 6), 3),))
     cases = [(SamplingParams(max_tokens=8, temperature=0.7), one, "seed"),
              (SamplingParams(max_tokens=8, temperature=0, n=2), one, "continuation"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
 from cluster.model.config import ModelConfig
@@ -99,7 +99,7 @@ def test_skewed_routers_load_one_worker_of_a_contiguous_placement(skewed_dir: Pa
 
     cfg = ModelConfig.from_file(skewed_dir)
     placements = ExpertMap.contiguous(cfg.num_experts, EXPERTS_PER_WORKER, cfg.num_layers).layers
-    engine = LocalEngine.from_config(EngineConfig(model=str(skewed_dir), progress=False, num_kv_blocks=64))
+    engine = EngineLoop.local(EngineConfig(model=str(skewed_dir), progress=False, num_kv_blocks=64))
     try:
         prompts = [engine.tokenizer.encode(text) for text in PROMPTS]
         engine.score(prompts)  # a prefill of each prompt, as transformers runs them
@@ -120,7 +120,7 @@ def test_skewed_routers_load_one_worker_of_a_contiguous_placement(skewed_dir: Pa
 
 
 def test_skewed_model_generates_what_transformers_does(skewed_dir: Path, skewed_hf: HFCheckpoint) -> None:
-    engine = LocalEngine.from_config(EngineConfig(model=str(skewed_dir), progress=False, num_kv_blocks=64))
+    engine = EngineLoop.local(EngineConfig(model=str(skewed_dir), progress=False, num_kv_blocks=64))
     try:
         for text in PROMPTS[:2]:
             ids = engine.tokenizer.encode(text)

@@ -19,7 +19,7 @@ from bench.perplexity import (
     total,
     transformers_logprobs,
 )
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
 from cluster.model.demo import TRAINED_DEMO, copy_trained_demo, init_demo, is_trained_demo
@@ -33,9 +33,9 @@ MAX_LENGTH = 300
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[LocalEngine]:
-    eng = LocalEngine.from_config(EngineConfig(model=str(TRAINED_DEMO), progress=False, num_kv_blocks=160,
-                                               block_size=16, max_model_len=1024))
+def engine() -> Iterator[EngineLoop]:
+    eng = EngineLoop.local(EngineConfig(model=str(TRAINED_DEMO), progress=False, num_kv_blocks=160,
+                                        block_size=16, max_model_len=1024))
     yield eng
     eng.shutdown()
 
@@ -62,7 +62,7 @@ def test_default_serve_model_replaces_a_random_demo_with_the_trained_one(tmp_pat
         copy_trained_demo(stale)
 
 
-def test_prefill_logits_and_greedy_tokens_match_transformers(engine: LocalEngine, trained_hf: Any) -> None:
+def test_prefill_logits_and_greedy_tokens_match_transformers(engine: EngineLoop, trained_hf: Any) -> None:
     ids = engine.tokenizer.encode(HELD_OUT_PROMPT)
     with torch.no_grad():
         expected = trained_hf(torch.tensor([ids])).logits[0]
@@ -76,7 +76,7 @@ def test_prefill_logits_and_greedy_tokens_match_transformers(engine: LocalEngine
     assert result.completions[0].token_ids == want.tolist()
 
 
-def test_held_out_perplexity_local_engine_equals_transformers(engine: LocalEngine, trained_hf: Any) -> None:
+def test_held_out_perplexity_local_engine_equals_transformers(engine: EngineLoop, trained_hf: Any) -> None:
     docs = read_documents(DEFAULT_TEXT, SLICE_CHARS)
     windows = document_windows(TRAINED_DEMO, docs, MAX_LENGTH)
     assert max(len(w.tokens) for w in windows) > 256  # the sliding window is in play

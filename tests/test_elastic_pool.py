@@ -81,19 +81,19 @@ def test_sizes_beyond_the_expert_slots_are_refused() -> None:
 class Elastic:
     pool: Any
     engine: Any  # ClusterEngine
-    local: Any  # LocalEngine
+    local: Any  # EngineLoop
 
 
 @pytest.fixture(scope="module")
 def elastic(demo_dir: Path, ray_local: None) -> Iterator[Elastic]:
-    from cluster.engine.loop import LocalEngine
+    from cluster.engine.loop import EngineLoop
     from cluster.engine_config import EngineConfig
     from tests.conftest import cluster_config, pool_config
     from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 
     engine_cfg = EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=512, block_size=8,
                               max_num_seqs=32, max_model_len=320)
-    local = LocalEngine.from_config(engine_cfg)
+    local = EngineLoop.local(engine_cfg)
     # 4 workers, and one started spare (a grow takes it first, then starts new processes for the rest)
     pool = start_pool(engine_cfg, pool_config(experts_per_worker=2, link_timeout_s=10, spare_workers=1))
     engine = ClusterEngine.start(engine_cfg, cluster_config(), pool=pool)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
-from cluster.engine.sequence import RequestOutput
+from cluster.engine.sequence import RequestOutput, RequestResult
 from cluster.engine_config import EngineConfig
 from tests.conftest import HFCheckpoint
 
@@ -21,9 +21,9 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def engine(demo_dir: Path) -> Iterator[LocalEngine]:
-    eng = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=96,
-                                               block_size=8, max_model_len=256))
+def engine(demo_dir: Path) -> Iterator[EngineLoop]:
+    eng = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=96,
+                                        block_size=8, max_model_len=256))
     yield eng
     eng.shutdown()
 
@@ -31,7 +31,7 @@ def engine(demo_dir: Path) -> Iterator[LocalEngine]:
 PROMPT = "The workers compute and send the results back"
 
 
-def test_stop_token_ids_end_generation_and_stay_out_of_the_text(engine: LocalEngine) -> None:
+def test_stop_token_ids_end_generation_and_stay_out_of_the_text(engine: EngineLoop) -> None:
     base = engine.generate([PROMPT], GREEDY)[0].completions[0]
     stop_id = base.token_ids[5]
     first = base.token_ids.index(stop_id)
@@ -42,7 +42,7 @@ def test_stop_token_ids_end_generation_and_stay_out_of_the_text(engine: LocalEng
     assert out.text == engine.tokenizer.decode(base.token_ids[:first])
 
 
-def test_stop_string_spanning_tokens_is_cut_and_excluded(engine: LocalEngine) -> None:
+def test_stop_string_spanning_tokens_is_cut_and_excluded(engine: EngineLoop) -> None:
     base = engine.generate([PROMPT], GREEDY)[0].completions[0]
     tok = engine.tokenizer
     # A stop string that starts inside one token's text and ends inside the next one's.
@@ -57,7 +57,7 @@ def test_stop_string_spanning_tokens_is_cut_and_excluded(engine: LocalEngine) ->
     assert (out.finish_reason, out.stop_reason) == ("stop", stop)
 
 
-def test_streamed_text_never_shows_part_of_a_stop_string(engine: LocalEngine) -> None:
+def test_streamed_text_never_shows_part_of_a_stop_string(engine: EngineLoop) -> None:
     base = engine.generate([PROMPT], GREEDY)[0].completions[0]
     stop = base.text[len(base.text) // 2: len(base.text) // 2 + 4]
     deltas: list[str] = []
@@ -75,14 +75,14 @@ def test_streamed_text_never_shows_part_of_a_stop_string(engine: LocalEngine) ->
 
 def test_eos_stops_unless_ignored(hf_small: HFCheckpoint, tmp_path: Path) -> None:
     shutil.copytree(hf_small.path, tmp_path / "m")
-    probe = LocalEngine.from_config(EngineConfig(model=str(tmp_path / "m"), progress=False, num_kv_blocks=64))
+    probe = EngineLoop.local(EngineConfig(model=str(tmp_path / "m"), progress=False, num_kv_blocks=64))
     prompt = [5, 9, 11, 30, 7]
     base = probe.generate([prompt], GREEDY)[0].completions[0]
     probe.shutdown()
     eos = base.token_ids[3]
     raw = json.loads((tmp_path / "m" / "config.json").read_text()) | {"eos_token_id": eos}
     (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
-    eng = LocalEngine.from_config(EngineConfig(model=str(tmp_path / "m"), progress=False, num_kv_blocks=64))
+    eng = EngineLoop.local(EngineConfig(model=str(tmp_path / "m"), progress=False, num_kv_blocks=64))
     try:
         stopped = eng.generate([prompt], SamplingParams(max_tokens=24, temperature=0))[0].completions[0]
         assert stopped.token_ids == base.token_ids[: base.token_ids.index(eos) + 1]
@@ -93,7 +93,7 @@ def test_eos_stops_unless_ignored(hf_small: HFCheckpoint, tmp_path: Path) -> Non
         eng.shutdown()
 
 
-def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(engine: LocalEngine) -> None:
+def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(engine: EngineLoop) -> None:
     params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     alone = engine.generate([PROMPT], params)[0].completions[0].token_ids
     busy = engine.generate(["other words", PROMPT, "a third prompt that is longer than the others"],
@@ -103,7 +103,7 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(engine: LocalEngin
     assert other_seed[0].completions[0].token_ids != alone
 
 
-def test_unseeded_sampling_differs_per_request(engine: LocalEngine) -> None:
+def test_unseeded_sampling_differs_per_request(engine: EngineLoop) -> None:
     """As in vLLM: without a seed every request draws anew (the demo model's near-uniform distribution over
     hundreds of tokens makes two equal 16-token samples practically impossible)."""
     params = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
@@ -111,14 +111,32 @@ def test_unseeded_sampling_differs_per_request(engine: LocalEngine) -> None:
     assert first.completions[0].token_ids != second.completions[0].token_ids
 
 
-def test_top_k_one_is_greedy(engine: LocalEngine) -> None:
+def test_the_seed_drawn_for_an_unseeded_request_is_reported_and_is_the_one_it_samples_with(engine: EngineLoop
+                                                                                           ) -> None:
+    """The input processor draws the seed of an unseeded request (once: the engine draws none) and the first
+    output reports it; a request given that seed samples the same tokens (n=2: both samples)."""
+    params = SamplingParams(n=2, max_tokens=12, temperature=1.0, ignore_eos=True)
+
+    async def first_and_all() -> list[RequestOutput]:
+        return [out async for out in engine.stream(PROMPT, params)]
+
+    outs = asyncio.run(first_and_all())
+    seed = outs[0].seed
+    assert seed is not None and all(out.seed is None for out in outs[1:])
+    drawn = RequestResult.fold(outs).completions
+    again = engine.generate([PROMPT], SamplingParams(n=2, max_tokens=12, temperature=1.0, ignore_eos=True,
+                                                     seed=seed))[0].completions
+    assert [c.token_ids for c in again] == [c.token_ids for c in drawn]
+
+
+def test_top_k_one_is_greedy(engine: EngineLoop) -> None:
     greedy = engine.generate([PROMPT], GREEDY)[0].completions[0].token_ids
     top1 = engine.generate([PROMPT], SamplingParams(max_tokens=24, temperature=1.5, top_k=1, seed=3,
                                                     ignore_eos=True))[0].completions[0].token_ids
     assert top1 == greedy
 
 
-def test_max_tokens_and_usage(engine: LocalEngine) -> None:
+def test_max_tokens_and_usage(engine: EngineLoop) -> None:
     result = engine.generate([PROMPT], SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))[0]
     assert len(result.completions[0].token_ids) == 7 and result.completions[0].finish_reason == "length"
     assert result.num_prompt_tokens == len(engine.tokenizer.encode(PROMPT))
@@ -133,8 +151,8 @@ def test_max_tokens_and_usage(engine: LocalEngine) -> None:
     ([1] * 200, SamplingParams(max_tokens=100), r"plus max_tokens \(100\) exceeds the model's context length"),
     ([1] * 10, SamplingParams(stop_token_ids=(9999,)), "stop_token_ids holds 9999"),
 ])
-def test_bad_requests_are_rejected_up_front(engine: LocalEngine, prompt: list[int], params: SamplingParams,
-                                            message: str) -> None:
+def test_bad_requests_are_rejected_up_front(engine: EngineLoop, prompt: list[int], params: SamplingParams,
+                                           message: str) -> None:
     with pytest.raises(ValueError, match=message):
         engine.generate([prompt], params)
     assert engine.health()["alive"]  # and the engine keeps serving
@@ -142,8 +160,8 @@ def test_bad_requests_are_rejected_up_front(engine: LocalEngine, prompt: list[in
 
 
 def test_request_too_big_for_the_kv_cache(demo_dir: Path) -> None:
-    eng = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=4,
-                                               block_size=8))
+    eng = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=4,
+                                        block_size=8))
     try:
         with pytest.raises(ValueError, match="needs 5 KV cache blocks but the cache holds only 4"):
             eng.generate([[1] * 30], SamplingParams(max_tokens=8))
@@ -151,7 +169,7 @@ def test_request_too_big_for_the_kv_cache(demo_dir: Path) -> None:
         eng.shutdown()
 
 
-def test_stream_reports_deltas_then_finishes(engine: LocalEngine) -> None:
+def test_stream_reports_deltas_then_finishes(engine: EngineLoop) -> None:
     outs: list[RequestOutput] = []
 
     async def run() -> None:
@@ -166,7 +184,7 @@ def test_stream_reports_deltas_then_finishes(engine: LocalEngine) -> None:
     assert outs[-1].finished and not any(o.finished for o in outs[:-1])
 
 
-def test_paced_stream_batches_tokens_and_sends_the_last_at_once(engine: LocalEngine) -> None:
+def test_paced_stream_batches_tokens_and_sends_the_last_at_once(engine: EngineLoop) -> None:
     """With an interval, batches after the first are that far apart, except the final one, which comes as soon
     as the request finishes (not at the next tick); nothing is lost or reordered."""
     interval = 10.0  # longer than the whole generation: everything after the first batch is one final batch
@@ -187,7 +205,7 @@ def test_paced_stream_batches_tokens_and_sends_the_last_at_once(engine: LocalEng
     assert [t for b in batches for o in b for d in o.outputs for t in d.token_ids] == full.token_ids
 
 
-def test_leaving_a_stream_aborts_and_frees_blocks(engine: LocalEngine) -> None:
+def test_leaving_a_stream_aborts_and_frees_blocks(engine: EngineLoop) -> None:
     async def run() -> int:
         seen = 0
         params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
@@ -205,7 +223,7 @@ def test_leaving_a_stream_aborts_and_frees_blocks(engine: LocalEngine) -> None:
     assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0
 
 
-def test_n_samples_and_echo_with_prompt_logprobs(engine: LocalEngine) -> None:
+def test_n_samples_and_echo_with_prompt_logprobs(engine: EngineLoop) -> None:
     params = SamplingParams(max_tokens=6, temperature=1.0, seed=5, n=3, logprobs=2, echo=True)
     result = engine.generate([PROMPT], params)[0]
     assert [c.index for c in result.completions] == [0, 1, 2]
@@ -217,7 +235,7 @@ def test_n_samples_and_echo_with_prompt_logprobs(engine: LocalEngine) -> None:
     assert [lp.token_id for lp in result.prompt_logprobs[1:]] == prompt_ids[1:]  # type: ignore[union-attr]
 
 
-def test_a_failing_consumer_does_not_stop_the_engine(engine: LocalEngine) -> None:
+def test_a_failing_consumer_does_not_stop_the_engine(engine: EngineLoop) -> None:
     def broken_sink(out: RequestOutput) -> None:
         raise RuntimeError("consumer went away")
 
@@ -232,7 +250,7 @@ def test_drain_refuses_new_requests_and_lets_running_ones_finish(demo_dir: Path)
 
     from cluster.errors import EngineDeadError
 
-    eng = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=64))
+    eng = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=64))
     try:
         done: dict[str, object] = {}
         thread = threading.Thread(target=lambda: done.setdefault("out", eng.generate(

@@ -179,14 +179,14 @@ WORKERS, PER_WORKER, REDUNDANT = 4, 2, 2  # R = workers / 2
 class Skewed:
     pool: Any
     engine: Any  # ClusterEngine
-    local: Any  # LocalEngine
+    local: Any  # EngineLoop
     path: Path
     num_layers: int
 
 
 @pytest.fixture(scope="module")
 def skewed(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Iterator[Skewed]:
-    from cluster.engine.loop import LocalEngine
+    from cluster.engine.loop import EngineLoop
     from cluster.engine_config import EngineConfig
     from cluster.model.demo import init_demo
     from tests.conftest import cluster_config, pool_config
@@ -195,7 +195,7 @@ def skewed(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Iterato
     path = init_demo(tmp_path_factory.mktemp("skewed") / "model", router_skew=SKEW)
     engine_cfg = EngineConfig(model=str(path), progress=False, num_kv_blocks=1024, block_size=8, max_num_seqs=32,
                               max_model_len=256)
-    local = LocalEngine.from_config(engine_cfg)
+    local = EngineLoop.local(engine_cfg)
     pool = start_pool(engine_cfg, pool_config(experts_per_worker=PER_WORKER, redundant_experts=REDUNDANT))
     engine = ClusterEngine.start(engine_cfg, cluster_config(), pool=pool)
     yield Skewed(pool, engine, local, path, local.model_config.num_layers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
 from tests.conftest import HFCheckpoint, cluster_config, pool_config
@@ -17,8 +17,8 @@ GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_local_engine_on_cuda_matches_transformers(hf_small: HFCheckpoint, dtype: str) -> None:
-    engine = LocalEngine.from_config(EngineConfig(model=str(hf_small.path), device="cuda", dtype=dtype,
-                                                  progress=False, num_kv_blocks=128))
+    engine = EngineLoop.local(EngineConfig(model=str(hf_small.path), device="cuda", dtype=dtype,
+                                           progress=False, num_kv_blocks=128))
     try:
         assert engine.engine.device.type == "cuda"
         ids = prompt_ids(96, 40, seed=1)
@@ -63,7 +63,7 @@ def test_cluster_over_nccl_equals_local_engine(hf_small: HFCheckpoint) -> None:
     ray.init(address="local", num_cpus=16, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     engine_cfg = EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=128)
     cluster = ClusterEngine.start(engine_cfg, cluster_config(), pool_config(experts_per_worker=experts_per_worker))
-    local = LocalEngine.from_config(engine_cfg.with_(device="cuda"))
+    local = EngineLoop.local(engine_cfg.with_(device="cuda"))
     try:
         described = cluster.describe()
         assert described["links"] == ["pg"] * len(described["pool"]["workers"])  # process groups of two ...

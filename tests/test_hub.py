@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
 
@@ -41,7 +41,7 @@ def run_cli(*argv: str, cache: Path) -> subprocess.CompletedProcess[str]:
 def test_model_by_hub_id_offline_from_the_cache(demo_dir: Path, tmp_path: Path) -> None:
     snapshot = hub_cache(tmp_path / "hub", demo_dir)
     prompt = "The workers compute"
-    want = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=64))
+    want = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=64))
     try:
         expected = want.generate([prompt], SamplingParams(max_tokens=6, temperature=0))[0].completions[0].token_ids
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import (
     RowHistory,
     SamplingParams,
@@ -117,18 +117,18 @@ PROMPT = "The workers compute and send the results back"
 
 
 @pytest.fixture(scope="module")
-def engine(demo_dir: Path) -> Iterator[LocalEngine]:
-    eng = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=96,
-                                               block_size=8, max_model_len=256))
+def engine(demo_dir: Path) -> Iterator[EngineLoop]:
+    eng = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=96,
+                                        block_size=8, max_model_len=256))
     yield eng
     eng.shutdown()
 
 
-def one(engine: LocalEngine, params: SamplingParams, prompt: str | Sequence[int] = PROMPT) -> RequestResult:
+def one(engine: EngineLoop, params: SamplingParams, prompt: str | Sequence[int] = PROMPT) -> RequestResult:
     return engine.generate([prompt], params)[0]
 
 
-def test_logit_bias_of_100_forces_its_token_and_logprobs_are_processed(engine: LocalEngine) -> None:
+def test_logit_bias_of_100_forces_its_token_and_logprobs_are_processed(engine: EngineLoop) -> None:
     base = one(engine, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)).completions[0]
     forced = next(t for t in range(50, 500) if t not in base.token_ids)
     for temperature in (0, 1.0):
@@ -141,7 +141,7 @@ def test_logit_bias_of_100_forces_its_token_and_logprobs_are_processed(engine: L
     assert not set(banned.token_ids) & set(base.token_ids)
 
 
-def test_min_tokens_holds_back_eos_and_stop_tokens(engine: LocalEngine, demo_dir: Path, tmp_path: Path) -> None:
+def test_min_tokens_holds_back_eos_and_stop_tokens(engine: EngineLoop, demo_dir: Path, tmp_path: Path) -> None:
     base = one(engine, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)).completions[0]
     stop = base.token_ids[2]
     first = base.token_ids.index(stop)
@@ -154,7 +154,7 @@ def test_min_tokens_holds_back_eos_and_stop_tokens(engine: LocalEngine, demo_dir
     shutil.copytree(demo_dir, tmp_path / "m")
     raw = json.loads((tmp_path / "m" / "config.json").read_text()) | {"eos_token_id": stop}
     (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
-    eng = LocalEngine.from_config(EngineConfig(model=str(tmp_path / "m"), progress=False, num_kv_blocks=64))
+    eng = EngineLoop.local(EngineConfig(model=str(tmp_path / "m"), progress=False, num_kv_blocks=64))
     try:
         ended = one(eng, SamplingParams(max_tokens=16, temperature=0)).completions[0]
         assert ended.token_ids == base.token_ids[:first + 1] and ended.finish_reason == "stop"
@@ -164,7 +164,7 @@ def test_min_tokens_holds_back_eos_and_stop_tokens(engine: LocalEngine, demo_dir
         eng.shutdown()
 
 
-def test_penalties_bad_words_and_stop_string_kept(engine: LocalEngine) -> None:
+def test_penalties_bad_words_and_stop_string_kept(engine: EngineLoop) -> None:
     greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     base = one(engine, greedy).completions[0]
     repeated = one(engine, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
@@ -187,7 +187,7 @@ def test_penalties_bad_words_and_stop_string_kept(engine: LocalEngine) -> None:
         assert cut.text == text[:text.index(stop) + len(stop)] and cut.stop_reason == stop
 
 
-def test_resumed_request_with_processors_continues_exactly(engine: LocalEngine) -> None:
+def test_resumed_request_with_processors_continues_exactly(engine: EngineLoop) -> None:
     params = SamplingParams(max_tokens=16, temperature=0.8, seed=99, n=2, logprobs=2, ignore_eos=True,
                             repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.4, min_p=0.05,
                             min_tokens=5, logit_bias=((7, 2.0),))

@@ -14,7 +14,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine_config import EngineConfig
 from tests.conftest import HFCheckpoint, cluster_config, pool_config
 from tests.test_cluster import assert_same_outputs
@@ -37,7 +37,7 @@ def two_nodes() -> Iterator[Cluster]:
 def test_workers_and_coordinators_spread_over_nodes(two_nodes: Cluster, hf_small: HFCheckpoint) -> None:
     engine_cfg = EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=128, block_size=8)
     pool = start_pool(engine_cfg, pool_config(experts_per_worker=1, use_gpus=True, placement_strategy="SPREAD"))
-    local = LocalEngine.from_config(engine_cfg)
+    local = EngineLoop.local(engine_cfg)
     engines: list[ClusterEngine] = []
     try:
         workers = ray.get(pool.describe.remote())["workers"]

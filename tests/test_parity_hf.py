@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
 from tests.conftest import HFCheckpoint, make_hf_checkpoint
@@ -45,21 +45,21 @@ def hf_greedy(ckpt: HFCheckpoint, ids: list[int], new_tokens: int) -> list[int]:
 
 @pytest.fixture(scope="module", params=sorted(PARITY_CONFIGS), ids=sorted(PARITY_CONFIGS))
 def parity_case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                ) -> Iterator[tuple[HFCheckpoint, LocalEngine]]:
+                ) -> Iterator[tuple[HFCheckpoint, EngineLoop]]:
     ckpt = make_hf_checkpoint(tmp_path_factory.mktemp("parity"), **PARITY_CONFIGS[request.param])
-    engine = LocalEngine.from_config(EngineConfig(model=str(ckpt.path), progress=False, num_kv_blocks=128,
-                                                  block_size=8))
+    engine = EngineLoop.local(EngineConfig(model=str(ckpt.path), progress=False, num_kv_blocks=128,
+                                           block_size=8))
     yield ckpt, engine
     engine.shutdown()
 
 
-def test_checkpoint_layout_is_what_the_case_says(parity_case: tuple[HFCheckpoint, LocalEngine]) -> None:
+def test_checkpoint_layout_is_what_the_case_says(parity_case: tuple[HFCheckpoint, EngineLoop]) -> None:
     ckpt, _ = parity_case
     sharded = (ckpt.path / "model.safetensors.index.json").is_file()
     assert sharded == (len(list(ckpt.path.glob("model-*.safetensors"))) > 1)
 
 
-def test_prefill_logits_match_transformers(parity_case: tuple[HFCheckpoint, LocalEngine]) -> None:
+def test_prefill_logits_match_transformers(parity_case: tuple[HFCheckpoint, EngineLoop]) -> None:
     ckpt, engine = parity_case
     ids = prompt_ids(ckpt.config["vocab_size"], PROMPT_LEN, seed=1)
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_prefill_logits_match_transformers(parity_case: tuple[HFCheckpoint, Loca
     assert expected.abs().max().item() > 0.1  # the comparison is not between near-zero tensors
 
 
-def test_greedy_tokens_match_transformers(parity_case: tuple[HFCheckpoint, LocalEngine]) -> None:
+def test_greedy_tokens_match_transformers(parity_case: tuple[HFCheckpoint, EngineLoop]) -> None:
     ckpt, engine = parity_case
     ids = prompt_ids(ckpt.config["vocab_size"], PROMPT_LEN, seed=2)
     result = engine.generate([ids], SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))[0]
@@ -78,7 +78,7 @@ def test_greedy_tokens_match_transformers(parity_case: tuple[HFCheckpoint, Local
     assert result.completions[0].finish_reason == "length"
 
 
-def test_cached_decode_equals_full_recompute(parity_case: tuple[HFCheckpoint, LocalEngine]) -> None:
+def test_cached_decode_equals_full_recompute(parity_case: tuple[HFCheckpoint, EngineLoop]) -> None:
     """Each generated token's logprob (KV-cached decode) equals the logprob from recomputing everything."""
     ckpt, engine = parity_case
     ids = prompt_ids(ckpt.config["vocab_size"], 20, seed=3)
@@ -95,8 +95,8 @@ def test_cached_decode_equals_full_recompute(parity_case: tuple[HFCheckpoint, Lo
 
 
 def test_batched_generation_equals_each_alone(hf_small: HFCheckpoint) -> None:
-    engine = LocalEngine.from_config(EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=256,
-                                                  block_size=4, max_num_batched_tokens=64))
+    engine = EngineLoop.local(EngineConfig(model=str(hf_small.path), progress=False, num_kv_blocks=256,
+                                           block_size=4, max_num_batched_tokens=64))
     try:
         prompts = [prompt_ids(96, n, seed=10 + n) for n in (3, 17, 40, 1, 29, 8)]
         params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (20, 5, 12, 30, 1, 9)]
@@ -113,8 +113,8 @@ def test_batched_generation_equals_each_alone(hf_small: HFCheckpoint) -> None:
 
 def test_engine_bfloat16_tracks_float32(hf_small: HFCheckpoint) -> None:
     """dtype is selectable; bf16 logits stay close to the float32 reference."""
-    engine = LocalEngine.from_config(EngineConfig(model=str(hf_small.path), dtype="bfloat16", progress=False,
-                                                  num_kv_blocks=64))
+    engine = EngineLoop.local(EngineConfig(model=str(hf_small.path), dtype="bfloat16", progress=False,
+                                           num_kv_blocks=64))
     try:
         ids = prompt_ids(96, 24, seed=5)
         with torch.no_grad():

@@ -19,7 +19,7 @@ from cluster.engine_config import EngineConfig
 from cluster.model.kv_cache import BlockAllocator, chain_block_hash
 from tests.conftest import make_hf_checkpoint
 from tests.test_parity_hf import PARITY_CONFIGS
-from tests.test_scheduler import Collector
+from tests.test_scheduler import Collector, add
 
 WINDOW8 = "e8-top2-gqa4-window8-untied-sharded"
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -90,7 +90,7 @@ def engine_for(model: str, caching: bool, **overrides: object) -> LLMEngine:
 
 def run(engine: LLMEngine, got: Collector, rid: str, prompt: list[int], params: SamplingParams = GREEDY) -> list[int]:
     """Run one request to the end; returns the number of tokens each step computed."""
-    engine.add_request(rid, prompt, params, got.sink(rid))
+    add(engine, rid, prompt, params, got.sink(rid))
     computed = []
     while engine.has_work():
         computed.append(engine.step())
@@ -136,7 +136,7 @@ def test_requests_arriving_together_compute_their_shared_prefix_once(demo_dir: P
         engine = engine_for(str(demo_dir), caching)
         got = Collector()
         for i, prompt in enumerate(prompts):
-            engine.add_request(str(i), prompt, GREEDY, got.sink(str(i)))
+            add(engine, str(i), prompt, GREEDY, got.sink(str(i)))
         computed[caching] = [engine.step() for _ in range(2)]
         while engine.has_work():
             engine.step()
@@ -186,11 +186,11 @@ def generate_all(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
     size = -(-len(prompts) // waves)
     for w in range(waves):
         for i in range(w * size, min(len(prompts), (w + 1) * size)):
-            engine.add_request(str(i), prompts[i], params, got.sink(str(i)))
+            add(engine, str(i), prompts[i], params, got.sink(str(i)))
         while engine.has_work():
             engine.step()
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"again{i}", prompt, params, got.sink(f"again{i}"))
+        add(engine, f"again{i}", prompt, params, got.sink(f"again{i}"))
     while engine.has_work():
         engine.step()
     return got

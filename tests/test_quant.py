@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
 from cluster.model.checkpoint import Checkpoint, load_expert_weights
@@ -112,19 +112,19 @@ def hf_model(path: Path) -> Any:
     return model
 
 
-def local_experts(ours: LocalEngine) -> LocalExperts:
+def local_experts(ours: EngineLoop) -> LocalExperts:
     moe = ours.engine.moe
     assert isinstance(moe, MoELayer) and isinstance(moe.executor, InProcessExperts)
     assert isinstance(moe.executor.experts, LocalExperts)
     return moe.executor.experts
 
 
-def engine(path: Path, **options: Any) -> LocalEngine:
-    return LocalEngine.from_config(EngineConfig(model=str(path), progress=False, num_kv_blocks=64, block_size=8,
-                                                **options))
+def engine(path: Path, **options: Any) -> EngineLoop:
+    return EngineLoop.local(EngineConfig(model=str(path), progress=False, num_kv_blocks=64, block_size=8,
+                                         **options))
 
 
-def assert_matches_transformers(ours: LocalEngine, reference: Any, vocab: int) -> None:
+def assert_matches_transformers(ours: EngineLoop, reference: Any, vocab: int) -> None:
     ids = prompt_ids(vocab, 30, seed=7)
     with torch.no_grad():
         expected = reference(torch.tensor([ids])).logits[0]

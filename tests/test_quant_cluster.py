@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
 from cluster.model.experts import LocalExperts
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 def test_int4_cluster_equals_local_engine_before_and_after_a_rebalance(demo_dir: Path) -> None:
     cfg = EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=128, block_size=8,
                        quantize_experts="int4", quantize_group_size=64)
-    local = LocalEngine.from_config(cfg)
+    local = EngineLoop.local(cfg)
     pool = start_pool(cfg, pool_config(experts_per_worker=4))
     cluster = ClusterEngine.start(cfg, cluster_config(), pool=pool)
     try:

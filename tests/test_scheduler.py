@@ -64,6 +64,12 @@ def make_engine(demo_dir: Path, **overrides: object) -> LLMEngine:
     return build_local_engine(cfg)
 
 
+def add(engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingParams,
+        sink: Callable[[RequestOutput], None]) -> None:
+    """Queue a request on a bare engine, through its input processor as EngineLoop does."""
+    engine.add_request(engine.input_processor.process(prompt, params, request_id), sink)
+
+
 class Collector:
     def __init__(self) -> None:
         self.outputs: dict[str, list[RequestOutput]] = {}
@@ -82,10 +88,10 @@ def test_long_prompt_is_chunked_and_does_not_stall_decodes(demo_dir: Path) -> No
     engine = make_engine(demo_dir, max_num_batched_tokens=24, num_kv_blocks=200)
     got = Collector()
     for i in range(3):
-        engine.add_request(f"short{i}", [5 + i, 6, 7], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
-                           got.sink(f"short{i}"))
+        add(engine, f"short{i}", [5 + i, 6, 7], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+                    got.sink(f"short{i}"))
     engine.step()  # the short prompts prefill
-    engine.add_request("long", list(range(3, 203)), GREEDY, got.sink("long"))
+    add(engine, "long", list(range(3, 203)), GREEDY, got.sink("long"))
     steps_for_long = 0
     while not got.outputs.get("long"):
         before = [len(got.tokens(f"short{i}")) for i in range(3)]
@@ -100,10 +106,10 @@ def test_first_come_first_served_no_overtaking(demo_dir: Path) -> None:
     """While the head of the queue does not fit, a later request that would fit waits too."""
     engine = make_engine(demo_dir, num_kv_blocks=40, max_num_batched_tokens=256)
     got = Collector()
-    engine.add_request("big", list(range(3, 103)), SamplingParams(max_tokens=50, ignore_eos=True), got.sink("big"))
+    add(engine, "big", list(range(3, 103)), SamplingParams(max_tokens=50, ignore_eos=True), got.sink("big"))
     engine.step()  # "big" holds 26 of the 40 blocks
-    engine.add_request("long", list(range(103, 183)), GREEDY, got.sink("long"))  # needs 20 blocks: does not fit
-    engine.add_request("short", [7, 8], GREEDY, got.sink("short"))  # needs 1 block: would fit
+    add(engine, "long", list(range(103, 183)), GREEDY, got.sink("long"))  # needs 20 blocks: does not fit
+    add(engine, "short", [7, 8], GREEDY, got.sink("short"))  # needs 1 block: would fit
     for _ in range(3):
         engine.step()
     assert "long" not in got.outputs and "short" not in got.outputs  # nobody overtook the head of the queue
@@ -123,10 +129,10 @@ def test_preemption_recomputes_and_gives_the_same_tokens(demo_dir: Path) -> None
     params = SamplingParams(max_tokens=20, temperature=0.8, seed=7, ignore_eos=True)
     want, got = Collector(), Collector()
     for i, p in enumerate(prompts):
-        alone.add_request(str(i), p, params, want.sink(str(i)))
+        add(alone, str(i), p, params, want.sink(str(i)))
         while alone.has_work():
             alone.step()
-        tight.add_request(str(i), p, params, got.sink(str(i)))
+        add(tight, str(i), p, params, got.sink(str(i)))
     while tight.has_work():
         tight.step()
         assert tight.kv.num_used <= 14
@@ -140,8 +146,8 @@ def test_parallel_samples_share_the_prompt_blocks(demo_dir: Path) -> None:
     engine = make_engine(demo_dir, num_kv_blocks=200)
     got = Collector()
     prompt = list(range(3, 43))  # 40 tokens = 10 full blocks of 4
-    engine.add_request("n4", prompt, SamplingParams(n=4, max_tokens=6, temperature=1.0, seed=1, ignore_eos=True),
-                       got.sink("n4"))
+    add(engine, "n4", prompt, SamplingParams(n=4, max_tokens=6, temperature=1.0, seed=1, ignore_eos=True),
+                got.sink("n4"))
     engine.step()  # prefill, fork, first tokens
     seqs = engine.requests["n4"].seqs
     assert len(seqs) == 4
@@ -162,9 +168,9 @@ def test_parallel_samples_share_the_prompt_blocks(demo_dir: Path) -> None:
 def test_finished_and_aborted_requests_free_blocks_at_once(demo_dir: Path) -> None:
     engine = make_engine(demo_dir, num_kv_blocks=100)
     got = Collector()
-    engine.add_request("x", list(range(3, 30)), SamplingParams(max_tokens=50, ignore_eos=True), got.sink("x"))
+    add(engine, "x", list(range(3, 30)), SamplingParams(max_tokens=50, ignore_eos=True), got.sink("x"))
     # y shares no block with x (a shared prefix would make it wait a step for x's prefill)
-    engine.add_request("y", list(range(40, 47)), SamplingParams(max_tokens=2, ignore_eos=True), got.sink("y"))
+    add(engine, "y", list(range(40, 47)), SamplingParams(max_tokens=2, ignore_eos=True), got.sink("y"))
     engine.step()
     engine.step()  # y is finished now
     assert got.outputs["y"][-1].finished
@@ -181,6 +187,6 @@ def test_queue_limit_refuses_new_requests(demo_dir: Path) -> None:
 
     engine = make_engine(demo_dir, max_queue_len=2, num_kv_blocks=50)
     for i in range(2):
-        engine.add_request(str(i), [5, 6], GREEDY, lambda out: None)
+        add(engine, str(i), [5, 6], GREEDY, lambda out: None)
     with pytest.raises(QueueFullError, match="queue is full"):
-        engine.add_request("late", [5, 6], GREEDY, lambda out: None)
+        add(engine, "late", [5, 6], GREEDY, lambda out: None)

@@ -19,7 +19,7 @@ import grpc
 import httpx
 import pytest
 
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
 from cluster.errors import RequestFailedError
@@ -46,7 +46,7 @@ def test_grace_periods_follow_the_one_drain_deadline(demo_dir: Path) -> None:
 
 
 def test_drain_fails_what_is_still_running_at_the_deadline(demo_dir: Path) -> None:
-    engine = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=160))
+    engine = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=160))
     try:
         outcome: dict[str, BaseException] = {}
 

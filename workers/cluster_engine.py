@@ -1,4 +1,5 @@
-"""ClusterEngine: the expert-parallel engine seen from a driver (a script, the CLI, a benchmark, a test).
+"""ClusterEngine: the expert-parallel engine seen from a driver (a script, the CLI, a benchmark, a test): the
+EngineClient (cluster/engine/client.py) through Ray, the same interface as the in-process EngineLoop.
 
 It runs a Coordinator actor (scheduler, KV cache, attention, routing, LM head) attached to an ExpertPool (the
 expert workers). ``start`` creates a pool of its own, or attaches to a pool someone else started
@@ -8,6 +9,7 @@ M attention : N experts shape of the Serve app.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Sequence
@@ -18,10 +20,10 @@ from ray.exceptions import RayActorError, RayTaskError
 from torch import Tensor
 
 from cluster.engine.api import EngineStats, Prompt, new_request_id
+from cluster.engine.client import EngineClient, IntervalS, paced
 from cluster.engine.coordinator import Coordinator
-from cluster.engine.loop import each_output
 from cluster.engine.sampling import SamplingParams
-from cluster.engine.sequence import RequestOutput, RequestResult
+from cluster.engine.sequence import Continuation, RequestOutput, RequestResult
 from cluster.engine.validation import resolve_max_model_len
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.errors import ClusterStartError, EngineDeadError, first_line, root_cause
@@ -74,7 +76,9 @@ def stop_pool(pool: Any) -> None:
         ray.kill(pool, no_restart=True)
 
 
-class ClusterEngine:
+class ClusterEngine(EngineClient):
+    """The EngineClient through Ray: its engine runs in a Coordinator actor."""
+
     def __init__(self, coordinator: Any, pool: Any, owns_pool: bool, engine_cfg: EngineConfig,
                  cluster_cfg: ClusterConfig, owns_ray: bool, info: dict[str, Any]) -> None:
         self.coordinator = coordinator
@@ -130,28 +134,41 @@ class ClusterEngine:
                  ) -> list[RequestResult]:
         return list(self._call(self.coordinator.generate.remote(list(prompts), params)))
 
-    async def stream_batches(self, prompt: Prompt, params: SamplingParams,
-                             request_id: str | None = None) -> AsyncGenerator[list[RequestOutput], None]:
+    async def stream_batches(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+                             interval_s: IntervalS | None = None, continuation: Continuation | None = None,
+                             ) -> AsyncGenerator[list[RequestOutput], None]:
         rid = request_id or new_request_id()
+        refs: Any = self.coordinator.stream.remote(prompt, params, rid, continuation)
+        reports: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        pump = asyncio.get_running_loop().create_task(self._pump(refs, reports))
         finished = False
-        refs: Any = self.coordinator.stream.remote(prompt, params, rid)
-        try:
-            async for ref in refs:
-                try:
-                    batch: list[RequestOutput] = await ref
-                except (RayTaskError, RayActorError) as err:
-                    raise unwrap(err) from None
-                finished = batch[-1].finished
-                yield batch
+        try:  # the coordinator's batches are paced here, where the caller is
+            async with contextlib.aclosing(paced(reports, interval_s)) as batches:
+                async for batch in batches:
+                    finished = batch[-1].finished
+                    yield batch
         finally:
+            pump.cancel()
             if not finished:  # the consumer left early (client disconnect, cancellation): free the request
                 with contextlib.suppress(Exception):
                     self.coordinator.abort.remote(rid)
                     ray.cancel(refs)
 
-    def stream(self, prompt: Prompt, params: SamplingParams,
-               request_id: str | None = None) -> AsyncGenerator[RequestOutput, None]:
-        return each_output(self.stream_batches(prompt, params, request_id))
+    @staticmethod
+    async def _pump(refs: Any, reports: asyncio.Queue[RequestOutput | BaseException]) -> None:
+        """The coordinator's stream, one report at a time, into ``reports``; a failure as its last item."""
+        try:
+            last: RequestOutput | None = None
+            async for ref in refs:
+                batch: list[RequestOutput] = await ref
+                for last in batch:
+                    reports.put_nowait(last)
+            if last is None or not last.finished:
+                reports.put_nowait(EngineDeadError("the coordinator's stream ended before the request finished"))
+        except (RayTaskError, RayActorError) as err:
+            reports.put_nowait(unwrap(err))
+        except Exception as err:
+            reports.put_nowait(err)
 
     def abort(self, request_id: str) -> None:
         self.coordinator.abort.remote(request_id)
@@ -162,6 +179,9 @@ class ClusterEngine:
     def stats(self) -> EngineStats:
         stats: EngineStats = self._call(self.coordinator.stats.remote())
         return stats
+
+    def drain(self, timeout_s: float) -> bool:
+        return bool(self._call(self.coordinator.drain.remote(timeout_s)))
 
     def health(self) -> dict[str, Any]:
         try:

@@ -1,18 +1,12 @@
-"""What every engine offers its callers, torch-free: the local engine, the cluster engine and a Serve engine
-replica all implement ``EngineClient``; ``EngineStats`` is what they report."""
+"""What every engine reports and takes, torch-free: ``EngineStats``, ``Prompt``, request ids. The interface itself
+is client.py's ``EngineClient``."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from cluster.engine.sampling import SamplingParams
-    from cluster.engine.sequence import RequestOutput, RequestResult
-    from cluster.model.config import ModelConfig
-    from cluster.model.tokenizer import Tokenizer
+from typing import Any
 
 Prompt = str | Sequence[int]  # text, or token ids
 
@@ -48,24 +42,3 @@ class EngineStats:
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
 
-
-class EngineClient(Protocol):
-    """The engine API: generate a batch, stream one request, abort, stats, health, shutdown."""
-
-    tokenizer: Tokenizer
-    model_config: ModelConfig
-    max_model_len: int
-
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
-                 ) -> list[RequestResult]: ...
-
-    def stream(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
-               ) -> AsyncIterator[RequestOutput]: ...
-
-    def abort(self, request_id: str) -> None: ...
-
-    def stats(self) -> EngineStats: ...
-
-    def health(self) -> dict[str, Any]: ...
-
-    def shutdown(self) -> None: ...

@@ -1,7 +1,8 @@
-"""Coordinator: a Ray actor that runs one engine whose MoE backend talks to an expert pool (ClusterEngine's
-engine replica; a Serve engine replica runs the same engine in-process instead, see
-router_service/engine_deployment.py). It owns the scheduler, the paged KV cache, embeddings, attention, routing
-and the LM head; the experts are the pool's."""
+"""Coordinator: a Ray actor that runs one engine whose MoE backend talks to an expert pool: the server side of
+the Ray EngineClient (workers/cluster_engine.py: ClusterEngine), which only forwards to the in-process client it
+holds (loop.py: EngineLoop); a Serve engine replica runs the same EngineLoop in-process instead, see
+router_service/engine_deployment.py. The engine owns the scheduler, the paged KV cache, embeddings, attention,
+routing and the LM head; the experts are the pool's. Stream pacing is the caller's (client.paced)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from cluster.engine.api import EngineStats, Prompt
 from cluster.engine.loader import build_engine, distributed_moe
 from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
-from cluster.engine.sequence import RequestOutput, RequestResult
+from cluster.engine.sequence import Continuation, RequestOutput, RequestResult
 from cluster.engine_config import ClusterConfig, EngineConfig
 from cluster.moe.layer import MoELayer
 from cluster.moe.pool_api import RayActorPool
@@ -58,9 +59,9 @@ class Coordinator:
                        ) -> list[RequestResult]:
         return await asyncio.to_thread(self._engine().generate, prompts, params)
 
-    async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
-                     ) -> AsyncIterator[list[RequestOutput]]:
-        async for batch in self._engine().stream_batches(prompt, params, request_id):
+    async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+                     continuation: Continuation | None = None) -> AsyncIterator[list[RequestOutput]]:
+        async for batch in self._engine().stream_batches(prompt, params, request_id, continuation=continuation):
             yield batch
 
     def abort(self, request_id: str) -> None:
@@ -74,6 +75,9 @@ class Coordinator:
 
     def health(self) -> dict[str, Any]:
         return self._engine().health() if self.loop is not None else {"alive": False, "reason": "not started"}
+
+    async def drain(self, timeout_s: float) -> bool:
+        return await asyncio.to_thread(self._engine().drain, timeout_s)
 
     def describe(self) -> dict[str, Any]:
         moe = self.loop.engine.moe if self.loop is not None else None

@@ -1,6 +1,6 @@
 """LLMEngine: one step at a time, scheduler -> forward pass -> sampling -> reports.
 
-The jobs around it each have their own home: request validation (validation.py), KV block decisions
+The jobs around it each have their own home: tokenizing and validating requests (input_processor.py), KV block decisions
 (kv_cache.KVCacheManager), which sequences run (scheduler.py), the batch layout (step_batch.py), the model math
 (model.py, with a MoE backend: all experts in-process, or an expert pool), tokens to text and reports
 (output_processor.py). The engine is single-threaded: ``EngineLoop`` drives it from a thread of its own.
@@ -17,12 +17,11 @@ import torch
 from torch import Tensor
 
 from cluster.engine.api import EngineStats
+from cluster.engine.input_processor import EngineRequest, InputProcessor
 from cluster.engine.output_processor import OutputProcessor
 from cluster.engine.sampling import (
     RowHistory,
-    SamplingParams,
     TokenLogprob,
-    bad_words_token_ids,
     banned_tokens,
     process_logits,
     sample,
@@ -32,7 +31,7 @@ from cluster.engine.sampling import (
 )
 from cluster.engine.scheduler import ScheduledSeq, Scheduler
 from cluster.engine.sequence import FINISH_ABORT, Continuation, OutputSink, Request, Seq, SeqStatus
-from cluster.engine.validation import resolve_max_model_len, validate_request
+from cluster.engine.validation import resolve_max_model_len
 from cluster.engine_config import EngineConfig
 from cluster.errors import QueueFullError, WorkerFailure
 from cluster.model.config import ModelConfig
@@ -62,37 +61,29 @@ class LLMEngine:
         eos_ids = set(model_cfg.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
-        self.outputs = OutputProcessor(eos_ids)
+        self.outputs = OutputProcessor(eos_ids, tokenizer)
+        self.input_processor = InputProcessor(tokenizer, model_cfg.vocab_size, self.max_model_len, num_blocks,
+                                              self.block_size)
         self._seq_ids = itertools.count()
         self._stats = EngineStats(kv_blocks_total=num_blocks, kv_block_size=self.block_size)
         self._last_micro_batches = 0  # of the last forward pass
 
     # ----------------------------------------------------------------------------------------- requests
 
-    def validate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                 continuation: Continuation | None = None) -> int:
-        """Check a request against the model and the cache; returns max_tokens resolved. Thread-safe."""
-        return validate_request(prompt_ids, params, vocab_size=self.model_cfg.vocab_size,
-                                max_model_len=self.max_model_len, kv_blocks=self.kv.num_blocks,
-                                block_size=self.block_size, continuation=continuation)
-
-    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                    sink: OutputSink, arrival_time: float | None = None,
-                    continuation: Continuation | None = None) -> None:
-        """Queue a request; with ``continuation``, the rest of one another engine started (sequence.Continuation)."""
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        max_tokens = self.validate(prompt_ids, params, continuation)
+    def add_request(self, request: EngineRequest, sink: OutputSink) -> None:
+        """Queue a request the input processor made (validated there, not here); with a continuation, the rest
+        of one another engine started (sequence.Continuation)."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
         if len(self.scheduler.waiting) >= self.engine_cfg.max_queue_len:
             raise QueueFullError(f"the engine's queue is full ({self.engine_cfg.max_queue_len} waiting "
                                  "requests); retry later")
-        request = Request(request_id, list(prompt_ids), params, max_tokens, sink, arrival_time)
-        if params.bad_words:
-            request.bad_words_ids = bad_words_token_ids(
-                params.bad_words, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
-        seqs = [self._new_seq(request, 0, list(prompt_ids))] if continuation is None else \
-            self._resumed_seqs(request, continuation)
-        self.requests[request_id] = request
+        state = Request(request.request_id, list(request.prompt_ids), request.params, request.max_tokens,
+                        request.seed, sink, request.arrival_time, request.bad_words_ids, request.prompt_text)
+        continuation = request.continuation
+        seqs = [self._new_seq(state, 0, list(request.prompt_ids))] if continuation is None else \
+            self._resumed_seqs(state, continuation)
+        self.requests[request.request_id] = state
         for seq in seqs:
             self.scheduler.add(seq)
 

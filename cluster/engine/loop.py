@@ -1,9 +1,10 @@
-"""EngineLoop: runs an LLMEngine on a background thread and offers the engine interface to any number of
-sync or asyncio callers. Requests join the running batch at the next step; the loop sleeps (no spinning)
-when there is no work, waking to heartbeat the MoE backend every ``heartbeat_s``.
+"""EngineLoop: the in-process EngineClient (client.py). It runs an LLMEngine on a background thread and serves
+any number of sync or asyncio callers. Requests join the running batch at the next step; the loop sleeps (no
+spinning) when there is no work, waking to heartbeat the MoE backend every ``heartbeat_s``.
 
-``LocalEngine`` is an EngineLoop over the single-process engine; the cluster engine offers the same
-interface from a driver process (workers/cluster_engine.py).
+``EngineLoop.local`` is the single-process engine (every expert in this process); a Coordinator actor or a Serve
+engine replica builds one whose MoE layers go to an expert pool. The same interface through Ray, from a driver
+process: workers/cluster_engine.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 from torch import Tensor
 
 from cluster.engine.api import EngineStats, Prompt, new_request_id
+from cluster.engine.client import EngineClient, IntervalS, paced
 from cluster.engine.llm_engine import LLMEngine
 from cluster.engine.loader import build_local_engine
 from cluster.engine.sampling import SamplingParams
@@ -30,15 +32,9 @@ from cluster.errors import EngineDeadError, RequestFailedError, WorkerFailure
 log = logging.getLogger("moe_cluster.engine")
 T = TypeVar("T")
 MAX_FAILURES_IN_A_ROW = 3  # worker failures without a successful step in between before the engine gives up
-async def each_output(batches: AsyncGenerator[list[RequestOutput], None]) -> AsyncGenerator[RequestOutput, None]:
-    """A stream of batches, one output at a time; closing it closes (and so aborts) the stream of batches."""
-    async with contextlib.aclosing(batches) as stream:
-        async for batch in stream:
-            for out in batch:
-                yield out
 
 
-class EngineLoop:
+class EngineLoop(EngineClient):
     """Owns one engine on one thread. The engine is *built* on that thread too (``build`` runs there), so a
     single thread issues every torch op of the engine: on CPUs, intra-op parallel regions issued from two
     threads of one process slow each other down several-fold."""
@@ -57,6 +53,12 @@ class EngineLoop:
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_cfg
         self.max_model_len = self.engine.max_model_len
+        self.input_processor = self.engine.input_processor
+
+    @classmethod
+    def local(cls, engine_cfg: EngineConfig) -> EngineLoop:
+        """Everything in this process: the reference engine that the cluster engine is tested against."""
+        return cls(lambda: build_local_engine(engine_cfg))
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -151,13 +153,6 @@ class EngineLoop:
 
     # ------------------------------------------------------------------------------------- engine API
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if not isinstance(prompt, (list, tuple)):
-            raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        return list(prompt)
-
     def _check_alive(self) -> None:
         if self.dead_reason is not None:
             raise EngineDeadError(f"the engine is down: {self.dead_reason}")
@@ -168,26 +163,26 @@ class EngineLoop:
                sinks: Sequence[Callable[[RequestOutput], None]],
                request_ids: Sequence[str] | None = None,
                continuations: Sequence[Continuation | None] | None = None) -> concurrent.futures.Future[list[str]]:
-        """Validate now (errors raise here), then add all requests together at the next step. A request with a
-        continuation resumes one another engine started (sequence.Continuation)."""
+        """Tokenize and validate now, in the caller's thread (errors raise here: the input processor), then add
+        all requests together at the next step. A request with a continuation resumes one another engine started
+        (sequence.Continuation)."""
         self._check_alive()
-        ids = list(request_ids) if request_ids is not None else [new_request_id() for _ in prompts]
-        encoded = [self.encode(p) for p in prompts]
+        ids: list[str | None] = list(request_ids) if request_ids is not None else [None] * len(prompts)
         resumed = list(continuations) if continuations is not None else [None] * len(prompts)
-        for prompt_ids, p, continuation in zip(encoded, params, resumed, strict=True):
-            self.engine.validate(prompt_ids, p, continuation)
+        requests = [self.input_processor.process(prompt, p, rid, continuation)
+                    for prompt, p, rid, continuation in zip(prompts, params, ids, resumed, strict=True)]
 
         def add_all() -> list[str]:
             added: list[str] = []
             try:
-                for rid, prompt_ids, p, sink, continuation in zip(ids, encoded, params, sinks, resumed, strict=True):
-                    self.engine.add_request(rid, prompt_ids, p, sink, continuation=continuation)
-                    added.append(rid)
+                for request, sink in zip(requests, sinks, strict=True):
+                    self.engine.add_request(request, sink)
+                    added.append(request.request_id)
             except BaseException:
                 for rid in added:  # all or nothing
                     self.engine.abort(rid)
                 raise
-            return ids
+            return added
 
         return self.call(add_all)
 
@@ -214,49 +209,26 @@ class EngineLoop:
         return [RequestResult.fold(outs) for outs in outputs]
 
     async def stream_batches(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
-                             interval_s: Callable[[], float] | None = None,
-                             continuation: Continuation | None = None,
+                             interval_s: IntervalS | None = None, continuation: Continuation | None = None,
                              ) -> AsyncGenerator[list[RequestOutput], None]:
-        """Reports of one request as they come, coalesced: each item holds every report that arrived
-        since the last one. With ``interval_s``, items after the first are at least ``interval_s()`` apart,
-        except the last, which comes at once. Leaving the iteration early aborts the request. With
-        ``continuation``, the rest of a request another engine started."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        reports: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         rid = request_id or new_request_id()
 
         def sink(out: RequestOutput) -> None:
             if not loop.is_closed():  # the consumer may be gone; its request is being aborted
-                loop.call_soon_threadsafe(queue.put_nowait, out)
+                loop.call_soon_threadsafe(reports.put_nowait, out)
 
         await asyncio.wrap_future(self.submit([prompt], [params], [sink], [rid], [continuation]))
-        finished, sent_at = False, None
+        finished = False
         try:
-            while not finished:
-                batch = [await queue.get()]
-                if interval_s is not None and sent_at is not None:
-                    send_at = sent_at + interval_s()
-                    while not batch[-1].finished and (wait := send_at - loop.time()) > 0:
-                        try:  # Queue.get is cancellation-safe: a timed-out get leaves the item queued
-                            batch.append(await asyncio.wait_for(queue.get(), wait))
-                        except asyncio.TimeoutError:
-                            break
-                while not queue.empty():
-                    batch.append(queue.get_nowait())
-                for out in batch:
-                    if out.error is not None:
-                        raise RequestFailedError(out.error)
-                finished = batch[-1].finished
-                yield batch
-                sent_at = loop.time()
+            async with contextlib.aclosing(paced(reports, interval_s)) as batches:
+                async for batch in batches:
+                    finished = batch[-1].finished
+                    yield batch
         finally:
             if not finished:
                 self.abort(rid)
-
-    def stream(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
-               continuation: Continuation | None = None) -> AsyncGenerator[RequestOutput, None]:
-        """Reports of one request as they come; leaving the iteration early aborts the request."""
-        return each_output(self.stream_batches(prompt, params, request_id, continuation=continuation))
 
     def abort(self, request_id: str) -> None:
         if self.dead_reason is None and not self._stopping:
@@ -301,10 +273,3 @@ class EngineLoop:
             self._thread.join(timeout=30)
         self.engine.moe.close()
 
-
-class LocalEngine(EngineLoop):
-    """Everything in this process: the reference engine that the cluster engine is tested against."""
-
-    @classmethod
-    def from_config(cls, engine_cfg: EngineConfig) -> LocalEngine:
-        return cls(lambda: build_local_engine(engine_cfg))

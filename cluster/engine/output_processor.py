@@ -1,6 +1,8 @@
 """What happens to a sampled token: append it, detokenize it, decide whether the sample is finished (stop
 token, EOS, stop string, length), and build the report a request's consumer receives (text deltas held back
-while they could still grow into a stop string). No model math and no cache: the engine calls it after a step.
+while they could still grow into a stop string; token texts attached to logprobs, the prompt's text to an echo),
+the RequestOutput that goes unchanged to the wire adapters. No model math and no cache: the engine calls it
+after a step.
 """
 
 from __future__ import annotations
@@ -12,18 +14,27 @@ from cluster.engine.sampling import TokenLogprob
 from cluster.engine.sequence import (
     FINISH_LENGTH,
     FINISH_STOP,
-    CompletionDelta,
+    CompletionOutput,
     Request,
     RequestOutput,
     SampleSoFar,
     Seq,
 )
 from cluster.errors import RequestError
+from cluster.model.tokenizer import Tokenizer
 
 
 class OutputProcessor:
-    def __init__(self, eos_ids: Collection[int]) -> None:
+    def __init__(self, eos_ids: Collection[int], tokenizer: Tokenizer) -> None:
         self.eos_ids = frozenset(eos_ids)
+        self.tokenizer = tokenizer
+
+    def with_texts(self, logprobs: list[TokenLogprob]) -> list[TokenLogprob]:
+        """``logprobs`` with the text of each token attached."""
+        text = self.tokenizer.token_text
+        for lp in logprobs:
+            lp.text, lp.top_texts = text(lp.token_id), [text(t) for t, _ in lp.top]
+        return logprobs
 
     def append_token(self, seq: Seq, token: int, logprob: TokenLogprob | None) -> None:
         """Add ``token`` to ``seq``, extend its text, and finish it when a stop condition is met."""
@@ -60,8 +71,7 @@ class OutputProcessor:
                                f"its tokens make only {len(seq.text)}", "continuation")
         seq.emitted_chars, seq.emitted_tokens = sample.text_chars, len(sample.token_ids)
 
-    @staticmethod
-    def build_output(request: Request, seqs: Sequence[Seq], finished: bool, error: str | None = None
+    def build_output(self, request: Request, seqs: Sequence[Seq], finished: bool, error: str | None = None
                      ) -> RequestOutput:
         """The report of what ``seqs`` produced since the last one; the first report carries the prompt."""
         deltas = []
@@ -72,17 +82,23 @@ class OutputProcessor:
             new_tokens = seq.token_ids[seq.num_prompt_tokens + seq.emitted_tokens:]
             seq.emitted_chars += len(text)
             seq.emitted_tokens += len(new_tokens)
-            logprobs = seq.pending_logprobs if request.params.logprobs is not None else None
+            logprobs = self.with_texts(seq.pending_logprobs) if request.params.logprobs is not None else None
             seq.pending_logprobs = []
-            deltas.append(CompletionDelta(seq.index, text, new_tokens, logprobs, seq.finish_reason,
-                                          seq.stop_reason))
+            deltas.append(CompletionOutput(seq.index, text, new_tokens, logprobs, seq.finish_reason,
+                                           seq.stop_reason))
         out = RequestOutput(request.request_id, deltas, finished=finished,
                             num_prompt_tokens=len(request.prompt_ids),
                             num_generated_tokens=request.num_generated, error=error)
         if not request.sent_prompt:
             request.sent_prompt = True
             out.prompt_token_ids = list(request.prompt_ids)
-            out.prompt_logprobs = request.prompt_logprobs
+            out.seed = request.seed
+            if request.params.echo:
+                out.prompt_text = (request.prompt_text if request.prompt_text is not None else
+                                   self.tokenizer.decode(request.prompt_ids, skip_special_tokens=False))
+            if request.prompt_logprobs is not None:
+                out.prompt_logprobs = [None if lp is None else self.with_texts([lp])[0]
+                                       for lp in request.prompt_logprobs]
         if finished:
             request.metrics.finished_time = time.monotonic()
             out.metrics = request.metrics

@@ -156,6 +156,9 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+    # The texts of token_id and of each top entry, attached by the output processor for the wire adapters.
+    text: str = ""
+    top_texts: list[str] = field(default_factory=list)
 
 
 def apply_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:

@@ -7,9 +7,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol, TypeVar
 
-from cluster.engine.sampling import SamplingParams, TokenLogprob, new_request_seed
+from cluster.engine.sampling import SamplingParams, TokenLogprob
 from cluster.model.tokenizer import IncrementalDetokenizer
 
 FINISH_STOP = "stop"
@@ -63,12 +62,13 @@ class RequestMetrics:
 
 
 @dataclass
-class CompletionDelta:
-    """What one sample produced since the last report."""
+class CompletionOutput:
+    """What one sample produced: since the last report (in a RequestOutput), or in all (folded, fold_completions).
+    Logprobs carry their token texts (the output processor attaches them), so a wire adapter needs no tokenizer."""
 
     index: int
-    text: str
-    token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (None for EOS)
@@ -76,12 +76,16 @@ class CompletionDelta:
 
 @dataclass
 class RequestOutput:
-    """One report for a request: deltas of its samples; the last one has ``finished`` set."""
+    """One report for a request, the one output type from the output processor to the wire adapters (HTTP, gRPC):
+    what its samples produced since the last report; the last one has ``finished`` set. ``merge_outputs`` joins
+    several into one."""
 
     request_id: str
-    outputs: list[CompletionDelta]
+    outputs: list[CompletionOutput]
     finished: bool = False
     prompt_token_ids: list[int] | None = None  # in the first report only
+    seed: int | None = None  # in the first report: the seed the request is sampled with (given or drawn)
+    prompt_text: str | None = None  # in the first report, with echo
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with echo + logprobs, first report
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0  # all samples, so far
@@ -89,59 +93,14 @@ class RequestOutput:
     error: str | None = None  # set when the engine failed the request
 
 
-@dataclass
-class Completion:
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-
-
-@dataclass
-class RequestResult:
-    """A finished request, all reports folded together."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    completions: list[Completion]
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
-    metrics: RequestMetrics | None = None
-
-    @classmethod
-    def fold(cls, outputs: Sequence[RequestOutput]) -> RequestResult:
-        first, last = outputs[0], outputs[-1]
-        completions = fold_deltas((d for out in outputs for d in out.outputs), Completion)
-        return cls(first.request_id, list(first.prompt_token_ids or []), completions,
-                   first.prompt_logprobs, last.num_prompt_tokens, last.num_generated_tokens, last.metrics)
-
-
-class Delta(Protocol):
-    """What a sample produced, since the last report or in all: CompletionDelta, Completion, or any class of the
-    same fields."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[Any] | None
-    finish_reason: str | None
-    stop_reason: str | int | None
-
-
-D = TypeVar("D", bound=Delta)
-
-
-def fold_deltas(deltas: Iterable[Delta], new: Callable[[int], D]) -> list[D]:
-    """Join each sample's deltas in order, by index, into one ``new(index)`` each: texts, token ids and logprobs
-    concatenated, the last finish and stop reasons."""
-    by_index: dict[int, D] = {}
+def fold_completions(deltas: Iterable[CompletionOutput]) -> list[CompletionOutput]:
+    """Join each sample's deltas in order, by index: texts, token ids and logprobs concatenated, the last finish
+    and stop reasons."""
+    by_index: dict[int, CompletionOutput] = {}
     for d in deltas:
         c = by_index.get(d.index)
         if c is None:
-            c = by_index[d.index] = new(d.index)
+            c = by_index[d.index] = CompletionOutput(d.index)
         c.text += d.text
         c.token_ids.extend(d.token_ids)
         if d.logprobs is not None:
@@ -149,6 +108,33 @@ def fold_deltas(deltas: Iterable[Delta], new: Callable[[int], D]) -> list[D]:
         if d.finish_reason is not None:
             c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
     return [by_index[i] for i in sorted(by_index)]
+
+
+def merge_outputs(outputs: Sequence[RequestOutput]) -> RequestOutput:
+    """Consecutive reports of one request as one (a coalesced stream item, a non-streaming response)."""
+    first, last = outputs[0], outputs[-1]
+    return RequestOutput(first.request_id, fold_completions(d for out in outputs for d in out.outputs),
+                         last.finished, first.prompt_token_ids, first.seed, first.prompt_text, first.prompt_logprobs,
+                         last.num_prompt_tokens, last.num_generated_tokens, last.metrics, last.error)
+
+
+@dataclass
+class RequestResult:
+    """A finished request, all reports folded together (what generate() returns)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    completions: list[CompletionOutput]
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    metrics: RequestMetrics | None = None
+
+    @classmethod
+    def fold(cls, outputs: Sequence[RequestOutput]) -> RequestResult:
+        out = merge_outputs(outputs)
+        return cls(out.request_id, list(out.prompt_token_ids or []), out.outputs, out.prompt_logprobs,
+                   out.num_prompt_tokens, out.num_generated_tokens, out.metrics)
 
 
 @dataclass(frozen=True)
@@ -179,8 +165,9 @@ _arrival_counter = itertools.count()
 
 
 class Request:
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
-                 sink: OutputSink, arrival_time: float | None = None) -> None:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int, seed: int,
+                 sink: OutputSink, arrival_time: float | None = None,
+                 bad_words_ids: Sequence[Sequence[int]] = (), prompt_text: str | None = None) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
@@ -189,12 +176,13 @@ class Request:
         self.arrival_order = next(_arrival_counter)
         self.metrics = RequestMetrics(arrival_time if arrival_time is not None else time.monotonic())
         self.seqs: list[Seq] = []
-        self.seed = params.seed if params.seed is not None else new_request_seed()
+        self.seed = seed  # params.seed, or the one the input processor drew
         self.needs_fork = params.n > 1  # forks into n samples when its prompt is computed
         self.prompt_logprobs: list[TokenLogprob | None] | None = (
             [None] if params.echo and params.logprobs is not None else None)
         self.sent_prompt = False
-        self.bad_words_ids: list[list[int]] = []  # params.bad_words as token sequences (the engine fills them)
+        self.bad_words_ids = bad_words_ids  # params.bad_words as token sequences
+        self.prompt_text = prompt_text  # the prompt as text, when it was given as text (for echo)
         self.closed = False  # aborted or failed: no more reports after the final one
 
     @property

@@ -10,7 +10,7 @@ from typing import Any, TypedDict
 
 import pytest
 
-from cluster.engine.loop import LocalEngine
+from cluster.engine.loop import EngineLoop
 from cluster.engine_config import EngineConfig
 from router_service.serve_config import grpc_servicer_functions
 
@@ -46,7 +46,7 @@ class Served:
     grpc: str  # 127.0.0.1:PORT
     metrics: str  # http://127.0.0.1:PORT/metrics
     model: str
-    reference: LocalEngine  # the same checkpoint in a local engine, for expected results
+    reference: EngineLoop  # the same checkpoint in a local engine, for expected results
 
 
 def app_args(model_dir: Path, **extra: Any) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def served(demo_dir: Path) -> Iterator[Served]:
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
     serve.run(build_app(app_args(demo_dir)), name="moe-cluster", route_prefix="/")
-    reference = LocalEngine.from_config(EngineConfig(model=str(demo_dir), progress=False, **ENGINE_OPTIONS))
+    reference = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, **ENGINE_OPTIONS))
     yield Served(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}",
                  f"http://127.0.0.1:{metrics_port}/metrics", MODEL_NAME, reference)
     reference.shutdown()

@@ -353,9 +353,9 @@ def test_prefix_caching_keeps_greedy_text_and_prompt_logprobs_exact(served: Serv
     """The app serves with prefix caching on (the default): prompts sharing a long prefix, each sent twice (the
     later ones find the prefix cached), give the greedy text and the echoed prompt logprobs of a local engine with
     caching off."""
-    from cluster.engine.loop import LocalEngine
+    from cluster.engine.loop import EngineLoop
 
-    off = LocalEngine.from_config(served.reference.engine.engine_cfg.with_(enable_prefix_caching=False))
+    off = EngineLoop.local(served.reference.engine.engine_cfg.with_(enable_prefix_caching=False))
     try:
         system = " ".join([PROMPT] * 6)
         prompts = [f"{system} and question {i}" for i in range(3)]
