@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from router_service.arg_types import positive_int
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("env", "tests", "parity", "throughput", "cluster")
 Generate = Callable[[list[list[int]]], list[list[int]]]
@@ -61,13 +63,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="on the CPU, the tiny demo model at 1 and 2 sequences: every step's CPU fallback "
                              "(chosen by itself where CUDA is missing)")
     parser.add_argument("--list", action="store_true", help="print what would run, and how, then exit")
-    parser.add_argument("--sizes", type=_positive, nargs="+", default=[1, 32, 128], metavar="N",
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[1, 32, 128], metavar="N",
                         help="sequences per throughput run (default: %(default)s)")
-    parser.add_argument("--prompt-len", type=_positive, default=64, help="prompt tokens (default: %(default)s)")
-    parser.add_argument("--output-len", type=_positive, default=64, help="generated tokens (default: %(default)s)")
+    parser.add_argument("--prompt-len", type=positive_int, default=64, help="prompt tokens (default: %(default)s)")
+    parser.add_argument("--output-len", type=positive_int, default=64, help="generated tokens (default: %(default)s)")
     parser.add_argument("--model-size", choices=["demo", "bench", "mid"], default="bench",
                         help="model of bench/models.py to run (default: %(default)s, 152M parameters)")
-    parser.add_argument("--budget-s", type=_positive, default=420,
+    parser.add_argument("--budget-s", type=positive_int, default=420,
                         help="all steps together end within this many seconds (default: %(default)s)")
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)  # internal: run one step here
     args = parser.parse_args(argv)
@@ -79,14 +81,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _has_cuda() -> bool:

@@ -10,10 +10,11 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from router_service.arg_types import non_negative_float, non_negative_int, positive_int
 from router_service.engine_flags import add_engine_flags
 
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command needs them
@@ -29,21 +30,6 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``, else a message naming the bad value."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def version() -> str:
@@ -68,14 +54,6 @@ def serve_config_defaults() -> dict[str, Any]:
     return args
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--random", action="store_true",
                       help="write the random-weight demo instead of copying the trained one (default: trained)")
     demo.add_argument("--seed", type=int, help="with --random: seed of the random weights (default: 0)")
-    demo.add_argument("--shards", type=_positive_int,
+    demo.add_argument("--shards", type=positive_int,
                       help="with --random: number of safetensors shards (default: 3; the trained demo has 5)")
     demo.add_argument("--force", action="store_true", help="overwrite an existing checkpoint (default: refuse)")
-    demo.add_argument("--router-skew", type=_non_negative_float, metavar="Z",
+    demo.add_argument("--router-skew", type=non_negative_float, metavar="Z",
                       help="random demo only (implies --random): make each layer's router prefer its own group of "
                            "adjacent experts, raising their "
                            "logits by about Z standard deviations of the random ones; 0 writes the plain demo. "
@@ -117,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="checkpoint directory, or a Hugging Face Hub id (fetched into the Hub cache; HF_TOKEN, "
                           "HF_HUB_OFFLINE apply) for the local and cluster engines (required without --grpc)")
     gen.add_argument("--prompt", required=True, help="the prompt text (required)")
-    gen.add_argument("--max-tokens", type=_positive_int, default=32,
+    gen.add_argument("--max-tokens", type=positive_int, default=32,
                      help="most tokens to generate (default: %(default)s)")
     gen.add_argument("--temperature", type=float, default=0.0,
                      help="sampling temperature; 0 is greedy (default: %(default)s, greedy)")
@@ -134,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print {text, token_ids, finish_reason} as JSON (default: the text only)")
     gen.add_argument("--engine", choices=["local", "cluster"], default="local",
                      help="local: one process; cluster: expert workers as Ray actors (default: %(default)s)")
-    gen.add_argument("--experts-per-worker", type=_positive_int, default=1,
+    gen.add_argument("--experts-per-worker", type=positive_int, default=1,
                      help="with --engine cluster: experts each worker holds (default: %(default)s)")
     gen.add_argument("--address", help="Ray address for --engine cluster (default: a local embedded Ray)")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -158,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("input", help="the full-precision checkpoint directory")
     quant.add_argument("output", help="where to write the quantized one (created if missing)")
     quant.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 or 4 bits per expert weight")
-    quant.add_argument("--group-size", type=_positive_int, metavar="G",
+    quant.add_argument("--group-size", type=positive_int, metavar="G",
                        help="input features per scale (default: one scale per output channel for 8 bits, 64 for 4)")
     quant.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
 
@@ -168,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("url", help="the server's metrics endpoint: HOST:PORT or a URL (/metrics is added when the URL "
                                   "has no path; `serve` exports on port 8080 by default)")
     load.add_argument("--out", default="expert-load.png", help="PNG file to write (default: %(default)s)")
-    load.add_argument("--window", type=_non_negative_float, default=0.0, metavar="SECONDS",
+    load.add_argument("--window", type=non_negative_float, default=0.0, metavar="SECONDS",
                       help="draw the load over the next SECONDS (a scrape a second) instead of since the server "
                            "started: each worker's share beside its share until then, and the imbalance gauge "
                            "through the window with rebalances marked (default: %(default)s, since start only)")
@@ -179,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(POST /scale_expert_pool); prints when the new expert map is committed, how "
                                        "long it took and the map version.")
     scale.add_argument("address", metavar="HOST:PORT", help="the server's HTTP address (or a URL)")
-    scale.add_argument("num_workers", metavar="N", type=_positive_int, help="the expert workers the pool should have")
+    scale.add_argument("num_workers", metavar="N", type=positive_int, help="the expert workers the pool should have")
     scale.add_argument("--api-key-env", metavar="VAR", help="send the API key held in this environment variable "
                                                             "(default: none, no key sent)")
     scale.add_argument("--json", action="store_true", help="print the server's JSON answer")
@@ -206,34 +184,34 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, default=9000, help="port of the gRPC API (default: %(default)s)")
     serve.add_argument("--metrics-port", type=int, default=8080,
                        help="Prometheus metrics port of the embedded Ray (default: %(default)s)")
-    serve.add_argument("--experts-per-worker", type=_positive_int,
+    serve.add_argument("--experts-per-worker", type=positive_int,
                        help="with the cluster engine: experts each worker holds (default: from the config, "
                             f"{(cfg.get('pool_options') or {}).get('experts_per_worker', 1)} in the bundled one)")
     serve.add_argument("--no-auto-shape", dest="auto_shape", action="store_false",
                        help="with the bundled config and no --experts-per-worker: keep its shape (one expert per "
                             "worker) instead of moe-cluster plan's for this machine (default: the plan's, e.g. on a "
                             "2-core CPU one coordinator and one worker holding every expert)")
-    serve.add_argument("--redundant-experts", type=_non_negative_int, metavar="R",
+    serve.add_argument("--redundant-experts", type=non_negative_int, metavar="R",
                        help="with the cluster engine: extra expert slots across the pool, per layer, for replicas of "
                             "the hottest experts, placed by rebalancing (default: from the config, "
                             f"{(cfg.get('pool_options') or {}).get('redundant_experts', 0)} in the bundled one)")
-    serve.add_argument("--rebalance-interval-s", type=_non_negative_float, metavar="SECONDS",
+    serve.add_argument("--rebalance-interval-s", type=non_negative_float, metavar="SECONDS",
                        help="with the cluster engine: every SECONDS, measure the expert load and, if it is uneven "
                             "enough, move experts and replicas between workers while serving; 0 never does "
                             "(default: from the config, "
                             f"{(cfg.get('pool_options') or {}).get('rebalance_interval_s', 0)} in the bundled one)")
-    serve.add_argument("--num-engines", type=_positive_int,
+    serve.add_argument("--num-engines", type=positive_int,
                        help="independent engine replicas behind the API (default: from the config, "
                             f"{cfg.get('num_engines', 1)} in the bundled one)")
     serve.add_argument("--engine", choices=["local", "cluster"],
                        help="local: one process per engine replica; cluster: expert workers as Ray actors "
                             f"(default: from the config, {cfg.get('engine', 'cluster')} in the bundled one)")
-    serve.add_argument("--drain-timeout", type=_non_negative_float, metavar="SECONDS",
+    serve.add_argument("--drain-timeout", type=non_negative_float, metavar="SECONDS",
                        help="on shutdown, how long running requests may take to finish before they end with a "
                             "retryable 'server is shutting down' error (default: from the config, "
                             f"{cfg.get('drain_timeout_s', 30)} in the bundled one)")
     add_engine_flags(serve, cfg)
-    serve.add_argument("--stats-interval", type=_non_negative_float, default=10.0, metavar="SECONDS",
+    serve.add_argument("--stats-interval", type=non_negative_float, default=10.0, metavar="SECONDS",
                        help="print a line per engine replica every SECONDS while there is traffic: running and "
                             "waiting requests, prompt and generation throughput, KV cache usage; 0 never "
                             "(default: %(default)s)")
@@ -258,7 +236,7 @@ def _quantize_flags(parser: argparse.ArgumentParser, default: str) -> None:
                         help="hold the expert weights quantized, weight-only: int8 per output channel or int4 with "
                              f"group-wise scales; attention, routers and embeddings stay as they are (default: "
                              f"{default})")
-    parser.add_argument("--quantize-group-size", type=_positive_int, metavar="G",
+    parser.add_argument("--quantize-group-size", type=positive_int, metavar="G",
                         help="with --quantize-experts: input features per scale (default: per output channel for "
                              "int8, 64 for int4)")
 

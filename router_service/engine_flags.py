@@ -7,29 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-
-def _positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text}")
-        return value
-
-    return parse
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 0.95], got {text!r}") from None
-    if not 0 < value <= 0.95:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 0.95], got {text}")
-    return value
-
+from router_service.arg_types import bounded, positive_float, positive_int
 
 # flag destination -> EngineConfig field (engine_options key)
 ENGINE_FLAGS = {"max_model_len": "max_model_len", "max_num_seqs": "max_num_seqs",
@@ -49,21 +27,21 @@ def add_engine_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) 
     group.add_argument("--served-model-name", metavar="NAME",
                        help="the model name clients pass as 'model' (default: the config's served_model_name, or "
                             "the --model directory's name)")
-    group.add_argument("--max-model-len", type=_positive(int), metavar="TOKENS",
+    group.add_argument("--max-model-len", type=positive_int, metavar="TOKENS",
                        help="context length: prompt plus generated tokens (default: the model's "
                             "max_position_embeddings). The KV cache must hold one such sequence, or serve refuses "
                             "to start")
-    group.add_argument("--max-num-seqs", type=_positive(int), metavar="N",
+    group.add_argument("--max-num-seqs", type=positive_int, metavar="N",
                        help=f"sequences in one forward step ({default('max_num_seqs', 64)})")
-    group.add_argument("--max-num-batched-tokens", type=_positive(int), metavar="TOKENS",
+    group.add_argument("--max-num-batched-tokens", type=positive_int, metavar="TOKENS",
                        help="tokens in one forward step; longer prompts are prefilled in chunks "
                             f"({default('max_num_batched_tokens', 1024)})")
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                        help="weights and KV cache dtype (default: the checkpoint's)")
     memory = group.add_mutually_exclusive_group()
-    memory.add_argument("--kv-cache-gib", type=_positive(float), metavar="GIB",
+    memory.add_argument("--kv-cache-gib", type=positive_float, metavar="GIB",
                         help=f"KV cache memory per engine replica, in GiB ({default('kv_cache_gib', None)})")
-    memory.add_argument("--kv-cache-fraction", type=_fraction, metavar="F",
+    memory.add_argument("--kv-cache-fraction", type=bounded(float, above=0, at_most=0.95), metavar="F",
                         help="instead of --kv-cache-gib: this fraction of the device's free memory once the weights "
                              "are loaded (on a GPU, what vLLM's --gpu-memory-utilization sizes, but of free "
                              "memory, KV cache only) (default: 0.25 when no GiB are set)")

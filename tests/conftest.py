@@ -8,10 +8,13 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from cluster.engine.loop import EngineLoop
 
 # Keep the 2-core CI machine responsive: one intra-op thread per process unless told otherwise.
 torch.set_num_threads(int(os.environ.get("MOE_TEST_THREADS", "1")))
@@ -71,6 +74,18 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cluster.model.demo import init_demo
 
     return init_demo(tmp_path_factory.mktemp("demo") / "model")
+
+
+@pytest.fixture(scope="module")
+def engine(demo_dir: Path) -> Iterator[EngineLoop]:
+    """The random-weight demo in a local engine, shared by a module's tests (a small KV cache, 256 tokens)."""
+    from cluster.engine.loop import EngineLoop
+    from cluster.engine_config import EngineConfig
+
+    eng = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=96,
+                                        block_size=8, max_model_len=256))
+    yield eng
+    eng.shutdown()
 
 
 @pytest.fixture(scope="session")

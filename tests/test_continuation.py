@@ -5,27 +5,16 @@ reasons, logprobs and usage - and its reports carry only what comes after the cu
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.sequence import Continuation, RequestOutput, RequestResult, SampleSoFar
-from cluster.engine_config import EngineConfig
 from cluster.errors import RequestError
 from cluster.model.tokenizer import IncrementalDetokenizer
 
 PROMPT = "The workers compute and send the results back"
-
-
-@pytest.fixture(scope="module")
-def engine(demo_dir: Path) -> Iterator[EngineLoop]:
-    eng = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=96,
-                                        block_size=8, max_model_len=256))
-    yield eng
-    eng.shutdown()
 
 
 def run(engine: EngineLoop, params: SamplingParams, continuation: Continuation | None = None

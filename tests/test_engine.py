@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import shutil
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import pytest
@@ -18,14 +18,6 @@ from cluster.engine_config import EngineConfig
 from tests.conftest import HFCheckpoint
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def engine(demo_dir: Path) -> Iterator[EngineLoop]:
-    eng = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=96,
-                                        block_size=8, max_model_len=256))
-    yield eng
-    eng.shutdown()
 
 
 PROMPT = "The workers compute and send the results back"

@@ -26,8 +26,8 @@ def python_without_ray(code: str, timeout: float = 180) -> subprocess.CompletedP
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--sizes", "0"], "expected a positive integer, got 0"),
-    (["--sizes", "x"], "expected a positive integer, got 'x'"),
+    (["--sizes", "0"], "expected an integer >= 1, got 0"),
+    (["--sizes", "x"], "expected an integer >= 1, got 'x'"),
     (["--steps", "warp"], "invalid choice: 'warp'"),
     (["--budget-s"], "expected one argument"),
 ])

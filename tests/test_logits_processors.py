@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -114,14 +114,6 @@ def test_bad_processor_params_name_the_field(kwargs: dict[str, object], message:
 # ----------------------------------------------------------------------------------------- through the engine
 
 PROMPT = "The workers compute and send the results back"
-
-
-@pytest.fixture(scope="module")
-def engine(demo_dir: Path) -> Iterator[EngineLoop]:
-    eng = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=96,
-                                        block_size=8, max_model_len=256))
-    yield eng
-    eng.shutdown()
 
 
 def one(engine: EngineLoop, params: SamplingParams, prompt: str | Sequence[int] = PROMPT) -> RequestResult:
