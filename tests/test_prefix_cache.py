@@ -19,7 +19,7 @@ from cluster.engine_config import EngineConfig
 from cluster.model.kv_cache import BlockAllocator, chain_block_hash
 from tests.conftest import make_hf_checkpoint
 from tests.test_parity_hf import PARITY_CONFIGS
-from tests.test_scheduler import Collector, add
+from tests.test_scheduler import Collector, add, assert_refcounts_match
 
 WINDOW8 = "e8-top2-gqa4-window8-untied-sharded"
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -58,12 +58,7 @@ def test_allocator_with_cached_blocks_never_leaks(seed: int, num_blocks: int) ->
             tables.append([block])
         elif tables:
             alloc.release_all(tables.pop(rng.randrange(len(tables))))
-        held: dict[int, int] = {}
-        for table in tables:
-            for block in table:
-                held[block] = held.get(block, 0) + 1
-        assert all(alloc.refcount(b) == held.get(b, 0) for b in range(num_blocks))
-        assert alloc.num_free == num_blocks - len(held)
+        assert_refcounts_match(alloc, tables, num_blocks)
         assert all(alloc.cached(h) == b for b, h in hash_of.items())
     for table in tables:
         alloc.release_all(table)

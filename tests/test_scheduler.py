@@ -47,13 +47,7 @@ def test_allocator_never_leaks_over_10000_random_operations(seed: int, num_block
             alloc.release_all(tables.pop(rng.randrange(len(tables))))
         if step % 25 and step != 9_999:
             continue
-        # Invariant: reference counts equal the number of tables holding each block; free iff zero.
-        held: dict[int, int] = {}
-        for table in tables:
-            for block in table:
-                held[block] = held.get(block, 0) + 1
-        assert all(alloc.refcount(b) == held.get(b, 0) for b in range(num_blocks))
-        assert alloc.num_free == num_blocks - len(held)
+        assert_refcounts_match(alloc, tables, num_blocks)
     for table in tables:
         alloc.release_all(table)
     assert alloc.num_free == num_blocks
@@ -68,6 +62,16 @@ def add(engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingP
         sink: Callable[[RequestOutput], None]) -> None:
     """Queue a request on a bare engine, through its input processor as EngineLoop does."""
     engine.add_request(engine.input_processor.process(prompt, params, request_id), sink)
+
+
+def assert_refcounts_match(alloc: BlockAllocator, tables: list[list[int]], num_blocks: int) -> None:
+    """Invariant: reference counts equal the number of tables holding each block; free iff zero."""
+    held: dict[int, int] = {}
+    for table in tables:
+        for block in table:
+            held[block] = held.get(block, 0) + 1
+    assert all(alloc.refcount(b) == held.get(b, 0) for b in range(num_blocks))
+    assert alloc.num_free == num_blocks - len(held)
 
 
 class Collector:

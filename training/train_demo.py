@@ -36,11 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cluster.model.config import ModelConfig  # noqa: E402
-from cluster.model.demo import build_tokenizer  # noqa: E402
+from cluster.model.demo import build_tokenizer, write_tokenizer_files  # noqa: E402
 from cluster.model.demo import write_checkpoint as write_safetensors  # noqa: E402
 from cluster.model.ops import apply_rope, attention_mask, combine, expert_swiglu, rms_norm, rope_cos_sin, rope_inv_freq  # noqa: E402
 from cluster.model.ops import route as route_top_k  # noqa: E402
-from cluster.model.tokenizer import DEFAULT_CHAT_TEMPLATE  # noqa: E402
 from training.kjv import load_corpus  # noqa: E402
 
 
@@ -214,12 +213,7 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 def write_checkpoint(out: Path, tok: Tokenizer, cfg: ModelConfig, tensors: dict[str, Tensor], tc: TrainConfig,
                      history: dict, corpus_note: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "pad_token": None, "model_max_length": cfg.max_position_embeddings,
-        "tokenizer_class": "LlamaTokenizerFast", "clean_up_tokenization_spaces": False,
-        "chat_template": DEFAULT_CHAT_TEMPLATE}, indent=2) + "\n")
+    write_tokenizer_files(out, tok, cfg.max_position_embeddings)
     # Stored in bf16 (half the bytes), one shard per layer's experts (each under 10 MB); config.json says
     # float32, so every engine computes in float32 from these values.
     write_safetensors(out, cfg, tensors, shards=cfg.num_layers + 1, storage_dtype=torch.bfloat16)

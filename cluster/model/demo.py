@@ -195,6 +195,17 @@ def write_checkpoint(directory: Path, cfg: ModelConfig, tensors: dict[str, torch
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def write_tokenizer_files(directory: Path, tok: Tokenizer, model_max_length: int) -> None:
+    """tokenizer.json and tokenizer_config.json (Llama-style special tokens, the demo's chat template) of a demo
+    checkpoint: ``init-demo`` and training/train_demo.py write the same ones."""
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": None, "model_max_length": model_max_length,
+        "tokenizer_class": "LlamaTokenizerFast", "clean_up_tokenization_spaces": False,
+        "chat_template": DEFAULT_CHAT_TEMPLATE}, indent=2) + "\n")
+
+
 def init_demo(directory: str | Path, seed: int = 0, shards: int = 3, overwrite: bool = False,
               router_skew: float = 0.0, **architecture: Any) -> Path:
     """Write the random demo checkpoint (seeded random weights) into ``directory`` (created if needed); returns
@@ -210,12 +221,7 @@ def init_demo(directory: str | Path, seed: int = 0, shards: int = 3, overwrite: 
     _clear_demo_files(directory)
     tok = build_tokenizer()
     cfg = replace(demo_config(tok.get_vocab_size(with_added_tokens=True)), **architecture)
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "pad_token": None, "model_max_length": cfg.max_position_embeddings,
-        "tokenizer_class": "LlamaTokenizerFast", "clean_up_tokenization_spaces": False,
-        "chat_template": DEFAULT_CHAT_TEMPLATE}, indent=2) + "\n")
+    write_tokenizer_files(directory, tok, cfg.max_position_embeddings)
     (directory / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
     (directory / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids[0]}, indent=2) + "\n")
