@@ -7,10 +7,11 @@ All are frozen and checked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cluster.config_fields import known_fields
 from cluster.model.config import parse_dtype
 from cluster.model.quant import ExpertQuantization, expert_quantization
 from cluster.moe.autoscale import AutoscalePolicy
@@ -237,14 +238,3 @@ def _check_resources(name: str, value: Any) -> None:
     reserved = sorted(set(value) & {"CPU", "GPU", "memory", "object_store_memory"})
     if reserved:
         raise ValueError(f"{name} may not set {reserved}: they have fields of their own")
-
-
-def known_fields(cls: type, raw: dict[str, Any], section: str) -> dict[str, Any]:
-    """``raw`` as keyword arguments of the dataclass ``cls``, or a ValueError naming the unknown keys."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{section} config must be a mapping, got {raw!r}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ValueError(f"unknown {section} config field(s) {unknown}; known: {sorted(names)}")
-    return dict(raw)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig, known_fields
+from cluster.config_fields import known_fields
+from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 
 DEMO_MODEL_NAME = "moe-cluster-demo"
 SHUTDOWN_ERROR_S = 5.0  # engine replica: from the drain deadline to Serve's force-kill

@@ -58,7 +58,7 @@ def test_autoscaling_policy_wants_the_size_its_target_gives_within_bounds() -> N
                          ({"min_workers": 4, "max_workers": 2, "target_expert_wait_ms": 5}, "below min_workers"),
                          ({"min_workers": 1, "max_workers": 2}, "exactly one target"),
                          ({"min_workers": 1, "max_workers": 2, "target_rows_per_worker_s": 0}, "positive number"),
-                         ({"min_workers": 1, "max_workers": 2, "target_rows": 5}, "unknown pool autoscale field")):
+                         ({"min_workers": 1, "max_workers": 2, "target_rows": 5}, "unknown pool autoscale config")):
         with pytest.raises(ValueError, match=message):
             AutoscalePolicy.from_dict(raw)
     from cluster.engine_config import PoolConfig

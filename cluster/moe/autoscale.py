@@ -14,8 +14,10 @@ is no change (no flapping), and after a resize nothing changes for ``cooldown_s`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from cluster.config_fields import known_fields
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,7 @@ class AutoscalePolicy:
 
     @classmethod
     def from_dict(cls, raw: Any) -> AutoscalePolicy:
-        if not isinstance(raw, dict):
-            raise ValueError(f"pool autoscale config must be a mapping, got {raw!r}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise ValueError(f"unknown pool autoscale field(s) {unknown}; known: {sorted(names)}")
+        raw = known_fields(cls, raw, "pool autoscale")
         missing = sorted({"min_workers", "max_workers"} - set(raw))
         if missing:
             raise ValueError(f"pool autoscale needs {missing}")
