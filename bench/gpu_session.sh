@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session, from the repository root on a machine with a GPU (no Ray, no network needed):
 #
-#   OUT=/some/dir bash bench/gpu_session.sh [--budget-s 420]
+#   OUT=/some/dir bash bench/gpu_session.sh [--budget-s 420] [--steps tests quant_gpu ...]
 #
 # Steps, each under its own `timeout` cut from one budget (default 420 s), each writing into $OUT:
 #   1. tests        pytest -m gpu over tests/test_gpu.py, tests/test_quant.py, tests/test_quant_kernels.py
@@ -11,6 +11,7 @@
 #   3. expert_copy  python -m bench.expert_copy_gpu, if bench/expert_copy_gpu.py exists (skipped otherwise)
 #   4. gpu_check    bash bench/gpu_check.sh --no-install (env, parity, throughput, cluster; its own `tests` step is
 #                   left out: step 1 ran tests/test_gpu.py) -> $OUT/gpu-check.md
+# --steps: run only these of the four (default: all), e.g. `--steps tests quant_gpu` for a short rerun.
 # Without CUDA every step runs its CPU fallback or skips with its reason (the dry run of the development machine).
 # $OUT ends with at most 6 files: session.md (what ran, status, time, the last lines of each log), quant-gpu.md,
 # expert-copy-gpu.md, gpu-check.md, logs.tar.gz (every log, gpu_check's per-step logs and json, nvidia-smi).
@@ -18,13 +19,25 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 budget=420
+all_steps="tests quant_gpu expert_copy gpu_check"
+steps=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget-s) budget="${2:-}"; shift 2 ;;
+    --steps) shift
+      while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do
+        case " $all_steps " in *" $1 "*) steps="$steps $1" ;;
+          *) echo "gpu_session: unknown step '$1' (steps: $all_steps)" >&2; exit 2 ;; esac
+        shift
+      done
+      [ -n "$steps" ] || { echo "gpu_session: --steps needs at least one of: $all_steps" >&2; exit 2; } ;;
     -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "${BASH_SOURCE[0]}"; exit 0 ;;
-    *) echo "gpu_session: unknown argument '$1' (only --budget-s N)" >&2; exit 2 ;;
+    *) echo "gpu_session: unknown argument '$1' (only --budget-s N, --steps STEP...)" >&2; exit 2 ;;
   esac
 done
+steps="${steps:-$all_steps}"
+wanted() { case " $steps " in *" $1 "*) return 0 ;; esac
+  echo "| $1 | skipped: not in --steps | 0s |" >> "$summary"; return 1; }
 case "$budget" in ''|*[!0-9]*) echo "gpu_session: --budget-s must be a whole number of seconds, got '$budget'" >&2
   exit 2 ;; esac
 OUT="${OUT:-gpu-session-out}"
@@ -69,19 +82,21 @@ cuda=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0) if torch.
        2>/dev/null || echo "torch not importable")
 
 # 1. the gpu-marked tests (they skip with their reason without CUDA)
-run_step tests 170 "$PYTHON" -m pytest tests/test_gpu.py tests/test_quant.py tests/test_quant_kernels.py -m gpu \
+wanted tests && run_step tests 170 "$PYTHON" -m pytest tests/test_gpu.py tests/test_quant.py tests/test_quant_kernels.py -m gpu \
   -q -rs -p no:cacheprovider
 # 2. quantized experts: kernels vs dequantize vs full precision
-run_step quant_gpu 150 "$PYTHON" -m bench.quant_gpu --out "$OUT/quant-gpu.md"
+wanted quant_gpu && run_step quant_gpu 150 "$PYTHON" -m bench.quant_gpu --out "$OUT/quant-gpu.md"
 # 3. another helper's expert-copy benchmark, where it exists
-if [ -f bench/expert_copy_gpu.py ]; then
+if ! wanted expert_copy; then :
+elif [ -f bench/expert_copy_gpu.py ]; then
   run_step expert_copy 60 bash -c "'$PYTHON' -m bench.expert_copy_gpu > '$OUT/expert-copy-gpu.md'"
 else
   echo "| expert_copy | skipped: bench/expert_copy_gpu.py does not exist in this checkout | 0s |" >> "$summary"
 fi
 # 4. the GPU check (its own budget: what is left, less a reserve for writing the results)
 check_budget=$(( $(left) - 25 ))
-if [ "$check_budget" -ge 30 ]; then
+if ! wanted gpu_check; then :
+elif [ "$check_budget" -ge 30 ]; then
   run_step gpu_check $(( check_budget + 20 )) bash bench/gpu_check.sh --no-install --out "$LOGS/gpu-check" \
     --steps env parity throughput cluster --budget-s "$check_budget"
   cp "$LOGS/gpu-check/gpu-check.md" "$OUT/gpu-check.md" 2>/dev/null
@@ -95,7 +110,7 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)
   echo
   echo "Commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ), device: $cuda, $(nproc) CPUs."
   echo "Load average before $load_before, after $load_after. Total $(( $(date +%s) - started ))s of a ${budget}s budget."
-  echo "Command: \`OUT=... bash bench/gpu_session.sh --budget-s $budget\`."
+  echo "Command: \`OUT=... bash bench/gpu_session.sh --budget-s $budget --steps$steps\`."
   echo
   cat "$summary"
   echo

@@ -35,7 +35,7 @@ from cluster.model.quant import (
     stack_weights,
     weight_nbytes,
 )
-from cluster.model.quant_kernels import FP8_MAX, kernel_report, layer_kernels
+from cluster.model.quant_kernels import FP8_MAX, kernel_report, layer_choices, layer_kernels
 
 SHAPES = {  # (hidden H, expert intermediate I): 8 experts each
     "mixtral": (4096, 14336),  # Mixtral-8x7B
@@ -113,8 +113,9 @@ def peers(w13: Tensor, w2: Tensor, group_size: int) -> list[Peer]:
             f"int4-g{group_size}": (quantize_weight(w13, ExpertQuantization(4, group_size)),
                                     quantize_weight(w2, ExpertQuantization(4, group_size)))}
     for name, (q13, q2) in held.items():
-        out.append(Peer(f"{name} kernel", LocalExperts(ids, [q13], [q2]), torch.bfloat16))
-        out.append(Peer(f"{name} dequantize", LocalExperts(ids, [q13], [q2], use_kernels=False), torch.bfloat16))
+        out.append(Peer(f"{name} kernel", LocalExperts(ids, [q13], [q2], kernels="always"), torch.bfloat16))
+        out.append(Peer(f"{name} dequantize", LocalExperts(ids, [q13], [q2], kernels="never"), torch.bfloat16))
+        out.append(Peer(f"{name} measured", LocalExperts(ids, [q13], [q2], kernels="measured"), torch.bfloat16))
     return out
 
 
@@ -153,10 +154,17 @@ def kernel_names(peer: Peer, rows: Tensor) -> str:
     experts = peer.experts
     if not any(isinstance(w, QuantizedWeight) for w in (experts.w13[0], experts.w2[0])):
         return "grouped_mm" if rows.dtype == torch.bfloat16 and rows.is_cuda else "matmul"
-    chosen = layer_kernels(experts.w13[0], experts.w2[0], rows) if experts.use_kernels and rows.is_cuda else None
+    chosen = layer_kernels(experts.w13[0], experts.w2[0], rows, experts.kernels) if rows.is_cuda else None
     if chosen is None:
         return "dequantize + matmul"
     return "/".join(k or "dequantize" for k in chosen) + " (w13/w2)"
+
+
+def choice_notes(experts: LocalExperts, rows: Tensor) -> list[str]:
+    """Why each quantized matrix of layer 0 runs what it runs on these rows (the measured choice and its times)."""
+    names = ("w13", "w2")
+    return [f"{name}: {c.reason}" for name, c in zip(names, layer_choices(experts.w13[0], experts.w2[0], rows,
+                                                                            experts.kernels), strict=True) if c]
 
 
 def run_shape(args: argparse.Namespace, shape: str) -> tuple[list[list[object]], list[str]]:
@@ -166,8 +174,9 @@ def run_shape(args: argparse.Namespace, shape: str) -> tuple[list[list[object]],
     all_peers = peers(w13, w2, args.group_size)
     cells: dict[tuple[str, int], float] = {}
     errors: dict[str, float] = {}
-    kernels: dict[str, str] = {}
+    kernels: dict[str, dict[int, str]] = {}  # per peer, per tokens: what ran
     failures: dict[str, str] = {}
+    choices: list[str] = []  # why the 'measured' peers run what they run
     for tokens in args.tokens:
         counts = routed_counts(tokens, seed=tokens)
         gen = torch.Generator().manual_seed(tokens)
@@ -179,7 +188,7 @@ def run_shape(args: argparse.Namespace, shape: str) -> tuple[list[list[object]],
             def call(p: Peer = peer, r: Tensor = rows, c: Tensor = count_t) -> Tensor:
                 return p.experts.run_grouped(0, r, c)
 
-            kernels[peer.name] = kernel_names(peer, rows)
+            kernels.setdefault(peer.name, {})[tokens] = kernel_names(peer, rows)
             try:
                 out = call().double()
                 err = ((out - reference).abs().max() / reference.abs().max()).item()
@@ -190,13 +199,19 @@ def run_shape(args: argparse.Namespace, shape: str) -> tuple[list[list[object]],
                 progress(f"{shape}, {tokens} tokens, {peer.name}: FAILED: {failures[peer.name]}")
                 continue
             progress(f"{shape}, {tokens} tokens, {peer.name}: {cells[peer.name, tokens] * 1e3:.3f} ms "
-                     f"({kernels[peer.name]}, error {err:.2g})")
+                     f"({kernels[peer.name][tokens]}, error {err:.2g})")
+            if peer.name.endswith("measured"):
+                why = "; ".join(choice_notes(peer.experts, rows))
+                choices.append(f"- {shape}, {tokens} token(s), {peer.name.removesuffix(' measured')}: {why}")
     base = "bf16"
     rows_out: list[list[object]] = []
     fp32_bytes = layer_bytes(all_peers[0])
     for peer in all_peers:
         nbytes = layer_bytes(peer)
-        row: list[object] = [shape, peer.name, kernels[peer.name], f"{nbytes / 2**20:,.1f}",
+        ran = kernels[peer.name]
+        what = (next(iter(ran.values())) if len(set(ran.values())) == 1
+                else "; ".join(f"{t} tok: {k}" for t, k in ran.items()))
+        row: list[object] = [shape, peer.name, what, f"{nbytes / 2**20:,.1f}",
                              f"{nbytes / fp32_bytes:.3f}x"]
         for tokens in args.tokens:
             seconds = cells.get((peer.name, tokens), float("nan"))
@@ -213,6 +228,7 @@ def run_shape(args: argparse.Namespace, shape: str) -> tuple[list[list[object]],
         fastest = min(best, key=lambda n: best[n])
         notes.append(f"- {shape}, {tokens} token(s): fastest {fastest} ({best[fastest] * 1e3:.3f} ms per layer); "
                      + ", ".join(f"{n} {cells[base, tokens] / best[n]:.2f}x bf16" for n in best if "kernel" in n))
+    notes += choices
     del all_peers, w13, w2
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -234,6 +250,7 @@ def engine_table(args: argparse.Namespace) -> list[str]:
              f"int4-g{args.group_size}": {"quantize_experts": "int4", "quantize_group_size": args.group_size}}
     tps: dict[str, dict[int, float]] = {}
     described: dict[str, str] = {}
+    paths: dict[str, dict[int, str]] = {}  # what the experts ran per decode step (the measured choice)
     for name, options in peers.items():
         cfg = _engine_config(path, args.device, dtype, max(sizes), prompt_len + output_len).with_(**options)
         engine = EngineLoop.local(cfg)
@@ -250,15 +267,22 @@ def engine_table(args: argparse.Namespace) -> list[str]:
                     engine_generate(engine, batch, output_len)
                     best = max(best, n * output_len / (time.perf_counter() - t0))
                 tps.setdefault(name, {})[n] = best
-                progress(f"engine '{args.engine_model}', {name}, {n} seqs: {best:,.0f} tok/s")
+                decode_rows = torch.zeros(n * 2, engine.model_config.hidden_size, device=args.device,
+                                          dtype=getattr(torch, dtype))  # one decode step: top-2 rows per sequence
+                paths.setdefault(name, {})[n] = kernel_names(Peer(name, experts, decode_rows.dtype), decode_rows)
+                progress(f"engine '{args.engine_model}', {name}, {n} seqs: {best:,.0f} tok/s "
+                         f"(experts: {paths[name][n]})")
         finally:
             engine.shutdown()
-    headers = ["experts", "resident"] + [f"{n} seqs: tok/s" for n in sizes] + [f"{n} seqs: vs {dtype}" for n in sizes]
+    headers = (["experts", "resident"] + [f"{n} seqs: tok/s" for n in sizes] + [f"{n} seqs: vs {dtype}" for n in sizes]
+               + [f"{n} seqs: expert path (decode)" for n in sizes])
     rows = [[name, described[name], *(f"{tps[name][n]:,.0f}" for n in sizes),
-             *(f"{tps[name][n] / tps[dtype][n]:.2f}x" for n in sizes)] for name in tps]
+             *(f"{tps[name][n] / tps[dtype][n]:.2f}x" for n in sizes), *(paths[name][n] for n in sizes)]
+            for name in tps]
     return [f"Local engine, model '{args.engine_model}' on {args.device}, {dtype} compute, greedy, {prompt_len} "
-            f"prompt + {output_len} generated tokens per sequence, best of 2 (quantized experts through the kernels "
-            "above where they fit):", "", table(headers, rows)]
+            f"prompt + {output_len} generated tokens per sequence, best of 2 (quantized experts through a kernel where "
+            "one was measured faster than dequantizing: the 'expert path' columns say which, w13/w2):", "",
+            table(headers, rows)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -303,8 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({time.monotonic() - started:.0f} s).",
         f"Command: `python -m bench.quant_gpu {' '.join(sys.argv[1:])}`. One MoE layer's 8 experts (synthetic "
         "weights), rows grouped by expert (top-2), median of interleaved repeats; tok/s is tokens per second through "
-        "this one layer's experts. 'kernel' rows use torch's kernel for held weights, 'dequantize' rows dequantize "
-        "the active experts per call (the CPU path).",
+        "this one layer's experts. 'kernel' rows use torch's kernel for held weights (forced), 'dequantize' rows "
+        "dequantize the active experts per call (the CPU path), 'measured' rows what the engine runs: the kernel only "
+        "where it timed faster than dequantize for that matrix and rows per expert (reasons below the table).",
         kernels_line,
         "",
         table(headers, rows),

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from cluster.model.ops import expert_swiglu, grouped_expert_swiglu
 from cluster.model.quant import QuantizedWeight, weight_nbytes
-from cluster.model.quant_kernels import layer_kernels, run_experts_with_kernels
+from cluster.model.quant_kernels import KernelPolicy, layer_kernels, run_experts_with_kernels
 
 
 class GroupedExperts(Protocol):
@@ -43,13 +43,14 @@ class LocalExperts:
     w13[layer]: (n_local, 2I, H) with w1 and w3 fused; w2[layer]: (n_local, H, I). Either plain tensors in the
     compute dtype or QuantizedWeight stacks (cluster/model/quant.py), dequantized per call - only the experts that have
     rows - to the dtype of the rows; on a GPU, through torch's int8/int4/FP8 kernels where one fits
-    (cluster/model/quant_kernels.py; ``use_kernels`` False: dequantize there too, for comparisons).
+    (cluster/model/quant_kernels.py), where one is faster than dequantizing (``kernels`` "measured"; "always": wherever
+    a kernel works, "never": dequantize there too, for comparisons and tests).
     """
 
     layer_experts: tuple[tuple[int, ...], ...]
     w13: list[Tensor | QuantizedWeight]
     w2: list[Tensor | QuantizedWeight]
-    use_kernels: bool = True
+    kernels: KernelPolicy = "measured"
     # per layer: int4 weights packed for torch's int4 kernel, made at first use (a copy beside the held integers)
     kernel_cache: dict[int, dict[Any, Any]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -79,7 +80,7 @@ class LocalExperts:
         """rows (R_w, H) grouped by local expert, rows_per_local_expert (n_local,) -> outputs (R_w, H)."""
         w13, w2, counts = self.w13[layer], self.w2[layer], rows_per_local_expert
         if isinstance(w13, QuantizedWeight) or isinstance(w2, QuantizedWeight):
-            kernels = layer_kernels(w13, w2, rows) if self.use_kernels and rows.is_cuda else None
+            kernels = layer_kernels(w13, w2, rows, self.kernels) if rows.is_cuda else None
             if kernels is not None:  # a GPU kernel multiplies the held weights as they are
                 return run_experts_with_kernels(rows, w13, w2, counts.tolist(), kernels,
                                                 self.kernel_cache.setdefault(layer, {}))

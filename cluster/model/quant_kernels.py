@@ -15,6 +15,10 @@ layer's experts built on it.
 
 Each kernel is tried once per device and dtype on a small case against the dequantize path before it is used
 (``kernel_problem``): a kernel that raises or disagrees is not used, and the reason is kept for logs and benchmarks.
+A kernel that works is then timed against dequantize + F.linear on the layer's own matrix (``measured_choice``,
+once per device, dtype, kernel, weight shape and row bucket): on an H200 int8pack was slower than dequantizing
+everywhere, and scaled_mm 3x faster at Mixtral's expert shape but 2-6x slower at a small one, so which is faster is
+measured, not assumed. ``policy`` "always" skips the timing (tests, benchmarks comparing the kernel itself).
 
 Shape legend: M rows, N output features, K input features, G group size; R_w rows of a layer grouped by expert.
 """
@@ -22,9 +26,13 @@ Shape legend: M rows, N output features, K input features, G group size; R_w row
 from __future__ import annotations
 
 import functools
+import logging
+import math
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +51,11 @@ FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 INT4_GROUPS = (32, 64, 128, 256)  # what tinygemm (_weight_int4pack_mm) takes
 KERNELS = ("int8pack", "int4pack", "scaled_mm_rowwise", "scaled_mm_tensorwise", "scaled_mm_block")
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: FP8 tensor cores
+ROW_BUCKETS = (1, 8, 64)  # rows per expert at which a kernel is timed against dequantize (decode .. prefill)
+TIMING_REPEATS = 5
+KernelPolicy = Literal["measured", "always", "never"]  # kernel where faster / wherever it works / never
+
+log = logging.getLogger(__name__)
 
 
 def keeps_fp8(device: torch.device | str) -> bool:
@@ -272,20 +285,113 @@ def quantized_linear(x: Tensor, w: QuantizedWeight, cache: dict[Any, Any], key: 
     return dequantize_linear(x, w)
 
 
+def _version(t: Tensor) -> int | None:
+    """t's in-place-change counter, None for an inference tensor (made under torch.inference_mode, as the engine
+    loads its weights): those have none, and torch only lets them be written in place inside inference mode. Nothing
+    in this project writes held expert weights in place (new experts come as new LocalExperts, each with its own
+    cache); whoever does so to inference tensors must clear LocalExperts.kernel_cache."""
+    return None if t.is_inference() else t._version
+
+
 def _cached(cache: dict[Any, Any], key: Any, w: QuantizedWeight, make: Callable[[QuantizedWeight], Any]) -> Any:
-    stamp = (w.data.data_ptr(), w.data._version, w.scale.data_ptr(), w.scale._version)
+    stamp = (w.data.data_ptr(), _version(w.data), w.scale.data_ptr(), _version(w.scale))
     held = cache.get(key)
     if held is None or held[0] != stamp:
         held = cache[key] = (stamp, make(w))
     return held[1]
 
 
-def layer_kernels(w13: Tensor | QuantizedWeight, w2: Tensor | QuantizedWeight, rows: Tensor
-                  ) -> tuple[str | None, str | None] | None:
+@dataclass(frozen=True)
+class KernelChoice:
+    """What one expert matrix runs on rows of one bucket: ``kernel`` (None: dequantize + F.linear) and why, with the
+    times measured (ms per Linear at ``rows`` rows; None where not timed)."""
+
+    kernel: str | None
+    reason: str
+    kernel_ms: float | None = None
+    dequantize_ms: float | None = None
+
+
+# Process-wide, like kernel_problem's cache: a device's speed at a shape does not change while the process runs.
+_MEASURED: dict[tuple[Any, ...], KernelChoice] = {}
+
+
+def row_bucket(rows_per_expert: int) -> int:
+    """The smallest of ROW_BUCKETS that holds ``rows_per_expert`` (the largest past them)."""
+    return next((b for b in ROW_BUCKETS if rows_per_expert <= b), ROW_BUCKETS[-1])
+
+
+def _ms(fn: Callable[[], Tensor], device: torch.device) -> float:
+    """Milliseconds of one call, the device synchronized before and after (a CPU runs synchronously)."""
+    sync = functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measured_choice(w: QuantizedWeight, x: Tensor, kernel: str, rows: int) -> KernelChoice:
+    """``kernel`` (which works: kernel_problem) or dequantize + F.linear for ``w`` (N, K) on rows like ``x``, whichever
+    was faster at ``rows`` rows (a ROW_BUCKETS value): median of TIMING_REPEATS interleaved calls on this very
+    matrix, after a warm-up (int4 packing included there, as it is cached in use). Measured once per device, dtype,
+    kernel, weight shape and bucket."""
+    key = (str(x.device), x.dtype, kernel, tuple(w.data.shape), w.scale.shape, w.bits, w.group_size, rows)
+    held = _MEASURED.get(key)
+    if held is not None:
+        return held
+    probe = torch.randn(rows, w.in_features, device=x.device, dtype=x.dtype)
+    cache: dict[Any, Any] = {}
+    run_kernel = functools.partial(quantized_linear, probe, w, cache, "timing", kernel)
+    run_dequantize = functools.partial(dequantize_linear, probe, w)
+    run_kernel(), run_dequantize()  # warm-up
+    kernel_times, dequantize_times = [], []
+    for _ in range(TIMING_REPEATS):
+        kernel_times.append(_ms(run_kernel, x.device))
+        dequantize_times.append(_ms(run_dequantize, x.device))
+    k_ms, d_ms = statistics.median(kernel_times), statistics.median(dequantize_times)
+    shape = "x".join(map(str, w.data.shape))
+    if k_ms < d_ms:
+        choice = KernelChoice(kernel, f"{kernel}: faster than dequantize ({k_ms:.3f} ms vs {d_ms:.3f} ms, {shape}, "
+                                      f"{rows} rows)", k_ms, d_ms)
+    else:
+        choice = KernelChoice(None, f"{kernel}: slower than dequantize ({k_ms:.3f} ms vs {d_ms:.3f} ms, {shape}, "
+                                    f"{rows} rows)", k_ms, d_ms)
+    log.info("expert kernel on %s %s: %s", x.device, str(x.dtype).removeprefix("torch."), choice.reason)
+    _MEASURED[key] = choice
+    return choice
+
+
+def matrix_choice(w: QuantizedWeight, x: Tensor, rows_per_expert: int, policy: KernelPolicy) -> KernelChoice:
+    """What one expert matrix ``w`` (N, K) runs on rows like ``x``, ~``rows_per_expert`` rows per expert."""
+    if policy == "never" or not x.is_cuda:
+        return KernelChoice(None, "dequantize: " + ("kernels off" if policy == "never" else "not on a GPU"))
+    kernel = choose_kernel(w, x)
+    if kernel is None:
+        candidates = kernel_candidates(w, x)
+        why = "; ".join(kernel_problem(k, str(x.device), x.dtype) or "" for k in candidates) or "no kernel fits"
+        return KernelChoice(None, f"dequantize: {why}")
+    if policy == "always":
+        return KernelChoice(kernel, f"{kernel}: forced (policy 'always')")
+    return measured_choice(w, x, kernel, row_bucket(rows_per_expert))
+
+
+def layer_choices(w13: Tensor | QuantizedWeight, w2: Tensor | QuantizedWeight, rows: Tensor,
+                  policy: KernelPolicy = "measured") -> tuple[KernelChoice | None, KernelChoice | None]:
+    """What a layer's two expert matrices run on these rows (R_w, H) (None for a plain tensor stack), judged at the
+    rows per local expert were they spread evenly."""
+    n_local = max(w.data.shape[0] if isinstance(w, QuantizedWeight) else w.shape[0] for w in (w13, w2))
+    per_expert = max(1, math.ceil(rows.shape[0] / max(n_local, 1)))
+    choices = tuple(matrix_choice(w[0], rows, per_expert, policy)
+                    if isinstance(w, QuantizedWeight) and w.data.shape[0] else None for w in (w13, w2))
+    return choices[0], choices[1]
+
+
+def layer_kernels(w13: Tensor | QuantizedWeight, w2: Tensor | QuantizedWeight, rows: Tensor,
+                  policy: KernelPolicy = "measured") -> tuple[str | None, str | None] | None:
     """The kernels for a layer's two expert matrices on these rows, or None when neither has one (then the layer
     runs as on a CPU: dequantize the active experts, grouped matmul)."""
-    kernels = tuple(choose_kernel(w[0], rows) if isinstance(w, QuantizedWeight) and w.data.shape[0] else None
-                    for w in (w13, w2))
+    kernels = tuple(c.kernel if c is not None else None for c in layer_choices(w13, w2, rows, policy))
     return None if kernels == (None, None) else (kernels[0], kernels[1])
 
 
