@@ -191,8 +191,8 @@ class ExpertLoop:
         self._link_version.pop(end, None)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(fd)
+        self.stats.links_closed += 1  # before the close: a coordinator waiting for the close then reads it counted
         end.close()
-        self.stats.links_closed += 1
         log.info("link closed (%s): %s; %d links", end.kind, why, len(self.links))
         self._report_versions()
 

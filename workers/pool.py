@@ -172,10 +172,21 @@ class ExpertPool:
                  len(self.coordinators))
         return self.view()
 
-    async def detach(self, coordinator_id: str) -> None:
-        if self.coordinators.pop(coordinator_id, None) is not None:
-            log.info("pool %s: coordinator %s detached (%d attached)", self.pool_id, coordinator_id,
-                     len(self.coordinators))
+    async def detach(self, coordinator_id: str, settle_s: float = 5.0) -> None:
+        """Forget a coordinator that closed its links, and return once the workers dropped them: no worker then
+        holds more links than coordinators are attached (each has one link per worker), so what a caller reads
+        of the workers afterwards (stats, a resize's retirements) no longer counts the detached coordinator. A
+        worker that does not answer in ``settle_s`` seconds is not waited for (its failure is handled elsewhere)."""
+        if self.coordinators.pop(coordinator_id, None) is None:
+            return
+        log.info("pool %s: coordinator %s detached (%d attached)", self.pool_id, coordinator_id,
+                 len(self.coordinators))
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline:
+            stats = await self.worker_stats()
+            if all("error" in s or s["links_opened"] - s["links_closed"] <= len(self.coordinators) for s in stats):
+                return
+            await asyncio.sleep(0.02)
 
     def view(self) -> PoolView:
         return PoolView(self.pool_id, self.expert_map, tuple(self.endpoints), self.spec)
