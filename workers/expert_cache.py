@@ -137,6 +137,9 @@ class CacheStats:
     prefetch_issued: int = 0  # loads started by a hint
     prefetch_used: int = 0  # hinted loads whose expert the layer's next call used
     prefetch_wasted: int = 0  # hinted loads the next call did not use (or evicted before it)
+    hint_named: int = 0  # (call, expert) pairs a hint named, scored when the call comes: the guess's precision
+    hint_named_used: int = 0  # ... that the call used
+    hint_needed: int = 0  # experts used by calls a hint was for: hint_named_used / this is the guess's recall
     loads: int = 0  # loads finished (misses and prefetches)
     bytes_loaded: int = 0
     stall_s: float = 0.0  # seconds calls waited for a load to finish
@@ -157,6 +160,7 @@ class _Layer:
     loading: dict[int, threading.Event] = field(default_factory=dict)
     pins: dict[int, int] = field(default_factory=dict)  # global id -> rows' calls and hints holding it
     hinted: set[int] = field(default_factory=set)  # named by a hint for the layer's next call (pinned once)
+    named: set[int] = field(default_factory=set)  # named by a hint, pinned or not (every slot may have been)
     prefetched: set[int] = field(default_factory=set)  # loaded for a hint, not yet used or wasted
 
 
@@ -262,6 +266,7 @@ class CachedExperts(LocalExperts):
             for expert in experts:
                 if expert not in self._local_of[layer] or expert in state.hinted:
                     continue
+                state.named.add(expert)
                 if expert not in state.resident:
                     if not self._start_load(layer, state, expert, prefetch=True):
                         continue  # every slot pinned: a guess is not worth a wait
@@ -335,7 +340,12 @@ class CachedExperts(LocalExperts):
         with self.stats.lock:
             self.stats.prefetch_used += used
             self.stats.prefetch_wasted += len(state.prefetched) - used
+            if state.named:
+                self.stats.hint_named += len(state.named)
+                self.stats.hint_named_used += sum(1 for e in state.named if e in needed)
+                self.stats.hint_needed += len(needed)
         state.hinted.clear()
+        state.named.clear()
         state.prefetched.clear()
 
     def _run_slots(self, layer: int, rows: Tensor, out: Tensor, group: list[tuple[int, int, int]]) -> None:
@@ -378,14 +388,16 @@ def cached_local_moe(capacity: int, stats: CacheStats | None = None) -> MoEFacto
     return make
 
 
-def install_prefetcher(engine: LLMEngine, lookahead: int) -> Prefetcher:
-    """Have ``engine`` (whose MoE backend is a ``cached_local_moe``) hint its cache ``lookahead`` layers ahead."""
+def install_prefetcher(engine: LLMEngine, lookahead: int, guess_per_token: int | None = None) -> Prefetcher:
+    """Have ``engine`` (whose MoE backend is a ``cached_local_moe``) hint its cache ``lookahead`` layers ahead,
+    guessing ``guess_per_token`` experts per token (default: top-k + 1)."""
     moe, transformer = engine.moe, engine.transformer
     assert isinstance(moe, LocalMoE) and isinstance(moe.experts, CachedExperts)
     cache = moe.experts
     cfg = engine.model_cfg
     prefetcher = Prefetcher([lw.moe_norm for lw in transformer.w.layers], [lw.gate for lw in transformer.w.layers],
-                            cfg.rms_norm_eps, cfg.experts_per_token, lookahead, lambda: moe.expert_map,
+                            cfg.rms_norm_eps, guess_per_token or cfg.experts_per_token + 1, lookahead,
+                            lambda: moe.expert_map,
                             lambda worker, layer, experts: cache.hint(layer, experts))
     transformer.on_moe_input = prefetcher
     return prefetcher

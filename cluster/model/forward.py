@@ -78,8 +78,9 @@ class MixtralTransformer:
         self.dtype = weights.embed.dtype
         self.device = weights.embed.device
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(self.device)
-        # Issue 23 (expert cache): called with (layer, residual entering the layer's MoE) before its dispatch, for
-        # the speculative prefetch (cluster/moe/prefetch.py Prefetcher); None: no prefetch.
+        # Issue 23 (expert cache): called with (layer, residual entering the layer's MoE) before its dispatch, and
+        # with (-1, the embeddings) before layer 0, for the speculative prefetch (cluster/moe/prefetch.py
+        # Prefetcher); None: no prefetch.
         self.on_moe_input: Callable[[int, Tensor], None] | None = None
 
     @torch.inference_mode()
@@ -100,6 +101,9 @@ class MixtralTransformer:
         ropes = [rope_cos_sin(b.positions, self.inv_freq, self.dtype) for b in batches]  # (T_i, D) x2 each
         moe.begin_step(sum(x.shape[0] for x in xs))
         pending: list[Any] = [None] * len(batches)
+        if self.on_moe_input is not None:  # issue 23: layer 0's guess comes from the embeddings
+            for x in xs:
+                self.on_moe_input(-1, x)
         for layer, lw in enumerate(self.w.layers):
             for i, batch in enumerate(batches):
                 if pending[i] is not None:
