@@ -21,6 +21,7 @@ from cluster.errors import first_line
 from cluster.links.protocol import (
     INLINE,
     OP_BYE,
+    OP_HINT,
     OP_RESULT,
     OP_WORK,
     Header,
@@ -85,6 +86,16 @@ class PgCoordinatorEnd:
             raise LinkClosed(f"send failed: {first_line(err)}") from None
         return header.stamps[0]
 
+    def send_control(self, op: int, layer: int, version: int, payload: bytes) -> None:
+        """Issue 23: a hint's bytes follow its header as a uint8 tensor (rows = their length)."""
+        header = Header(op, layer, 0, version, len(payload), INLINE, stamps=(time.monotonic_ns(), 0, 0))
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
+        try:
+            self._sends.append(self.group.send([self._header_tensor(header)], 1, 0))
+            self._sends.append(self.group.send([data], 1, 0))
+        except Exception as err:
+            raise LinkClosed(f"send failed: {first_line(err)}") from None
+
     def recv_result(self, tag: int) -> Result:
         if tag not in self._expected:
             raise LinkClosed(f"no message {tag} is waiting for results")
@@ -134,6 +145,12 @@ class PgWorkerEnd:
                 _wait(self.group.recv([words], 0, 0), "receiving a header")
                 header = Header.unpack(self.spec, words.tolist())
                 rows = None
+                if header.op == OP_HINT:  # issue 23: its payload follows the header
+                    data = torch.empty(header.rows, dtype=torch.uint8, device=self.device)
+                    _wait(self.group.recv([data], 0, 0), "receiving a hint")
+                    self._inbox.put(Message(header, None, time.monotonic_ns(), bytes(data.cpu().numpy())))
+                    os.write(self._notify_w, b"m")
+                    continue
                 if header.op == OP_WORK:
                     rows = torch.empty(header.rows, self.spec.hidden, dtype=self.spec.torch_dtype, device=self.device)
                     if header.rows:

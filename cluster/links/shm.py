@@ -20,7 +20,9 @@ from torch import Tensor
 from cluster.links.protocol import (
     IN_BUFFER,
     IN_SLOT,
+    INLINE,
     OP_BYE,
+    OP_HINT,
     OP_RESULT,
     OP_WORK,
     Header,
@@ -179,6 +181,11 @@ class ShmCoordinatorEnd:
             self._expected.append((tag, out, buffer))
         return header.stamps[0]
 
+    def send_control(self, op: int, layer: int, version: int, payload: bytes) -> None:
+        """Issue 23: a hint's few bytes go on the socket right after its header (rows = their length)."""
+        header = Header(op, layer, 0, version, len(payload), INLINE, stamps=(time.monotonic_ns(), 0, 0))
+        self.io.send(header.pack(self.spec), payload)
+
     def _read_result(self) -> None:
         """Read the next result due (results come back in the order the work was sent)."""
         tag, out, buffer = self._expected.popleft()
@@ -240,6 +247,8 @@ class ShmWorkerEnd:
         if header.where != IN_BUFFER or header.op != OP_WORK or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
+        if header.op == OP_HINT:  # issue 23: its payload follows the header
+            return Message(header, None, read_ns, bytes(self.io.recv(header.rows)))
         if header.op != OP_WORK:
             return Message(header, None, read_ns)
         n, nbytes = header.rows, self.spec.row_bytes(header.rows)

@@ -14,11 +14,14 @@ per (worker, layer). Shape legend: T tokens, H hidden, K top-k, E experts.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import msgpack
 import torch
 from torch import Tensor
 
+from cluster.model.checkpoint import CoordinatorWeights
+from cluster.model.config import ModelConfig
 from cluster.model.ops import rms_norm, route
 from cluster.moe.layer import ExpertMap
 
@@ -82,3 +85,25 @@ class Prefetcher:
             for worker, hint in enumerate(hints_per_worker(expert_map, target, experts)):
                 if hint:
                     self.send(worker, target, hint)
+
+
+@runtime_checkable
+class HintSink(Protocol):
+    """A MoE backend whose workers take hints (cluster/moe/dispatch.py's DistributedMoE)."""
+
+    @property
+    def prefetch_lookahead(self) -> int:
+        """Layers ahead to hint (0: the workers have no cache; send nothing)."""
+        ...
+
+    def current_map(self) -> ExpertMap: ...
+
+    def send_hint(self, worker: int, layer: int, experts: list[int]) -> None: ...
+
+
+def prefetcher_for(moe: object, weights: CoordinatorWeights, cfg: ModelConfig) -> Prefetcher | None:
+    """The prefetch of an engine whose MoE backend takes hints and asks for them; else None."""
+    if not isinstance(moe, HintSink) or not moe.prefetch_lookahead:
+        return None
+    return Prefetcher([lw.moe_norm for lw in weights.layers], [lw.gate for lw in weights.layers], cfg.rms_norm_eps,
+                      cfg.experts_per_token + 1, moe.prefetch_lookahead, moe.current_map, moe.send_hint)
