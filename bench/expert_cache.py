@@ -186,6 +186,22 @@ def conclusions(rows: list[Row], num_experts: int) -> list[str]:
     ]
 
 
+GPU_NOTE = """### What a GPU changes
+
+On this CPU a "load" is a memcpy from the page cache (about 1.5 MiB per demo expert), as cheap as the expert's
+own compute, so the table measures the cache's hit rates and the predictor, not an offloading speed-up. On a GPU
+the slots are device memory and a load is a pinned host-to-device copy over PCIe, while the expert's compute
+reads HBM: a Mixtral-8x7B expert is 3 x 4096 x 14336 bf16 = 336 MiB, about 14 ms over PCIe 4.0 x16 (~25 GB/s
+achieved) or 7 ms over PCIe 5.0 (~50 GB/s), against about 0.1 ms of SwiGLU at 1 or 32 rows (memory-bound: 336
+MiB from 4.8 TB/s HBM on an H200), so a miss costs on the order of 100x the work it serves. Expected consequence:
+at an 85% hit rate a decode token still misses about 32 layers x 2 x 0.15 = 10 experts, 70-140 ms, so one
+sequence decodes at roughly 7-15 tokens/s on one GPU holding E/2 experts per layer (mixtral-offloading reports
+2-3 tokens/s with quantized experts and no speculative prefetch on 16-80 GB GPUs); the prefetch must run at least
+one layer ahead (look-ahead 2 gives two layers of compute to hide a copy in) and what a GPU gains is memory:
+K/E of the expert weights resident frees the rest for KV cache and batch. `python -m bench.expert_copy_gpu`
+measures the copy and compute times on the machine at hand (the lead runs it on the GPU host; not run here)."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per sequence")
@@ -213,6 +229,10 @@ def main() -> None:
         "--write`.",
         f"Load average (1/5/15 min) before {load_before}, after {load_after}: the machine was shared with other "
         "work, so tokens/s are noisy; hit rates, precision, recall and bytes do not depend on the load.",
+        "Hit: the expert was resident or already loading when its call came (a late prefetch is a hit whose wait "
+        "counts as stall); precision: hinted experts the call used / hinted; recall: hinted experts the call used / "
+        "experts used by hinted calls (every layer is hinted: layer 0 from the step's embeddings).",
+        "", GPU_NOTE,
     ])
     print(body)
     if args.write:

@@ -3,6 +3,7 @@ shared-memory links as msgpack, and the same greedy tokens as the local engine w
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,3 +76,37 @@ def test_a_pool_with_expert_caches_generates_the_all_resident_tokens(lookahead: 
         assert s["expert_bytes"] * 2 == all_resident  # half of the hosted experts resident
         assert s["expert_cache_misses"] > 0 and s["expert_cache_loads"] >= s["expert_cache_misses"]
         assert (s["hints"] > 0) == bool(lookahead) and (s["expert_cache_prefetch_issued"] > 0) == bool(lookahead)
+
+
+@pytest.mark.slow
+def test_a_rebalance_and_a_replaced_worker_start_cold_and_stay_exact(engine_cfg: EngineConfig,
+                                                                     expected: list[list[int]],
+                                                                     ray_local: None) -> None:
+    """Replicas count against the cache (3 experts per layer per worker, 2 resident); a new map's weights are a
+    cold cache; a killed worker's replacement too; every output equals the all-resident one."""
+    import ray
+
+    from tests.test_recovery import kill_worker
+    from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
+
+    pool = start_pool(engine_cfg, pool_config(experts_per_worker=4, redundant_experts=2, expert_cache_size=2))
+    try:
+        engine = ClusterEngine.start(engine_cfg, cluster_config(), pool=pool)
+        try:
+            placement = [[[0, 1, 2, 3, 4], [4, 5, 6, 7, 0]] for _ in range(4)]  # experts 0 and 4 replicated
+            report = ray.get(pool.rebalance.remote(placement=placement))
+            assert report["applied"], report
+            while engine.describe()["map_version"] != report["map_version"]:
+                time.sleep(0.1)
+            assert [r.completions[0].token_ids for r in engine.generate(PROMPTS, PARAMS)] == expected
+            stats = sorted(engine.worker_stats(), key=lambda s: s["worker_index"])
+            assert all(s["expert_bytes"] == 2 * 4 * 3 * 256 * 512 * 4 for s in stats)  # K=2 of 5 hosted, 4 layers
+            kill_worker(pool, 1)
+            assert [r.completions[0].token_ids for r in engine.generate(PROMPTS, PARAMS)] == expected
+            replaced = sorted(engine.worker_stats(), key=lambda s: s["worker_index"])[1]
+            assert replaced["generation"] > stats[1]["generation"]
+            assert replaced["expert_cache_misses"] > 0 and replaced["expert_bytes"] == stats[1]["expert_bytes"]
+        finally:
+            engine.shutdown()
+    finally:
+        stop_pool(pool)
