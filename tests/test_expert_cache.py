@@ -130,3 +130,26 @@ def test_greedy_tokens_with_a_cache_equal_all_resident(capacity: int, lookahead:
     assert stats.misses > 0  # the experts came through the cache
     assert (stats.prefetch_issued > 0) == bool(lookahead)
     assert stats.prefetch_used + stats.prefetch_wasted <= stats.prefetch_issued
+
+
+def test_greedy_tokens_of_a_parity_model_with_a_cache_equal_all_resident(hf_small: object) -> None:
+    """The transformers-built parity model (tests/conftest.py): 2 of 8 experts per layer, prefetch 2 layers ahead."""
+    cfg = EngineConfig(model=str(hf_small.path), progress=False, block_size=8, max_model_len=128)  # type: ignore[attr-defined]
+    prompts = [[5, 17, 33, 40, 8], [60, 61, 3], [9] * 12]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    resident = EngineLoop(lambda: build_local_engine(cfg))
+    stats = CacheStats()
+
+    def build() -> object:
+        engine = build_engine(cfg, cached_local_moe(2, stats))
+        install_prefetcher(engine, 2)
+        return engine
+
+    cached = EngineLoop(build)  # type: ignore[arg-type]
+    try:
+        expected = [r.completions[0].token_ids for r in resident.generate(prompts, params)]
+        assert [r.completions[0].token_ids for r in cached.generate(prompts, params)] == expected
+    finally:
+        resident.shutdown()
+        cached.shutdown()
+    assert stats.misses > 0 and stats.prefetch_issued > 0
