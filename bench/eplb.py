@@ -35,7 +35,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.model.config import ModelConfig
 from cluster.moe import eplb
-from cluster.moe.layer import ExpertMap
+from cluster.moe.expert_map import ExpertMap
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 
 

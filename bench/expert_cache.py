@@ -33,7 +33,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
 from cluster.model.demo import TRAINED_DEMO
 from cluster.moe.prefetch import predict_experts
-from workers.expert_cache import CachedExperts, CacheStats, cached_local_moe, install_prefetcher
+from workers.expert_cache import CacheStats, cached_local_moe, engine_cache, install_prefetcher
 
 TEXT = ROOT / "tests" / "data" / "kjv_jonah.txt"
 Trace = list[list[list[int]]]  # [layer][call] -> the experts the call used
@@ -76,8 +76,7 @@ def record_trace(engine: LLMEngine, trace: Trace) -> None:
 
 def install_oracle(engine: LLMEngine, trace: Trace) -> None:
     """Hint the next layer's true experts (from ``trace``), one layer ahead."""
-    cache = engine.moe.experts  # type: ignore[attr-defined]
-    assert isinstance(cache, CachedExperts)
+    cache = engine_cache(engine)
     calls = [0] * len(trace)  # calls of each layer so far: the oracle's next hint of it is trace[layer][calls]
 
     def hook(layer: int, x: torch.Tensor) -> None:
@@ -115,7 +114,7 @@ def run_all(capacities: list[int], seqs_list: list[int], max_tokens: int, lookah
             return engine
 
         expected, seconds, engine = generate(build_resident, texts, max_tokens)
-        all_bytes = engine.moe.experts.nbytes  # type: ignore[attr-defined]
+        all_bytes = engine.moe.executor.experts.nbytes  # type: ignore[attr-defined]
         num_experts = engine.model_cfg.num_experts
         rows.append(Row(num_experts, seqs, "all resident", seconds, sum(map(len, expected)), True, None, all_bytes))
         progress(f"{seqs} seqs, all resident: {rows[-1].tokens / seconds:.0f} tokens/s")
@@ -133,7 +132,7 @@ def run_all(capacities: list[int], seqs_list: list[int], max_tokens: int, lookah
                     return engine
 
                 tokens, seconds, engine = generate(build, texts, max_tokens)
-                cache = engine.moe.experts  # type: ignore[attr-defined]
+                cache = engine_cache(engine)
                 cache.close()
                 rows.append(Row(capacity, seqs, mode, seconds, sum(map(len, tokens)), tokens == expected, stats,
                                 cache.nbytes))

@@ -340,12 +340,38 @@ def agreement(ours: list[list[int]], reference: list[list[int]]) -> float:
     return sum(prefix(a, b) / max(1, len(b)) for a, b in zip(ours, reference, strict=True)) / max(1, len(reference))
 
 
+# bf16 parity, as tests/test_gpu.py judges it: two bf16 implementations agree only up to rounding, and a rounding
+# difference may flip a token's top-2 experts (a jump in that token's logits, in transformers' bf16 as much as in
+# ours: docs/gpu-check-h200.md). So per token, each bf16 run's error against transformers' float32 logits: ours may be
+# worse than 2x transformers' + 1% of the largest logit on at most FLIP_SHARE of the tokens (at least 2), and our
+# median token error at most 1.5x transformers' + 0.1% of the largest logit.
+FLIP_SHARE = 0.05
+
+
+def bf16_parity(ours: list[Any], theirs: list[Any], exact: list[Any]) -> tuple[bool, str]:
+    """Per-token logits (T, V) of each prompt: ours and transformers' in bf16, transformers' in float32."""
+    import torch
+
+    ours_err = torch.cat([(o - e).abs().amax(-1) for o, e in zip(ours, exact, strict=True)])  # (tokens,)
+    theirs_err = torch.cat([(t - e).abs().amax(-1) for t, e in zip(theirs, exact, strict=True)])
+    scale = max(e.abs().max().item() for e in exact)
+    worse = int((ours_err > 2 * theirs_err + 0.01 * scale).sum())
+    allowed = max(2, int(FLIP_SHARE * ours_err.numel()))
+    ours_median, theirs_median = ours_err.median().item(), theirs_err.median().item()
+    ok = worse <= allowed and ours_median <= 1.5 * theirs_median + 1e-3 * scale
+    return ok, (f"per token vs transformers float32: median error ours {ours_median:.3g}, transformers bf16 "
+                f"{theirs_median:.3g} (limit 1.5x + {1e-3 * scale:.2g}); tokens where ours > 2x theirs + 1% of "
+                f"the largest logit {scale:.3g}: {worse} of {ours_err.numel()} (limit {allowed}, routing flips); "
+                f"largest error ours {ours_err.max().item():.3g}, transformers {theirs_err.max().item():.3g}")
+
+
 def step_parity(args: argparse.Namespace) -> StepResult:
     import torch
 
     path, device = _model(args), _device(args)
     rows, failed = [], False
-    for dtype, tolerance in (("float32", 1e-3), ("bfloat16", 0.05)):
+    exact: list[Any] = []  # transformers' float32 logits per prompt: what the bf16 runs are measured against
+    for dtype in ("float32", "bfloat16"):
         hf = _hf_model(path, device, getattr(torch, dtype))
         engine = _local_engine(path, device, dtype, 8, args.prompt_len + 32)
         try:
@@ -353,16 +379,21 @@ def step_parity(args: argparse.Namespace) -> StepResult:
             with torch.inference_mode():
                 expected = [hf(torch.tensor([p], device=device)).logits[0].double() for p in ids]
             ours = [t.double().to(device) for t in engine.score(ids)]
-            scale = max(e.abs().max().item() for e in expected)
-            diff = max((o - e).abs().max().item() for o, e in zip(ours, expected, strict=True))
-            ok = diff <= tolerance * scale
+            if dtype == "float32":
+                exact = expected
+                scale = max(e.abs().max().item() for e in expected)
+                diff = max((o - e).abs().max().item() for o, e in zip(ours, expected, strict=True))
+                ok = diff <= 1e-3 * scale
+                detail = (f"largest abs(ours - transformers) {diff:.3g}, {diff / scale:.2e} of the largest "
+                          f"abs(logit) {scale:.3g} (limit 0.001)")
+            else:
+                ok, detail = bf16_parity(ours, expected, exact)
             failed |= not ok
-            rows.append([f"logits {dtype}", f"largest abs(ours - transformers) {diff:.3g}, {diff / scale:.2e} of the "
-                         f"largest abs(logit) {scale:.3g} (limit {tolerance:g})", "ok" if ok else "FAIL"])
+            rows.append([f"logits {dtype}", detail, "ok" if ok else "FAIL"])
             new = 32 if not args.dry_run else 8
             share = agreement(engine_generate(engine, ids, new), hf_generate(hf, ids, new))
-            exact = dtype == "float32"  # in bf16 a near-tie may flip, and everything after it differs
-            ok = share == 1.0 or not exact
+            exact_tokens = dtype == "float32"  # in bf16 a near-tie may flip, and everything after it differs
+            ok = share == 1.0 or not exact_tokens
             failed |= not ok
             rows.append([f"greedy {dtype}", f"{share:.0%} of 4 x {new} tokens equal transformers' generate "
                          f"(up to the first difference)", "ok" if ok else "FAIL"])

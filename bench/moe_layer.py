@@ -12,7 +12,7 @@ import torch
 
 from bench.common import machine, progress, table, time_interleaved, write_section
 from cluster.model.experts import LocalExperts
-from cluster.moe.layer import LocalMoE
+from cluster.moe.layer import InProcessExperts, MoELayer
 
 
 def main() -> None:
@@ -41,17 +41,19 @@ def main() -> None:
     # Same tensors, our layout: w13 = [w1; w3] is exactly transformers' fused gate_up_proj.
     experts = LocalExperts((tuple(range(args.experts)),), [theirs.experts.gate_up_proj.detach()],
                            [theirs.experts.down_proj.detach()])
-    ours = LocalMoE(experts, args.experts, args.top_k)
+    ours = MoELayer(InProcessExperts(experts, args.experts), 1, args.experts, args.top_k)
     gate = theirs.gate.weight.detach()
 
     rows = []
     for n in args.tokens:
         x = torch.randn(n, args.hidden, dtype=dtype)
         with torch.inference_mode():
-            diff = (ours.moe(0, x, gate) - theirs(x[None])[0]).abs().max().item()
+            def run_ours() -> torch.Tensor:
+                return ours.collect(ours.dispatch(0, x, gate))  # noqa: B023
+
+            diff = (run_ours() - theirs(x[None])[0]).abs().max().item()
             repeats = max(args.repeats, int(2048 / n) if n < 2048 else args.repeats)
-            t_ours, t_theirs = time_interleaved([lambda: ours.moe(0, x, gate), lambda: theirs(x[None])],  # noqa: B023
-                                                repeats)
+            t_ours, t_theirs = time_interleaved([run_ours, lambda: theirs(x[None])], repeats)  # noqa: B023
         rows.append([n, n / t_ours, n / t_theirs, t_theirs / t_ours, f"{diff:.1e}"])
         progress(f"{n} tokens: ours {n / t_ours:,.0f} tok/s, transformers {n / t_theirs:,.0f} tok/s")
 

@@ -31,7 +31,7 @@ from cluster.engine.loop import LocalEngine
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
 from cluster.model.quant import ExpertQuantization, dequantize, quantize_weight
-from cluster.moe.layer import LocalMoE
+from cluster.moe.layer import InProcessExperts, MoELayer
 
 DEFAULT_MODEL = ROOT / "cluster" / "demo_model"  # the trained demo checkpoint
 DEFAULT_TEXT = ROOT / "tests" / "data" / "kjv_jonah.txt"  # its held-out text
@@ -63,8 +63,8 @@ def make_engine(model: Path, quantize: str | None, group: int | None, **options:
 
 def expert_bytes(engine: LocalEngine) -> int:
     moe = engine.engine.moe
-    assert isinstance(moe, LocalMoE)
-    return moe.experts.nbytes
+    assert isinstance(moe, MoELayer) and isinstance(moe.executor, InProcessExperts)
+    return moe.executor.experts.nbytes
 
 
 def echo_logprobs(engine: LocalEngine, text: str) -> list[float]:

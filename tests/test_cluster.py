@@ -170,6 +170,24 @@ def test_micro_batches_equal_the_serial_schedule(parity_models: dict[str, tuple[
         local.shutdown()
 
 
+def test_two_micro_batches_are_really_used(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]],
+                                           pool2: Any) -> None:
+    """Configured with 2 micro-batches, a coordinator splits its steps in two (its stats say so: this fails if
+    micro-batching is silently off) and gives the serial local engine's tokens; over gloo process groups here,
+    which it reports per link."""
+    ckpt, local = parity_models[E8]
+    cluster = ClusterEngine.start(local.engine.engine_cfg, cluster_config(micro_batches=2, link="pg"), pool=pool2)
+    try:
+        assert cluster.describe()["link_backends"] == ["gloo"] * 4
+        assert_same_outputs(cluster, local, ckpt.config["vocab_size"], seed=700)
+        stats = cluster.stats()
+        assert stats.micro_batch_steps.get(2, 0) >= 16 and set(stats.micro_batch_steps) <= {1, 2}  # 16 tokens each
+        assert sum(stats.micro_batch_steps.values()) == stats.num_steps
+    finally:
+        cluster.shutdown()
+    assert set(local.stats().micro_batch_steps) == {1}  # the local engine has nothing to overlap
+
+
 def test_prefix_caching_in_the_cluster_equals_caching_off(parity_models: dict[str, tuple[HFCheckpoint, LocalEngine]],
                                                           pool2: Any) -> None:
     """A coordinator with prefix caching on (the default), the sliding-window model (8), a cache small enough to

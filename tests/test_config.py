@@ -26,7 +26,7 @@ MIXTRAL_8X7B = {
 def test_classic_mixtral_8x7b() -> None:
     cfg = ModelConfig.from_dict(MIXTRAL_8X7B)
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (4096, 32, 32, 8)
-    assert (cfg.head_dim, cfg.num_experts, cfg.experts_per_token, cfg.gqa_group_size) == (128, 8, 2, 4)
+    assert (cfg.head_dim, cfg.num_experts, cfg.experts_per_token) == (128, 8, 2)
     assert cfg.rope_theta == 1e6 and cfg.dtype == "bfloat16" and cfg.sliding_window is None
     assert cfg.eos_token_ids == (2,) and not cfg.tie_word_embeddings
 

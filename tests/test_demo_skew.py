@@ -16,7 +16,7 @@ from cluster.engine_config import EngineConfig
 from cluster.model.config import ModelConfig
 from cluster.model.demo import CORPUS, demo_config, hot_experts, init_demo, skew_routers
 from cluster.moe.eplb import imbalance, worker_rows
-from cluster.moe.layer import ExpertMap
+from cluster.moe.expert_map import ExpertMap
 from tests.conftest import HFCheckpoint
 from tests.test_cli import run_cli
 from tests.test_parity_hf import hf_greedy

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from cluster.moe import eplb
-from cluster.moe.layer import ExpertMap
+from cluster.moe.expert_map import ExpertMap
 from tests.test_eplb import expected_tokens, workload
 
 # ------------------------------------------------------------------------------------------ the placement

@@ -17,7 +17,9 @@ import torch
 
 from cluster.model.ops import combine, expert_swiglu, route
 from cluster.moe import eplb
-from cluster.moe.layer import ExpertMap, plan_dispatch, reference_moe
+from cluster.moe.dispatch_plan import plan_dispatch
+from cluster.moe.expert_map import ExpertMap
+from cluster.moe.layer import reference_moe
 from router_service.cli import build_parser
 from router_service.serve_config import resolve_config
 from workers.rebalance import LoadTracker

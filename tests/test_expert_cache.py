@@ -16,9 +16,16 @@ from cluster.engine_config import EngineConfig
 from cluster.model.checkpoint import Checkpoint, load_expert_weights
 from cluster.model.config import ModelConfig
 from cluster.model.demo import TRAINED_DEMO
-from cluster.moe.layer import ExpertMap
+from cluster.moe.expert_map import ExpertMap
 from cluster.moe.prefetch import decode_hint, encode_hint, hints_per_worker, predict_experts
-from workers.expert_cache import CachedExperts, CacheStats, cached_local_moe, install_prefetcher, load_cached_experts
+from workers.expert_cache import (
+    CachedExperts,
+    CacheStats,
+    cached_local_moe,
+    engine_cache,
+    install_prefetcher,
+    load_cached_experts,
+)
 
 PROMPTS = ["And the word of the LORD came unto Jonah", "So the shipmen were afraid, and cried",
            "Then Jonah prayed unto the LORD his God out of the fish's belly"]
@@ -123,7 +130,7 @@ def test_greedy_tokens_with_a_cache_equal_all_resident(capacity: int, lookahead:
     loop = EngineLoop(build)  # type: ignore[arg-type]
     try:
         assert greedy(loop, 24) == all_resident_tokens
-        cache = loop.engine.moe.experts  # type: ignore[attr-defined]
+        cache = engine_cache(loop.engine)
     finally:
         loop.shutdown()
     assert isinstance(cache, CachedExperts) and cache.capacity == capacity

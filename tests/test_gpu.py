@@ -66,7 +66,8 @@ def test_cluster_over_nccl_equals_local_engine(hf_small: HFCheckpoint) -> None:
     local = LocalEngine.from_config(engine_cfg.with_(device="cuda"))
     try:
         described = cluster.describe()
-        assert described["links"] == ["pg"] * len(described["pool"]["workers"])  # NCCL pairs between GPUs
+        assert described["links"] == ["pg"] * len(described["pool"]["workers"])  # process groups of two ...
+        assert described["link_backends"] == ["nccl"] * len(described["pool"]["workers"])  # ... over NCCL
         assert all(w["device"].startswith("cuda") for w in described["pool"]["workers"])
         assert_same_outputs(cluster, local, 96)
     finally:

@@ -84,3 +84,25 @@ def test_the_whole_dry_run_passes_on_the_cpu(tmp_path: Path) -> None:
     for step in ("env", "tests", "parity", "throughput", "cluster"):
         assert f"| {step} | **" in table
     assert "Result: no step failed." in table
+
+
+def test_bf16_parity_allows_a_routing_flip_but_not_a_systematic_error() -> None:
+    """The parity step's bf16 criterion (as tests/test_gpu.py's): one token whose top-2 experts flipped is allowed,
+    the same error on every token is not."""
+    import torch
+
+    from bench.gpu_check import bf16_parity
+
+    gen = torch.Generator().manual_seed(0)
+    exact = [torch.randn(40, 96, generator=gen, dtype=torch.float64) for _ in range(2)]
+    theirs = [e + 0.01 * torch.randn(e.shape, generator=gen, dtype=torch.float64) for e in exact]
+    ours = [e + 0.01 * torch.randn(e.shape, generator=gen, dtype=torch.float64) for e in exact]
+    ours[1][7] += 0.6  # one routing flip: a jump in one token's logits, like the first H200 run's
+    ok, detail = bf16_parity(ours, theirs, exact)
+    assert ok, detail
+    assert "1 of 80" in detail
+    drifted = [o + 0.05 for o in ours]  # a systematic error on every token: the median says so
+    ok, detail = bf16_parity(drifted, theirs, exact)
+    assert not ok, detail
+    ok, detail = bf16_parity([o + 0.3 for o in ours], theirs, exact)  # and a large one every token's error too
+    assert not ok and "80 of 80" in detail

@@ -22,7 +22,22 @@ ONE_WAY = [
     ("cluster", "router_service"),
     ("workers", "router_service"),
     ("cluster", "workers"),  # the pool and its workers build on cluster/, never the other way round
+    # cluster/'s layers: the model (config, checkpoint, math, forward pass) knows no engine, MoE stage or link
+    ("cluster.model", "cluster.engine"),
+    ("cluster.model", "cluster.moe"),
+    ("cluster.model", "cluster.links"),
+    ("cluster.model", "cluster.planning"),
+    ("cluster.moe", "cluster.engine"),  # the MoE stages serve an engine, never the other way round
+    ("cluster.moe", "cluster.planning"),
+    ("cluster.engine", "cluster.links"),  # an engine reaches its experts through the MoE stage only
+    ("cluster.planning", "cluster.engine"),  # sizing is pure: from a ModelConfig and measured costs
+    ("cluster.planning", "cluster.moe"),
+    ("cluster.planning", "cluster.links"),
 ]
+# package -> the only project modules (or packages) outside itself it may import.
+ONLY = {
+    "cluster.links": ("cluster.errors", "cluster.model.config"),  # the wire: no engine, no MoE, no model math
+}
 # (module, third-party package): neither the module nor any project module it imports, directly or not, imports it.
 NEVER_REACHES = [
     ("router_service.errors", "torch"),
@@ -139,10 +154,23 @@ def test_no_import_cycles() -> None:
     assert cycles() == [], "modules that import each other in a circle"
 
 
+def within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
 @pytest.mark.parametrize(("importer", "imported"), ONE_WAY)
 def test_dependencies_point_one_way(importer: str, imported: str) -> None:
+    assert any(within(name, importer) for name in modules()) and any(within(name, imported) for name in modules())
     wrong = sorted(f"{name} imports {target}" for name, targets in graph().items() for target in targets
-                   if name.split(".")[0] == importer and target.split(".")[0] == imported)
+                   if within(name, importer) and within(target, imported))
+    assert wrong == []
+
+
+@pytest.mark.parametrize(("package", "allowed"), ONLY.items())
+def test_packages_import_only_what_they_may(package: str, allowed: tuple[str, ...]) -> None:
+    wrong = sorted(f"{name} imports {target}" for name, targets in graph().items() for target in targets
+                   if within(name, package) and not within(target, package)
+                   and not any(within(target, a) for a in allowed))
     assert wrong == []
 
 

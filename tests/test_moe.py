@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 from cluster.model.experts import LocalExperts
 from cluster.model.ops import route
-from cluster.moe.layer import ExpertMap, LocalMoE, plan_dispatch, reference_moe
+from cluster.moe.dispatch_plan import plan_dispatch
+from cluster.moe.expert_map import ExpertMap
+from cluster.moe.layer import InProcessExperts, MoELayer, reference_moe
 
 
 def hf_block(num_experts: int, top_k: int, hidden: int = 32, inter: int = 48, seed: int = 0):
@@ -52,10 +54,10 @@ def test_local_grouped_moe_matches_reference(dtype: torch.dtype) -> None:
     gate = block.gate.weight.detach().to(dtype)
     experts = LocalExperts((tuple(range(8)),),
                            [torch.stack([torch.cat([a, c]) for a, c in zip(w1, w3, strict=True)])], [torch.stack(w2)])
-    moe = LocalMoE(experts, num_experts=8, top_k=2)
+    moe = MoELayer(InProcessExperts(experts, num_experts=8), num_layers=1, num_experts=8, top_k=2)
     x = torch.randn(50, 32).to(dtype)
     expected = reference_moe(x, gate, w1, w2, w3, 2)
-    assert torch.equal(moe.moe(0, x, gate), expected)  # same math, same order: bit-identical
+    assert torch.equal(moe.collect(moe.dispatch(0, x, gate)), expected)  # same math, same order: bit-identical
     assert sum(moe.stats.counts[0]) == 50 * 2
 
 

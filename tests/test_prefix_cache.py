@@ -125,6 +125,28 @@ def test_caching_off_never_reuses(demo_dir: Path) -> None:
     assert engine.stats().prefix_cache_queries_total == 0 and engine.stats().kv_blocks_cached == 0
 
 
+def test_requests_arriving_together_compute_their_shared_prefix_once(demo_dir: Path) -> None:
+    """A block is findable only after the step that computes it: the second of two requests sharing a system
+    prompt waits one step for the first's prefill instead of computing the same blocks in the same step."""
+    shared = list(range(3, 35))  # 32 tokens: 8 full blocks of 4
+    prompts = [[*shared, 50, 51, 52], [*shared, 60, 61, 62, 63, 64]]
+    computed: dict[bool, list[int]] = {}
+    tokens: dict[bool, list[list[int]]] = {}
+    for caching in (True, False):
+        engine = engine_for(str(demo_dir), caching)
+        got = Collector()
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, GREEDY, got.sink(str(i)))
+        computed[caching] = [engine.step() for _ in range(2)]
+        while engine.has_work():
+            engine.step()
+        tokens[caching] = [got.tokens(str(i)) for i in range(len(prompts))]
+    assert computed[False][0] == len(prompts[0]) + len(prompts[1])  # off: both prefills in the first step
+    # on: the first request's prefill alone, then its first decode and the second's uncached 5 tokens
+    assert computed[True] == [len(prompts[0]), 1 + len(prompts[1]) - len(shared)]
+    assert tokens[True] == tokens[False]
+
+
 def test_cached_blocks_give_way_when_their_memory_is_needed(demo_dir: Path) -> None:
     engine = engine_for(str(demo_dir), True, num_kv_blocks=16)
     got = Collector()

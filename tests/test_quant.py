@@ -29,7 +29,7 @@ from cluster.model.quant import (
     unpack_int4,
     unpack_int32,
 )
-from cluster.moe.layer import LocalMoE
+from cluster.moe.layer import InProcessExperts, MoELayer
 from tests.conftest import HFCheckpoint, make_hf_checkpoint
 from tests.test_parity_hf import prompt_ids
 
@@ -114,8 +114,9 @@ def hf_model(path: Path) -> Any:
 
 def local_experts(ours: LocalEngine) -> LocalExperts:
     moe = ours.engine.moe
-    assert isinstance(moe, LocalMoE)
-    return moe.experts
+    assert isinstance(moe, MoELayer) and isinstance(moe.executor, InProcessExperts)
+    assert isinstance(moe.executor.experts, LocalExperts)
+    return moe.executor.experts
 
 
 def engine(path: Path, **options: Any) -> LocalEngine:

@@ -12,7 +12,8 @@ import ray
 from cluster.engine.loop import LocalEngine
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import EngineConfig
-from cluster.moe.layer import LocalMoE
+from cluster.model.experts import LocalExperts
+from cluster.moe.layer import InProcessExperts, MoELayer
 from tests.conftest import cluster_config, pool_config
 from tests.test_parity_hf import prompt_ids
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
@@ -28,7 +29,9 @@ def test_int4_cluster_equals_local_engine_before_and_after_a_rebalance(demo_dir:
     cluster = ClusterEngine.start(cfg, cluster_config(), pool=pool)
     try:
         moe = local.engine.moe
-        assert isinstance(moe, LocalMoE) and moe.experts.quantization == "int4-g64"
+        assert isinstance(moe, MoELayer) and isinstance(moe.executor, InProcessExperts)
+        experts = moe.executor.experts
+        assert isinstance(experts, LocalExperts) and experts.quantization == "int4-g64"
         prompts = [prompt_ids(local.model_config.vocab_size, n, seed=n) for n in (30, 5, 17)]
         greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
         want_logits = local.score(prompts)
@@ -42,7 +45,7 @@ def test_int4_cluster_equals_local_engine_before_and_after_a_rebalance(demo_dir:
         check()
         stats = ray.get(pool.worker_stats.remote())
         assert {s["expert_quantization"] for s in stats} == {"int4-g64"}
-        assert sum(s["expert_bytes"] for s in stats) == moe.experts.nbytes  # every expert once, quantized
+        assert sum(s["expert_bytes"] for s in stats) == experts.nbytes  # every expert once, quantized
 
         layers = local.model_config.num_layers  # swap the two workers' experts in every layer
         report = ray.get(pool.rebalance.remote(placement=[[[4, 5, 6, 7], [0, 1, 2, 3]]] * layers))
@@ -54,7 +57,7 @@ def test_int4_cluster_equals_local_engine_before_and_after_a_rebalance(demo_dir:
         check()
         stats = ray.get(pool.worker_stats.remote())
         assert {s["expert_quantization"] for s in stats} == {"int4-g64"}
-        assert sum(s["expert_bytes"] for s in stats) == moe.experts.nbytes
+        assert sum(s["expert_bytes"] for s in stats) == experts.nbytes
     finally:
         cluster.shutdown()
         stop_pool(pool)

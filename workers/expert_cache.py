@@ -18,7 +18,7 @@ guess costs a load (a ``wasted`` prefetch), never correctness: ``run_grouped`` o
 of the expert a row was routed to.
 
 ``CachedExperts`` is a ``LocalExperts`` (cluster/model/experts.py) whose stacks are the slots: the worker loop,
-the versioned weights and ``LocalMoE`` use it as they use all-resident experts, and ``nbytes`` is what is
+the versioned weights and ``InProcessExperts`` use it as they use all-resident experts, and ``nbytes`` is what is
 resident. Shape legend: R rows of a call, H hidden, I expert intermediate, K slots of a layer.
 """
 
@@ -44,7 +44,7 @@ from cluster.model.config import ModelConfig
 from cluster.model.experts import LocalExperts, grouped_mm_supported
 from cluster.model.forward import MoEBackend
 from cluster.model.ops import expert_swiglu, grouped_expert_swiglu
-from cluster.moe.layer import LocalMoE
+from cluster.moe.layer import InProcessExperts, MoELayer
 from cluster.moe.prefetch import Prefetcher
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -383,7 +383,8 @@ def cached_local_moe(capacity: int, stats: CacheStats | None = None) -> MoEFacto
     def make(model_cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> MoEBackend:
         every = (tuple(range(model_cfg.num_experts)),) * model_cfg.num_layers
         experts = load_cached_experts(ckpt.model_dir, model_cfg, every, capacity, dtype, device, stats)
-        return LocalMoE(experts, model_cfg.num_experts, model_cfg.experts_per_token)
+        return MoELayer(InProcessExperts(experts, model_cfg.num_experts), model_cfg.num_layers, model_cfg.num_experts,
+                        model_cfg.experts_per_token)
 
     return make
 
@@ -391,13 +392,20 @@ def cached_local_moe(capacity: int, stats: CacheStats | None = None) -> MoEFacto
 def install_prefetcher(engine: LLMEngine, lookahead: int, guess_per_token: int | None = None) -> Prefetcher:
     """Have ``engine`` (whose MoE backend is a ``cached_local_moe``) hint its cache ``lookahead`` layers ahead,
     guessing ``guess_per_token`` experts per token (default: top-k + 1)."""
-    moe, transformer = engine.moe, engine.transformer
-    assert isinstance(moe, LocalMoE) and isinstance(moe.experts, CachedExperts)
-    cache = moe.experts
+    cache, transformer = engine_cache(engine), engine.transformer
+    executor = engine.moe.executor  # type: ignore[attr-defined]
     cfg = engine.model_cfg
     prefetcher = Prefetcher([lw.moe_norm for lw in transformer.w.layers], [lw.gate for lw in transformer.w.layers],
                             cfg.rms_norm_eps, guess_per_token or cfg.experts_per_token + 1, lookahead,
-                            lambda: moe.expert_map,
+                            lambda: executor.expert_map,
                             lambda worker, layer, experts: cache.hint(layer, experts))
     transformer.on_moe_input = prefetcher
     return prefetcher
+
+
+def engine_cache(engine: LLMEngine) -> CachedExperts:
+    """The cache of an engine built with ``cached_local_moe``."""
+    moe = engine.moe
+    assert isinstance(moe, MoELayer) and isinstance(moe.executor, InProcessExperts)
+    assert isinstance(moe.executor.experts, CachedExperts)
+    return moe.executor.experts

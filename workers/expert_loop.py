@@ -25,15 +25,15 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from cluster.links.protocol import OP_BYE, OP_HINT, OP_WORK, LinkClosed, LinkSpec, Message, WorkerEnd
-from cluster.links.shm import ShmWorkerEnd, listen
+from cluster.links.protocol import OP_BYE, OP_HINT, OP_WORK, LinkClosed, LinkSpec
 from cluster.moe.prefetch import decode_hint
+from workers.link_ends import Message, ShmWorkerEnd, WorkerEnd, listen
 
 log = logging.getLogger("moe_cluster.worker")
 
 
 class Experts(Protocol):
-    """The weights the loop runs rows on, by expert-map version (workers/expert_worker.py's VersionedExperts)."""
+    """The weights the loop runs rows on, by expert-map version (workers/versioned_experts.py's VersionedExperts)."""
 
     @property
     def latest(self) -> int:

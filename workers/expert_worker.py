@@ -23,13 +23,14 @@ import torch.distributed as dist
 from cluster.engine.loader import engine_dtype
 from cluster.engine_config import EngineConfig
 from cluster.errors import first_line
-from cluster.links.process_group import PgWorkerEnd, pair_group
+from cluster.links.process_group import pair_group
 from cluster.links.protocol import LinkSpec
 from cluster.model.checkpoint import Checkpoint, load_layer_experts
 from cluster.model.config import ModelConfig
 from cluster.model.experts import LocalExperts
 from workers.expert_cache import CacheStats, load_cached_experts
 from workers.expert_loop import ExpertLoop, pick_address
+from workers.link_ends import PgWorkerEnd
 from workers.versioned_experts import VersionedExperts
 
 log = logging.getLogger("moe_cluster.worker")

@@ -48,7 +48,7 @@ from cluster.links.protocol import LinkSpec
 from cluster.model.config import ModelConfig
 from cluster.moe import eplb
 from cluster.moe.autoscale import AutoscalePolicy
-from cluster.moe.layer import ExpertMap
+from cluster.moe.expert_map import ExpertMap
 from cluster.moe.pool_api import PoolView, WorkerEndpoint
 from workers.expert_worker import ExpertWorker
 from workers.placement import bundle_strategy, place, worker_bundle

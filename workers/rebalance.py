@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.moe import eplb
-from cluster.moe.layer import ExpertMap
+from cluster.moe.expert_map import ExpertMap
 
 MIN_GAIN = 1.05  # a new placement must cut the imbalance by this factor: moving weights is not free
 

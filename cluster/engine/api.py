@@ -37,6 +37,8 @@ class EngineStats:
     generation_tokens_total: int = 0
     last_step_tokens: int = 0
     last_step_seconds: float = 0.0
+    last_step_micro_batches: int = 0  # micro-batches the last step's forward pass was split into (1: serial)
+    micro_batch_steps: dict[int, int] = field(default_factory=dict)  # micro-batches of a step -> steps so split
     recoveries: int = 0  # expert-worker failures the engine recovered from
     last_recovery_seconds: float = 0.0
     tokens_per_expert: list[list[int]] = field(default_factory=list)  # [layer][global expert]

@@ -21,7 +21,7 @@ from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.sequence import RequestOutput, RequestResult
 from cluster.engine_config import ClusterConfig, EngineConfig
-from cluster.moe.dispatch import DistributedMoE
+from cluster.moe.layer import MoELayer
 from cluster.moe.pool_api import RayActorPool
 
 log = logging.getLogger("moe_cluster.coordinator")
@@ -77,7 +77,7 @@ class Coordinator:
 
     def describe(self) -> dict[str, Any]:
         moe = self.loop.engine.moe if self.loop is not None else None
-        links = moe.describe() if isinstance(moe, DistributedMoE) else {}
+        links = moe.describe() if isinstance(moe, MoELayer) else {}
         return {"coordinator_id": self.coordinator_id, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(), **links}
 

@@ -65,6 +65,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(eos_ids)
         self._seq_ids = itertools.count()
         self._stats = EngineStats(kv_blocks_total=num_blocks, kv_block_size=self.block_size)
+        self._last_micro_batches = 0  # of the last forward pass
 
     # ----------------------------------------------------------------------------------------- requests
 
@@ -180,6 +181,8 @@ class LLMEngine:
         stats.num_steps += 1
         stats.last_step_tokens = scheduled.num_tokens
         stats.last_step_seconds = done - started
+        stats.last_step_micro_batches = self._last_micro_batches
+        stats.micro_batch_steps[self._last_micro_batches] = stats.micro_batch_steps.get(self._last_micro_batches, 0) + 1
         # Where steps go: scheduling and layout, the forward pass (MoE included), sampling and reports.
         for phase, seconds in (("schedule", forward_started - started), ("forward", sample_started - forward_started),
                                ("sample_and_report", done - sample_started)):
@@ -190,16 +193,16 @@ class LLMEngine:
                 ) -> tuple[Tensor, list[list[int]]]:
         """One forward pass -> (logits (N_out, V), per chunk the indices of its logits rows)."""
         self.cache.copy_blocks(list(block_copies))
-        num_tokens = sum(len(c.token_ids) for c in chunks)
-        groups = split_micro_batches(chunks, self.moe.micro_batches(num_tokens, len(chunks)))
-        batches = [build_step_batch([chunks[i] for i in group], self.block_size, self.model_cfg.sliding_window,
+        tokens = [len(c.token_ids) for c in chunks]
+        groups = split_micro_batches(tokens, self.moe.micro_batches(sum(tokens), len(chunks)))  # contiguous
+        self._last_micro_batches = len(groups)
+        batches = [build_step_batch(chunks[group.start:group.stop], self.block_size, self.model_cfg.sliding_window,
                                     self.device) for group in groups]
         logits = self.transformer.forward(batches, self.cache, self.moe)
-        rows: list[list[int]] = [[] for _ in chunks]
+        rows: list[list[int]] = []  # micro-batches in chunk order: their logits concatenate in chunk order
         offset = 0
-        for group, batch, part in zip(groups, batches, logits, strict=True):
-            for i, local_rows in zip(group, batch.chunk_logit_rows, strict=True):
-                rows[i] = [offset + r for r in local_rows]
+        for batch, part in zip(batches, logits, strict=True):
+            rows.extend([offset + r for r in local_rows] for local_rows in batch.chunk_logit_rows)
             offset += part.shape[0]
         return torch.cat(logits) if len(logits) > 1 else logits[0], rows
 
@@ -348,4 +351,5 @@ class LLMEngine:
         s.num_preemptions = self.scheduler.num_preemptions
         s.tokens_per_expert = self.moe.routing_counts()
         s.backend = self.moe.timings()
-        return EngineStats(**(vars(s) | {"step_seconds": dict(s.step_seconds)}))
+        return EngineStats(**(vars(s) | {"step_seconds": dict(s.step_seconds),
+                                         "micro_batch_steps": dict(s.micro_batch_steps)}))

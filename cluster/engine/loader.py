@@ -18,7 +18,7 @@ from cluster.model.forward import MixtralTransformer, MoEBackend
 from cluster.model.kv_cache import blocks_for, kv_bytes_per_block
 from cluster.model.quant import ExpertQuantization
 from cluster.model.tokenizer import Tokenizer
-from cluster.moe.layer import LocalMoE
+from cluster.moe.layer import InProcessExperts, MoELayer
 from cluster.moe.prefetch import prefetcher_for
 
 if TYPE_CHECKING:  # the local engine must not import Ray: a GPU box without Ray still runs it
@@ -118,18 +118,20 @@ def local_moe(progress: bool = True, quantize: ExpertQuantization | None = None)
         experts = load_expert_weights(ckpt, model_cfg, range(model_cfg.num_experts), dtype, device, progress,
                                       quantize=quantize)
         log.info("experts: %.1f MiB resident (%s)", experts.nbytes / 2**20, experts.quantization or "not quantized")
-        return LocalMoE(experts, model_cfg.num_experts, model_cfg.experts_per_token)
+        return MoELayer(InProcessExperts(experts, model_cfg.num_experts), model_cfg.num_layers, model_cfg.num_experts,
+                        model_cfg.experts_per_token)
 
     return make
 
 
 def distributed_moe(pool: PoolHandle, coordinator_id: str, cluster_cfg: ClusterConfig) -> MoEFactory:
     """The experts of an expert pool: attach to it and link to each of its workers."""
-    from cluster.moe.dispatch import DistributedMoE  # imports Ray: only a coordinator needs it
+    from cluster.moe.linked_experts import LinkedExperts  # imports Ray: only a coordinator needs it
 
     def make(model_cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> MoEBackend:
-        return DistributedMoE(pool, coordinator_id, cluster_cfg, model_cfg.num_layers, model_cfg.experts_per_token,
-                              device)
+        return MoELayer(LinkedExperts(pool, coordinator_id, cluster_cfg, device), model_cfg.num_layers,
+                        model_cfg.num_experts, model_cfg.experts_per_token, cluster_cfg.micro_batches,
+                        cluster_cfg.micro_batch_min_tokens)
 
     return make
 

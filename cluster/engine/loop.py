@@ -3,7 +3,7 @@ sync or asyncio callers. Requests join the running batch at the next step; the l
 when there is no work, waking to heartbeat the MoE backend every ``heartbeat_s``.
 
 ``LocalEngine`` is an EngineLoop over the single-process engine; the cluster engine offers the same
-interface from a driver process (cluster/cluster_engine.py).
+interface from a driver process (workers/cluster_engine.py).
 """
 
 from __future__ import annotations

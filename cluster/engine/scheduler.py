@@ -8,7 +8,11 @@ Each step:
      whole context fits in the free blocks and a sequence slot is free; nothing overtakes it, so a long
      prompt is never starved. Prefill is chunked, so a long prompt never stalls running decodes. An admitted
      sequence starts from the longest prefix of its context the prefix cache holds (new or preempted alike)
-     and computes only the rest.
+     and computes only the rest. When the head's next block is one a running prefill is computing right now
+     (requests that arrive together with one shared system prompt), the queue waits for it instead of
+     computing it again: a block becomes findable only after the step that computes it, so admitting the head
+     in the same step would compute the shared prefix once per request (SGLang's in-batch prefix check does
+     the same).
 """
 
 from __future__ import annotations
@@ -92,12 +96,15 @@ class Scheduler:
             return out  # the cache is short: admit nobody new this step
         # Blocks that running prefills will still claim: admitting against them would only cause preemptions.
         reserved = sum(self.kv.blocks_still_needed(s) for s in self.running)
+        being_computed = self.kv.blocks_being_computed(self.running)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = seq.request.params.n if seq.request.needs_fork else 1
             if len(self.running) + n > self.max_num_seqs:
                 break
             cached = self.kv.cached_prefix(seq, seq.max_cached_prefix)
+            if self.kv.next_block_in(seq, len(cached), seq.max_cached_prefix, being_computed):
+                break  # a running prefill computes it now: the head finds it cached next step
             if not self.kv.can_admit(seq, reserved, cached):
                 break
             self.waiting.popleft()
@@ -111,6 +118,7 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n_new))
             budget -= n_new
             reserved += self.kv.blocks_still_needed(seq)
+            being_computed |= self.kv.blocks_being_computed([seq])
         return out
 
     def preempt_all(self) -> int:

@@ -10,7 +10,7 @@ its messages with a ``tag``; a worker answers each WORK with a RESULT carrying t
 
 Two kinds of link, chosen per pair when the coordinator attaches (this module holds what they share: the
 header, the message types, the ends' protocols):
-  * ``shm`` (shm_link.py): coordinator and worker on one node, tensors on CPU. Headers travel over a Unix
+  * ``shm`` (shm.py): coordinator and worker on one node, tensors on CPU. Headers travel over a Unix
     socket (abstract namespace); rows and results are copied into two shared-memory buffers (memfd, handed to
     the worker over the socket with SCM_RIGHTS; nothing to clean up, they vanish with the last process that maps
     them), ``slots`` fixed-size slots each, slot = tag % slots. A message larger than a slot gets a buffer of its
@@ -18,7 +18,7 @@ header, the message types, the ends' protocols):
     the socket, so no end ever blocks on a full socket buffer: with several coordinators and workers, blocked
     writes could otherwise wait on each other in a cycle. One wake-up per message, and a closed socket is a dead
     peer at once.
-  * ``pg`` (pg_link.py): anywhere else - a torch.distributed process group of exactly two members (gloo on
+  * ``pg`` (process_group.py): anywhere else - a torch.distributed process group of exactly two members (gloo on
     CPUs, NCCL on GPUs), built directly from a store, a rank and a size. The worker's end receives on a thread
     of its own and signals a pipe, so the worker's loop waits on both kinds of link alike.
 
@@ -61,7 +61,7 @@ class LinkSpec:
     dtype: str
     max_local: int  # L: counts per message (the most expert slots a worker of the pool hosts)
     slots: int = 4  # messages a coordinator may have outstanding on one link (pipeline depth)
-    slot_bytes: int = 1 << 20  # rows up to this size travel in shared memory, larger ones inline (shm links)
+    slot_bytes: int = 1 << 20  # shm links: rows up to this size travel in a slot, larger ones in a buffer of their own
     timeout_s: float = 60.0  # a peer silent this long in the middle of an exchange is dead
     prefetch_lookahead: int = 0  # issue 23: coordinators send OP_HINTs this many layers ahead (0: none)
 
@@ -105,32 +105,6 @@ class Header:
                    stamps=(w[7], w[8], w[9]), counts=tuple(w[HEADER_FIELDS:]))
 
 
-@dataclass
-class Message:
-    """A message a worker read: its header, and for WORK its rows (R, H)."""
-
-    header: Header
-    rows: Tensor | None = None
-    read_ns: int = 0  # when the worker read it
-    payload: bytes = b""  # OP_HINT: its msgpack bytes
-
-    @property
-    def op(self) -> int:
-        return self.header.op
-
-    @property
-    def layer(self) -> int:
-        return self.header.layer
-
-    @property
-    def tag(self) -> int:
-        return self.header.tag
-
-    @property
-    def counts(self) -> list[int]:
-        return list(self.header.counts)
-
-
 @dataclass(frozen=True)
 class Result:
     """What came back with a RESULT: the worker's map version and the clock stamps of its message's trip."""
@@ -140,12 +114,6 @@ class Result:
     started_ns: int  # the worker started its expert call (after any merge wait or earlier work)
     finished_ns: int  # ... and finished it
     arrived_ns: int  # the coordinator had the results
-
-
-def as_bytes(t: Tensor) -> memoryview:
-    """A contiguous CPU tensor's memory as bytes (any dtype, bfloat16 included)."""
-    return t.contiguous().view(-1).view(torch.uint8).numpy().data
-
 
 
 def check_result(header: Header, tag: int, rows: int) -> None:
@@ -160,7 +128,10 @@ def result_of(header: Header) -> Result:
 
 
 class CoordinatorEnd(Protocol):
-    kind: str
+    """The coordinator's end of a link (shm.py, process_group.py; the worker's end is workers/link_ends.py)."""
+
+    kind: str  # "shm" or "pg"
+    backend: str  # what moves the rows: "shm", "gloo" or "nccl"
 
     def send(self, op: int, layer: int = 0, tag: int = 0, version: int = 0, counts: Sequence[int] = (),
              rows: Tensor | None = None, out: Tensor | None = None) -> int: ...
@@ -169,17 +140,5 @@ class CoordinatorEnd(Protocol):
 
     def send_control(self, op: int, layer: int, version: int, payload: bytes) -> None:
         """A message with a byte payload and no answer (OP_HINT)."""
-
-    def close(self) -> None: ...
-
-
-class WorkerEnd(Protocol):
-    kind: str
-
-    def fileno(self) -> int: ...
-
-    def read(self) -> list[Message]: ...
-
-    def send_result(self, message: Message, version: int, out: Tensor, started_ns: int) -> None: ...
 
     def close(self) -> None: ...

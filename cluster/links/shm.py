@@ -1,5 +1,6 @@
-"""The shared-memory link (see exchange.py): one node, CPU tensors; headers over an abstract Unix socket, rows
-and results in two memfd buffers with one slot per message in flight."""
+"""The shared-memory link (see protocol.py): one node, CPU tensors; headers over an abstract Unix socket, rows
+and results in two memfd buffers with one slot per message in flight. The coordinator's end and what both ends
+share; the worker's end is workers/link_ends.py."""
 
 from __future__ import annotations
 
@@ -22,20 +23,17 @@ from cluster.links.protocol import (
     IN_SLOT,
     INLINE,
     OP_BYE,
-    OP_HINT,
-    OP_RESULT,
     OP_WORK,
     Header,
     LinkClosed,
     LinkSpec,
-    Message,
     Result,
     check_result,
     result_of,
 )
 
 
-class _Socket:
+class FramedSocket:
     """Exact-size reads and writes on a stream socket; every failure is LinkClosed."""
 
     def __init__(self, sock: socket.socket, timeout_s: float) -> None:
@@ -107,7 +105,7 @@ class _Socket:
             self.sock.close()
 
 
-def _shared_buffer(fd: int, size: int) -> Tensor:
+def shared_buffer(fd: int, size: int) -> Tensor:
     """A uint8 tensor over ``size`` bytes of the shared memory behind ``fd`` (closed here: the map keeps it)."""
     mapped = mmap.mmap(fd, size)
     os.close(fd)
@@ -128,6 +126,7 @@ class ShmCoordinatorEnd:
     """The coordinator's end of a shared-memory link: it creates both buffers and hands them over."""
 
     kind = "shm"
+    backend = "shm"
 
     def __init__(self, address: str, spec: LinkSpec) -> None:
         self.spec = spec
@@ -142,12 +141,12 @@ class ShmCoordinatorEnd:
         fds = [os.memfd_create("moe-cluster-rows"), os.memfd_create("moe-cluster-results")]
         for fd in fds:
             os.ftruncate(fd, size)
-        self.io = _Socket(sock, spec.timeout_s)
+        self.io = FramedSocket(sock, spec.timeout_s)
         try:
             socket.send_fds(sock, [struct.pack("<q", size)], fds)
         except OSError as err:
             raise LinkClosed(f"cannot hand over the shared buffers: {err}") from None
-        self.rows_buf, self.results_buf = (_shared_buffer(fd, size) for fd in fds)
+        self.rows_buf, self.results_buf = (shared_buffer(fd, size) for fd in fds)
         # (tag, where its results go, the message's own buffer if it has one), in send order
         self._expected: deque[tuple[int, Tensor, Tensor | None]] = deque()
         self._arrived: dict[int, Result] = {}  # results read ahead of their recv_result
@@ -211,81 +210,3 @@ class ShmCoordinatorEnd:
         with contextlib.suppress(LinkClosed):
             self.io.send(Header(OP_BYE).pack(self.spec))
         self.io.close()
-
-
-
-class ShmWorkerEnd:
-    """A worker's end of a shared-memory link, made from a connection its listening socket accepted."""
-
-    kind = "shm"
-
-    def __init__(self, sock: socket.socket, spec: LinkSpec) -> None:
-        self.spec = spec
-        sock.settimeout(spec.timeout_s)
-        msg, fds, _, _ = socket.recv_fds(sock, 8, 2)
-        if len(fds) != 2 or len(msg) != 8:
-            sock.close()
-            raise LinkClosed("a peer connected without handing over its shared buffers")
-        size = struct.unpack("<q", msg)[0]
-        self.rows_buf, self.results_buf = (_shared_buffer(fd, size) for fd in fds)
-        self.io = _Socket(sock, spec.timeout_s)
-
-    def fileno(self) -> int:
-        return self.io.sock.fileno()
-
-    def read(self) -> list[Message]:
-        """Every whole message available now (at least one: call when the socket is readable)."""
-        messages = [self._read_one()]
-        while self.io.has_data():
-            messages.append(self._read_one())
-        return messages
-
-    def _read_one(self) -> Message:
-        data, fds = self.io.recv_with_fds(self.spec.header_bytes)
-        header = Header.unpack(self.spec, data)
-        read_ns = time.monotonic_ns()
-        if header.where != IN_BUFFER or header.op != OP_WORK or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-        if header.op == OP_HINT:  # issue 23: its payload follows the header
-            return Message(header, None, read_ns, bytes(self.io.recv(header.rows)))
-        if header.op != OP_WORK:
-            return Message(header, None, read_ns)
-        n, nbytes = header.rows, self.spec.row_bytes(header.rows)
-        if header.where == IN_SLOT:
-            start = header.slot * self.spec.slot_bytes
-            rows = self.rows_buf[start:start + nbytes].view(self.spec.torch_dtype).view(n, self.spec.hidden)
-        elif header.where == IN_BUFFER and len(fds) == 1:  # the message's own buffer: its results go back in it
-            rows = _shared_buffer(fds[0], nbytes).view(self.spec.torch_dtype).view(n, self.spec.hidden)
-        elif n:
-            raise LinkClosed(f"message {header.tag} has {n} rows in no buffer this link has (where={header.where})")
-        else:
-            rows = torch.empty(0, self.spec.hidden, dtype=self.spec.torch_dtype)
-        return Message(header, rows, read_ns)
-
-    def send_result(self, message: Message, version: int, out: Tensor, started_ns: int) -> None:
-        n, tag = out.shape[0], message.tag
-        nbytes = self.spec.row_bytes(n)
-        header = Header(OP_RESULT, message.layer, tag, version, n)
-        if nbytes <= self.spec.slot_bytes:
-            start = (tag % self.spec.slots) * self.spec.slot_bytes
-            if n:
-                self.results_buf[start:start + nbytes].copy_(out.contiguous().view(-1).view(torch.uint8))
-            stamps = (message.read_ns, started_ns, time.monotonic_ns())
-            self.io.send(replace(header, where=IN_SLOT, slot=tag % self.spec.slots, stamps=stamps).pack(self.spec))
-        else:  # the message came in a buffer of its own (nothing larger than a slot ever travels on the socket)
-            assert message.header.where == IN_BUFFER and message.rows is not None
-            message.rows.copy_(out)  # its rows are no longer needed: the expert call has read them
-            stamps = (message.read_ns, started_ns, time.monotonic_ns())
-            self.io.send(replace(header, where=IN_BUFFER, stamps=stamps).pack(self.spec))
-
-    def close(self) -> None:
-        self.io.close()
-
-
-def listen(address: str) -> socket.socket:
-    """A worker's listening socket for shared-memory links (abstract Unix namespace: nothing on disk)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind("\0" + address)
-    sock.listen(64)
-    return sock

@@ -29,10 +29,12 @@ from cluster.model.quant import (
     QuantizedWeight,
     cat_rows,
     dequantize_fp8,
+    fp8_weight,
     from_compressed_tensors,
     quantize_weight,
     stack_weights,
 )
+from cluster.model.quant_kernels import keeps_fp8
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -164,9 +166,10 @@ class Checkpoint:
         return {name: t for name, t in loaded.items() if isinstance(t, Tensor)}
 
     def load_weights(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device | str,
-                     desc: str, progress: bool = True, keep_quantized: bool = False
+                     desc: str, progress: bool = True, keep_quantized: bool = False, keep_fp8: bool = False
                      ) -> dict[str, Tensor | QuantizedWeight]:
-        """``load``, except that with ``keep_quantized`` a pack-quantized weight stays a QuantizedWeight."""
+        """``load``, except that with ``keep_quantized`` a pack-quantized weight stays a QuantizedWeight, and with
+        ``keep_fp8`` too an FP8 weight stays FP8 (a QuantizedWeight of FP8 values, ``quant.fp8_weight``)."""
         parts = {name: self._parts(name) for name in shapes}
         by_file: dict[str, list[str]] = defaultdict(list)
         for stored in parts.values():
@@ -193,16 +196,23 @@ class Checkpoint:
                                              f"expected {list(shapes[name])}")
                         raw[name] = f.get_tensor(name)
                         bar.update(raw[name].numel() * dtype.itemsize)
-        return {name: self._assemble(name, stored, raw, shapes[name], dtype, device, keep_quantized)
+        return {name: self._assemble(name, stored, raw, shapes[name], dtype, device, keep_quantized,
+                                     keep_quantized and keep_fp8)
                 for name, stored in parts.items()}
 
     def _assemble(self, name: str, stored: list[str], raw: dict[str, Tensor], shape: tuple[int, ...],
-                  dtype: torch.dtype, device: torch.device | str, keep_quantized: bool) -> Tensor | QuantizedWeight:
+                  dtype: torch.dtype, device: torch.device | str, keep_quantized: bool, keep_fp8: bool
+                  ) -> Tensor | QuantizedWeight:
         quant = self.quantization
         if stored[0] == name:  # plain, or FP8 with its scale
             tensor = raw.pop(name)
             if len(stored) == 2:
                 assert quant is not None
+                if keep_fp8 and tensor.dtype == torch.float8_e4m3fn and len(shape) == 2:
+                    try:
+                        return fp8_weight(tensor, raw.pop(stored[1]), quant.block).to(device)
+                    except ValueError as err:
+                        raise ValueError(f"tensor {name!r} in {self.model_dir}: {err}") from None
                 return dequantize_fp8(tensor, raw.pop(stored[1]), dtype, quant.block).to(device)
             if tensor.dtype in FP8_DTYPES:
                 raise ValueError(f"tensor {name!r} of {self.model_dir} is {tensor.dtype} but has no "
@@ -280,8 +290,10 @@ def load_layer_experts(ckpt: Checkpoint, cfg: ModelConfig, layer_experts: Sequen
                                     for j, e in enumerate(ids)}
     missing = [(layer, e) for layer, ids in enumerate(layer_experts) for e in ids if (layer, e) not in held]
     read_dtype = torch.float32 if quantize is not None else dtype
+    # FP8 experts stay FP8 where a GPU multiplies FP8 (quant_kernels.keeps_fp8): half the bytes of bf16
     t = ckpt.load_weights(layer_expert_shapes(cfg, missing), read_dtype, device,
-                          desc=f"loading {len(missing)} expert-layers", progress=progress, keep_quantized=True)
+                          desc=f"loading {len(missing)} expert-layers", progress=progress, keep_quantized=True,
+                          keep_fp8=quantize is None and keeps_fp8(device))
 
     def stored(layer: int, e: int, proj: str) -> Tensor | QuantizedWeight:
         w = t.pop(expert_tensor_name(layer, e, proj))

@@ -110,11 +110,6 @@ class ModelConfig:
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
 
-    @property
-    def gqa_group_size(self) -> int:
-        """Query heads per key/value head."""
-        return self.num_heads // self.num_kv_heads
-
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Parse a Hugging Face Mixtral config.json (classic or current form)."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -199,6 +199,27 @@ class KVCacheManager:
                 break
             blocks.append(block)
         return blocks
+
+    def blocks_being_computed(self, seqs: Iterable[HasBlocks]) -> set[BlockHash]:
+        """Hashes of the full blocks of their current context that ``seqs`` have not yet computed (their
+        prefills in flight): each becomes findable once the step that computes it is done."""
+        if not self.enable_prefix_caching:
+            return set()
+        pending: set[BlockHash] = set()
+        for seq in seqs:
+            full = len(seq.token_ids) // self.block_size
+            first = seq.num_computed // self.block_size
+            if first < full:
+                pending.update(self.block_hashes(seq, full)[first:])
+        return pending
+
+    def next_block_in(self, seq: HasBlocks, num_cached_blocks: int, max_tokens: int,
+                      hashes: set[BlockHash]) -> bool:
+        """Whether the block of ``seq`` after its ``num_cached_blocks`` cached ones (one it could take from the
+        cache, within ``max_tokens``) is among ``hashes``."""
+        if not hashes or (num_cached_blocks + 1) * self.block_size > max_tokens:
+            return False
+        return self.block_hashes(seq, num_cached_blocks + 1)[num_cached_blocks] in hashes
 
     def take_cached(self, seq: HasBlocks, blocks: list[int]) -> None:
         """Admit ``seq`` with the cached ``blocks`` (from ``cached_prefix``) as the start of its table."""

@@ -80,11 +80,23 @@ class QuantizedWeight:
         return (*self.data.shape[:-1], self.in_features)
 
     @property
+    def is_fp8(self) -> bool:
+        """FP8 values (kept from an FP8 checkpoint, ``fp8_weight``) rather than integers."""
+        return self.data.dtype in FP8_DTYPES
+
+    @property
+    def name(self) -> str:
+        """'int8', 'int4-g64', 'fp8', 'fp8-g128' (a scale per G input features; none: per output channel)."""
+        kind = "fp8" if self.is_fp8 else f"int{self.bits}"
+        return kind if self.group_size == self.in_features else f"{kind}-g{self.group_size}"
+
+    @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
 
     def __getitem__(self, index: int | Tensor | slice) -> QuantizedWeight:
-        return QuantizedWeight(self.data[index], self.scale[index], self.bits, self.group_size, self.in_features)
+        return QuantizedWeight(_as_bytes(self.data)[index].view(self.data.dtype), self.scale[index], self.bits,
+                               self.group_size, self.in_features)
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         return QuantizedWeight(self.data.to(device), self.scale.to(device), self.bits, self.group_size,
@@ -102,11 +114,12 @@ def stack_weights(parts: Sequence[Tensor | QuantizedWeight]) -> Tensor | Quantiz
     if len(quantized) != len(parts):
         raise ValueError("cannot stack quantized and full-precision expert weights together")
     first = quantized[0]
-    if any((q.bits, q.group_size, q.in_features) != (first.bits, first.group_size, first.in_features)
-           for q in quantized):
+    if any((q.bits, q.group_size, q.in_features, q.data.dtype)
+           != (first.bits, first.group_size, first.in_features, first.data.dtype) for q in quantized):
         raise ValueError("cannot stack expert weights quantized differently")
-    return QuantizedWeight(torch.stack([q.data for q in quantized]), torch.stack([q.scale for q in quantized]),
-                           first.bits, first.group_size, first.in_features)
+    data = torch.stack([_as_bytes(q.data) for q in quantized]).view(first.data.dtype)
+    return QuantizedWeight(data, torch.stack([q.scale for q in quantized]), first.bits, first.group_size,
+                           first.in_features)
 
 
 def cat_rows(a: Tensor | QuantizedWeight, b: Tensor | QuantizedWeight) -> Tensor | QuantizedWeight:
@@ -114,10 +127,17 @@ def cat_rows(a: Tensor | QuantizedWeight, b: Tensor | QuantizedWeight) -> Tensor
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         return torch.cat([a, b], dim=-2)
     if not (isinstance(a, QuantizedWeight) and isinstance(b, QuantizedWeight)) \
-            or (a.bits, a.group_size, a.in_features) != (b.bits, b.group_size, b.in_features):
+            or (a.bits, a.group_size, a.in_features, a.data.dtype) != (b.bits, b.group_size, b.in_features,
+                                                                      b.data.dtype):
         raise ValueError("w1 and w3 of an expert must be quantized the same way")
-    return QuantizedWeight(torch.cat([a.data, b.data], dim=-2), torch.cat([a.scale, b.scale], dim=-2),
-                           a.bits, a.group_size, a.in_features)
+    data = torch.cat([_as_bytes(a.data), _as_bytes(b.data)], dim=-2).view(a.data.dtype)
+    return QuantizedWeight(data, torch.cat([a.scale, b.scale], dim=-2), a.bits, a.group_size, a.in_features)
+
+
+def _as_bytes(data: Tensor) -> Tensor:
+    """FP8 values as uint8 (the same bytes): indexing, stacking and concatenating FP8 tensors are not implemented on
+    every device for float8 dtypes, and copying bytes is all they do."""
+    return data.view(torch.uint8) if data.dtype in FP8_DTYPES else data
 
 
 def weight_nbytes(w: Tensor | QuantizedWeight) -> int:
@@ -251,6 +271,25 @@ def dequantize_fp8(weight: Tensor, scale: Tensor, dtype: torch.dtype, block: tup
             return (w * full).to(dtype)
     raise ValueError(f"FP8 scale of shape {list(scale.shape)} fits neither per-tensor, per-channel nor per-block "
                      f"(block {block}) scaling of a weight {[n, k]}")
+
+
+def fp8_weight(weight: Tensor, scale: Tensor, block: tuple[int, int] | None = None) -> QuantizedWeight:
+    """An FP8 weight (N, K) and its scale (as ``dequantize_fp8`` takes them) -> a QuantizedWeight that keeps the FP8
+    values, with the scale expanded to one per output channel, or per output channel and block of K: (N, 1) or
+    (N, ceil(K/bk)). Expanding is exact (the same s multiplies the same q), so ``dequantize`` of it equals
+    ``dequantize_fp8``, and w1/w3 of different per-tensor scales concatenate (``cat_rows``)."""
+    n, k = weight.shape
+    s = scale.float()
+    if s.numel() == 1 or s.shape in ((n, 1), (n,)):
+        per_row = s.reshape(-1, 1).expand(n, 1)  # (N, 1)
+        group = k
+    elif s.ndim == 2 and block is not None and (-(-n // block[0]), -(-k // block[1])) == tuple(s.shape):
+        per_row = s.repeat_interleave(block[0], dim=0)[:n]  # (N, ceil(K/bk))
+        group = block[1]
+    else:
+        raise ValueError(f"FP8 scale of shape {list(scale.shape)} fits neither per-tensor, per-channel nor "
+                         f"per-block (block {block}) scaling of a weight {[n, k]}")
+    return QuantizedWeight(weight.contiguous(), per_row.contiguous(), 8, group, k)
 
 
 def full_precision(w: Tensor | QuantizedWeight) -> Tensor:

@@ -3,11 +3,13 @@ the paged KV cache, and which rows need logits. Pure bookkeeping: no model math.
 
 Shape legend: T new tokens in the step (all sequences, flattened), Bd sequences decoding one token,
 S keys attended, N_out rows whose logits are wanted.
-Token rows are ordered: all single-token (decode) sequences first, then the multi-token (prefill) chunks.
+Token rows are ordered: all single-token (decode) sequences first, then the multi-token (prefill) chunks (the
+step's one reordering; ``logits_rows`` lists the logits rows in chunk order, so the logits come back unpermuted).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -117,16 +119,20 @@ def build_step_batch(chunks: Sequence[SeqChunk], block_size: int, sliding_window
                      as_long(logits_rows), chunk_logit_rows)
 
 
-def split_micro_batches(chunks: Sequence[SeqChunk], count: int) -> list[list[int]]:
-    """Split a step's chunks into at most ``count`` micro-batches of about equal tokens: indices of each, in
-    order. A chunk is never split (its tokens attend to each other within one layer's attention)."""
-    count = max(1, min(count, len(chunks)))
-    if count == 1:
-        return [list(range(len(chunks)))]
-    groups: list[list[int]] = [[] for _ in range(count)]
-    loads = [0] * count
-    for i in sorted(range(len(chunks)), key=lambda i: -len(chunks[i].token_ids)):  # largest first, to the lightest
-        lightest = loads.index(min(loads))
-        groups[lightest].append(i)
-        loads[lightest] += len(chunks[i].token_ids)
-    return [sorted(group) for group in groups if group]
+def split_micro_batches(chunk_tokens: Sequence[int], count: int) -> list[range]:
+    """Cut a step's chunks, kept in their order, into ``count`` contiguous micro-batches of about equal tokens
+    (fewer when there are fewer chunks): chunk_tokens (n,) new tokens of each chunk -> the chunk range of each
+    micro-batch. Each cut goes where the running token sum is nearest its share, as SGLang's two-batch overlap
+    splits at the half sum: nothing is reordered, so the micro-batches' logits concatenate in chunk order. A
+    chunk is never split (its tokens attend to each other within one layer's attention)."""
+    n = len(chunk_tokens)
+    count = max(1, min(count, n))
+    running = list(itertools.accumulate(chunk_tokens, initial=0))  # (n+1,) tokens of chunks [0, j)
+    cuts = [0]
+    for i in range(1, count):
+        share = running[-1] * i / count
+        # the cut after the last one that leaves at least one chunk to each micro-batch still to come
+        candidates = range(cuts[-1] + 1, n - (count - i) + 1)
+        cuts.append(min(candidates, key=lambda j: abs(running[j] - share)))
+    cuts.append(n)
+    return [range(a, b) for a, b in itertools.pairwise(cuts)]

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import ray
 
 from cluster.links.protocol import LinkSpec
-from cluster.moe.layer import ExpertMap
+from cluster.moe.expert_map import ExpertMap
 
 VERSION_TIMEOUT_S = 5.0  # an idle coordinator's check for a new map must not hold up its heartbeats
 

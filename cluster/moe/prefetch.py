@@ -23,7 +23,8 @@ from torch import Tensor
 from cluster.model.checkpoint import CoordinatorWeights
 from cluster.model.config import ModelConfig
 from cluster.model.ops import rms_norm, route
-from cluster.moe.layer import ExpertMap
+from cluster.moe.expert_map import ExpertMap
+from cluster.moe.layer import MoELayer
 
 MAX_LOOKAHEAD = 2
 
@@ -89,7 +90,7 @@ class Prefetcher:
 
 @runtime_checkable
 class HintSink(Protocol):
-    """A MoE backend whose workers take hints (cluster/moe/dispatch.py's DistributedMoE)."""
+    """An Experts stage whose workers take hints (cluster/moe/linked_experts.py's LinkedExperts)."""
 
     @property
     def prefetch_lookahead(self) -> int:
@@ -103,7 +104,8 @@ class HintSink(Protocol):
 
 def prefetcher_for(moe: object, weights: CoordinatorWeights, cfg: ModelConfig) -> Prefetcher | None:
     """The prefetch of an engine whose MoE backend takes hints and asks for them; else None."""
-    if not isinstance(moe, HintSink) or not moe.prefetch_lookahead:
+    sink = moe.executor if isinstance(moe, MoELayer) else moe  # the Experts stage takes the hints
+    if not isinstance(sink, HintSink) or not sink.prefetch_lookahead:
         return None
     return Prefetcher([lw.moe_norm for lw in weights.layers], [lw.gate for lw in weights.layers], cfg.rms_norm_eps,
-                      cfg.experts_per_token + 1, moe.prefetch_lookahead, moe.current_map, moe.send_hint)
+                      cfg.experts_per_token + 1, sink.prefetch_lookahead, sink.current_map, sink.send_hint)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from cluster.engine.sampling import SamplingParams
-from cluster.moe.layer import ExpertMap
+from cluster.moe.expert_map import ExpertMap
 from router_service.cli import main
 from router_service.expert_load import ExpertLoad, metrics_url, read_load
 from tests.serving.conftest import Served, app_args

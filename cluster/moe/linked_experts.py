@@ -1,22 +1,14 @@
-"""DistributedMoE: the MoE backend of a coordinator whose experts live in an expert pool (workers/pool.py).
+"""LinkedExperts: the Experts stage (cluster/moe/layer.py) of a coordinator whose experts live in an expert pool
+(workers/pool.py). The router, the plan and the combine are the layer's, shared with the local engine: this
+replaces only steps 3-4 of its plan, dispatch and the way back, with the pool's workers behind one link each.
 
-This computes exactly what ``reference_moe`` computes - route, run the chosen experts, combine with the routing
-weights - and shares its routing, dispatch plan and combine with the local path (cluster/moe/layer.py). Only the
-middle differs: instead of running the experts in-process, the rows travel to the workers and back.
-
-Per layer, on the coordinator:
-  1. route: top-k softmax gate -> (weights, expert_ids)                          [ops.route]
-  2. group the token rows by destination worker, then local expert slot; an expert with replicas on several
-     workers has its rows cut into even contiguous chunks, one per replica      [moe.plan_dispatch]
-  3. send each worker that has rows one message: the expert map version, its row counts per slot and its rows
-     (workers with no rows in this layer are not sent anything, nor woken)     [exchange: one link per worker]
+Per layer, in ``submit`` and ``wait``:
+  3. send each worker that has rows one message on its link: the expert map version, its row counts per local
+     slot and its rows (workers with no rows in this layer are sent nothing, nor woken)           [_send_work]
   4. each worker runs its experts on its rows, merged with any other coordinator's rows of the same layer that
-     are waiting (workers/expert_loop.py)
-  5. receive each worker's results, in the order the rows were sent
-  6. combine: weight each row, add it to its token                             [ops.combine]
-
-Steps 1-3 are ``dispatch`` and 5-6 ``collect``, so that a caller can do other work (another micro-batch's
-attention) while the workers compute. Shape legend: T tokens, H hidden, K top-k, R = T*K rows.
+     are waiting (workers/expert_loop.py); receive each worker's outputs, in the order the rows were sent, into
+     one (R, H) tensor; on one node, time where the wait went (wake, hold, expert, back)         [wait]
+Shape legend: R rows of one layer, H hidden.
 
 The expert map changes when the pool rebalances (workers/pool.py). Results carry the newest map version their
 worker is ready for (an idle coordinator asks the pool instead, at each heartbeat); a newer one is fetched and
@@ -44,8 +36,7 @@ from cluster.errors import WorkerFailure, first_line
 from cluster.links.process_group import PgCoordinatorEnd, pair_group
 from cluster.links.protocol import OP_HINT, OP_NOOP, OP_WORK, CoordinatorEnd, LinkClosed, Result
 from cluster.links.shm import ShmCoordinatorEnd
-from cluster.model.ops import combine, route
-from cluster.moe.layer import DispatchPlan, ExpertMap, RoutingStats, plan_dispatch
+from cluster.moe.expert_map import ExpertMap
 from cluster.moe.pool_api import PoolHandle, PoolView, WorkerEndpoint
 from cluster.moe.prefetch import encode_hint
 
@@ -53,24 +44,22 @@ log = logging.getLogger("moe_cluster.dispatch")
 
 
 @dataclass
-class InFlight:
-    """One layer's rows out at the workers: what ``collect`` needs to finish the layer."""
+class Sent:
+    """One layer's rows out at the workers: what ``wait`` needs to finish the layer."""
 
-    layer: int
-    plan: DispatchPlan
-    num_tokens: int
-    sent: list[tuple[int, int, int, int, int]]  # (worker, tag, first row, rows, sent at ns) per message
-    out: Tensor  # (R, H) results, filled by collect
+    messages: list[tuple[int, int, int]]  # (worker, tag, sent at ns) per message, in row order
+    out: Tensor  # (R, H) the outputs land here, in the order the rows were sent
 
 
-class DistributedMoE:
-    def __init__(self, pool: PoolHandle, coordinator_id: str, cluster_cfg: ClusterConfig, num_layers: int,
-                 top_k: int, device: torch.device) -> None:
+class LinkedExperts:
+    """An ``ExpertExecutor`` over the workers of an expert pool: one link to each (cluster/links/), opened when
+    it attaches, kept through the pool's map changes, rebuilt after a worker is replaced."""
+
+    def __init__(self, pool: PoolHandle, coordinator_id: str, cluster_cfg: ClusterConfig,
+                 device: torch.device) -> None:
         self.pool = pool
         self.coordinator_id = coordinator_id
         self.cluster_cfg = cluster_cfg
-        self.num_layers = num_layers
-        self.top_k = top_k
         self.device = device
         self.node_id = ray.get_runtime_context().get_node_id()
         self._store: Any = None  # TCPStore for process-group links, made on first need
@@ -81,7 +70,6 @@ class DistributedMoE:
         self._announced = 0  # the newest expert map version a worker or the pool has mentioned
         self._retry_view_at = 0.0  # after a failed fetch of the new view, not before this (monotonic s)
         self._connect(pool.attach(coordinator_id))
-        self.stats = RoutingStats(num_layers, self.view.expert_map.num_experts)
 
     # ------------------------------------------------------------------------------------------- links
 
@@ -127,7 +115,7 @@ class DistributedMoE:
         except Exception as err:
             raise LinkClosed(f"process group with it failed: {first_line(err)}") from None
         link_device = self.device if backend == "nccl" else torch.device("cpu")
-        return PgCoordinatorEnd(group, self.view.spec, link_device)
+        return PgCoordinatorEnd(group, self.view.spec, link_device, backend)
 
     def _failure(self, worker: int, reason: str) -> WorkerFailure:
         endpoint = self.view.workers[worker]
@@ -142,14 +130,21 @@ class DistributedMoE:
         except LinkClosed as err:
             raise self._failure(worker, str(err)) from None
 
-    # --------------------------------------------------------------------------------------- MoEBackend
+    # ----------------------------------------------------------------------------------- ExpertExecutor
+
+    @property
+    def expert_map(self) -> ExpertMap:
+        return self.view.expert_map
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.view.spec.slots
 
     @property
     def can_recover(self) -> bool:
         return self.cluster_cfg.recover_workers
 
-    def begin_step(self, num_tokens: int) -> None:
-        self._timings["steps"] += 1
+    def begin_step(self) -> None:
         self._follow_pool()
 
     def _follow_pool(self) -> None:
@@ -202,69 +197,50 @@ class DistributedMoE:
             raise
         self.links, self._tags = links, tags
 
-    def micro_batches(self, num_tokens: int, num_seqs: int) -> int:
-        """The configured count, or (auto) 2 once a step has enough tokens to pay for a second exchange per
-        layer; never more than the messages a link may have in flight."""
-        wanted = self.cluster_cfg.micro_batches
-        if wanted == 0:
-            wanted = 2 if num_tokens >= self.cluster_cfg.micro_batch_min_tokens else 1
-        return max(1, min(wanted, num_seqs, self.view.spec.slots))
-
-    def dispatch(self, layer: int, x: Tensor, gate_weight: Tensor) -> InFlight:
-        """Steps 1-3: route the rows and send each worker its share; returns at once."""
-        started, cpu_started = time.perf_counter(), time.thread_time()
+    def submit(self, layer: int, rows: Tensor, rows_per_slot: Tensor) -> Sent:
+        """Step 3: send each worker its share of rows (R, H), grouped by slot; returns at once."""
         expert_map = self.view.expert_map
-        slots = expert_map.slots(layer, x.device)
-        weights, expert_ids = route(x, gate_weight, self.top_k)  # 1
-        plan = plan_dispatch(weights, expert_ids, slots)  # 2
-        self.stats.record(layer, plan.rows_per_slot, slots.slot_expert)
-        rows = x[plan.row_token]  # (R, H), grouped by worker, then local slot
-        rows_per_slot = plan.rows_per_slot.tolist()
+        counts_per_slot = rows_per_slot.tolist()
         link_rows = rows if self.links and self.links[0].kind == "pg" and self.device.type == "cuda" else rows.cpu()
         out = torch.empty_like(link_rows)  # (R, H) results land here, in the order the rows were sent
-        sent, slot, first = [], 0, 0
-        for w, n_local in enumerate(slots.worker_slots):
-            counts = rows_per_slot[slot:slot + n_local]
+        messages, slot, first = [], 0, 0
+        for w, n_local in enumerate(expert_map.slots(layer).worker_slots):
+            counts = counts_per_slot[slot:slot + n_local]
             slot += n_local
             n = sum(counts)
-            if n:  # 3
-                tag = self._tags[w]
-                self._tags[w] += 1
-                with self._link_of(w) as link:
-                    sent_ns = link.send(OP_WORK, layer, tag, expert_map.version, counts,
-                                        link_rows[first:first + n], out[first:first + n])
-                sent.append((w, tag, first, n, sent_ns))
+            if n:
+                tag, sent_ns = self._send_work(w, layer, counts, link_rows[first:first + n], out[first:first + n])
+                messages.append((w, tag, sent_ns))
                 first += n
-        self._timings["route_and_send"] += time.perf_counter() - started
-        # On a busy CPU a woken worker may take this thread's core in the middle of a send: that is waiting for
-        # a core, not work; the thread's CPU time says which is which.
-        self._timings["route_and_send_cpu"] += time.thread_time() - cpu_started
-        return InFlight(layer, plan, x.shape[0], sent, out)
+        return Sent(messages, out)
 
-    def collect(self, flight: InFlight) -> Tensor:
-        """Steps 5-6: wait for every worker's results and combine them onto the tokens."""
-        started = time.perf_counter()
+    def _send_work(self, worker: int, layer: int, counts: list[int], rows: Tensor, out: Tensor) -> tuple[int, int]:
+        """The one place a layer's message to one worker is made: whatever that worker must know of this layer
+        travels here, ahead of its rows. Returns (tag, sent at ns)."""
+        tag = self._tags[worker]
+        self._tags[worker] += 1
+        with self._link_of(worker) as link:
+            sent_ns = link.send(OP_WORK, layer, tag, self.view.expert_map.version, counts, rows, out)
+        return tag, sent_ns
+
+    def wait(self, sent: Sent) -> Tensor:
+        """Step 4: every worker's outputs, in the order the rows were sent -> (R, H) on the link's device."""
         last: tuple[int, Result] | None = None  # the message whose worker finished last: the critical path
-        for w, tag, _, _, sent_ns in flight.sent:  # 5
+        for w, tag, sent_ns in sent.messages:
             with self._link_of(w) as link:
                 result = link.recv_result(tag)
             self._announced = max(self._announced, result.version)
             if link.kind == "shm" and (last is None or result.finished_ns > last[1].finished_ns):
                 last = (sent_ns, result)
-        waited = time.perf_counter()
         if last is not None:  # one node, one clock: where the wait for this layer's experts went
-            sent_ns, r = last
-            for key, ns in (("wake", r.read_ns - sent_ns), ("hold", r.started_ns - r.read_ns),
-                            ("expert", r.finished_ns - r.started_ns), ("back", time.monotonic_ns() - r.finished_ns)):
-                self._timings[key] += ns / 1e9
-            self._timings["timed_layers"] += 1
-        out = combine(flight.out.to(self.device), flight.plan.row_weight, flight.plan.row_token, flight.num_tokens)
-        self._timings["wait"] += waited - started
-        self._timings["combine"] += time.perf_counter() - waited
-        return out
+            self._time_trip(*last)
+        return sent.out
 
-    def routing_counts(self) -> list[list[int]]:
-        return self.stats.counts
+    def _time_trip(self, sent_ns: int, r: Result) -> None:
+        for key, ns in (("wake", r.read_ns - sent_ns), ("hold", r.started_ns - r.read_ns),
+                        ("expert", r.finished_ns - r.started_ns), ("back", time.monotonic_ns() - r.finished_ns)):
+            self._timings[key] += ns / 1e9
+        self._timings["timed_layers"] += 1
 
     # ------------------------------------------------------------------ issue 23: prefetch hints (HintSink)
 
@@ -316,6 +292,7 @@ class DistributedMoE:
 
     def describe(self) -> dict[str, Any]:
         return {"pool_id": self.view.pool_id, "links": [link.kind for link in self.links],
+                "link_backends": [link.backend for link in self.links],
                 "map_version": self.view.expert_map.version,
                 "workers": [e.describe(self.view.expert_map.hosted(e.index)) for e in self.view.workers]}
 
