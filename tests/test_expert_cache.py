@@ -160,3 +160,11 @@ def test_greedy_tokens_of_a_parity_model_with_a_cache_equal_all_resident(hf_smal
         resident.shutdown()
         cached.shutdown()
     assert stats.misses > 0 and stats.prefetch_issued > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capacity", range(1, 8))
+@pytest.mark.parametrize("lookahead", [0, 1, 2])
+def test_greedy_tokens_at_every_cache_size_equal_all_resident(capacity: int, lookahead: int,
+                                                              all_resident_tokens: list[list[int]]) -> None:
+    test_greedy_tokens_with_a_cache_equal_all_resident(capacity, lookahead, all_resident_tokens)
