@@ -48,7 +48,8 @@ def expected(engine_cfg: EngineConfig) -> Iterator[list[list[int]]]:
         local.shutdown()
 
 
-@pytest.mark.parametrize(("lookahead", "link"), [(1, "shm"), (0, "shm"), (2, "pg")])
+@pytest.mark.parametrize(("lookahead", "link"), [(1, "shm"), pytest.param(0, "shm", marks=pytest.mark.slow),
+                                                 pytest.param(2, "pg", marks=pytest.mark.slow)])
 def test_a_pool_with_expert_caches_generates_the_all_resident_tokens(lookahead: int, link: str,
                                                                     engine_cfg: EngineConfig,
                                                                     expected: list[list[int]],
