@@ -111,3 +111,18 @@ def test_a_rebalance_and_a_replaced_worker_start_cold_and_stay_exact(engine_cfg:
             engine.shutdown()
     finally:
         stop_pool(pool)
+
+
+def test_the_expert_load_picture_reads_the_cache_hit_rate() -> None:
+    from router_service.expert_load import parse_load
+
+    def page(hits: tuple[int, int], misses: tuple[int, int]) -> str:
+        lines = ['ray_moe_cluster_expert_tokens_total{layer="0",expert="0",model="m"} 5.0']
+        for w in (0, 1):
+            lines += [f'ray_moe_cluster_expert_cache_hits_total{{worker="{w}",model="m"}} {hits[w]}.0',
+                      f'ray_moe_cluster_expert_cache_misses_total{{worker="{w}",model="m"}} {misses[w]}.0']
+        return "\n".join(lines) + "\n"
+
+    before, after = parse_load(page((3, 5), (2, 0))), parse_load(page((13, 9), (4, 2)))
+    assert before.cache_hit_rate == 8 / 10 and after.since(before).cache_hit_rate == 14 / 18
+    assert parse_load('ray_moe_cluster_expert_tokens_total{layer="0",expert="0"} 1.0\n').cache_hit_rate is None
