@@ -178,6 +178,13 @@ class PoolConfig:
     rebalance_interval_s: float = 0.0
     rebalance_threshold: float = 1.1
     rebalance_window: int = 4
+    # Issue 23, the expert cache (workers/expert_cache.py): experts per layer each worker keeps in device memory
+    # (GPU memory, or memory in the compute dtype on a CPU), the rest read from a host store on demand, least
+    # recently used evicted first; replicas count against it. 0 = every hosted expert resident.
+    expert_cache_size: int = 0
+    # With a cache: coordinators guess the experts this many layers ahead (1 or 2) and tell the workers, which
+    # load them in the background (0 = no prefetch).
+    expert_prefetch_lookahead: int = 1
 
     def __post_init__(self) -> None:
         _check_positive("experts_per_worker", self.experts_per_worker)
@@ -208,6 +215,13 @@ class PoolConfig:
             raise ValueError(f"merge_wait_ms must be in [0, 1000], got {self.merge_wait_ms!r}")
         if self.threads_per_worker is not None:
             _check_positive("threads_per_worker", self.threads_per_worker)
+        if isinstance(self.expert_cache_size, bool) or not isinstance(self.expert_cache_size, int) \
+                or self.expert_cache_size < 0:
+            raise ValueError(f"expert_cache_size must be an integer >= 0 (experts per layer; 0: all resident), "
+                             f"got {self.expert_cache_size!r}")
+        if isinstance(self.expert_prefetch_lookahead, bool) or self.expert_prefetch_lookahead not in (0, 1, 2):
+            raise ValueError(f"expert_prefetch_lookahead must be 0 (off), 1 or 2 layers, "
+                             f"got {self.expert_prefetch_lookahead!r}")
         _check_gpu_share("worker_num_gpus", self.worker_num_gpus)
         _check_resources("worker_resources", self.worker_resources)
 

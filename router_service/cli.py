@@ -200,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "enough, move experts and replicas between workers while serving; 0 never does "
                             "(default: from the config, "
                             f"{(cfg.get('pool_options') or {}).get('rebalance_interval_s', 0)} in the bundled one)")
+    serve.add_argument("--expert-cache-size", type=non_negative_int, metavar="K",
+                       help="with the cluster engine: experts per layer each worker keeps in device memory, the rest "
+                            "read from the checkpoint (pinned host memory on a GPU) when needed, least recently used "
+                            "evicted first; 0 keeps every expert resident (default: from the config, "
+                            f"{(cfg.get('pool_options') or {}).get('expert_cache_size', 0)} in the bundled one)")
+    serve.add_argument("--expert-prefetch-lookahead", type=int, choices=[0, 1, 2], metavar="LAYERS",
+                       help="with --expert-cache-size: guess the experts this many layers ahead (1 or 2) and have "
+                            "the workers load them early; 0 turns the prefetch off (default: from the config, "
+                            f"{(cfg.get('pool_options') or {}).get('expert_prefetch_lookahead', 1)} in the bundled "
+                            "one)")
     serve.add_argument("--num-engines", type=positive_int,
                        help="independent engine replicas behind the API (default: from the config, "
                             f"{cfg.get('num_engines', 1)} in the bundled one)")

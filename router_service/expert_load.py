@@ -26,6 +26,8 @@ EXPERT_ROWS = "moe_cluster_expert_tokens_total"
 WORKER_ROWS = "moe_cluster_worker_rows_total"
 IMBALANCE = "moe_cluster_worker_load_imbalance"
 REBALANCES = "moe_cluster_rebalances_total"
+CACHE_HITS = "moe_cluster_expert_cache_hits_total"  # issue 23: with --expert-cache-size
+CACHE_MISSES = "moe_cluster_expert_cache_misses_total"
 RAY_PREFIX = "ray_"  # Ray's exporter prefixes every application metric
 
 
@@ -37,6 +39,14 @@ class ExpertLoad:
     worker_rows: dict[int, float] = field(default_factory=dict)
     imbalance: float | None = None
     rebalances: float | None = None
+    cache_hits: float = 0.0  # the workers' expert caches, summed (0 without a cache)
+    cache_misses: float = 0.0
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Hits over expert lookups of the workers' caches; None without a cache (or a lookup)."""
+        total = self.cache_hits + self.cache_misses
+        return self.cache_hits / total if total > 0 else None
 
     def since(self, earlier: ExpertLoad) -> ExpertLoad:
         """The row counters' increase since ``earlier``; the gauge and the rebalance count as they are now."""
@@ -46,7 +56,8 @@ class ExpertLoad:
         rows = [[a - b for a, b in zip(row_now, row_before, strict=True)]
                 for row_now, row_before in zip(now, before, strict=True)]
         workers = {w: v - earlier.worker_rows.get(w, 0.0) for w, v in self.worker_rows.items()}
-        return ExpertLoad(rows, workers, self.imbalance, self.rebalances)
+        return ExpertLoad(rows, workers, self.imbalance, self.rebalances, self.cache_hits - earlier.cache_hits,
+                          self.cache_misses - earlier.cache_misses)
 
     @property
     def worker_imbalance(self) -> float | None:
@@ -90,6 +101,7 @@ def parse_load(text: str, model: str | None = None) -> ExpertLoad:
     workers: dict[int, float] = defaultdict(float)
     imbalance: list[float] = []
     rebalances: float | None = None
+    cache = {CACHE_HITS: 0.0, CACHE_MISSES: 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name = sample.name.removeprefix(RAY_PREFIX)
@@ -104,6 +116,8 @@ def parse_load(text: str, model: str | None = None) -> ExpertLoad:
                 imbalance.append(sample.value)
             elif name == REBALANCES:
                 rebalances = (rebalances or 0.0) + sample.value
+            elif name in cache:
+                cache[name] += sample.value
     if not experts:
         which = f" for model {model!r}" if model is not None else ""
         raise ValueError(f"no {EXPERT_ROWS} series{which} in the metrics: is this a moe-cluster server's metrics "
@@ -111,7 +125,8 @@ def parse_load(text: str, model: str | None = None) -> ExpertLoad:
     layers = 1 + max(layer for layer, _ in experts)
     num_experts = 1 + max(expert for _, expert in experts)
     rows = [[experts.get((layer, e), 0.0) for e in range(num_experts)] for layer in range(layers)]
-    return ExpertLoad(rows, dict(sorted(workers.items())), max(imbalance) if imbalance else None, rebalances)
+    return ExpertLoad(rows, dict(sorted(workers.items())), max(imbalance) if imbalance else None, rebalances,
+                      cache[CACHE_HITS], cache[CACHE_MISSES])
 
 
 @dataclass(frozen=True)
@@ -187,6 +202,8 @@ def plot_load(reading: Reading, out: str | Path, source: str) -> Path:
         extra.append(f"load imbalance, layer by layer (last sample): {load.imbalance:.2f}")
     if load.rebalances is not None:
         extra.append(f"rebalances: {load.rebalances:.0f}")
+    if load.cache_hit_rate is not None:
+        extra.append(f"expert cache hit rate: {100 * load.cache_hit_rate:.1f}%")
     heading = f"{source}, {span}" if reading.window is not None else f"{source}, since the server started"
     fig.suptitle(" | ".join([heading, *extra]), fontsize=10)
     out = Path(out)

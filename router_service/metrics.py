@@ -165,6 +165,23 @@ class PoolMetrics:
                                  tag_keys=("model", "pool"))
         self.resizes = Counter("moe_cluster_pool_resizes_total", "Resizes of the expert pool (elastic pool)",
                                tag_keys=("model", "pool"))
+        # Issue 23, the expert cache (workers/expert_cache.py); the counters stay at zero without one.
+        self.cache_hits = Counter("moe_cluster_expert_cache_hits_total",
+                                  "Experts a worker's call needed that were resident (or already loading) in its "
+                                  "expert cache", tag_keys=keys)
+        self.cache_misses = Counter("moe_cluster_expert_cache_misses_total",
+                                    "Experts a worker's call needed that had to be loaded into its expert cache",
+                                    tag_keys=keys)
+        self.prefetches = Counter("moe_cluster_expert_prefetch_total",
+                                  "Experts loaded ahead on a prefetch hint, by outcome: used by the call the hint "
+                                  "was for, or wasted (not used, or evicted first)", tag_keys=(*keys, "outcome"))
+        self.cache_bytes_loaded = Counter("moe_cluster_expert_cache_loaded_bytes_total",
+                                          "Bytes copied from the host store into expert cache slots", tag_keys=keys)
+        self.cache_stall = Counter("moe_cluster_expert_cache_stall_seconds_total",
+                                   "Seconds worker calls waited for an expert to finish loading", tag_keys=keys)
+        self.resident_bytes = Gauge("moe_cluster_worker_expert_resident_bytes",
+                                    "Bytes of expert weights resident on each worker (its cache slots with an expert "
+                                    "cache, else every hosted expert)", tag_keys=keys)
         self._last: dict[str, dict[str, Any]] = {}
         self._rebalances = 0
         self._resizes = 0
@@ -200,7 +217,21 @@ class PoolMetrics:
                     counter.inc(new[key], tags)
             if new["calls"] > 0:
                 self.rows_per_call.set(new["rows"] / new["calls"], tags)
+            self._sample_cache(stats, last, tags)
             self._last[worker] = stats
+
+    def _sample_cache(self, stats: dict[str, Any], last: dict[str, Any], tags: dict[str, str]) -> None:
+        """Issue 23: the expert cache's counters by their increase; the resident expert bytes."""
+        if "expert_bytes" in stats:
+            self.resident_bytes.set(stats["expert_bytes"], tags)
+        for counter, key, extra in (
+                (self.cache_hits, "expert_cache_hits", {}), (self.cache_misses, "expert_cache_misses", {}),
+                (self.prefetches, "expert_cache_prefetch_used", {"outcome": "used"}),
+                (self.prefetches, "expert_cache_prefetch_wasted", {"outcome": "wasted"}),
+                (self.cache_bytes_loaded, "expert_cache_bytes_loaded", {}),
+                (self.cache_stall, "expert_cache_stall_s", {})):
+            if key in stats and stats[key] - last.get(key, 0) > 0:
+                counter.inc(stats[key] - last.get(key, 0), tags | extra)
 
     def layer_rows(self, workers: list[dict[str, Any]]) -> list[list[int]]:
         """[layer][worker] rows computed since the last sample, from each worker's rows per [layer][expert] (a

@@ -81,6 +81,9 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         app_args.setdefault("pool_options", {})["redundant_experts"] = args.redundant_experts
     if args.rebalance_interval_s is not None:
         app_args.setdefault("pool_options", {})["rebalance_interval_s"] = args.rebalance_interval_s
+    for flag in ("expert_cache_size", "expert_prefetch_lookahead"):  # issue 23
+        if getattr(args, flag, None) is not None:
+            app_args.setdefault("pool_options", {})[flag] = getattr(args, flag)
     apply_engine_flags(args, app_args)
     if args.quantize_experts:
         app_args.setdefault("engine_options", {})["quantize_experts"] = args.quantize_experts

@@ -25,7 +25,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from cluster.links.protocol import OP_BYE, OP_WORK, LinkClosed, LinkSpec
+from cluster.links.protocol import OP_BYE, OP_HINT, OP_WORK, LinkClosed, LinkSpec
+from cluster.moe.prefetch import decode_hint
 from workers.link_ends import Message, ShmWorkerEnd, WorkerEnd, listen
 
 log = logging.getLogger("moe_cluster.worker")
@@ -48,6 +49,9 @@ class Experts(Protocol):
     def in_use(self, oldest: int | None) -> None:
         """The oldest version a link may still send (None: a link has not said yet)."""
 
+    def hint(self, version: int, layer: int, experts: list[int]) -> None:
+        """Issue 23: ``layer``'s next rows will probably need these global experts (a cache may load them)."""
+
 
 @dataclass
 class LoopStats:
@@ -61,12 +65,13 @@ class LoopStats:
     service_s: float = 0.0  # summed over messages: from read to computed (waiting here, then the expert call)
     links_opened: int = 0
     links_closed: int = 0
+    hints: int = 0  # prefetch hints received (issue 23)
 
     def snapshot(self) -> dict[str, object]:
         return {"messages": self.messages, "calls": self.calls, "rows": self.rows, "compute_s": self.compute_s,
                 "compute_cpu_s": self.compute_cpu_s,
                 "service_s": self.service_s,
-                "links_opened": self.links_opened, "links_closed": self.links_closed}
+                "links_opened": self.links_opened, "links_closed": self.links_closed, "hints": self.hints}
 
 
 def merge_messages(messages: list[Message]) -> tuple[Tensor, list[int], Tensor]:
@@ -202,12 +207,25 @@ class ExpertLoop:
         except LinkClosed as err:
             self._drop(end, str(err))
             return []
+        for m in messages:  # issue 23: prefetch hints act at once, ahead of the work they are for
+            if m.op == OP_HINT:
+                self._hint(end, m)
         if any(m.op == OP_BYE for m in messages):
             self._drop(end, "the coordinator detached")
         elif messages and self._link_version.get(end) != messages[-1].header.version:
             self._link_version[end] = messages[-1].header.version  # work and heartbeats both say it
             self._report_versions()
         return [m for m in messages if m.op == OP_WORK]
+
+    def _hint(self, end: WorkerEnd, message: Message) -> None:
+        try:
+            layer, experts = decode_hint(message.payload)
+        except ValueError as err:  # a guess only: log it, drop it, keep the link
+            log.warning("ignored a prefetch hint on a %s link: %s", end.kind, err)
+            return
+        self.stats.hints += 1
+        if 0 <= layer < self.num_layers and self.experts.holds(message.header.version):
+            self.experts.hint(message.header.version, layer, experts)
 
     def _report_versions(self) -> None:
         """Tell the experts the oldest map version a link may still send: None while a link has sent nothing yet

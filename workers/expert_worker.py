@@ -28,6 +28,7 @@ from cluster.links.protocol import LinkSpec
 from cluster.model.checkpoint import Checkpoint, load_layer_experts
 from cluster.model.config import ModelConfig
 from cluster.model.experts import LocalExperts
+from workers.expert_cache import CacheStats, load_cached_experts
 from workers.expert_loop import ExpertLoop, pick_address
 from workers.link_ends import PgWorkerEnd
 from workers.versioned_experts import VersionedExperts
@@ -49,7 +50,7 @@ class ExpertWorker:
 
     def __init__(self, engine_cfg: EngineConfig, map_version: int, layer_experts: tuple[tuple[int, ...], ...],
                  worker_index: int, generation: int, pool_id: str, threads: int, spec: LinkSpec,
-                 merge_wait_s: float) -> None:
+                 merge_wait_s: float, expert_cache_size: int = 0) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.worker_index = worker_index
         self.generation = generation
@@ -59,6 +60,9 @@ class ExpertWorker:
         self.spec = spec
         self.merge_wait_s = merge_wait_s
         self.threads = threads
+        # issue 23: experts per layer resident in device slots, the rest in a host store (0: all resident)
+        self.expert_cache_size = expert_cache_size
+        self.cache_stats = CacheStats()
         self.address = pick_address(pool_id, worker_index, generation)
         self.loop: ExpertLoop | None = None
         self.loop_error: str | None = None
@@ -77,8 +81,7 @@ class ExpertWorker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         ckpt = Checkpoint(engine_cfg.model)
-        experts = load_layer_experts(ckpt, model_cfg, self.layer_experts, engine_dtype(model_cfg, engine_cfg),
-                                     self.device, progress=False, quantize=engine_cfg.expert_quantization)
+        experts = self._load_experts(ckpt, self.layer_experts)
         self.experts = VersionedExperts(self.map_version, experts, model_cfg.num_experts, self.device,
                                         self.worker_index)
         self.files_opened = list(ckpt.files_opened)
@@ -86,6 +89,19 @@ class ExpertWorker:
         log.info("expert worker %d loaded experts %s (map version %d) on %s in %.1fs: %.1f MiB resident (%s)",
                  self.worker_index, self.hosted(), self.map_version, self.device, self.load_seconds,
                  experts.nbytes / 2**20, experts.quantization or "not quantized")
+
+    def _load_experts(self, ckpt: Checkpoint, layer_experts: tuple[tuple[int, ...], ...],
+                      have: LocalExperts | None = None) -> LocalExperts:
+        """All-resident experts (reusing those ``have`` holds), or (issue 23) a cold cache over the checkpoint."""
+        dtype = engine_dtype(self.model_cfg, self.engine_cfg)
+        if self.expert_cache_size:
+            if self.engine_cfg.expert_quantization is not None:
+                raise ValueError("expert_cache_size and quantize_experts cannot be combined yet: the cache's host "
+                                 "store is the full-precision checkpoint")
+            return load_cached_experts(ckpt.model_dir, self.model_cfg, layer_experts, self.expert_cache_size, dtype,
+                                       self.device, self.cache_stats)
+        return load_layer_experts(ckpt, self.model_cfg, layer_experts, dtype, self.device, progress=False,
+                                  have=have, quantize=self.engine_cfg.expert_quantization)
 
     def hosted(self) -> list[int]:
         return sorted({e for ids in self.layer_experts for e in ids})
@@ -131,8 +147,9 @@ class ExpertWorker:
         """Loop statistics, the map versions held, and the rows computed per [layer][global expert]."""
         if self.loop is None:
             return {"worker_index": self.worker_index, "generation": self.generation}
+        cache = self.cache_stats.snapshot() if self.expert_cache_size else {}  # issue 23
         return {"worker_index": self.worker_index, "generation": self.generation, **self.loop.stats.snapshot(),
-                **self.experts.snapshot()}
+                **self.experts.snapshot(), **cache}
 
     # ----------------------------------------------------------------------------------------- rebalancing
 
@@ -143,9 +160,7 @@ class ExpertWorker:
         started = time.perf_counter()
         ckpt = Checkpoint(self.engine_cfg.model)
         current = self.experts.get(self.experts.latest)
-        experts = load_layer_experts(ckpt, self.model_cfg, layer_experts, engine_dtype(self.model_cfg,
-                                     self.engine_cfg), self.device, progress=False, have=current,
-                                     quantize=self.engine_cfg.expert_quantization)
+        experts = self._load_experts(ckpt, tuple(tuple(ids) for ids in layer_experts), have=current)
         self.experts.add(version, experts)
         held = {(layer, e) for layer, ids in enumerate(current.layer_experts) for e in ids}
         read = sum(1 for layer, ids in enumerate(layer_experts) for e in ids if (layer, e) not in held)
@@ -164,6 +179,8 @@ class ExpertWorker:
         """The weights this worker serves (a copy through Ray's object store): how fast a new worker could take
         its experts from a peer's memory instead of the checkpoint (bench/elastic.py measures both)."""
         self._loaded.result()
+        if self.expert_cache_size:
+            raise ValueError("a worker with an expert cache holds only some experts in memory: nothing to export")
         return self.experts.get(self.experts.latest)
 
     def adopt(self, worker_index: int, generation: int) -> None:

@@ -25,6 +25,7 @@ from cluster.links.protocol import (
     IN_SLOT,
     INLINE,
     OP_BYE,
+    OP_HINT,
     OP_RESULT,
     OP_WORK,
     Header,
@@ -41,6 +42,7 @@ class Message:
     header: Header
     rows: Tensor | None = None
     read_ns: int = 0  # when the worker read it
+    payload: bytes = b""  # OP_HINT (issue 23): its msgpack bytes
 
     @property
     def op(self) -> int:
@@ -106,6 +108,8 @@ class ShmWorkerEnd:
         if header.where != IN_BUFFER or header.op != OP_WORK or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
+        if header.op == OP_HINT:  # issue 23: its payload follows the header
+            return Message(header, None, read_ns, bytes(self.io.recv(header.rows)))
         if header.op != OP_WORK:
             return Message(header, None, read_ns)
         n, nbytes = header.rows, self.spec.row_bytes(header.rows)
@@ -170,11 +174,16 @@ class PgWorkerEnd:
                 wait_work(self.group.recv([words], 0, 0), "receiving a header")
                 header = Header.unpack(self.spec, words.tolist())
                 rows = None
+                payload = b""
+                if header.op == OP_HINT:  # issue 23: its payload follows the header
+                    data = torch.empty(header.rows, dtype=torch.uint8, device=self.device)
+                    wait_work(self.group.recv([data], 0, 0), "receiving a hint")
+                    payload = bytes(data.cpu().numpy())
                 if header.op == OP_WORK:
                     rows = torch.empty(header.rows, self.spec.hidden, dtype=self.spec.torch_dtype, device=self.device)
                     if header.rows:
                         wait_work(self.group.recv([rows], 0, 0), "receiving rows")
-                self._inbox.put(Message(header, rows, time.monotonic_ns()))
+                self._inbox.put(Message(header, rows, time.monotonic_ns(), payload))
                 os.write(self._notify_w, b"m")
                 if header.op == OP_BYE:
                     return

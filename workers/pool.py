@@ -75,7 +75,9 @@ class ExpertPool:
         # Links carry one count per local slot: sized for the most a worker can ever host (every expert once), so
         # that a resize never has to rebuild a link.
         self.spec = LinkSpec(hidden=cfg.hidden_size, dtype=dtype, max_local=cfg.num_experts, slots=pool_cfg.link_slots,
-                             slot_bytes=pool_cfg.link_slot_bytes, timeout_s=pool_cfg.link_timeout_s)
+                             slot_bytes=pool_cfg.link_slot_bytes, timeout_s=pool_cfg.link_timeout_s,
+                             prefetch_lookahead=pool_cfg.expert_prefetch_lookahead if pool_cfg.expert_cache_size
+                             else 0)  # issue 23: hints only help a cache
         self.pg = placement_group
         self.own_pg = placement_group is None
         self.first_bundle = first_bundle
@@ -146,7 +148,8 @@ class ExpertPool:
             options["scheduling_strategy"] = bundle_strategy(pg, bundle_index)
         return ray.remote(ExpertWorker).options(**options).remote(
             self.engine_cfg, expert_map.version, expert_map.worker_experts(index), index, generation,
-            self.pool_id, self.pool_cfg.actor_threads, self.spec, self.pool_cfg.merge_wait_ms / 1000)
+            self.pool_id, self.pool_cfg.actor_threads, self.spec, self.pool_cfg.merge_wait_ms / 1000,
+            self.pool_cfg.expert_cache_size)
 
     async def _ready(self, index: int, generation: int) -> WorkerEndpoint:
         """Wait for worker ``index`` to load its experts and start its loop."""
@@ -522,7 +525,7 @@ class ExpertPool:
         nothing = tuple(() for _ in range(self.expert_map.num_layers))
         return ray.remote(ExpertWorker).options(**options).remote(
             self.engine_cfg, version, nothing, -1, label, self.pool_id, self.pool_cfg.actor_threads, self.spec,
-            self.pool_cfg.merge_wait_ms / 1000)
+            self.pool_cfg.merge_wait_ms / 1000, self.pool_cfg.expert_cache_size)
 
     async def _retire(self, worker: Any, endpoint: WorkerEndpoint,
                       bundle: tuple[PlacementGroup | None, int]) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from cluster.model.experts import LocalExperts
+from workers.expert_cache import CachedExperts
 
 log = logging.getLogger("moe_cluster.worker")
 
@@ -54,6 +55,13 @@ class VersionedExperts:
             layer_rows[e] += n
         return out
 
+    def hint(self, version: int, layer: int, experts: list[int]) -> None:
+        """Issue 23: pass a prefetch hint to ``version``'s weights when they are a cache (all-resident: nothing to
+        load)."""
+        held = self._held.get(version)
+        if isinstance(held, CachedExperts):
+            held.hint(layer, experts)
+
     def add(self, version: int, experts: LocalExperts) -> None:
         """Weights of a map version being prepared (held, not announced)."""
         with self._lock:
@@ -86,7 +94,9 @@ class VersionedExperts:
             return
         gone = [v for v in self._held if v < min(self._latest, self._oldest_in_use)]
         for version in gone:
-            del self._held[version]
+            released = self._held.pop(version)
+            if isinstance(released, CachedExperts):  # issue 23: stop its loader thread
+                released.close()
         if gone:
             log.info("expert worker %d: freed the weights of map version(s) %s; holding %s", self.worker_index, gone,
                      sorted(self._held))

@@ -19,6 +19,7 @@ from cluster.model.kv_cache import blocks_for, kv_bytes_per_block
 from cluster.model.quant import ExpertQuantization
 from cluster.model.tokenizer import Tokenizer
 from cluster.moe.layer import InProcessExperts, MoELayer
+from cluster.moe.prefetch import prefetcher_for
 
 if TYPE_CHECKING:  # the local engine must not import Ray: a GPU box without Ray still runs it
     from cluster.moe.pool_api import PoolHandle
@@ -107,7 +108,9 @@ def build_engine(engine_cfg: EngineConfig, make_moe: MoEFactory) -> LLMEngine:
     num_blocks = kv_cache_blocks(model_cfg, engine_cfg, dtype, device, max_model_len)
     log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, engine_cfg.block_size,
              num_blocks * kv_bytes_per_block(model_cfg, engine_cfg.block_size, dtype) / 2**20)
-    return LLMEngine(model_cfg, engine_cfg, tokenizer, MixtralTransformer(model_cfg, weights), moe, num_blocks)
+    transformer = MixtralTransformer(model_cfg, weights)
+    transformer.on_moe_input = prefetcher_for(moe, weights, model_cfg)  # issue 23: None unless workers cache experts
+    return LLMEngine(model_cfg, engine_cfg, tokenizer, transformer, moe, num_blocks)
 
 
 def local_moe(progress: bool = True, quantize: ExpertQuantization | None = None) -> MoEFactory:

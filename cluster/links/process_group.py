@@ -82,6 +82,16 @@ class PgCoordinatorEnd:
             raise LinkClosed(f"send failed: {first_line(err)}") from None
         return header.stamps[0]
 
+    def send_control(self, op: int, layer: int, version: int, payload: bytes) -> None:
+        """Issue 23: a hint's bytes follow its header as a uint8 tensor (rows = their length)."""
+        header = Header(op, layer, 0, version, len(payload), INLINE, stamps=(time.monotonic_ns(), 0, 0))
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
+        try:
+            self._sends.append(self.group.send([self._header_tensor(header)], 1, 0))
+            self._sends.append(self.group.send([data], 1, 0))
+        except Exception as err:
+            raise LinkClosed(f"send failed: {first_line(err)}") from None
+
     def recv_result(self, tag: int) -> Result:
         if tag not in self._expected:
             raise LinkClosed(f"no message {tag} is waiting for results")

@@ -43,6 +43,7 @@ OP_NOOP = 0  # heartbeat: keeps an idle link's peers sure of each other
 OP_WORK = 1  # coordinator -> worker: a layer's rows, grouped by local expert slot
 OP_RESULT = 2  # worker -> coordinator: the expert outputs of one WORK, same order
 OP_BYE = 3  # coordinator -> worker: this link is closing
+OP_HINT = 4  # coordinator -> worker: a prefetch hint (issue 23), ``rows`` bytes of msgpack after the header, no answer
 # Where a message's rows are
 IN_SLOT, INLINE, IN_BUFFER = 1, 2, 3  # a slot of the link's buffers; after the header; a buffer of its own
 HEADER_FIELDS = 10  # op, layer, tag, version, rows, where, slot, 3 clock stamps; then L counts
@@ -62,6 +63,7 @@ class LinkSpec:
     slots: int = 4  # messages a coordinator may have outstanding on one link (pipeline depth)
     slot_bytes: int = 1 << 20  # shm links: rows up to this size travel in a slot, larger ones in a buffer of their own
     timeout_s: float = 60.0  # a peer silent this long in the middle of an exchange is dead
+    prefetch_lookahead: int = 0  # issue 23: coordinators send OP_HINTs this many layers ahead (0: none)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -135,5 +137,8 @@ class CoordinatorEnd(Protocol):
              rows: Tensor | None = None, out: Tensor | None = None) -> int: ...
 
     def recv_result(self, tag: int) -> Result: ...
+
+    def send_control(self, op: int, layer: int, version: int, payload: bytes) -> None:
+        """A message with a byte payload and no answer (OP_HINT)."""
 
     def close(self) -> None: ...

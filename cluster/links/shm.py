@@ -21,6 +21,7 @@ from torch import Tensor
 from cluster.links.protocol import (
     IN_BUFFER,
     IN_SLOT,
+    INLINE,
     OP_BYE,
     OP_WORK,
     Header,
@@ -178,6 +179,11 @@ class ShmCoordinatorEnd:
             assert out is not None and out.shape[0] == n, "a WORK needs room for its results"
             self._expected.append((tag, out, buffer))
         return header.stamps[0]
+
+    def send_control(self, op: int, layer: int, version: int, payload: bytes) -> None:
+        """Issue 23: a hint's few bytes go on the socket right after its header (rows = their length)."""
+        header = Header(op, layer, 0, version, len(payload), INLINE, stamps=(time.monotonic_ns(), 0, 0))
+        self.io.send(header.pack(self.spec), payload)
 
     def _read_result(self) -> None:
         """Read the next result due (results come back in the order the work was sent)."""

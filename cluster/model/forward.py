@@ -13,7 +13,7 @@ The step's token rows are laid out by step_batch.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -78,6 +78,10 @@ class MixtralTransformer:
         self.dtype = weights.embed.dtype
         self.device = weights.embed.device
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(self.device)
+        # Issue 23 (expert cache): called with (layer, residual entering the layer's MoE) before its dispatch, and
+        # with (-1, the embeddings) before layer 0, for the speculative prefetch (cluster/moe/prefetch.py
+        # Prefetcher); None: no prefetch.
+        self.on_moe_input: Callable[[int, Tensor], None] | None = None
 
     @torch.inference_mode()
     def forward(self, batches: Sequence[StepBatch], cache: PagedKVCache, moe: MoEBackend) -> list[Tensor]:
@@ -97,12 +101,17 @@ class MixtralTransformer:
         ropes = [rope_cos_sin(b.positions, self.inv_freq, self.dtype) for b in batches]  # (T_i, D) x2 each
         moe.begin_step(sum(x.shape[0] for x in xs))
         pending: list[Any] = [None] * len(batches)
+        if self.on_moe_input is not None:  # issue 23: layer 0's guess comes from the embeddings
+            for x in xs:
+                self.on_moe_input(-1, x)
         for layer, lw in enumerate(self.w.layers):
             for i, batch in enumerate(batches):
                 if pending[i] is not None:
                     xs[i] = xs[i] + moe.collect(pending[i])  # 1
                 h = rms_norm(xs[i], lw.attn_norm, cfg.rms_norm_eps)
                 xs[i] = xs[i] + self._attention(layer, h, *ropes[i], batch, cache)  # 2
+                if self.on_moe_input is not None:  # issue 23: prefetch hints go out before this layer's rows
+                    self.on_moe_input(layer, xs[i])
                 pending[i] = moe.dispatch(layer, rms_norm(xs[i], lw.moe_norm, cfg.rms_norm_eps), lw.gate)  # 3
         logits = []
         for i, batch in enumerate(batches):

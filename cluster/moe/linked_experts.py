@@ -34,10 +34,11 @@ from torch import Tensor
 from cluster.engine_config import ClusterConfig
 from cluster.errors import WorkerFailure, first_line
 from cluster.links.process_group import PgCoordinatorEnd, pair_group
-from cluster.links.protocol import OP_NOOP, OP_WORK, CoordinatorEnd, LinkClosed, Result
+from cluster.links.protocol import OP_HINT, OP_NOOP, OP_WORK, CoordinatorEnd, LinkClosed, Result
 from cluster.links.shm import ShmCoordinatorEnd
 from cluster.moe.expert_map import ExpertMap
 from cluster.moe.pool_api import PoolHandle, PoolView, WorkerEndpoint
+from cluster.moe.prefetch import encode_hint
 
 log = logging.getLogger("moe_cluster.dispatch")
 
@@ -240,6 +241,21 @@ class LinkedExperts:
                         ("expert", r.finished_ns - r.started_ns), ("back", time.monotonic_ns() - r.finished_ns)):
             self._timings[key] += ns / 1e9
         self._timings["timed_layers"] += 1
+
+    # ------------------------------------------------------------------ issue 23: prefetch hints (HintSink)
+
+    @property
+    def prefetch_lookahead(self) -> int:
+        return self.view.spec.prefetch_lookahead
+
+    def current_map(self) -> ExpertMap:
+        return self.view.expert_map
+
+    def send_hint(self, worker: int, layer: int, experts: list[int]) -> None:
+        """Tell ``worker`` the experts of ``layer`` it will probably get rows for (no answer comes back)."""
+        with self._link_of(worker) as link:
+            link.send_control(OP_HINT, layer, self.view.expert_map.version, encode_hint(layer, experts))
+        self._timings["hints"] += 1
 
     def timings(self) -> dict[str, float]:
         return dict(self._timings)
