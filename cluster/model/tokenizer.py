@@ -83,6 +83,11 @@ class Tokenizer:
             raise ValueError(f"the chat template of {model_dir} is not a valid Jinja template: {err}") from None
 
     @property
+    def backend(self) -> HFTokenizer:
+        """The ``tokenizers`` object itself (for libraries that build their own view of the vocabulary)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 
