@@ -31,8 +31,8 @@ from cluster.engine.sampling import (
     token_seed,
 )
 from cluster.engine.scheduler import ScheduledSeq, Scheduler
-from cluster.engine.structured_output import GrammarConstraints
 from cluster.engine.sequence import FINISH_ABORT, Continuation, OutputSink, Request, Seq, SeqStatus
+from cluster.engine.structured_output import GrammarConstraints
 from cluster.engine.validation import resolve_max_model_len, validate_request
 from cluster.engine_config import EngineConfig
 from cluster.errors import QueueFullError, WorkerFailure

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from cluster.errors import RequestError
+
 if TYPE_CHECKING:
     from cluster.model.tokenizer import Tokenizer
 
@@ -68,7 +70,7 @@ class StructuredOutput:
                 raise ValueError(f"{param} is not valid JSON: {err}") from None
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"{param} must be a JSON schema (an object), got {type(schema).__name__}")
-        return cls("json", json.dumps(schema, sort_keys=True), param)
+        return cls("json", json.dumps(schema), param)  # key order kept: it is the output's order
 
 
 def _choice_regex(options: Sequence[str]) -> str:
@@ -103,7 +105,8 @@ class GrammarConstraints:
         return self._compiler
 
     def compile(self, spec: StructuredOutput) -> Any:
-        """The compiled grammar of ``spec`` (cached). A bad spec raises ValueError naming ``spec.param``."""
+        """The compiled grammar of ``spec`` (cached). A bad spec raises RequestError (a ValueError) naming
+        ``spec.param``."""
         with self._lock:
             if (hit := self._compiled.get(spec)) is not None:
                 self._compiled.move_to_end(spec)
@@ -112,9 +115,11 @@ class GrammarConstraints:
             try:
                 if spec.kind == "json":
                     # Compact JSON (no free whitespace): a weak model cannot wander off into blank space.
-                    compiled = compiler.compile_json_schema(spec.spec, any_whitespace=False, strict_mode=True)
+                    compiled = compiler.compile_json_schema(spec.spec, any_whitespace=False, strict_mode=True,
+                                                            separators=(",", ":"))
                 elif spec.kind == "json_object":
-                    compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+                    compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
+                                                            separators=(",", ":"))
                 elif spec.kind == "regex":
                     compiled = compiler.compile_regex(spec.spec)
                 elif spec.kind == "choice":
@@ -123,7 +128,8 @@ class GrammarConstraints:
                     compiled = compiler.compile_grammar(spec.spec)
             except Exception as err:  # xgrammar raises RuntimeError / ValueError with its parser's message
                 message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise ValueError(f"{spec.param}: invalid {spec.kind} for structured output: {message}") from None
+                raise RequestError(f"{spec.param}: invalid {spec.kind} for structured output: {message}",
+                                   spec.param) from None
             self._compiled[spec] = compiled
             self.compiles += 1
             while len(self._compiled) > COMPILE_CACHE_SIZE:

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from cluster.errors import RequestError
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # "tool": for templates that render tool results
 
 # Mistral-instruct format; a system message is folded into the first user turn.
 DEFAULT_CHAT_TEMPLATE = (
