@@ -129,6 +129,7 @@ def with_tools(messages: Sequence[Mapping[str, Any]], options: Mapping[str, Any]
     if not tools and not has_tool_turns:
         return [dict(m) for m in messages], options
     folded: list[dict[str, Any]] = []
+    last_user = None  # the last user turn (not a folded tool result): Mistral offers the tools ahead of it
     for m in messages:
         role, content = m.get("role"), m.get("content") or ""
         if role == "tool":
@@ -140,9 +141,10 @@ def with_tools(messages: Sequence[Mapping[str, Any]], options: Mapping[str, Any]
             folded.append({"role": "assistant", "content": (content + " " if content else "") +
                            f"{TOOL_CALLS_TAG} {json.dumps(calls)}"})
         else:
+            if role == "user":
+                last_user = len(folded)
             folded.append({"role": role, "content": content})
     if tools:
-        last_user = max((i for i, m in enumerate(folded) if m["role"] == "user"), default=None)
         offer = f"[AVAILABLE_TOOLS] {json.dumps(tools, separators=(',', ':'))} [/AVAILABLE_TOOLS]"
         if last_user is None:
             folded.insert(0, {"role": "user", "content": offer})
