@@ -9,6 +9,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -69,7 +70,8 @@ def test_bad_specs_are_request_errors_naming_the_parameter(engine: LocalEngine) 
 
 
 def test_a_constrained_request_resumes_exactly(engine: LocalEngine) -> None:
-    params = SamplingParams(max_tokens=30, temperature=1.0, seed=9, n=2, structured=StructuredOutput.json_schema(SCHEMA))
+    params = SamplingParams(max_tokens=30, temperature=1.0, seed=9, n=2,
+                            structured=StructuredOutput.json_schema(SCHEMA))
     whole = run(engine, params)
     for c in RequestResult.fold(whole).completions:
         jsonschema.validate(json.loads(c.text), SCHEMA)
@@ -111,8 +113,9 @@ def test_tool_plans_parse_and_stream() -> None:
 
 
 def test_tools_reach_a_template_that_knows_them_and_fold_otherwise() -> None:
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "hi"},
+                                      {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "c", "content": "2"}]
     kept, options = tool_calls.with_tools(messages, {"tools": TOOLS}, "{% for t in tools %}{% endfor %}")
     assert kept == messages and options["template_kwargs"]["tools"] == TOOLS

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from cluster.engine.structured_output import StructuredOutput
 from cluster.engine_config import EngineConfig
 from cluster.model.tokenizer import ChatTemplateError, Tokenizer
-from cluster.engine.structured_output import StructuredOutput
 from router_service.cli import build_parser
 from router_service.errors import ApiError, engine_error
 from router_service.openai_protocol import ChatCompletionRequest, CompletionRequest, log_unknown_field
