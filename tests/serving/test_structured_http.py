@@ -157,3 +157,27 @@ def test_parse_pydantic_model_on_the_trained_demo(trained_url: str) -> None:
         model="trained-demo", messages=[{"role": "user", "content": "Did Jonah leave the fish?"}],
         response_format=Verdict, seed=5, max_tokens=60, temperature=0.7)
     assert isinstance(completion.choices[0].message.parsed, Verdict), completion.choices[0].message.content
+
+
+def test_structured_output_over_grpc(served: Served) -> None:
+    import grpc
+
+    from protos.moe_cluster.v1 import generation_pb2 as pb
+    from protos.moe_cluster.v1 import generation_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(served.grpc) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+
+        def generate(spec: pb.StructuredOutput) -> Any:
+            return stub.Generate(pb.GenerateRequest(
+                prompt="Answer:", sampling=pb.SamplingParams(temperature=1.0, seed=4),
+                stopping=pb.StoppingCriteria(max_new_tokens=80), structured_output=spec), timeout=60)
+
+        schema = Verdict.model_json_schema()
+        reply = generate(pb.StructuredOutput(json_schema=json.dumps(schema)))
+        Verdict.model_validate_json(reply.text)
+        assert generate(pb.StructuredOutput(choice=pb.Choices(options=["up", "down"]))).text in ("up", "down")
+        with pytest.raises(grpc.RpcError) as err:
+            generate(pb.StructuredOutput(regex="(["))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "structured_output.regex" in (err.value.details() or "")
