@@ -57,6 +57,11 @@ def test_json_schema_regex_and_choice_are_enforced(engine: LocalEngine) -> None:
     grammar = engine.generate(["G:"], SamplingParams(max_tokens=12, temperature=1.0, seed=1, structured=
                                                      StructuredOutput("grammar", 'root ::= "x" ("y" | "z")')))[0]
     assert grammar.completions[0].text in ("xy", "xz")
+    # min_tokens bans EOS, a complete grammar allows only EOS: the grammar wins (EOS until min_tokens, then stop).
+    short = engine.generate(["Pick:"], SamplingParams(max_tokens=30, min_tokens=20, temperature=1.0, seed=2,
+                                                      structured=StructuredOutput.choice(["yes"])))[0]
+    assert (short.completions[0].text, short.completions[0].finish_reason) == ("yes", "stop")
+    assert len(short.completions[0].token_ids) <= 21
     assert engine.engine.grammars.num_matchers == 0  # every finished sequence let its matcher go
 
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from cluster.errors import RequestError
@@ -155,6 +156,12 @@ class GrammarConstraints:
         (seq id, its spec or None, the tokens it generated so far). One bitmask (B, W) for the whole batch."""
         constrained = [(i, self._matcher(seq_id, spec, generated))
                        for i, (seq_id, spec, generated) in enumerate(rows) if spec is not None]
+        # A complete grammar (its EOS accepted; min_tokens or ignore_eos go on) allows nothing but EOS after it.
+        done = [i for i, m in constrained if m.is_terminated()]
+        if done and self._eos_ids:
+            done_rows = torch.tensor(done, device=logits.device)
+            logits[done_rows] = float("-inf")
+            logits[done_rows[:, None], torch.tensor(self._eos_ids, device=logits.device)[None, :]] = 0.0
         constrained = [(i, m) for i, m in constrained if not m.is_terminated()]
         if not constrained:
             return
@@ -163,8 +170,15 @@ class GrammarConstraints:
         bitmask = xgr.allocate_token_bitmask(logits.shape[0], self._vocab_size)  # (B, W) int32, all allowed
         for i, matcher in constrained:
             matcher.fill_next_token_bitmask(bitmask, i)
+        indices = [i for i, _ in constrained]
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self._vocab_size,
-                                        indices=[i for i, _ in constrained])
+                                        indices=indices)
+        # A row with nothing left: the grammar is complete (only EOS allowed) while min_tokens / a ban forbid EOS.
+        # The grammar wins: the row may end, rather than be sampled from nothing.
+        idx = torch.tensor(indices, device=logits.device)
+        dead = idx[~torch.isfinite(logits[idx]).any(dim=-1)]
+        if dead.numel() and self._eos_ids:
+            logits[dead, self._eos_ids[0]] = 0.0
 
     def accept(self, seq_id: int, token: int) -> None:
         """Advance a constrained sequence's grammar by its sampled token."""
