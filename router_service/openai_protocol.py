@@ -257,12 +257,27 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    arguments: StrictStr | dict[str, Any] = "{}"  # OpenAI sends JSON text; some clients send the object
+
+
+class ToolCall(BaseModel):
+    """A call in an assistant turn of the history."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: StrictStr
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: StrictStr | None = None  # a tool turn: the call it answers
 
     def text(self) -> str:
@@ -308,7 +323,7 @@ class ChatCompletionRequest(_Common):
         for m in self.messages:
             entry: dict[str, Any] = {"role": m.role, "content": m.text()}
             if m.tool_calls:
-                entry["tool_calls"] = m.tool_calls
+                entry["tool_calls"] = [call.model_dump() for call in m.tool_calls]
             if m.tool_call_id is not None:
                 entry["tool_call_id"] = m.tool_call_id
             out.append(entry)
