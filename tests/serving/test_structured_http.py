@@ -163,21 +163,20 @@ def test_structured_output_over_grpc(served: Served) -> None:
     import grpc
 
     from protos.moe_cluster.v1 import generation_pb2 as pb
-    from protos.moe_cluster.v1 import generation_pb2_grpc as pb_grpc
+    from router_service.client import GenerationClient
 
-    with grpc.insecure_channel(served.grpc) as channel:
-        stub = pb_grpc.GenerationServiceStub(channel)
+    client = GenerationClient(served.grpc, served.model, timeout_s=60)
 
-        def generate(spec: pb.StructuredOutput) -> Any:
-            return stub.Generate(pb.GenerateRequest(
-                prompt="Answer:", sampling=pb.SamplingParams(temperature=1.0, seed=4),
-                stopping=pb.StoppingCriteria(max_new_tokens=80), structured_output=spec), timeout=60)
+    def generate(spec: pb.StructuredOutput) -> Any:
+        return client.generate("Answer:", temperature=1.0, seed=4, max_new_tokens=80, structured_output=spec)
 
-        schema = Verdict.model_json_schema()
-        reply = generate(pb.StructuredOutput(json_schema=json.dumps(schema)))
+    try:
+        reply = generate(pb.StructuredOutput(json_schema=json.dumps(Verdict.model_json_schema())))
         Verdict.model_validate_json(reply.text)
         assert generate(pb.StructuredOutput(choice=pb.Choices(options=["up", "down"]))).text in ("up", "down")
         with pytest.raises(grpc.RpcError) as err:
             generate(pb.StructuredOutput(regex="(["))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "structured_output.regex" in (err.value.details() or "")
+    finally:
+        client.close()
