@@ -21,6 +21,7 @@ constrained by its parameters' schema).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -189,12 +190,73 @@ def _calls_from_json(text: str) -> list[dict[str, Any]] | None:
     return calls
 
 
+CALL_HEAD = re.compile(r'[\s\[\],}]*\{"name":"((?:[^"\\]|\\.)*)","arguments":')
+
+
+@dataclass
+class CallScanner:
+    """Reads a ``required`` choice's output as it grows: the grammar makes it compact JSON,
+    ``[{"name":"f","arguments":{...}},...]``. Yields ("open", index, name) when a call's name is known and
+    ("args", index, text) for each new piece of its arguments, which are the output's own characters (so the
+    streamed arguments equal the whole response's)."""
+
+    text: str = ""
+    pos: int = 0  # where scanning goes on
+    calls: list[list[str]] = field(default_factory=list)  # [name, arguments so far]
+    in_args: bool = False
+    depth: int = 0
+    in_string: bool = False
+    escape: bool = False
+
+    def feed(self, piece: str) -> list[tuple[str, int, str]]:
+        self.text += piece
+        events: list[tuple[str, int, str]] = []
+        while self.pos < len(self.text):
+            if not self.in_args:
+                head = CALL_HEAD.match(self.text, self.pos)
+                if head is None:
+                    break  # wait for more text (or it is not a call list: parse() decides at the end)
+                name = json.loads(f'"{head.group(1)}"')
+                self.calls.append([name, ""])
+                events.append(("open", len(self.calls) - 1, name))
+                self.pos, self.in_args, self.depth = head.end(), True, 0
+                continue
+            start = self.pos
+            while self.pos < len(self.text) and self.in_args:
+                c = self.text[self.pos]
+                self.pos += 1
+                if self.in_string:
+                    if self.escape:
+                        self.escape = False
+                    elif c == "\\":
+                        self.escape = True
+                    elif c == '"':
+                        self.in_string = False
+                elif c == '"':
+                    self.in_string = True
+                elif c in "{[":
+                    self.depth += 1
+                elif c in "}]":
+                    self.depth -= 1
+                if self.depth == 0 and not self.in_string:
+                    self.in_args = False
+            piece_args = self.text[start:self.pos]
+            if piece_args:
+                self.calls[-1][1] += piece_args
+                events.append(("args", len(self.calls) - 1, piece_args))
+        return events
+
+
 def parse(plan: ToolPlan, text: str) -> tuple[str | None, list[dict[str, Any]]]:
     """A finished choice's text -> (content, tool calls). Text that is not a call stays content."""
     if plan.mode == "named":
         assert plan.named is not None
         return None, [_call(plan.named, text)]
     if plan.mode == "required":
+        scanner = CallScanner()
+        scanner.feed(text)
+        if scanner.calls and not scanner.in_args and _calls_from_json(text):  # complete and valid
+            return None, [_call(name, arguments) for name, arguments in scanner.calls]
         calls = _calls_from_json(text)
         return (None, calls) if calls else (text, [])
     if plan.mode == "auto" and text.lstrip().startswith(TOOL_CALLS_TAG):
@@ -218,11 +280,14 @@ def message(plan: ToolPlan | None, text: str, finish_reason: str | None) -> tupl
 
 @dataclass
 class ToolStream:
-    """Turns one choice's streamed text into chat deltas: a named call streams its arguments as they come;
-    required and auto calls are parsed when the choice ends (auto text that cannot be a call streams at once)."""
+    """Turns one choice's streamed text into chat deltas: named and required calls stream each call's name as soon
+    as it is known, then its arguments as they come (CallScanner); auto calls are parsed when the choice ends
+    (auto text that cannot be a call streams at once)."""
 
     plan: ToolPlan
     buffered: str = ""
+    scanner: CallScanner = field(default_factory=CallScanner)
+    ids: list[str] = field(default_factory=list)
     streaming_content: bool = False
     call_id: str = field(default_factory=new_call_id)
     opened: bool = False
@@ -230,9 +295,9 @@ class ToolStream:
     def feed(self, text: str, finish_reason: str | None) -> tuple[list[dict[str, Any]], str | None]:
         """-> (deltas to send for this piece of text, the finish reason to report)."""
         plan = self.plan
+        deltas: list[dict[str, Any]] = []
         if plan.mode == "named":
             assert plan.named is not None
-            deltas = []
             if not self.opened:
                 self.opened = True
                 deltas.append({"tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
@@ -242,6 +307,19 @@ class ToolStream:
             return deltas, finish_reason
         if self.streaming_content:
             return ([{"content": text}] if text else []), finish_reason
+        if plan.mode == "required":  # each call's name as soon as known, then its arguments as they come
+            for kind, index, value in self.scanner.feed(text):
+                if kind == "open":
+                    self.ids.append(new_call_id())
+                    deltas.append({"tool_calls": [{"index": index, "id": self.ids[index], "type": "function",
+                                                   "function": {"name": value, "arguments": ""}}]})
+                else:
+                    deltas.append({"tool_calls": [{"index": index, "function": {"arguments": value}}]})
+            if finish_reason is None:
+                return deltas, None
+            if not self.scanner.calls:  # not a call list after all (cut short): what there is, as content
+                return [{"content": self.scanner.text}], finish_reason
+            return deltas or [{}], "tool_calls" if finish_reason == "stop" else finish_reason
         self.buffered += text
         if plan.mode == "auto":
             head = self.buffered.lstrip()

@@ -105,6 +105,21 @@ def test_tool_plans_parse_and_stream() -> None:
     assert finish == "tool_calls" and deltas[0]["tool_calls"][0]["function"] == {"name": "g",
                                                                                  "arguments": '{"a": 1}'}
     assert tool_calls.ToolStream(auto).feed("Hello", None) == ([{"content": "Hello"}], None)
+    # Required: each call's name as soon as known, then its arguments piece by piece, equal to the whole parse.
+    text = '[{"name":"f","arguments":{"x":7,"s":"a}\\"b"}},{"name":"g","arguments":{}}]'
+    required_stream = tool_calls.ToolStream(required)
+    pieces = [required_stream.feed(text[i:i + 4], None)[0] for i in range(0, len(text), 4)]
+    last, finish = required_stream.feed("", "stop")
+    streamed: dict[int, list[str]] = {}
+    for delta in [d for p in pieces for d in p] + last:
+        for call in delta.get("tool_calls", []):
+            entry = streamed.setdefault(call["index"], ["", ""])
+            entry[0] += call.get("function", {}).get("name", "")
+            entry[1] += call.get("function", {}).get("arguments", "")
+    whole = tool_calls.parse(required, text)[1]
+    assert finish == "tool_calls" and [streamed[i] for i in sorted(streamed)] == \
+        [[c["function"]["name"], c["function"]["arguments"]] for c in whole]
+    assert json.loads(whole[0]["function"]["arguments"]) == {"x": 7, "s": 'a}"b'}
     named = tool_calls.plan(TOOLS, {"type": "function", "function": {"name": "f"}}, None)
     assert named is not None
     named_stream = tool_calls.ToolStream(named)
