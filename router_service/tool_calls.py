@@ -126,7 +126,10 @@ def with_tools(messages: Sequence[Mapping[str, Any]], options: Mapping[str, Any]
     if template_knows_tools(template):
         if tools:
             options["template_kwargs"] = dict(options.get("template_kwargs") or {}) | {"tools": tools}
-        return [dict(m) for m in messages], options
+        # transformers' convention: a call's arguments as an object (OpenAI sends them as JSON text).
+        return [dict(m) | ({"tool_calls": [c | {"function": c["function"] | {
+            "arguments": _arguments_object(c["function"].get("arguments"))}} for c in m["tool_calls"]]}
+            if m.get("tool_calls") else {}) for m in messages], options
     if not tools and not has_tool_turns:
         return [dict(m) for m in messages], options
     folded: list[dict[str, Any]] = []

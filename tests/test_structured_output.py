@@ -138,9 +138,36 @@ def test_tools_reach_a_template_that_knows_them_and_fold_otherwise() -> None:
                                       {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "c", "content": "2"}]
     kept, options = tool_calls.with_tools(messages, {"tools": TOOLS}, "{% for t in tools %}{% endfor %}")
-    assert kept == messages and options["template_kwargs"]["tools"] == TOOLS
+    assert kept[0] == messages[0] and kept[2] == messages[2] and options["template_kwargs"]["tools"] == TOOLS
+    assert kept[1]["tool_calls"][0]["function"] == {"name": "f", "arguments": {"x": 1}}  # an object, for templates
     folded, options = tool_calls.with_tools(messages, {"tools": TOOLS}, "{{ messages }}")
     assert "tools" not in options and [m["role"] for m in folded] == ["user", "assistant", "user"]
     assert folded[0]["content"].startswith("[AVAILABLE_TOOLS] ")
     assert folded[1]["content"] == '[TOOL_CALLS] [{"name": "f", "arguments": {"x": 1}}]'
     assert folded[2]["content"] == '[TOOL_RESULTS] {"call_id": "c", "content": "2"} [/TOOL_RESULTS]'
+
+
+MISTRAL_TOOLS_TEMPLATE = (  # the shape of Mistral's v3 tool template, cut down
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m.role == 'user' %}{% if loop.last and tools %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]"
+    "{% endif %}[INST] {{ m.content }}[/INST]"
+    "{% elif m.role == 'tool' %}[TOOL_RESULTS] {{ m.content }}[/TOOL_RESULTS]"
+    "{% elif m.tool_calls %}[TOOL_CALLS] {{ m.tool_calls | map(attribute='function') | list | tojson }}{{ eos_token }}"
+    "{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def test_a_template_with_tool_support_renders_them(demo_dir: Path) -> None:
+    from cluster.model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(demo_dir, chat_template=MISTRAL_TOOLS_TEMPLATE)
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    history: list[dict[str, Any]] = [{"role": "user", "content": "hi"},
+                                     {"role": "assistant", "content": "", "tool_calls": [call]},
+                                     {"role": "tool", "tool_call_id": "c", "content": "2"},
+                                     {"role": "user", "content": "and now?"}]
+    messages, options = tool_calls.with_tools(history, {"tools": TOOLS[:1]}, tokenizer.chat_template)
+    text = tokenizer.render_chat(messages, **options)
+    assert '[TOOL_CALLS] [{"arguments": {"x": 1}, "name": "f"}]' in text or \
+        '[TOOL_CALLS] [{"name": "f", "arguments": {"x": 1}}]' in text
+    assert "[TOOL_RESULTS] 2[/TOOL_RESULTS]" in text
+    assert text.index("[AVAILABLE_TOOLS]") > text.index("[TOOL_RESULTS]")  # ahead of the last user turn
