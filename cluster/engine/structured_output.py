@@ -108,31 +108,34 @@ class GrammarConstraints:
     def compile(self, spec: StructuredOutput) -> Any:
         """The compiled grammar of ``spec`` (cached). A bad spec raises RequestError (a ValueError) naming
         ``spec.param``."""
-        with self._lock:
+        with self._lock:  # held briefly: the engine thread looks up its grammars here between steps
             if (hit := self._compiled.get(spec)) is not None:
                 self._compiled.move_to_end(spec)
                 return hit
             compiler = self._grammar_compiler()
-            try:
-                if spec.kind == "json":
-                    # Compact JSON (no free whitespace): a weak model cannot wander off into blank space.
-                    compiled = compiler.compile_json_schema(spec.spec, any_whitespace=False, strict_mode=True,
-                                                            separators=(",", ":"))
-                elif spec.kind == "json_object":
-                    compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
-                                                            separators=(",", ":"))
-                elif spec.kind == "regex":
-                    compiled = compiler.compile_regex(spec.spec)
-                elif spec.kind == "choice":
-                    compiled = compiler.compile_regex(_choice_regex(json.loads(spec.spec)))
-                else:
-                    compiled = compiler.compile_grammar(spec.spec)
-            except Exception as err:  # xgrammar raises RuntimeError / ValueError with its parser's message
-                message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise RequestError(f"{spec.param}: invalid {spec.kind} for structured output: {message}",
-                                   spec.param) from None
+        try:  # outside the lock: a long compile on a caller's thread does not stall the engine loop
+            if spec.kind == "json":
+                # Compact JSON (no free whitespace): a weak model cannot wander off into blank space.
+                compiled = compiler.compile_json_schema(spec.spec, any_whitespace=False, strict_mode=True,
+                                                        separators=(",", ":"))
+            elif spec.kind == "json_object":
+                compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
+                                                        separators=(",", ":"))
+            elif spec.kind == "regex":
+                compiled = compiler.compile_regex(spec.spec)
+            elif spec.kind == "choice":
+                compiled = compiler.compile_regex(_choice_regex(json.loads(spec.spec)))
+            else:
+                compiled = compiler.compile_grammar(spec.spec)
+        except Exception as err:  # xgrammar raises RuntimeError / ValueError with its parser's message
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RequestError(f"{spec.param}: invalid {spec.kind} for structured output: {message}",
+                               spec.param) from None
+        with self._lock:
+            if spec not in self._compiled:
+                self.compiles += 1
             self._compiled[spec] = compiled
-            self.compiles += 1
+            self._compiled.move_to_end(spec)
             while len(self._compiled) > COMPILE_CACHE_SIZE:
                 self._compiled.popitem(last=False)
             return compiled

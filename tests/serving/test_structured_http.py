@@ -138,27 +138,6 @@ def test_tool_history_renders_on_a_template_without_tools(client: openai.OpenAI,
     assert '[TOOL_RESULTS] {"call_id": "call_1", "content": "sunny"} [/TOOL_RESULTS]' in text
 
 
-@pytest.fixture(scope="module")
-def trained_url(served: Served) -> Iterator[str]:
-    from ray import serve
-
-    from router_service.app import build_app
-
-    serve.run(build_app(app_args(TRAINED_DEMO, served_model_name="trained-demo")), name="trained-so",
-              route_prefix="/trained-so")
-    yield served.http + "/trained-so"
-    serve.delete("trained-so")
-
-
-@pytest.mark.slow
-def test_parse_pydantic_model_on_the_trained_demo(trained_url: str) -> None:
-    client = openai.OpenAI(base_url=f"{trained_url}/v1", api_key="unused", max_retries=0, timeout=300)
-    completion = client.chat.completions.parse(
-        model="trained-demo", messages=[{"role": "user", "content": "Did Jonah leave the fish?"}],
-        response_format=Verdict, seed=5, max_tokens=60, temperature=0.7)
-    assert isinstance(completion.choices[0].message.parsed, Verdict), completion.choices[0].message.content
-
-
 def test_structured_output_over_grpc(served: Served) -> None:
     import grpc
 
@@ -180,3 +159,25 @@ def test_structured_output_over_grpc(served: Served) -> None:
         assert "structured_output.regex" in (err.value.details() or "")
     finally:
         client.close()
+
+
+# Last in this file: while the trained app is deployed, gRPC calls need the app's name (two apps).
+@pytest.fixture(scope="module")
+def trained_url(served: Served) -> Iterator[str]:
+    from ray import serve
+
+    from router_service.app import build_app
+
+    serve.run(build_app(app_args(TRAINED_DEMO, served_model_name="trained-demo")), name="trained-so",
+              route_prefix="/trained-so")
+    yield served.http + "/trained-so"
+    serve.delete("trained-so")
+
+
+@pytest.mark.slow
+def test_parse_pydantic_model_on_the_trained_demo(trained_url: str) -> None:
+    client = openai.OpenAI(base_url=f"{trained_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    completion = client.chat.completions.parse(
+        model="trained-demo", messages=[{"role": "user", "content": "Did Jonah leave the fish?"}],
+        response_format=Verdict, seed=5, max_tokens=60, temperature=0.7)
+    assert isinstance(completion.choices[0].message.parsed, Verdict), completion.choices[0].message.content
