@@ -16,6 +16,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.structured_output import StructuredOutput
 from cluster.model.demo import TRAINED_DEMO
 from tests.serving.conftest import Served, app_args
 
@@ -57,6 +59,19 @@ def test_parse_pydantic_model_on_the_random_demo(client: openai.OpenAI, served: 
             n=3, seed=7, max_tokens=60, temperature=1.0) as stream:
         final = stream.get_final_completion()
     assert [c.message.content for c in final.choices] == [c.message.content for c in completion.choices]
+
+
+def test_cluster_engine_equals_the_local_engine(client: openai.OpenAI, served: Served) -> None:
+    """The mask is applied where logits are sampled, on the coordinator: the cluster engine's constrained samples
+    equal the local engine's, token for token (seeded, n=2)."""
+    schema = Verdict.model_json_schema()
+    got = client.completions.create(model=served.model, prompt="Verdict:", max_tokens=60, seed=21, n=2,
+                                    temperature=1.0, extra_body={"guided_json": schema})
+    want = served.reference.generate(["Verdict:"], SamplingParams(
+        max_tokens=60, seed=21, n=2, temperature=1.0, structured=StructuredOutput.json_schema(schema)))[0]
+    assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == [c.text for c in want.completions]
+    for c in want.completions:
+        Verdict.model_validate_json(c.text)
 
 
 def test_guided_extras_and_invalid_constraints(client: openai.OpenAI, served: Served) -> None:
