@@ -50,9 +50,11 @@ def build_request(model: str, prompt: str | Sequence[int], *, max_new_tokens: in
                   repetition_penalty: float | None = None, presence_penalty: float | None = None,
                   frequency_penalty: float | None = None, logit_bias: dict[int, float] | None = None,
                   bad_words: Sequence[str] = (), min_tokens: int | None = None,
-                  include_stop_str_in_output: bool = False, skip_special_tokens: bool | None = None
-                  ) -> pb.GenerateRequest:
+                  include_stop_str_in_output: bool = False, skip_special_tokens: bool | None = None,
+                  structured_output: pb.StructuredOutput | None = None) -> pb.GenerateRequest:
     request = pb.GenerateRequest(model=model, request_id=request_id, continuous_usage_stats=continuous_usage_stats)
+    if structured_output is not None:  # e.g. pb.StructuredOutput(json_schema=json.dumps(schema))
+        request.structured_output.CopyFrom(structured_output)
     for name, value in (("min_p", min_p), ("repetition_penalty", repetition_penalty),
                         ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
         if value is not None:

@@ -30,6 +30,7 @@ from router_service.engine_api import Accepted, GenerateRequest
 from router_service.metrics import EngineMetrics
 from router_service.pool_deployment import ServePool
 from router_service.settings import AppSettings
+from router_service.tool_calls import with_tools
 from workers.placement import use_gpus
 
 log = logging.getLogger("moe_cluster.serve")
@@ -81,7 +82,8 @@ class EngineDeployment:
         self._ensure_sampler()
         prompt: Prompt  # text, or the token ids of the rendered chat; the engine's input processor does the rest
         if request.messages is not None:
-            prompt = self.tokenizer.encode_chat(request.messages, **request.chat_options)
+            messages, options = with_tools(request.messages, request.chat_options, self.tokenizer.chat_template)
+            prompt = self.tokenizer.encode_chat(messages, **options)
         else:
             assert request.prompt is not None
             prompt = request.prompt
@@ -186,6 +188,7 @@ class EngineDeployment:
 
     async def tokenize_chat(self, messages: list[dict[str, Any]], options: dict[str, Any]) -> list[int]:
         """The prompt token ids of a chat, as a chat completion would make them."""
+        messages, options = with_tools(messages, options, self.tokenizer.chat_template)
         return self.tokenizer.encode_chat(messages, **options)
 
     async def detokenize(self, token_ids: list[int]) -> str:

@@ -15,6 +15,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from cluster.engine.sampling import SamplingParams, TokenLogprob
 from cluster.engine.sequence import CompletionOutput, RequestOutput, merge_outputs
+from cluster.engine.structured_output import StructuredOutput
 from protos.moe_cluster.v1 import generation_pb2 as pb
 from router_service.engine_api import GenerateRequest
 from router_service.errors import ApiError
@@ -66,8 +67,34 @@ def usage_pb(chunk: RequestOutput) -> pb.Usage:
                     total_tokens=chunk.num_prompt_tokens + chunk.num_generated_tokens)
 
 
+def structured_output(request: pb.GenerateRequest) -> StructuredOutput | None:
+    """The request's structured_output as the engine's StructuredOutput (errors name the proto field)."""
+    if not request.HasField("structured_output"):
+        return None
+    spec = request.structured_output
+    kind = spec.WhichOneof("kind")
+    param = f"structured_output.{kind}"
+    try:
+        if kind == "json_schema":
+            return StructuredOutput.json_schema(spec.json_schema, param)
+        if kind == "json_object":
+            return StructuredOutput("json_object", "", param)
+        if kind == "choice":
+            return StructuredOutput.choice(list(spec.choice.options), param)
+        if kind in ("regex", "grammar"):
+            value = getattr(spec, kind)
+            if not value:
+                raise ValueError(f"{param} must not be empty")
+            return StructuredOutput(kind, value, param)
+    except ValueError as err:
+        raise ApiError(400, str(err), param=param) from None
+    raise ApiError(400, "structured_output needs one of json_schema, json_object, regex, choice, grammar",
+                   param="structured_output")
+
+
 def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
     s, t = request.sampling, request.stopping
+    structured = structured_output(request)
     try:
         return SamplingParams(
             max_tokens=t.max_new_tokens if t.HasField("max_new_tokens") else 16,
@@ -84,7 +111,8 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
             logit_bias=tuple((token, min(100.0, max(-100.0, bias))) for token, bias in sorted(s.logit_bias.items())),
             bad_words=tuple(s.bad_words), min_tokens=t.min_tokens if t.HasField("min_tokens") else 0,
             include_stop_str_in_output=t.include_stop_str_in_output,
-            skip_special_tokens=request.skip_special_tokens if request.HasField("skip_special_tokens") else True)
+            skip_special_tokens=request.skip_special_tokens if request.HasField("skip_special_tokens") else True,
+            structured=structured)
     except (ValueError, TypeError) as err:
         message = str(err)
         field = message.split(" ", 1)[0]

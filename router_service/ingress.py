@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.engine.sequence import RequestOutput, merge_outputs
 from protos.moe_cluster.v1 import generation_pb2 as pb
+from router_service import tool_calls
 from router_service.engine_api import GenerateRequest
 from router_service.errors import RETRY_AFTER_S, ApiError
 from router_service.gateway import EngineGateway, Generation, new_id
@@ -251,38 +252,57 @@ class Ingress:
                 err.param = "messages"
             raise
         if body.stream:
-            return self.sse(self.chat_events(rid, request, streams, body.include_usage, body.continuous_usage))
+            return self.sse(self.chat_events(rid, request, streams, body.include_usage, body.continuous_usage,
+                                             body.tool_plan()))
         chunks = [chunk async for _, chunk in self.gateway.iterate(streams)]
         merged = merge_outputs(chunks)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(c.logprobs or []) if params.logprobs is not None else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in merged.outputs]
+        plan = body.tool_plan()
+        choices = []
+        for c in merged.outputs:
+            message, finish_reason = tool_calls.message(plan, c.text, c.finish_reason)
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": chat_logprobs(c.logprobs or []) if params.logprobs is not None else None,
+                            "finish_reason": finish_reason, "stop_reason": c.stop_reason})
         return {"id": rid, "object": "chat.completion", "created": created(), "model": self.gateway.model_name,
                 "choices": choices, "usage": usage(merged.num_prompt_tokens, merged.num_generated_tokens)}
 
     async def chat_events(self, rid: str, request: GenerateRequest, streams: list[Generation],
-                          include_usage: bool, continuous_usage: bool = False) -> AsyncGenerator[str, None]:
-        """SSE events of a chat completion; with ``continuous_usage`` each also carries the usage so far."""
+                          include_usage: bool, continuous_usage: bool = False,
+                          plan: tool_calls.ToolPlan | None = None) -> AsyncGenerator[str, None]:
+        """SSE events of a chat completion; with ``continuous_usage`` each also carries the usage so far; with
+        tools offered (``plan``), tool calls as tool_calls deltas."""
         stamp, started, last = created(), set(), None
         base = {"id": rid, "object": "chat.completion.chunk", "created": stamp, "model": self.gateway.model_name}
         with_logprobs = request.params.logprobs is not None
+        tool_streams: dict[int, tool_calls.ToolStream] = {}
         async with contextlib.aclosing(self.gateway.iterate(streams)) as chunks:
             async for _, chunk in chunks:
                 last = chunk
                 for choice in chunk.outputs:
-                    delta: dict[str, Any] = {"content": choice.text}
+                    finish_reason = choice.finish_reason
+                    deltas: list[dict[str, Any]] = [{"content": choice.text}]
+                    if plan is not None and plan.offered:
+                        tools = tool_streams.setdefault(choice.index, tool_calls.ToolStream(plan))
+                        deltas, finish_reason = tools.feed(choice.text, choice.finish_reason)
+                        if choice.index in started and not deltas and finish_reason is None:
+                            continue  # held back: it may be the start of a tool call
+                        deltas = deltas or [{}]
                     if choice.index not in started:
                         started.add(choice.index)
-                        delta = {"role": "assistant"} | delta
+                        deltas[0] = {"role": "assistant"} | deltas[0]
                     elif not choice.text and not choice.token_ids and choice.finish_reason is None:
                         continue  # nothing new (a token without text still carries its logprobs)
-                    data = {"index": choice.index, "delta": delta, "finish_reason": choice.finish_reason,
-                            "stop_reason": choice.stop_reason,
-                            "logprobs": chat_logprobs(choice.logprobs or []) if with_logprobs else None}
-                    event = base | {"choices": [data]}
-                    if continuous_usage:
-                        event["usage"] = usage(chunk.num_prompt_tokens, chunk.num_generated_tokens)
-                    yield stream_event(event)
+                    for k, delta in enumerate(deltas):
+                        last_delta = k == len(deltas) - 1
+                        data = {"index": choice.index, "delta": delta,
+                                "finish_reason": finish_reason if last_delta else None,
+                                "stop_reason": choice.stop_reason if last_delta else None,
+                                "logprobs": chat_logprobs(choice.logprobs or []) if with_logprobs and k == 0
+                                else None}
+                        event = base | {"choices": [data]}
+                        if continuous_usage:
+                            event["usage"] = usage(chunk.num_prompt_tokens, chunk.num_generated_tokens)
+                        yield stream_event(event)
         if include_usage and last is not None:
             yield stream_event(base | {"choices": [],
                                        "usage": usage(last.num_prompt_tokens, last.num_generated_tokens)})

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 
 from cluster.engine.sampling import SamplingParams, TokenLogprob
 from cluster.engine.sequence import RequestOutput
+from cluster.engine.structured_output import StructuredOutput
+from router_service import tool_calls
 from router_service.errors import ApiError
 
 log = logging.getLogger("moe_cluster.serve")
@@ -147,7 +149,39 @@ class _Common(_IgnoresUnknown):
             pairs.append((int(key), min(100.0, max(-100.0, float(bias)))))
         return tuple(pairs)
 
-    def sampling(self, max_tokens: int | None, logprobs: int | None, echo: bool) -> SamplingParams:
+    def structured_output(self) -> StructuredOutput | None:
+        """vLLM's guided_json / guided_regex / guided_choice / guided_grammar, or its newer ``structured_outputs``
+        object ({json | regex | choice | grammar | json_object}): at most one."""
+        given: list[tuple[str, str, Any]] = [(name, name.removeprefix("guided_"), getattr(self, name))
+                                             for name in ("guided_json", "guided_regex", "guided_choice",
+                                                          "guided_grammar") if getattr(self, name) is not None]
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, dict):
+                raise ApiError(400, "structured_outputs must be an object", param="structured_outputs")
+            given += [("structured_outputs", key, value) for key, value in self.structured_outputs.items()
+                      if key in ("json", "regex", "choice", "grammar", "json_object") and value not in (None, False)]
+        if len(given) > 1:
+            raise ApiError(400, f"give at most one structured output constraint, got {[g[0] for g in given]}",
+                           param=given[1][0])
+        if not given:
+            return None
+        param, kind, value = given[0]
+        try:
+            if kind == "json":
+                return StructuredOutput.json_schema(value, param)
+            if kind == "json_object":
+                return StructuredOutput("json_object", "", param)
+            if kind == "choice":
+                return StructuredOutput.choice(value if isinstance(value, list) else [], param)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{param} must be a non-empty string")
+            return StructuredOutput(kind, value, param)
+        except ValueError as err:
+            raise ApiError(400, str(err), param=param) from None
+
+    def sampling(self, max_tokens: int | None, logprobs: int | None, echo: bool,
+                 structured: StructuredOutput | None = None, skip_special_tokens: bool | None = None
+                 ) -> SamplingParams:
         stop: tuple[str, ...] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         try:
             return SamplingParams(
@@ -155,11 +189,12 @@ class _Common(_IgnoresUnknown):
                 top_p=1.0 if self.top_p is None else self.top_p, top_k=-1 if self.top_k is None else self.top_k,
                 seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()),
                 ignore_eos=self.ignore_eos, n=self.n, logprobs=logprobs, echo=echo,
-                skip_special_tokens=self.skip_special_tokens, min_p=self.min_p,
+                skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
+                min_p=self.min_p,
                 repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, logit_bias=self.logit_bias_pairs(),
                 min_tokens=self.min_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
-                bad_words=tuple(self.bad_words or ()))
+                bad_words=tuple(self.bad_words or ()), structured=structured)
         except (ValueError, TypeError) as err:
             param = str(err).split(" ", 1)[0]
             raise ApiError(400, str(err), param=param) from None
@@ -170,15 +205,15 @@ class _Common(_IgnoresUnknown):
 NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (False,), "length_penalty": (1, 1.0), "prompt_logprobs": (), "allowed_token_ids": (),
     "spaces_between_special_tokens": (True,), "truncate_prompt_tokens": (), "logits_processors": (),
-    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "guided_decoding_backend": (),
-    "guided_whitespace_pattern": (), "structured_outputs": (), "return_tokens_as_token_ids": (False,),
+    "guided_decoding_backend": ("xgrammar", "auto"),  # guided_json/regex/choice/grammar: structured_output()
+    "guided_whitespace_pattern": (), "return_tokens_as_token_ids": (False,),
     "return_token_ids": (False,), "priority": (0,), "kv_transfer_params": (),
     "vllm_xargs": (), "prompt_embeds": (),
 }
 # Chat-only ones (the chat request declares them).
 CHAT_NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
     "echo": (False,), "documents": (), "mm_processor_kwargs": (), "reasoning_effort": (), "include_reasoning": (),
-    "functions": (), "function_call": ("none",), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
+    "functions": (), "function_call": ("none",),  # the legacy spelling; tools / tool_choice are implemented
     "modalities": (["text"],), "audio": (), "prediction": (), "web_search_options": (),
     "chat_template": (),  # per request: vLLM too refuses it unless told to trust it; the server's is --chat-template
     "add_special_tokens": (False,),  # the chat template writes the special tokens
@@ -213,7 +248,7 @@ class CompletionRequest(_Common):
             raise ApiError(400, "suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise ApiError(400, f"best_of={self.best_of} is not supported (only best_of == n)", param="best_of")
-        return self.sampling(self.max_tokens, self.logprobs, self.echo)
+        return self.sampling(self.max_tokens, self.logprobs, self.echo, self.structured_output())
 
 
 class TextPart(BaseModel):
@@ -222,11 +257,28 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    arguments: StrictStr | dict[str, Any] = "{}"  # OpenAI sends JSON text; some clients send the object
+
+
+class ToolCall(BaseModel):
+    """A call in an assistant turn of the history."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: StrictStr
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: StrictStr | None = None  # a tool turn: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -267,7 +319,18 @@ class ChatCompletionRequest(_Common):
     def to_messages(self) -> list[dict[str, str]]:
         if not self.messages:
             raise ApiError(400, "messages must be a non-empty list", param="messages")
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        out: list[dict[str, Any]] = []
+        for m in self.messages:
+            entry: dict[str, Any] = {"role": m.role, "content": m.text()}
+            if m.tool_calls:
+                entry["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+            if m.tool_call_id is not None:
+                entry["tool_call_id"] = m.tool_call_id
+            out.append(entry)
+        return out
+
+    def tool_plan(self) -> tool_calls.ToolPlan | None:
+        return tool_calls.plan(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def chat_options(self) -> dict[str, Any]:
         """How the chat template renders these messages (Tokenizer.render_chat's keyword arguments)."""
@@ -275,22 +338,51 @@ class ChatCompletionRequest(_Common):
             raise ApiError(400, "add_generation_prompt and continue_final_message cannot both be true (set "
                                 "add_generation_prompt=false to continue the final message)",
                            param="continue_final_message")
-        return {"add_generation_prompt": self.add_generation_prompt,
-                "continue_final_message": self.continue_final_message,
-                "template_kwargs": dict(self.chat_template_kwargs or {})}
+        options = {"add_generation_prompt": self.add_generation_prompt,
+                   "continue_final_message": self.continue_final_message,
+                   "template_kwargs": dict(self.chat_template_kwargs or {})}
+        plan = self.tool_plan()
+        if plan is not None and plan.offered:  # tool_calls.with_tools gives them to the template
+            options["tools"] = [t.openai() for t in plan.tools]
+        return options
+
+    def response_format_output(self) -> StructuredOutput | None:
+        """OpenAI's response_format: text (nothing), json_object, or json_schema {name, schema, strict}."""
+        fmt = self.response_format
+        if not fmt or fmt.get("type", "text") == "text":
+            return None
+        if fmt.get("type") == "json_object":
+            return StructuredOutput("json_object", "", "response_format")
+        if fmt.get("type") == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise ApiError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+            try:
+                return StructuredOutput.json_schema(spec["schema"], "response_format")
+            except ValueError as err:
+                raise ApiError(400, str(err), param="response_format") from None
+        raise ApiError(400, f"response_format type {fmt.get('type')!r} is not one of text, json_object, "
+                            "json_schema", param="response_format")
 
     def to_params(self) -> SamplingParams:
         self.check_unsupported()
-        if self.tools:
-            raise ApiError(400, "tools are not supported by this model", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ApiError(400, f"response_format {self.response_format.get('type')!r} is not supported",
-                           param="response_format")
+        structured = [(name, s) for name, s in (("response_format", self.response_format_output()),
+                                                ("guided", self.structured_output())) if s is not None]
+        plan = self.tool_plan()
+        if plan is not None and (constraint := plan.constraint()) is not None:
+            structured.append(("tool_choice", constraint))
+        if len(structured) > 1:
+            raise ApiError(400, "response_format, guided_* / structured_outputs and a required or named "
+                                "tool_choice each constrain the output: give at most one", param=structured[1][0]
+                           if structured[1][0] != "guided" else "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling(max_tokens, logprobs, echo=False)
+        # Auto tool calls start with Mistral's [TOOL_CALLS] token, a special token: keep it in the text to parse.
+        skip_special = False if plan is not None and plan.mode == "auto" else None
+        return self.sampling(max_tokens, logprobs, echo=False,
+                             structured=structured[0][1] if structured else None, skip_special_tokens=skip_special)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

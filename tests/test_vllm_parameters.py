@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from cluster.engine.structured_output import StructuredOutput
 from cluster.engine_config import EngineConfig
 from cluster.model.tokenizer import ChatTemplateError, Tokenizer
 from router_service.cli import build_parser
@@ -30,27 +31,35 @@ HONOURED: list[tuple[str, Any, str, Any]] = [
     ("max_tokens", 9, "max_tokens", 9), ("min_tokens", 2, "min_tokens", 2),
     ("include_stop_str_in_output", True, "include_stop_str_in_output", True),
     ("skip_special_tokens", False, "skip_special_tokens", False),
+    ("guided_json", {"type": "object"}, "structured", StructuredOutput("json", '{"type": "object"}', "guided_json")),
+    ("guided_regex", "a+", "structured", StructuredOutput("regex", "a+", "guided_regex")),
+    ("guided_choice", ["a", "b"], "structured", StructuredOutput("choice", '["a", "b"]', "guided_choice")),
+    ("guided_grammar", "root ::= 'a'", "structured", StructuredOutput("grammar", "root ::= 'a'", "guided_grammar")),
+    ("structured_outputs", {"regex": "b+"}, "structured", StructuredOutput("regex", "b+", "structured_outputs")),
 ]
 COMPLETION_ONLY = [("logprobs", 2, "logprobs", 2), ("echo", True, "echo", True), ("best_of", 2, "n", 2)]
-CHAT_ONLY = [("max_completion_tokens", 9, "max_tokens", 9), ("logprobs", True, "logprobs", 0)]
+CHAT_ONLY = [("max_completion_tokens", 9, "max_tokens", 9), ("logprobs", True, "logprobs", 0),
+             ("response_format", {"type": "json_object"}, "structured", StructuredOutput("json_object")),
+             ("tool_choice", "none", "structured", None)]
 NO_EFFECT = [("user", "u"), ("request_id", "r"), ("cache_salt", "s"), ("store", True), ("metadata", {"a": "b"}),
              ("service_tier", "auto"), ("priority", 0), ("stream", True), ("stream_options", {"include_usage": True}),
-             ("timeout", 30)]
+             ("timeout", 30), ("guided_decoding_backend", "xgrammar")]
 REFUSED: list[tuple[str, Any]] = [
     ("use_beam_search", True), ("length_penalty", 0.5), ("prompt_logprobs", 1), ("allowed_token_ids", [1, 2]),
     ("spaces_between_special_tokens", False), ("truncate_prompt_tokens", 8), ("logits_processors", ["x"]),
-    ("guided_json", {"type": "object"}), ("guided_regex", "a+"), ("guided_choice", ["a", "b"]),
-    ("guided_grammar", "root ::= 'a'"), ("guided_decoding_backend", "xgrammar"), ("guided_whitespace_pattern", " "),
-    ("structured_outputs", {"json": {}}), ("return_tokens_as_token_ids", True), ("return_token_ids", True),
+    ("guided_decoding_backend", "outlines"), ("guided_whitespace_pattern", " "),
+    ("return_tokens_as_token_ids", True), ("return_token_ids", True),
     ("priority", 3), ("kv_transfer_params", {"a": 1}), ("vllm_xargs", {"a": 1}), ("prompt_embeds", "AAAA"),
 ]
 COMPLETION_REFUSED = [("suffix", "tail"), ("add_special_tokens", False)]
 CHAT_REFUSED = [("echo", True), ("documents", [{"a": "b"}]), ("mm_processor_kwargs", {"a": 1}),
                 ("reasoning_effort", "high"), ("include_reasoning", True), ("functions", [{"name": "f"}]),
-                ("function_call", "auto"), ("tool_choice", "required"), ("tools", [{"type": "function"}]),
+                ("function_call", "auto"),
+                # tools / tool_choice are honoured (test_tools_are_honoured); these values are malformed
+                ("tool_choice", "required"), ("tools", [{"type": "function"}]),
                 ("modalities", ["audio"]), ("audio", {"voice": "x"}), ("prediction", {"type": "content"}),
                 ("web_search_options", {}), ("chat_template", "{{ x }}"),
-                ("add_special_tokens", True), ("response_format", {"type": "json_object"})]
+                ("add_special_tokens", True), ("response_format", {"type": "xml"})]
 # Chat template options: honoured by the rendering of the messages (tests/serving and test_tokenizer check it).
 CHAT_TEMPLATE_OPTIONS = [("chat_template_kwargs", {"a": 1}, "template_kwargs", {"a": 1}),
                          ("add_generation_prompt", False, "add_generation_prompt", False),
@@ -89,6 +98,24 @@ def test_every_vllm_parameter_is_honoured_or_refused(kind: Kind) -> None:
             assert ChatCompletionRequest.model_validate(body(kind, **extra)).chat_options()[option] == shown, name
         names |= {n for n, *_ in CHAT_TEMPLATE_OPTIONS}
     assert not names - set(kind.model_fields), "a listed parameter is not declared (it would be ignored)"
+
+
+def test_tools_are_honoured() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    named = {"type": "function", "function": {"name": "f"}}
+    assert params_of(ChatCompletionRequest, tools=tools, tool_choice=named).structured == StructuredOutput(
+        "json", '{"type": "object"}', "tools")
+    assert params_of(ChatCompletionRequest, tools=tools, tool_choice="required").structured is not None
+    auto = ChatCompletionRequest.model_validate(body(ChatCompletionRequest, tools=tools))
+    assert auto.to_params().skip_special_tokens is False  # the [TOOL_CALLS] token stays in the text to parse
+    assert auto.chat_options()["tools"] == [{"type": "function", "function": {
+        "name": "f", "description": "", "parameters": {"type": "object"}}}]
+    with pytest.raises(ApiError) as err:
+        params_of(ChatCompletionRequest, tools=tools, tool_choice={"type": "function", "function": {"name": "g"}})
+    assert err.value.param == "tool_choice"
+    with pytest.raises(ApiError) as err:
+        params_of(ChatCompletionRequest, tools=tools, tool_choice="required", response_format={"type": "json_object"})
+    assert err.value.status == 400
 
 
 def test_defaults_of_refused_parameters_are_accepted() -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from cluster.engine.api import Prompt, new_request_id
 from cluster.engine.sampling import SamplingParams, bad_words_token_ids, new_request_seed
 from cluster.engine.sequence import Continuation
+from cluster.engine.structured_output import GrammarConstraints
 from cluster.engine.validation import validate_request
 from cluster.model.tokenizer import Tokenizer
 
@@ -34,8 +35,9 @@ class EngineRequest:
 
 class InputProcessor:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int, kv_blocks: int,
-                 block_size: int) -> None:
+                 block_size: int, grammars: GrammarConstraints | None = None) -> None:
         self.tokenizer = tokenizer
+        self.grammars = grammars  # structured output: a request's spec is compiled (and cached) when it comes in
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.kv_blocks = kv_blocks
@@ -55,6 +57,8 @@ class InputProcessor:
         max_tokens = validate_request(prompt_ids, params, vocab_size=self.vocab_size,
                                       max_model_len=self.max_model_len, kv_blocks=self.kv_blocks,
                                       block_size=self.block_size, continuation=continuation)
+        if params.structured is not None and self.grammars is not None:
+            self.grammars.compile(params.structured)  # a bad schema / regex / grammar fails here (cached)
         bad_words = bad_words_token_ids(params.bad_words,
                                         lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         return EngineRequest(request_id or new_request_id(), tuple(prompt_ids), params, max_tokens,

@@ -31,6 +31,7 @@ from cluster.engine.sampling import (
 )
 from cluster.engine.scheduler import ScheduledSeq, Scheduler
 from cluster.engine.sequence import FINISH_ABORT, Continuation, OutputSink, Request, Seq, SeqStatus
+from cluster.engine.structured_output import GrammarConstraints
 from cluster.engine.validation import resolve_max_model_len
 from cluster.engine_config import EngineConfig
 from cluster.errors import QueueFullError, WorkerFailure
@@ -62,8 +63,9 @@ class LLMEngine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         self.outputs = OutputProcessor(eos_ids, tokenizer)
+        self.grammars = GrammarConstraints(tokenizer, model_cfg.vocab_size, sorted(eos_ids))  # structured output
         self.input_processor = InputProcessor(tokenizer, model_cfg.vocab_size, self.max_model_len, num_blocks,
-                                              self.block_size)
+                                              self.block_size, self.grammars)
         self._seq_ids = itertools.count()
         self._stats = EngineStats(kv_blocks_total=num_blocks, kv_block_size=self.block_size)
         self._last_micro_batches = 0  # of the last forward pass
@@ -123,6 +125,7 @@ class LLMEngine:
         open_seqs = [seq for seq in request.seqs if seq.status is not SeqStatus.FINISHED]
         for seq in open_seqs:
             self.scheduler.remove(seq)
+            self.grammars.release(seq.seq_id)
             seq.finish_reason = FINISH_ABORT
         return open_seqs
 
@@ -238,6 +241,9 @@ class LLMEngine:
         params = [seq.request.params for seq, _ in to_sample]
         seeds = [token_seed(seq.seed, seq.num_generated) for seq, _ in to_sample]
         rows = process_logits(rows, params, [self._history(seq) for seq, _ in to_sample])  # logprobs see these
+        if any(p.structured is not None for p in params):  # structured output: one batched grammar bitmask
+            self.grammars.apply(rows, [(seq.seq_id, seq.request.params.structured,
+                                        seq.token_ids[seq.num_prompt_tokens:]) for seq, _ in to_sample])
         tokens = sample(rows, params, seeds)
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         lps: dict[int, TokenLogprob] = {}
@@ -255,7 +261,11 @@ class LLMEngine:
             elif metrics.last_token_time is not None and metrics.last_token_time < now:  # once per step
                 metrics.inter_token_latencies.append(now - metrics.last_token_time)
             metrics.last_token_time = now
+            if params[i].structured is not None:
+                self.grammars.accept(seq.seq_id, token)
             self.outputs.append_token(seq, token, lps.get(i))
+            if seq.finish_reason is not None:
+                self.grammars.release(seq.seq_id)
             self._stats.generation_tokens_total += 1
 
     def _history(self, seq: Seq) -> RowHistory:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from cluster.engine.structured_output import StructuredOutput
+
 MAX_LOGPROBS = 20
 MAX_N = 64
 MAX_STOP_STRINGS = 16
@@ -54,6 +56,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are banned (and stop strings not checked) before this many
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text in it
     bad_words: tuple[str, ...] = ()  # words never generated (their last token is banned after the rest)
+    structured: StructuredOutput | None = None  # a grammar the output must match (structured_output.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
@@ -116,6 +119,8 @@ class SamplingParams:
         if len(words) > MAX_BAD_WORDS:
             raise ValueError(f"bad_words may hold at most {MAX_BAD_WORDS} words, got {len(words)}")
         object.__setattr__(self, "bad_words", tuple(words))
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise TypeError(f"structured must be a StructuredOutput, got {type(self.structured).__name__}")
 
     @property
     def processes_logits(self) -> bool:

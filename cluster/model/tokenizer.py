@@ -17,7 +17,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from cluster.errors import RequestError
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # "tool": for templates that render tool results
 
 # Mistral-instruct format; a system message is folded into the first user turn.
 DEFAULT_CHAT_TEMPLATE = (
@@ -81,6 +81,11 @@ class Tokenizer:
             self._template = None if self.chat_template is None else env.from_string(self.chat_template)
         except jinja2.TemplateError as err:
             raise ValueError(f"the chat template of {model_dir} is not a valid Jinja template: {err}") from None
+
+    @property
+    def backend(self) -> HFTokenizer:
+        """The ``tokenizers`` object itself (for libraries that build their own view of the vocabulary)."""
+        return self._tok
 
     @property
     def vocab_size(self) -> int:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&protos/moe_cluster/v1/generation.proto\x12\x0emoe_cluster.v1\"\xda\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x41\n\nlogit_bias\x18\t \x03(\x0b\x32-.moe_cluster.v1.SamplingParams.LogitBiasEntry\x12\x11\n\tbad_words\x18\n \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xd2\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\r\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x17\n\nmin_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x06 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\r\n\x0b_min_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe9\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x34\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x18.moe_cluster.v1.TokenIdsH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.moe_cluster.v1.SamplingParams\x12\x32\n\x08stopping\x18\x05 \x01(\x0b\x32 .moe_cluster.v1.StoppingCriteria\x12\x15\n\x08logprobs\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x1e\n\x16\x63ontinuous_usage_stats\x18\x08 \x01(\x08\x12 \n\x13skip_special_tokens\x18\t \x01(\x08H\x02\x88\x01\x01\x42\x07\n\x05inputB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"i\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\'\n\x03top\x18\x04 \x03(\x0b\x32\x1a.moe_cluster.v1.TopLogprob\"\xa2\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12/\n\x0bstop_reason\x18\x05 \x01(\x0e\x32\x1a.moe_cluster.v1.StopReason\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x1a\n\rstop_token_id\x18\x07 \x01(\rH\x00\x88\x01\x01\x12$\n\x05usage\x18\x08 \x01(\x0b\x32\x15.moe_cluster.v1.Usage\x12.\n\x08logprobs\x18\t \x03(\x0b\x32\x1c.moe_cluster.v1.TokenLogprobB\x10\n\x0e_stop_token_id\"\x99\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.moe_cluster.v1.TokenLogprob\x12/\n\x0bstop_reason\x18\x05 \x01(\x0e\x32\x1a.moe_cluster.v1.StopReason\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x1a\n\rstop_token_id\x18\x07 \x01(\rH\x00\x88\x01\x01\x12$\n\x05usage\x18\x08 \x01(\x0b\x32\x15.moe_cluster.v1.UsageB\x10\n\x0e_stop_token_id\"f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xb6\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x0e\n\x06\x65ngine\x18\x08 \x01(\t*u\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x0e\n\nMAX_TOKENS\x10\x01\x12\r\n\tEOS_TOKEN\x10\x02\x12\x11\n\rSTOP_SEQUENCE\x10\x03\x12\r\n\tCANCELLED\x10\x04\x12\t\n\x05\x45RROR\x10\x05\x32\xe0\x02\n\x11GenerationService\x12M\n\x08Generate\x12\x1f.moe_cluster.v1.GenerateRequest\x1a .moe_cluster.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.moe_cluster.v1.GenerateRequest\x1a&.moe_cluster.v1.GenerateStreamResponse0\x01\x12M\n\x08Tokenize\x12\x1f.moe_cluster.v1.TokenizeRequest\x1a .moe_cluster.v1.TokenizeResponse\x12P\n\tModelInfo\x12 .moe_cluster.v1.ModelInfoRequest\x1a!.moe_cluster.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&protos/moe_cluster/v1/generation.proto\x12\x0emoe_cluster.v1\"\xda\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x41\n\nlogit_bias\x18\t \x03(\x0b\x32-.moe_cluster.v1.SamplingParams.LogitBiasEntry\x12\x11\n\tbad_words\x18\n \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xd2\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\r\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x17\n\nmin_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x06 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\r\n\x0b_min_tokens\"\x97\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.moe_cluster.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa6\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x34\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x18.moe_cluster.v1.TokenIdsH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.moe_cluster.v1.SamplingParams\x12\x32\n\x08stopping\x18\x05 \x01(\x0b\x32 .moe_cluster.v1.StoppingCriteria\x12\x15\n\x08logprobs\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x1e\n\x16\x63ontinuous_usage_stats\x18\x08 \x01(\x08\x12 \n\x13skip_special_tokens\x18\t \x01(\x08H\x02\x88\x01\x01\x12;\n\x11structured_output\x18\n \x01(\x0b\x32 .moe_cluster.v1.StructuredOutputB\x07\n\x05inputB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"i\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\'\n\x03top\x18\x04 \x03(\x0b\x32\x1a.moe_cluster.v1.TopLogprob\"\xa2\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12/\n\x0bstop_reason\x18\x05 \x01(\x0e\x32\x1a.moe_cluster.v1.StopReason\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x1a\n\rstop_token_id\x18\x07 \x01(\rH\x00\x88\x01\x01\x12$\n\x05usage\x18\x08 \x01(\x0b\x32\x15.moe_cluster.v1.Usage\x12.\n\x08logprobs\x18\t \x03(\x0b\x32\x1c.moe_cluster.v1.TokenLogprobB\x10\n\x0e_stop_token_id\"\x99\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.moe_cluster.v1.TokenLogprob\x12/\n\x0bstop_reason\x18\x05 \x01(\x0e\x32\x1a.moe_cluster.v1.StopReason\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x1a\n\rstop_token_id\x18\x07 \x01(\rH\x00\x88\x01\x01\x12$\n\x05usage\x18\x08 \x01(\x0b\x32\x15.moe_cluster.v1.UsageB\x10\n\x0e_stop_token_id\"f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xb6\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x0e\n\x06\x65ngine\x18\x08 \x01(\t*u\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x0e\n\nMAX_TOKENS\x10\x01\x12\r\n\tEOS_TOKEN\x10\x02\x12\x11\n\rSTOP_SEQUENCE\x10\x03\x12\r\n\tCANCELLED\x10\x04\x12\t\n\x05\x45RROR\x10\x05\x32\xe0\x02\n\x11GenerationService\x12M\n\x08Generate\x12\x1f.moe_cluster.v1.GenerateRequest\x1a .moe_cluster.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.moe_cluster.v1.GenerateRequest\x1a&.moe_cluster.v1.GenerateStreamResponse0\x01\x12M\n\x08Tokenize\x12\x1f.moe_cluster.v1.TokenizeRequest\x1a .moe_cluster.v1.TokenizeResponse\x12P\n\tModelInfo\x12 .moe_cluster.v1.ModelInfoRequest\x1a!.moe_cluster.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +33,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_STOPREASON']._serialized_start=2330
-  _globals['_STOPREASON']._serialized_end=2447
+  _globals['_STOPREASON']._serialized_start=2573
+  _globals['_STOPREASON']._serialized_end=2690
   _globals['_SAMPLINGPARAMS']._serialized_start=59
   _globals['_SAMPLINGPARAMS']._serialized_end=533
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=364
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=412
   _globals['_STOPPINGCRITERIA']._serialized_start=536
   _globals['_STOPPINGCRITERIA']._serialized_end=746
-  _globals['_TOKENIDS']._serialized_start=748
-  _globals['_TOKENIDS']._serialized_end=771
-  _globals['_GENERATEREQUEST']._serialized_start=774
-  _globals['_GENERATEREQUEST']._serialized_end=1135
-  _globals['_USAGE']._serialized_start=1137
-  _globals['_USAGE']._serialized_end=1216
-  _globals['_TOPLOGPROB']._serialized_start=1218
-  _globals['_TOPLOGPROB']._serialized_end=1280
-  _globals['_TOKENLOGPROB']._serialized_start=1282
-  _globals['_TOKENLOGPROB']._serialized_end=1387
-  _globals['_GENERATERESPONSE']._serialized_start=1390
-  _globals['_GENERATERESPONSE']._serialized_end=1680
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1683
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1964
-  _globals['_TOKENIZEREQUEST']._serialized_start=1966
-  _globals['_TOKENIZEREQUEST']._serialized_end=2068
-  _globals['_TOKENIZERESPONSE']._serialized_start=2070
-  _globals['_TOKENIZERESPONSE']._serialized_end=2123
-  _globals['_MODELINFOREQUEST']._serialized_start=2125
-  _globals['_MODELINFOREQUEST']._serialized_end=2143
-  _globals['_MODELINFORESPONSE']._serialized_start=2146
-  _globals['_MODELINFORESPONSE']._serialized_end=2328
-  _globals['_GENERATIONSERVICE']._serialized_start=2450
-  _globals['_GENERATIONSERVICE']._serialized_end=2802
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=749
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=900
+  _globals['_CHOICES']._serialized_start=902
+  _globals['_CHOICES']._serialized_end=928
+  _globals['_TOKENIDS']._serialized_start=930
+  _globals['_TOKENIDS']._serialized_end=953
+  _globals['_GENERATEREQUEST']._serialized_start=956
+  _globals['_GENERATEREQUEST']._serialized_end=1378
+  _globals['_USAGE']._serialized_start=1380
+  _globals['_USAGE']._serialized_end=1459
+  _globals['_TOPLOGPROB']._serialized_start=1461
+  _globals['_TOPLOGPROB']._serialized_end=1523
+  _globals['_TOKENLOGPROB']._serialized_start=1525
+  _globals['_TOKENLOGPROB']._serialized_end=1630
+  _globals['_GENERATERESPONSE']._serialized_start=1633
+  _globals['_GENERATERESPONSE']._serialized_end=1923
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1926
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2207
+  _globals['_TOKENIZEREQUEST']._serialized_start=2209
+  _globals['_TOKENIZEREQUEST']._serialized_end=2311
+  _globals['_TOKENIZERESPONSE']._serialized_start=2313
+  _globals['_TOKENIZERESPONSE']._serialized_end=2366
+  _globals['_MODELINFOREQUEST']._serialized_start=2368
+  _globals['_MODELINFOREQUEST']._serialized_end=2386
+  _globals['_MODELINFORESPONSE']._serialized_start=2389
+  _globals['_MODELINFORESPONSE']._serialized_end=2571
+  _globals['_GENERATIONSERVICE']._serialized_start=2693
+  _globals['_GENERATIONSERVICE']._serialized_end=3045
 # @@protoc_insertion_point(module_scope)
