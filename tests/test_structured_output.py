@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.sequence import RequestResult
 from cluster.engine.structured_output import StructuredOutput
-from cluster.engine_config import EngineConfig
 from cluster.errors import RequestError
 from router_service import tool_calls
 from tests.test_continuation import cut_and_continue, run
@@ -26,14 +24,6 @@ from tests.test_continuation import cut_and_continue, run
 SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"type": "integer", "minimum": 0,
                                                                                       "maximum": 99}},
           "required": ["answer", "n"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def engine(demo_dir: Path) -> Iterator[EngineLoop]:
-    eng = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, num_kv_blocks=96,
-                                               block_size=8, max_model_len=256))
-    yield eng
-    eng.shutdown()
 
 
 def test_json_schema_regex_and_choice_are_enforced(engine: EngineLoop) -> None:
