@@ -19,6 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository, wherever it is 
 DOCS = ROOT / "docs" / "benchmarks.md"
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load average: printed before and after a benchmark (a busy machine misleads)."""
+    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -2,11 +2,17 @@
 
   * shared system prompt: N requests (default 64) whose prompts start with one long system prompt (at least 3/4
     of each prompt), then a question of their own; all arrive at once;
-  * multi-turn chat replay: C conversations at once, T turns each; a turn's prompt is the whole history so far
-    (earlier prompts and answers) plus a new user message, sent when the previous answer is back.
+  * multi-turn chat replay, shaped like vLLM's multi-turn benchmark (benchmarks/multi_turn: a prefix common to
+    all conversations, a prefix of each conversation's own, then turns of a user message and an answer), scaled
+    to the bench model's 2048-token context: C conversations of T turns; the common prefix is the system prompt,
+    each conversation adds a document of its own (``--conversation-prefix-len``), and a turn's prompt is the whole
+    history so far (earlier messages and answers) plus a new user message, sent when the previous answer is back.
+    Conversations join one after another (each when the previous one's first answer is back), as users of a
+    chat service do; the lockstep variant starts them all at once, so every turn of all of them arrives in one
+    step (the worst case for TTFT: one big prefill step that every request waits for).
 
     python -m bench.prefix_cache [--size bench] [--requests 64] [--system-len 384] [--question-len 96]
-                                 [--conversations 8] [--turns 4] [--repeats 2]
+                                 [--conversations 8] [--turns 6] [--conversation-prefix-len 128] [--repeats 2]
 
 Each peer is a fresh local engine (empty cache) with the same weights and limits; the repeats alternate off / on,
 so a drifting (shared) machine slows both alike; medians are reported. TTFT is the engine's (arrival to first
@@ -16,14 +22,15 @@ token); throughput is output tokens over the workload's wall time. Greedy output
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import random
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench.common import machine, progress, table, write_section
+from bench.common import load_average, machine, progress, table, write_section
 from bench.models import bench_model, describe
 from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
@@ -40,11 +47,6 @@ class Run:
     hits: int
     queries: int
     outputs: list[list[int]]
-
-
-def load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
 
 
 def engine(model: str, caching: bool, args: argparse.Namespace) -> EngineLoop:
@@ -73,21 +75,27 @@ def shared_system_prompt(model: str, caching: bool, args: argparse.Namespace, vo
     return finish(eng, results, time.perf_counter() - started)
 
 
-def chat_replay(model: str, caching: bool, args: argparse.Namespace, vocab: int) -> Run:
+def chat_replay(model: str, caching: bool, args: argparse.Namespace, vocab: int, lockstep: bool = False) -> Run:
     rng = random.Random(1)
-    system = [rng.randrange(3, vocab) for _ in range(args.system_len // 2)]
-    messages = [[[rng.randrange(3, vocab) for _ in range(args.question_len // 2)] for _ in range(args.turns)]
+    system = [rng.randrange(3, vocab) for _ in range(args.system_len)]
+    documents = [[rng.randrange(3, vocab) for _ in range(args.conversation_prefix_len)]
+                 for _ in range(args.conversations)]
+    messages = [[[rng.randrange(3, vocab) for _ in range(args.question_len)] for _ in range(args.turns)]
                 for _ in range(args.conversations)]
     eng = engine(model, caching, args)
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     results: list[list[RequestResult]] = [[] for _ in messages]
+    joined = [threading.Event() for _ in messages]  # set when conversation c's first answer is back
 
     def converse(c: int) -> None:
-        history = list(system)
+        if c > 0 and not lockstep:
+            joined[c - 1].wait()
+        history = system + documents[c]
         for message in messages[c]:
             history += message
             result = eng.generate([history], params)[0]
             results[c].append(result)
+            joined[c].set()
             history += result.completions[0].token_ids
 
     started = time.perf_counter()
@@ -107,7 +115,9 @@ def main() -> None:
     parser.add_argument("--question-len", type=int, default=96)
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--conversations", type=int, default=8)
-    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--conversation-prefix-len", type=int, default=128,
+                        help="chat replay: tokens of a document of its own per conversation")
     parser.add_argument("--batched-tokens", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-write", action="store_true", help="print the table only")
@@ -117,9 +127,11 @@ def main() -> None:
     from cluster.model.config import ModelConfig
 
     vocab = ModelConfig.from_file(model).vocab_size
-    load_before = load()
-    progress(f"load average before (1/5/15 min): {load_before}; this machine is shared with other work right now")
-    workloads = {"shared system prompt": shared_system_prompt, "multi-turn chat replay": chat_replay}
+    load_before = load_average()
+    progress(f"load average before (1/5/15 min): {load_before}")
+    workloads: dict[str, Callable[[str, bool, argparse.Namespace, int], Run]] = {
+        "shared system prompt": shared_system_prompt, "multi-turn chat replay": chat_replay,
+        "chat replay, lockstep": functools.partial(chat_replay, lockstep=True)}
     runs: dict[tuple[str, bool], list[Run]] = {}
     for repeat in range(args.repeats):
         for name, workload in workloads.items():
@@ -129,7 +141,8 @@ def main() -> None:
                 runs.setdefault((name, caching), []).append(run)
                 progress(f"  mean TTFT {statistics.mean(run.ttfts) * 1e3:.0f} ms, wall {run.wall:.1f} s, "
                          f"hits {run.hits}/{run.queries} tokens")
-    load_after = load()
+    load_after = load_average()
+    quiet = float(load_before.split(" / ")[0]) <= 1.0
     progress(f"load average after: {load_after}")
 
     def median(name: str, caching: bool, value: str) -> float:
@@ -154,16 +167,21 @@ def main() -> None:
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_write"))
     body = "\n".join([
         f"Machine: {machine()}. Model {describe(args.size)}. Command: `{command}`.",
-        f"Load average (1/5/15 min) before {load_before}, after {load_after}: the machine was shared with other "
-        "work during this run, so absolute numbers are noisy; "
+        f"Load average (1/5/15 min) before {load_before}, after {load_after}: "
+        + ("a quiet machine (1-minute load at most 1 before; the load after counts this run's own threads); "
+           if quiet else
+           "the machine was shared with other work during this run, so absolute numbers are noisy; ")
         + ("with one repeat, the peers of a workload ran one after the other (off, then on), so a change of load "
            "between them moves the ratios too." if args.repeats == 1 else
            "the ratios are of medians of peers run alternately."),
         f"Shared system prompt: {args.requests} requests, a {args.system_len}-token system prompt + "
         f"{args.question_len} tokens each, {args.output_len} output tokens, all at once. Chat replay: "
-        f"{args.conversations} conversations x {args.turns} turns, a {args.system_len // 2}-token system prompt, "
-        f"{args.question_len // 2}-token user messages, {args.output_len}-token answers. Each peer a fresh local "
-        f"engine (max_num_batched_tokens {args.batched_tokens}); medians of {args.repeats} alternating repeats.",
+        f"{args.conversations} conversations x {args.turns} turns, the {args.system_len}-token system prompt, a "
+        f"{args.conversation_prefix_len}-token document per conversation, {args.question_len}-token user messages, "
+        f"{args.output_len}-token answers; conversations join one after another (each when the previous one's "
+        "first answer is back), or all start at once (lockstep: every turn of all of them then arrives in the same "
+        f"step). Each peer a fresh local engine (max_num_batched_tokens {args.batched_tokens}); medians of "
+        f"{args.repeats} alternating repeats.",
         "", table(headers, rows), "", *derived])
     print(body)
     if not args.no_write:
