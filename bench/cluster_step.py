@@ -117,7 +117,8 @@ def run_size(size: str, args: argparse.Namespace) -> str:
     model = bench_model(size)
     cfg = ModelConfig.from_file(model)
     progress(f"model {describe(size)}")
-    engine_cfg = EngineConfig(model=str(model), progress=False, max_num_batched_tokens=4096, max_num_seqs=128,
+    engine_cfg = EngineConfig(model=str(model), progress=False, enable_prefix_caching=False,
+                              max_num_batched_tokens=4096, max_num_seqs=128,
                               num_kv_blocks=max(512, args.batch * 16))
     batch = prompts(args.batch, 16, cfg.vocab_size, seed=1)
     peers = [Peer("local engine, 1 thread", [EngineLoop.local(engine_cfg)], threads=1),

@@ -22,7 +22,7 @@ from typing import Any
 import ray
 import torch
 
-from bench.common import add_workload_flags, machine, progress, table, write_section
+from bench.common import add_workload_flags, load_average, machine, progress, table, write_section
 from bench.models import bench_model, describe
 from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
@@ -85,14 +85,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_flags(parser)
     parser.set_defaults(size="bench", prompt_len=64)
-    parser.add_argument("--experts-per-worker", type=int, default=4)
+    parser.add_argument("--experts-per-worker", type=int, default=None,
+                        help="default: the shape `moe-cluster plan` picks for this machine (what `serve` deploys)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
     model = str(bench_model(args.size))
+    if args.experts_per_worker is None:
+        from cluster.model.config import ModelConfig
+        from cluster.planning.hardware import local_hardware
+        from cluster.planning.plan import plan_cpus
+
+        args.experts_per_worker = plan_cpus(ModelConfig.from_file(model), local_hardware()).pool_options[
+            "experts_per_worker"]
+    args.load_before = load_average()
+    progress(f"load average before (1/5/15 min): {args.load_before}")
     ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
-    engine_cfg = EngineConfig(model=model, progress=False, max_num_seqs=64, max_num_batched_tokens=2048,
+    engine_cfg = EngineConfig(model=model, progress=False, enable_prefix_caching=False,
+                              max_num_seqs=64, max_num_batched_tokens=2048,
                               num_kv_blocks=64 * ((args.prompt_len + args.output_len) // 16 + 2))
     progress("loading transformers, the local engine, an expert pool and its coordinators")
     pool = start_pool(engine_cfg, PoolConfig(experts_per_worker=args.experts_per_worker, threads_per_worker=1))
@@ -135,6 +146,8 @@ def main() -> None:
             for engine in group:
                 engine.shutdown()
         stop_pool(pool)
+    args.load_after = load_average()
+    progress(f"load average after: {args.load_after}")
     print(report(args, {name: {c: statistics.median(v) for c, v in by_c.items()} for name, by_c in samples.items()}))
 
 
@@ -157,12 +170,13 @@ def report(args: argparse.Namespace, tps: dict[str, dict[int, float]]) -> str:
         for kind in ("local", "cluster, default", "cluster, serial", "cluster, ping-pong", "cluster, 2 coordinators")
     ) + "."]
     body = "\n".join([
-        f"Machine: {machine()}. Model {describe(args.size)}; {args.experts_per_worker} experts per worker.",
+        f"Machine: {machine()}. Model {describe(args.size)}; {args.experts_per_worker} experts per worker. Load "
+        f"average (1/5/15 min) before {args.load_before}, after {args.load_after}.",
         f"Each of N sequences: {args.prompt_len}-token prompt, exactly {args.output_len} greedy output tokens "
         f"(EOS ignored), all N submitted at once; output tokens/s, median of {args.repeats}; the ratios compare "
         "with the better thread count of transformers and of the local engine. Command: `python -m bench.engine "
         f"--size {args.size} --concurrency {' '.join(map(str, args.concurrency))} --prompt-len {args.prompt_len} "
-        f"--output-len {args.output_len}`.",
+        f"--output-len {args.output_len} --experts-per-worker {args.experts_per_worker}`.",
         "",
         table(headers, rows),
         "",

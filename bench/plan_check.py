@@ -1,5 +1,5 @@
 """Predicted vs measured decode step time: ``moe-cluster plan``'s cost model (op costs calibrated on this machine,
-cluster/planning/calibrate.py) against the cluster's measured step, for the shapes given, side by side in one run.
+cluster/engine/calibrate.py) against the cluster's measured step, for the shapes given, side by side in one run.
 
     python -m bench.plan_check [--size bench] [--workers 1 2 8] [--micro-batches 1 2] [--batch 8 32]
 
@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
+import statistics
+from typing import Any
 
 import ray
 import torch
@@ -21,12 +24,13 @@ import torch
 from bench.cluster_step import Peer, measure, prompts
 from bench.common import machine, progress, table, write_section
 from bench.models import bench_model, describe
+from cluster.engine.calibrate import calibrate
 from cluster.engine.loop import EngineLoop
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.model.config import ModelConfig
-from cluster.planning.calibrate import calibrate
-from cluster.planning.plan import Hardware, Plan, interpolate, plan_cpus, split_experts, step_ms, worker_layer_ms
+from cluster.planning.plan import Hardware, Plan, plan_cpus, split_experts, step_ms
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
+from workers.link_calibration import exchange_ms
 
 PROMPT_LEN = 16
 
@@ -36,10 +40,17 @@ def shaped(plan: Plan, workers: int, cores: int) -> Plan:
     return dataclasses.replace(plan, workers=experts, overlaps=cores >= 1 + len(experts))
 
 
-def local_step_ms(plan: Plan, costs: dict[str, object], batch: int) -> float:
-    coord = interpolate(costs["coordinator_layer"], batch)  # type: ignore[arg-type]
-    experts = worker_layer_ms(costs, plan.sizes.num_experts, plan.sizes.num_experts, plan.top_k, batch)
-    return plan.sizes.num_layers * (coord + experts) + interpolate(costs["lm_head"], batch)  # type: ignore[arg-type]
+def local_step_ms(plan: Plan, costs: dict[str, Any], tokens: int, prefill: bool = False) -> float:
+    """The local engine: every layer the coordinator's part and every expert that has rows, in one thread."""
+    local = dataclasses.replace(plan, workers=[list(range(plan.sizes.num_experts))], overlaps=False)
+    return step_ms(local, costs, tokens, 1, prefill=prefill, link_ms=0.0)
+
+
+def prefill_ms(peer: Peer, batch: list[list[int]], repeats: int) -> float:
+    """One step that prefills the whole batch (and samples its first tokens): median wall time of a 1-token
+    generate, after a warm-up."""
+    peer.generate(batch, 1)
+    return 1000 * statistics.median(peer.generate(batch, 1) for _ in range(repeats))
 
 
 def main() -> None:
@@ -50,6 +61,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prefill-prompts", type=int, default=8,
+                        help="prefill check: this many prompts of --prefill-len tokens in one step")
+    parser.add_argument("--prefill-len", type=int, default=128)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -57,12 +71,18 @@ def main() -> None:
     cfg = ModelConfig.from_file(model)
     cores = os.cpu_count() or 1
     torch.set_num_threads(1)
-    costs = calibrate(cfg, cfg.dtype, "cpu", context=PROMPT_LEN + args.decode_tokens)
+    # Measured again in this run: a cached calibration may come from a busier machine than this measurement's.
+    costs = calibrate(cfg, cfg.dtype, "cpu", context=PROMPT_LEN + args.decode_tokens, refresh=True,
+                      also=functools.partial(exchange_ms, cfg.hidden_size, cfg.dtype, tuple(sorted(set(args.workers)))))
     base = plan_cpus(cfg, Hardware("cpu", cores, 24))
     ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
-    engine_cfg = EngineConfig(model=str(model), progress=False, max_num_batched_tokens=4096, max_num_seqs=128,
+    engine_cfg = EngineConfig(model=str(model), progress=False, enable_prefix_caching=False,
+                              max_num_batched_tokens=4096, max_num_seqs=128,
                               num_kv_blocks=max(512, max(args.batch) * 4))
     rows: list[list[object]] = []
+    prefill_batch = prompts(args.prefill_prompts, args.prefill_len, cfg.vocab_size, seed=2)
+    prefill_tokens = args.prefill_prompts * args.prefill_len
+    prefill_label = f"prefill {args.prefill_prompts} x {args.prefill_len}"
     local = EngineLoop.local(engine_cfg)
     try:
         for batch_size in args.batch:
@@ -70,6 +90,9 @@ def main() -> None:
             measured = measure([Peer("local", [local], threads=1)], batch, args.decode_tokens, args.repeats)
             predicted = local_step_ms(base, costs, batch_size)
             rows.append(_row("local engine, 1 thread", "-", batch_size, predicted, measured["local"]["step_ms"]))
+        local_prefill = prefill_ms(Peer("local", [local], threads=1), prefill_batch, args.repeats)
+        rows.append(_row("local engine, 1 thread", "-", prefill_label, local_step_ms(base, costs, prefill_tokens,
+                                                                                    prefill=True), local_prefill))
     finally:
         local.shutdown()
     for workers in args.workers:
@@ -88,6 +111,11 @@ def main() -> None:
                         rows.append(_row(f"cluster, {len(plan.workers)} worker(s) x {epw}", micro, batch_size,
                                          predicted, got["c"]["step_ms"]))
                         progress(f"{rows[-1]}")
+                    got_ms = prefill_ms(Peer("c", [engine], pool=pool), prefill_batch, args.repeats)
+                    predicted = step_ms(plan, costs, prefill_tokens, micro, prefill=True)
+                    rows.append(_row(f"cluster, {len(plan.workers)} worker(s) x {epw}", micro, prefill_label,
+                                     predicted, got_ms))
+                    progress(f"{rows[-1]}")
                 finally:
                     engine.shutdown()
         finally:
@@ -98,22 +126,27 @@ def main() -> None:
     body = "\n".join([
         f"Machine: {machine()}. Model {describe(args.size)}. Load average (1/5/15 min) before "
         f"{'/'.join(f'{v:.1f}' for v in load_before)}, after {'/'.join(f'{v:.1f}' for v in load_after)} on "
-        f"{cores} cores: the machine was shared with other jobs while this ran, so the measured times carry "
-        "their noise. Command: `python -m bench.plan_check --size "
+        f"{cores} cores"
+        + (": a quiet machine (1-minute load at most 1 before; the load after counts this run's own processes). "
+           if load_before[0] <= 1.0 else
+           ": the machine was shared with other jobs while this ran, so the measured times carry their noise. ")
+        + "Command: `python -m bench.plan_check --size "
         f"{args.size} --workers {' '.join(map(str, args.workers))} --micro-batches "
         f"{' '.join(map(str, args.micro_batches))} --batch {' '.join(map(str, args.batch))}`.",
         f"Op costs: {costs.get('cached', 'measured in this run')} ({costs['device']}, {costs['threads']} thread).",
         "",
-        table(["engine", "micro-batches", "sequences", "predicted ms/step", "measured ms/step", "error"], rows),
+        table(["engine", "micro-batches", "sequences (decode) or prompts", "predicted ms/step", "measured ms/step",
+               "error"], rows),
         "",
-        f"- {within} of {len(rows)} shapes predicted within 15% of the measured decode step.",
+        f"- {within} of {len(rows)} shapes (decode steps and the prefill step) predicted within 15% of the measured "
+        "time.",
     ])
     print(body)
     if not args.no_write:
         write_section("plan_check", "Predicted vs measured decode step (moe-cluster plan's cost model)", body)
 
 
-def _row(name: str, micro: object, batch: int, predicted: float, measured: float) -> list[object]:
+def _row(name: str, micro: object, batch: object, predicted: float, measured: float) -> list[object]:
     return [name, micro, batch, round(predicted, 2), round(measured, 2), f"{(predicted - measured) / measured:+.0%}"]
 
 

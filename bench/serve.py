@@ -24,6 +24,7 @@ from typing import Any
 from bench.common import (
     add_workload_flags,
     free_port,
+    load_average,
     machine,
     percentile,
     progress,
@@ -139,6 +140,28 @@ def run_transformers(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return out
 
 
+def app_arguments(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """The app's arguments: with ``--defaults`` exactly what ``moe-cluster serve --model M`` deploys (the bundled
+    serve.yaml with the shape ``moe-cluster plan`` picks for this machine), else the shape the flags give."""
+    if args.defaults:
+        from router_service.cli import build_parser
+        from router_service.serve_config import resolve_config
+
+        cli = build_parser().parse_args(["serve", "--model", str(model), "--served-model-name", args.size])
+        return dict(resolve_config(cli)["applications"][0]["args"])
+    return {"model": str(model), "served_model_name": args.size, "engine": args.engine,
+            "num_engines": args.num_engines,
+            "engine_options": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "kv_cache_gib": 0.5},
+            "pool_options": {"experts_per_worker": args.experts_per_worker, "threads_per_worker": 1}}
+
+
+def describe_server(app_args: dict[str, Any]) -> str:
+    pool, cluster = app_args.get("pool_options") or {}, app_args.get("cluster_options") or {}
+    return (f"{app_args.get('engine', 'cluster')} engine, {app_args.get('num_engines', 1)} engine replica(s), "
+            f"{pool.get('experts_per_worker', 1)} experts per worker, {pool.get('threads_per_worker', 1)} thread(s) "
+            f"per worker, micro-batches {cluster.get('micro_batches', 'auto')}")
+
+
 def run_server(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
     import httpx
     import ray
@@ -154,11 +177,7 @@ def run_server(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]
     ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": grpc_servicer_functions()})
-    app_args = {"model": str(model), "served_model_name": args.size, "engine": args.engine,
-                "num_engines": args.num_engines,
-                "engine_options": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "kv_cache_gib": 0.5},
-                "pool_options": {"experts_per_worker": args.experts_per_worker, "threads_per_worker": 1}}
-    serve.run(build_app(app_args), name="bench", route_prefix="/")
+    serve.run(build_app(app_arguments(args, model)), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{http_port}"
     results: dict[str, dict[str, dict[str, float]]] = {proto: {} for proto in PROTOCOLS}
     vocab = ModelConfig.from_file(model).vocab_size
@@ -202,6 +221,9 @@ def main() -> None:
     parser.add_argument("--engine", default="cluster", choices=["cluster", "local"])
     parser.add_argument("--experts-per-worker", type=int, default=2)
     parser.add_argument("--num-engines", type=int, default=1, help="engine replicas (coordinators) on the pool")
+    parser.add_argument("--defaults", action="store_true",
+                        help="serve what `moe-cluster serve --model M` deploys (bundled config, planned shape); "
+                             "--engine/--num-engines/--experts-per-worker are then ignored")
     parser.add_argument("--hf-peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -209,15 +231,19 @@ def main() -> None:
         print(json.dumps(run_transformers(args)))
         return
     bench_model(args.size)
+    load_before = load_average()
+    progress(f"load average before (1/5/15 min): {load_before}")
     progress("transformers batched generate, in its own process")
     cmd = [sys.executable, "-m", "bench.serve", "--hf-peer", *workload_argv(args)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"transformers peer failed:\n{done.stderr[-3000:]}")
     hf = json.loads(done.stdout.strip().splitlines()[-1])
-    progress(f"server ({args.engine} engine x {args.num_engines}, {args.experts_per_worker} experts/worker): "
-             "HTTP and gRPC")
+    server = describe_server(app_arguments(args, bench_model(args.size)))
+    progress(f"server ({server}): HTTP and gRPC")
     ours = run_server(args)
+    load_after = load_average()
+    progress(f"load average after: {load_after}")
 
     rows = []
     top = max(args.concurrency)
@@ -227,14 +253,16 @@ def main() -> None:
             rows.append([c, name, r["tps"], f"{r['tps'] / hf[c]['tps']:.2f}x", 1000 * r["ttft50"], 1000 * r["ttft99"],
                          1000 * r["tpot50"], 1000 * r["tpot99"]])
     body = "\n".join([
-        f"Machine: {machine()}. Model {describe(args.size)}. Server: {args.engine} engine, {args.num_engines} "
-        f"engine replica(s), {args.experts_per_worker} experts per worker, on a local Ray; clients on the same "
-        "machine (loopback).",
+        f"Machine: {machine()}. Model {describe(args.size)}. Server: "
+        + ("`moe-cluster serve`'s defaults (the bundled serve.yaml, shape from `moe-cluster plan`): " if args.defaults
+           else "") + f"{server}, on a local Ray; clients on the same machine (loopback). Load average (1/5/15 min) "
+        f"before {load_before}, after {load_after}.",
         f"Each request: {args.prompt_len}-token prompt, {args.output_len} greedy output tokens (EOS ignored), "
         f"streamed or not. Closed loop: N clients, each sending its next request when the last ends. "
         f"Command: `python -m bench.serve --size {args.size} --concurrency {' '.join(map(str, args.concurrency))} "
-        f"--prompt-len {args.prompt_len} --output-len {args.output_len} --engine {args.engine} --num-engines "
-        f"{args.num_engines} --experts-per-worker {args.experts_per_worker}`.",
+        f"--prompt-len {args.prompt_len} --output-len {args.output_len} "
+        + ("--defaults`." if args.defaults else f"--engine {args.engine} --num-engines {args.num_engines} "
+           f"--experts-per-worker {args.experts_per_worker}`."),
         "",
         table(["concurrency", "peer", "output tok/s", "vs transformers", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
                "TPOT p99 ms"], rows),
@@ -250,8 +278,9 @@ def main() -> None:
     ])
     print(body)
     if not args.no_write:
-        write_section(f"serve_{args.size}", f"Serving under load: HTTP and gRPC vs transformers ({args.size} model)",
-                      body)
+        write_section(f"serve_{args.size}" + ("_defaults" if args.defaults else ""),
+                      f"Serving under load: HTTP and gRPC vs transformers ({args.size} model"
+                      + (", `moe-cluster serve` defaults)" if args.defaults else ")"), body)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,10 +117,17 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.calibrate == "yes" or (args.calibrate == "auto" and hw.kind == here):
         import torch
 
-        from cluster.planning.calibrate import calibrate
+        from cluster.engine.calibrate import calibrate
 
         torch.set_num_threads(plan.threads["worker"])
-        costs = calibrate(cfg, plan.sizes.dtype, "cuda" if here == "gpu" else "cpu", refresh=args.recalibrate)
+        also = None
+        if here == "cpu":  # the links' exchange with as many worker processes as the plan has (one node's cores)
+            from workers.link_calibration import exchange_ms
+
+            counts = tuple(sorted({1, 2, len(plan.workers)}))
+            also = functools.partial(exchange_ms, cfg.hidden_size, plan.sizes.dtype, counts)
+        costs = calibrate(cfg, plan.sizes.dtype, "cuda" if here == "gpu" else "cpu", refresh=args.recalibrate,
+                          also=also)
         where = f"cached {costs['cached']}" if "cached" in costs else "measured now"
         load = costs.get("load_average")
         if load and load[0] > (costs.get("cpu_count") or 1):

@@ -4,6 +4,8 @@ Weight sizes are checked against transformers' Mixtral built on the meta device 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -12,11 +14,23 @@ import pytest
 import torch
 import yaml
 
+from cluster.engine.calibrate import calibrate
 from cluster.engine_config import ClusterConfig, PoolConfig
 from cluster.model.config import ModelConfig
-from cluster.planning.plan import GIB, Hardware, ModelSizes, interpolate, plan_cpus, plan_gpus, split_experts
+from cluster.planning.plan import (
+    GIB,
+    LINK_MS_PER_WORKER,
+    Hardware,
+    ModelSizes,
+    interpolate,
+    plan_cpus,
+    plan_gpus,
+    split_experts,
+    step_ms,
+)
 from router_service.cli import main
 from router_service.settings import AppSettings
+from workers.link_calibration import exchange_ms
 
 MIXTRAL = Path(__file__).parent / "data" / "mixtral-8x7b"
 
@@ -125,6 +139,40 @@ def test_split_and_interpolate() -> None:
     assert interpolate(points, 0.5) == 1.0 and interpolate(points, 10) == pytest.approx(5.0)
     assert interpolate(points, 28) == pytest.approx(14.0)  # extends the last segment
     assert ModelSizes.of(ModelConfig.from_file(MIXTRAL)).total_bytes / GIB == pytest.approx(86.99, abs=0.01)
+
+
+def test_step_model_shares_a_cpu_nodes_cores_among_its_processes() -> None:
+    """Eight one-expert workers on a 2-core node take turns for the cores: a layer's expert work is their sum over
+    the cores, not the slowest worker's; on 16 cores it is the slowest one's. The measured exchange replaces the
+    assumed link cost."""
+    cfg = ModelConfig.from_file(MIXTRAL)
+    flat = {"1": 1.0, "1024": 1.0}
+    costs: dict[str, Any] = {"coordinator_layer": flat, "expert": {"1": 2.0, "1024": 2.0},
+                             "lm_head": {"1": 0.0, "1024": 0.0}}
+    tokens = 512  # every expert has rows
+    for cores, worker_ms in ((2, 8 * 2.0 / 2), (16, 2.0)):
+        base = plan_cpus(cfg, Hardware("cpu", cores, 512))
+        plan = dataclasses.replace(base, workers=split_experts(8, 8))
+        expected = cfg.num_layers * (1.0 + worker_ms + 8 * LINK_MS_PER_WORKER)
+        assert step_ms(plan, costs, tokens, 1, prefill=False) == pytest.approx(expected)
+        measured = costs | {"exchange_ms": {"1": 0.5, "8": 3.0}}
+        assert step_ms(plan, measured, tokens, 1, prefill=False) == pytest.approx(expected + cfg.num_layers * (
+            3.0 - 8 * LINK_MS_PER_WORKER))
+
+
+def test_calibration_times_the_engine_and_the_links_on_this_machine(demo_dir: Path, tmp_path: Path) -> None:
+    """A real calibration at the demo's shapes: op costs, the local engine's own decode step (models of 1 and 2
+    layers) and the links' exchange with 1 and 2 worker processes; every time positive, cached and read back."""
+    cfg = ModelConfig.from_file(demo_dir)
+    also = functools.partial(exchange_ms, cfg.hidden_size, cfg.dtype, (1, 2), rounds=20)
+    costs = calibrate(cfg, cfg.dtype, "cpu", context=24, cache=tmp_path, repeats=2, rows=(1, 8), also=also)
+    for kind in ("coordinator_layer", "expert", "moe_overhead", "lm_head", "engine_layer", "engine_step"):
+        assert set(costs[kind]) == {"1", "8"}, kind
+        assert all(v > 0 for v in costs[kind].values()), (kind, costs[kind])
+    assert set(costs["exchange_ms"]) == {"1", "2"} and all(v > 0 for v in costs["exchange_ms"].values())
+    again = calibrate(cfg, cfg.dtype, "cpu", context=24, cache=tmp_path, repeats=2, rows=(1, 8))
+    assert again["cached"] and again["exchange_ms"] == costs["exchange_ms"]
+    assert again["engine_layer"] == costs["engine_layer"]
 
 
 def test_plans_fit_or_say_why_across_gpu_counts() -> None:

@@ -1,6 +1,6 @@
 """Fit the cluster to the hardware: from a ModelConfig alone (no weights) and a hardware description, the shape
 of the cluster (coordinators, expert workers, experts per worker, who shares a device), the memory of every
-device by kind, threads and micro-batches, and predicted step times from a cost model (cluster/planning/calibrate.py).
+device by kind, threads and micro-batches, and predicted step times from a cost model (cluster/engine/calibrate.py).
 
 Pure: no Ray, no I/O, no torch calls. ``plan_gpus`` / ``plan_cpus`` build a ``Plan``; ``Plan.overlay`` is the
 serve.yaml overlay (the ``applications: {name: {args: ...}}`` form of k8s/*/serve-overrides.yaml).
@@ -376,7 +376,7 @@ def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str
 # --------------------------------------------------------------------------------------------- step times
 
 
-LINK_MS_PER_LAYER = 0.1  # one layer's round trip to the workers on top of the ops (assumed, not calibrated)
+LINK_MS_PER_WORKER = 0.1  # a layer's round trip to one worker on top of the ops, where none was measured (GPUs)
 DECODE_BATCHES = (1, 8, 32, 64)
 PREFILL_TOKENS = 256
 
@@ -405,10 +405,18 @@ def worker_layer_ms(costs: dict[str, Any], experts: int, num_experts: int, top_k
 
 
 def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, prefill: bool,
-            link_ms: float = LINK_MS_PER_LAYER) -> float:
-    """Predicted step time: per layer, the coordinator's part, then the slowest worker's, then the link; with two
-    micro-batches one's attention runs while the workers compute the other's (where they have cores of their
-    own), so a layer costs the larger of the two halves' sums plus the smaller once (filling the pipeline)."""
+            link_ms: float | None = None) -> float:
+    """Predicted step time: per layer, the coordinator's part (attention, router, the MoE bookkeeping around the
+    expert calls), then the slowest worker's, then the link; with two micro-batches one's attention runs while the
+    workers compute the other's (where they have cores of their own), so a layer costs the larger of the two
+    halves' sums plus the smaller once (filling the pipeline).
+
+    On a CPU node the processes share its cores: workers that are more than the cores take turns (a layer's
+    expert work is at least their sum over the cores), and everything busy at once (both halves of ping-pong)
+    is at least its sum over the cores.
+
+    Where the calibration measured the local engine's own decode step (engine_layer, engine_step), a decode step's
+    coordinator part is that layer less the experts it ran, and the per-step rest is measured too."""
     cfg_layers, top_k = plan.sizes.num_layers, plan.top_k
     coord_points = costs["coordinator_layer"]
     part = tokens / micro_batches
@@ -417,13 +425,29 @@ def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, 
     else:
         decode_points = {k: v for k, v in coord_points.items() if int(k) <= max(DECODE_BATCHES)}
         coord = interpolate(decode_points or coord_points, part)
-    worker = max(worker_layer_ms(costs, len(w), plan.sizes.num_experts, top_k, part) for w in plan.workers)
+    if costs.get("moe_overhead"):
+        coord += interpolate(costs["moe_overhead"], part)
+    if not prefill and costs.get("engine_layer"):  # a real decode step's layer, less the experts it ran in-process
+        all_experts = worker_layer_ms(costs, plan.sizes.num_experts, plan.sizes.num_experts, top_k, part)
+        coord = max(coord, interpolate(costs["engine_layer"], part) - all_experts)
+    per_worker = [worker_layer_ms(costs, len(w), plan.sizes.num_experts, top_k, part) for w in plan.workers]
+    worker = max(per_worker)
+    cores = plan.hardware.devices if plan.hardware.kind == "cpu" else 0
+    if cores:
+        worker = max(worker, sum(per_worker) / cores)
+    if link_ms is None:  # one layer's exchange with the workers, measured where it could be (by worker count)
+        link_ms = (interpolate(costs["exchange_ms"], len(plan.workers)) if costs.get("exchange_ms")
+                   else LINK_MS_PER_WORKER * len(plan.workers))
     if micro_batches == 1:
         layer = coord + worker + link_ms
     elif plan.overlaps:
         layer = max(micro_batches * coord, micro_batches * worker) + min(coord, worker) + micro_batches * link_ms
+        if cores:
+            layer = max(layer, micro_batches * (coord + sum(per_worker)) / cores + micro_batches * link_ms)
     else:  # no core of its own for each side: the halves take turns
         layer = micro_batches * (coord + worker + link_ms)
+    if not prefill and costs.get("engine_step"):  # embeddings, LM head, sampling, scheduling: measured in a real step
+        return cfg_layers * layer + interpolate(costs["engine_step"], tokens)
     head_rows = 1 if prefill else tokens
     return cfg_layers * layer + interpolate(costs["lm_head"], head_rows)
 

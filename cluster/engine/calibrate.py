@@ -1,0 +1,251 @@
+"""Measured op costs for ``moe-cluster plan``: a small calibration run on this machine, cached.
+
+For the model's real shapes (random weights: only the shapes matter), time what one decoder layer's parts cost at
+a few row counts, each in milliseconds (median of a few runs, torch's threads as the caller set them):
+
+  coordinator_layer[rows]  RMSNorms, q/k/v/o projections, RoPE, attention over ``context`` keys per sequence
+                           (decode: one query per sequence), the router
+  expert[rows]             one SwiGLU expert (cluster/ops.expert_swiglu) on ``rows`` rows, its weights streamed
+                           from memory as in a real step (each call takes the next of enough distinct experts to
+                           overflow the caches: a decode step reads every layer's experts once)
+  moe_overhead[rows]       the coordinator's MoE bookkeeping of one layer around the expert calls: routing, the
+                           dispatch plan, gathering rows by expert and combining the outputs (cluster/moe/layer.py's
+                           own code, the expert calls left out)
+  lm_head[rows]            the final norm and the LM head
+
+and, where a layer's weights are small enough to write a throwaway checkpoint of them (``ENGINE_MAX_LAYER_BYTES``),
+the local engine's own decode step on random checkpoints of the model's shapes with 1 and 2 layers (median of a
+few runs; a step = (time of 1 + D tokens - time of 1 token) / D, as bench/cluster_step.py measures it):
+
+  engine_layer[rows]       what one more layer adds to a real decode step: its ops, the paged KV cache, the MoE
+                           layer's bookkeeping and its experts, streamed
+  engine_step[rows]        the rest of a real decode step: embeddings, the final norm and LM head, sampling,
+                           scheduling and outputs (the step of the 1-layer model less its layer)
+
+``cluster/planning/plan.py`` interpolates these (linearly in rows, extrapolating from the last two points) to predict
+step times. Cached under ~/.cache/moe-cluster/calibration/ by shapes, dtype, device, threads and torch version.
+Shape legend: R rows (tokens), H hidden, Q/KV heads, D head dim, I expert intermediate, S keys per sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cluster.engine.loop import EngineLoop
+from cluster.engine.sampling import SamplingParams
+from cluster.engine_config import EngineConfig
+from cluster.errors import WorkerFailure
+from cluster.model.config import ModelConfig, parse_dtype
+from cluster.model.demo import init_demo
+from cluster.model.ops import apply_rope, attention, expert_swiglu, rms_norm, rope_cos_sin, rope_inv_freq, route
+from cluster.moe.expert_map import ExpertMap
+from cluster.moe.layer import MoELayer
+
+CACHE = Path("~/.cache/moe-cluster/calibration").expanduser()
+ENGINE_MAX_LAYER_BYTES = 2**30  # above this a layer's throwaway checkpoint costs more than the calibration is worth
+ENGINE_DECODE_TOKENS = 8
+STREAM_BYTES = 256 * 2**20  # distinct expert weights cycled through: more than any CPU's last-level cache
+CALIBRATION_VERSION = 3  # bump when what is measured changes: older cached costs are measured again
+DECODE_ROWS = (1, 4, 8, 16, 32, 64)
+ENGINE_ROWS = (1, 8, 32, 64)  # the decode batches the plan predicts for (plan.py DECODE_BATCHES)
+PREFILL_ROWS = (256,)
+
+
+def calibration_key(cfg: ModelConfig, dtype: str, device: torch.device, context: int) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    shapes = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+              cfg.num_experts, cfg.vocab_size, dtype, name, torch.get_num_threads(), torch.__version__, context,
+              CALIBRATION_VERSION)
+    return hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
+
+
+def calibrate(cfg: ModelConfig, dtype: str, device: str = "cpu", context: int = 128, cache: Path | None = CACHE,
+              repeats: int = 5, rows: tuple[int, ...] = DECODE_ROWS + PREFILL_ROWS, refresh: bool = False,
+              also: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Op costs of ``cfg`` on ``device`` (cached; ``refresh`` measures again). ``context``: keys per sequence in
+    the decode attention. The load average at the time is kept with them: costs measured on a busy machine are
+    inflated by waiting for a core, and should be measured again when it is quiet. ``also``: more measurements
+    (the links' exchange, workers/link_calibration.py) made and cached with these."""
+    dev = torch.device(device)
+    key = calibration_key(cfg, dtype, dev, context)
+    path = cache / f"{key}.json" if cache is not None else None
+    if path is not None and path.exists() and not refresh:
+        return dict(json.loads(path.read_text())) | {"cached": str(path)}
+    costs = _measure(cfg, parse_dtype(dtype), dev, context, repeats, rows)
+    costs |= _engine_costs(cfg, dtype, dev, context, tuple(r for r in rows if r in ENGINE_ROWS))
+    if also is not None:
+        costs |= also()
+    costs |= {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": dtype,
+              "threads": torch.get_num_threads(), "context": context, "torch": torch.__version__,
+              "load_average": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count()}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(costs, indent=1))
+    return costs
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        samples.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(samples)
+
+
+@torch.inference_mode()
+def _measure(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, context: int, repeats: int,
+             rows: tuple[int, ...]) -> dict[str, Any]:
+    h, q_heads, kv_heads, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def weight(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=dtype, device=device) * shape[-1] ** -0.5
+
+    norm = torch.ones(h, dtype=dtype, device=device)
+    wqkv, wo, gate = weight((q_heads + 2 * kv_heads) * d, h), weight(h, q_heads * d), weight(cfg.num_experts, h)
+    expert_bytes = 3 * h * cfg.intermediate_size * torch.finfo(dtype).bits // 8
+    copies = max(2, -(-STREAM_BYTES // expert_bytes))  # distinct experts cycled through (streamed weights)
+    w13s = [weight(2 * cfg.intermediate_size, h) for _ in range(copies)]
+    w2s = [weight(h, cfg.intermediate_size) for _ in range(copies)]
+    turn = itertools.count()
+    moe = MoELayer(_NoExperts(cfg.num_experts), 1, cfg.num_experts, cfg.experts_per_token)
+    head = weight(cfg.vocab_size, h)
+    inv_freq = rope_inv_freq(d, cfg.rope_theta).to(device)
+    out: dict[str, Any] = {"coordinator_layer": {}, "expert": {}, "moe_overhead": {}, "lm_head": {}}
+    for r in rows:
+        x = torch.randn(r, h, dtype=dtype, device=device)
+        decode = r in DECODE_ROWS
+        seqs, q_len, keys = (r, 1, context) if decode else (1, r, r)  # decode: r sequences; prefill: one prompt
+        k_cache = torch.randn(seqs, kv_heads, keys, d, dtype=dtype, device=device)
+        mask = torch.ones(seqs, 1, q_len, keys, dtype=torch.bool, device=device)
+        if not decode:
+            mask = torch.ones(q_len, keys, dtype=torch.bool, device=device).tril().expand(1, 1, q_len, keys)
+        positions = torch.arange(q_len, device=device).repeat(seqs)
+        cos, sin = rope_cos_sin(positions, inv_freq, dtype)
+
+        def layer(x: torch.Tensor = x, k_cache: torch.Tensor = k_cache, mask: torch.Tensor = mask,
+                  cos: torch.Tensor = cos, sin: torch.Tensor = sin, seqs: int = seqs, q_len: int = q_len) -> None:
+            y = rms_norm(x, norm, cfg.rms_norm_eps)
+            qkv = y @ wqkv.T
+            q = qkv[:, :q_heads * d].view(-1, q_heads, d)
+            k = qkv[:, q_heads * d:(q_heads + kv_heads) * d].view(-1, kv_heads, d)
+            q, _ = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            o = attention(q.view(seqs, q_len, q_heads, d).transpose(1, 2), k_cache, k_cache, mask)
+            x2 = x + o.transpose(1, 2).reshape(-1, q_heads * d) @ wo.T
+            route(rms_norm(x2, norm, cfg.rms_norm_eps), gate, cfg.experts_per_token)
+
+        out["coordinator_layer"][str(r)] = _timed(layer, device, repeats)
+        def streamed_expert(x: torch.Tensor = x) -> None:
+            i = next(turn) % copies
+            expert_swiglu(x, w13s[i], w2s[i])
+
+        def moe_bookkeeping(x: torch.Tensor = x) -> None:
+            moe.collect(moe.dispatch(0, x, gate))
+
+        out["expert"][str(r)] = _timed(streamed_expert, device, max(repeats, copies))
+        out["moe_overhead"][str(r)] = _timed(moe_bookkeeping, device, repeats)
+        if decode:
+            out["lm_head"][str(r)] = _timed(functools.partial(_lm_head, x, norm, head, cfg.rms_norm_eps), device,
+                                            repeats)
+    return out
+
+
+def _engine_costs(cfg: ModelConfig, dtype: str, device: torch.device, context: int, rows: tuple[int, ...]
+                  ) -> dict[str, Any]:
+    """engine_layer / engine_step (see the module's docstring), or why they were not measured."""
+    layer_bytes = (cfg.hidden_size * cfg.intermediate_size * 3 * cfg.num_experts
+                   + cfg.hidden_size * cfg.head_dim * (cfg.num_heads + cfg.num_kv_heads) * 2) \
+        * torch.finfo(parse_dtype(dtype)).bits // 8
+    if not rows or layer_bytes > ENGINE_MAX_LAYER_BYTES:
+        return {"engine": f"not measured: one layer is {layer_bytes / 2**30:.1f} GiB (the limit is "
+                          f"{ENGINE_MAX_LAYER_BYTES / 2**30:g} GiB); steps are sums of op costs"}
+    prompt_len = max(1, context - ENGINE_DECODE_TOKENS)
+    steps: dict[int, dict[int, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="moe-cluster-calibration-") as tmp:
+        for layers in (1, 2):
+            shape = {name: getattr(cfg, name) for name in ("vocab_size", "hidden_size", "intermediate_size",
+                                                          "num_heads", "num_kv_heads", "head_dim", "num_experts",
+                                                          "experts_per_token", "sliding_window")}
+            path = init_demo(Path(tmp) / f"layers-{layers}", seed=0, shards=1, num_layers=layers, dtype=dtype,
+                             max_position_embeddings=max(context * 2, 64), **shape)
+            blocks_per_seq = -(-(prompt_len + ENGINE_DECODE_TOKENS + 2) // 16)
+            engine = EngineLoop.local(EngineConfig(
+                model=str(path), progress=False, enable_prefix_caching=False, dtype=dtype, device=str(device),
+                max_num_seqs=max(rows), max_num_batched_tokens=max(4096, max(rows) * prompt_len),
+                num_kv_blocks=max(rows) * blocks_per_seq + 8))
+            try:
+                steps[layers] = {r: _decode_step_ms(engine, r, prompt_len, cfg.vocab_size) for r in rows}
+            finally:
+                engine.shutdown()
+    layer = {r: max(0.0, steps[2][r] - steps[1][r]) for r in rows}
+    return {"engine_layer": {str(r): layer[r] for r in rows},
+            "engine_step": {str(r): max(0.0, steps[1][r] - layer[r]) for r in rows}}
+
+
+def _decode_step_ms(engine: EngineLoop, rows: int, prompt_len: int, vocab: int, repeats: int = 3) -> float:
+    gen = torch.Generator().manual_seed(rows)
+    prompts = [torch.randint(3, vocab, (prompt_len,), generator=gen).tolist() for _ in range(rows)]
+
+    def run(tokens: int) -> float:
+        started = time.perf_counter()
+        engine.generate(prompts, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+        return time.perf_counter() - started
+
+    run(2)  # warm-up
+    samples = [(run(1 + ENGINE_DECODE_TOKENS) - run(1)) / ENGINE_DECODE_TOKENS for _ in range(repeats)]
+    return 1000 * statistics.median(samples)
+
+
+class _NoExperts:
+    """An Experts stage whose experts give their rows back unchanged: what MoELayer costs around them."""
+
+    max_in_flight = 1
+    can_recover = False
+
+    def __init__(self, num_experts: int) -> None:
+        self.expert_map = ExpertMap(((tuple(range(num_experts)),),), num_experts)  # one layer, one "worker"
+
+    def begin_step(self) -> None:
+        pass
+
+    def submit(self, layer: int, rows: torch.Tensor, rows_per_slot: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    def wait(self, ticket: torch.Tensor) -> torch.Tensor:
+        return ticket
+
+    def timings(self) -> dict[str, float]:
+        return {}
+
+    def heartbeat(self) -> None:
+        pass
+
+    def recover(self, failure: WorkerFailure) -> None:
+        raise failure
+
+    def describe(self) -> dict[str, Any]:
+        return {"experts": "none (calibration)"}
+
+    def close(self) -> None:
+        pass
+
+
+def _lm_head(x: torch.Tensor, norm: torch.Tensor, head: torch.Tensor, eps: float) -> torch.Tensor:
+    return rms_norm(x, norm, eps) @ head.T
