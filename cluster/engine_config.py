@@ -26,7 +26,7 @@ def _check_positive(name: str, value: Any, integer: bool = True) -> None:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str  # checkpoint directory
+    model: str  # checkpoint directory, or a Hugging Face Hub id org/name[@revision] (see model_dir)
     dtype: str | None = None  # None: the checkpoint's own dtype
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"
     max_num_seqs: int = 64  # sequences in one forward step
@@ -51,7 +51,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         expert_quantization(self.quantize_experts, self.quantize_group_size)  # checks both
         if not isinstance(self.model, str) or not self.model:
-            raise ValueError(f"model must be a checkpoint directory, got {self.model!r}")
+            raise ValueError(f"model must be a checkpoint directory or a Hub id, got {self.model!r}")
         if self.chat_template is not None and (not isinstance(self.chat_template, str) or not self.chat_template):
             raise ValueError(f"chat_template must be a template or a file path, got {self.chat_template!r}")
         if self.dtype is not None:
@@ -71,9 +71,18 @@ class EngineConfig:
         if not isinstance(self.kv_cache_fraction, (int, float)) or not 0 < self.kv_cache_fraction <= 0.95:
             raise ValueError(f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction!r}")
 
+    def model_dir(self) -> str:
+        """The checkpoint directory in this process: ``model`` itself, or a Hub id's snapshot, resolved by each
+        process that reads the checkpoint (an expert worker on another node has a Hugging Face cache of its own;
+        an id travels between processes as it is, never as one machine's path)."""
+        from cluster.model.hub import resolve_model
+
+        return resolve_model(self.model)
+
     @property
     def expert_quantization(self) -> ExpertQuantization | None:
         return expert_quantization(self.quantize_experts, self.quantize_group_size)
+
     def chat_template_text(self) -> str | None:
         """The chat_template option's template: the file's text when it names a file."""
         if self.chat_template is None:

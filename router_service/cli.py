@@ -213,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-engines", type=positive_int,
                        help="independent engine replicas behind the API (default: from the config, "
                             f"{cfg.get('num_engines', 1)} in the bundled one)")
+    serve.add_argument("--engine-routing", choices=["power_of_two", "prefix_affinity"],
+                       help="how requests pick an engine replica: Serve's power-of-two choices, or prefix affinity "
+                            "(the replica whose prefix cache likely holds the prompt, Ray Serve's "
+                            "PrefixCacheAffinityRouter; with --num-engines > 1) (default: from the config, "
+                            f"{cfg.get('engine_routing', 'power_of_two')} in the bundled one)")
     serve.add_argument("--engine", choices=["local", "cluster"],
                        help="local: one process per engine replica; cluster: expert workers as Ray actors "
                             f"(default: from the config, {cfg.get('engine', 'cluster')} in the bundled one)")

@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from cluster.engine.api import Prompt
@@ -29,6 +30,7 @@ from cluster.errors import EngineDeadError, QueueFullError, RequestError, first_
 from router_service.engine_api import Accepted, GenerateRequest
 from router_service.metrics import EngineMetrics
 from router_service.pool_deployment import ServePool
+from router_service.prefix_routing import ROUTER_CLASS
 from router_service.settings import AppSettings
 from router_service.tool_calls import with_tools
 from workers.placement import use_gpus
@@ -283,6 +285,10 @@ def engine_deployment_options(settings: AppSettings) -> dict[str, Any]:
         options["autoscaling_config"] = settings.engine_autoscaling
     else:
         options["num_replicas"] = settings.num_engines
+    if settings.engine_routing == "prefix_affinity":
+        router_config: Any = RequestRouterConfig  # a pydantic model (its str-or-class field confuses mypy)
+        options["request_router_config"] = router_config(request_router_class=ROUTER_CLASS,
+                                                         request_router_kwargs=settings.engine_routing_options)
     if settings.engine == "local":
         options["ray_actor_options"] = {"num_cpus": 1}
         return options

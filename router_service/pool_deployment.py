@@ -161,9 +161,10 @@ class ServePool:
 def pool_deployment_options(settings: AppSettings) -> dict[str, Any]:
     """One replica; its placement group: the replica, then one bundle per expert worker."""
     from cluster.model.config import ModelConfig
+    from cluster.model.hub import config_file
 
     pool_cfg = settings.pool_config()
-    workers = -(-ModelConfig.from_file(settings.model).num_experts // pool_cfg.experts_per_worker)
+    workers = -(-ModelConfig.from_file(config_file(settings.model)).num_experts // pool_cfg.experts_per_worker)
     gpus = use_gpus(pool_cfg.use_gpus) if ray.is_initialized() else bool(pool_cfg.use_gpus)
     # Its graceful shutdown outlasts the engine replicas' (wait_for_coordinators): the pool is the last to go.
     return {"num_replicas": 1, "max_ongoing_requests": 1000, "health_check_period_s": 10.0,

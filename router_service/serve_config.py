@@ -53,23 +53,30 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     config = copy.deepcopy(load_serve_config(Path(args.config) if args.config else DEFAULT_CONFIG))
     app = config["applications"][0]
     app_args = app.setdefault("args", {})
-    if args.model:
-        from cluster.model.hub import is_hub_id, resolve_model
+    from cluster.model.hub import is_hub_id, resolve_model
 
+    if args.model:
         app_args["model"] = str(Path(resolve_model(args.model)).resolve())
         if not args.config:  # a Hub id serves under its id (as vLLM does), a directory under its name
             app_args["served_model_name"] = (args.model.partition("@")[0] if is_hub_id(args.model)
                                              else Path(args.model).name)
-    model_dir = Path(str(app_args.get("model", DEMO_DIR))).expanduser()
-    if model_dir == DEMO_DIR and not args.model:
-        ensure_trained_demo(model_dir)
-    elif not (model_dir / "config.json").exists():
-        raise ValueError(f"model directory {str(model_dir)!r} has no config.json")
-    app_args["model"] = str(model_dir)
+    if not args.model and is_hub_id(str(app_args.get("model", ""))):
+        # A Hub id in the config file stays an id: every process of the app resolves it in its own cache (as on a
+        # KubeRay cluster, which deploys this same file); fetched here first, so that a bad id fails at start.
+        model_dir = Path(resolve_model(str(app_args["model"])))
+    else:
+        model_dir = Path(str(app_args.get("model", DEMO_DIR))).expanduser()
+        if model_dir == DEMO_DIR and not args.model:
+            ensure_trained_demo(model_dir)
+        elif not (model_dir / "config.json").exists():
+            raise ValueError(f"model directory {str(model_dir)!r} has no config.json")
+        app_args["model"] = str(model_dir)
     if args.engine:
         app_args["engine"] = args.engine
     if args.num_engines:
         app_args["num_engines"] = args.num_engines
+    if getattr(args, "engine_routing", None):
+        app_args["engine_routing"] = args.engine_routing
     if args.drain_timeout is not None:
         app_args["drain_timeout_s"] = args.drain_timeout
     if args.experts_per_worker:
@@ -117,7 +124,7 @@ def check_kv_budget(app_args: dict[str, Any]) -> None:
     cfg = EngineConfig.from_dict({"model": app_args["model"]} | (app_args.get("engine_options") or {}))
     if cfg.kv_cache_gib is None or cfg.num_kv_blocks is not None:
         return
-    model_cfg = ModelConfig.from_file(cfg.model)
+    model_cfg = ModelConfig.from_file(cfg.model_dir())
     kv_cache_blocks(model_cfg, cfg, engine_dtype(model_cfg, cfg), None, resolve_max_model_len(model_cfg, cfg))
 # The pool and coordinator fields a plan sets when ``serve`` runs the bundled config without shape flags.
 PLANNED_POOL_FIELDS = ("experts_per_worker", "worker_num_cpus", "threads_per_worker", "use_gpus", "worker_num_gpus")

@@ -17,11 +17,16 @@ INGRESS_MARGIN_S = 5.0  # ingress replica: outlives the engine replicas' force-k
 
 @dataclass(frozen=True)
 class AppSettings:
-    model: str  # checkpoint directory
+    model: str  # checkpoint directory, or a Hugging Face Hub id (each process resolves it: EngineConfig.model_dir)
     served_model_name: str = ""  # the name clients pass as "model"; default: the directory's name
     engine: str = "cluster"  # "cluster" (coordinators on one expert pool) or "local" (each replica one process)
     num_engines: int = 1  # engine replicas (coordinators) behind the ingress, all on the app's one expert pool
     engine_autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config for the engine replicas
+    # How the ingress picks an engine replica: Serve's power-of-two choices, or prefix affinity (Ray Serve's
+    # PrefixCacheAffinityRouter: the replica whose prefix cache likely holds the prompt; prefix_routing.py), with
+    # that router's keyword arguments in engine_routing_options.
+    engine_routing: str = "power_of_two"
+    engine_routing_options: dict[str, Any] = field(default_factory=dict)
     engine_options: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
     cluster_options: dict[str, Any] = field(default_factory=dict)  # ClusterConfig fields (each coordinator)
     pool_options: dict[str, Any] = field(default_factory=dict)  # PoolConfig fields (the expert pool's shape)
@@ -62,6 +67,12 @@ class AppSettings:
             raise ValueError(f"stream_interval_ms must be in [0, 1000], got {self.stream_interval_ms!r}")
         if not isinstance(self.stream_chunks_per_s, (int, float)) or self.stream_chunks_per_s < 0:
             raise ValueError(f"stream_chunks_per_s must be >= 0 (0: no cap), got {self.stream_chunks_per_s!r}")
+        if self.engine_routing not in ("power_of_two", "prefix_affinity"):
+            raise ValueError(f"engine_routing must be 'power_of_two' or 'prefix_affinity', got {self.engine_routing!r}")
+        if not isinstance(self.engine_routing_options, dict) or \
+                (self.engine_routing_options and self.engine_routing != "prefix_affinity"):
+            raise ValueError(f"engine_routing_options (a mapping) apply to engine_routing 'prefix_affinity' only, "
+                             f"got {self.engine_routing_options!r} with {self.engine_routing!r}")
         if self.engine_autoscaling is not None and not isinstance(self.engine_autoscaling, dict):
             raise ValueError(f"engine_autoscaling must be a Serve autoscaling_config mapping, "
                              f"got {self.engine_autoscaling!r}")
@@ -71,7 +82,13 @@ class AppSettings:
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model).name
+        """What clients pass as "model": served_model_name, else a Hub id without its revision (as vLLM serves
+        it), else the directory's name."""
+        from cluster.model.hub import is_hub_id
+
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model.partition("@")[0] if is_hub_id(self.model) else Path(self.model).name
 
     @property
     def engine_grace_s(self) -> float:

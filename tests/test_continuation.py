@@ -69,9 +69,14 @@ def test_greedy_request_cut_anywhere_continues_exactly(engine: EngineLoop) -> No
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     whole = run(engine, params)
     assert len(whole) == 20  # one report per token: every cut point is tried
+    hits_before = engine.stats().prefix_cache_hits_total
     for k in range(1, len(whole)):
         cut_and_continue(engine, params, whole, k)
-    assert engine.stats().kv_blocks_used == 0
+    stats = engine.stats()
+    assert stats.kv_blocks_used == 0
+    # Prefix caching (on, as by default): a continuation's prefill (prompt + tokens received) found the blocks the
+    # whole request left, and still ended exactly as it did.
+    assert stats.prefix_cache_hits_total > hits_before
 
 
 def test_seeded_sampled_n2_with_stop_strings_and_logprobs_continues_exactly(engine: EngineLoop) -> None:

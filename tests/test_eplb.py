@@ -323,6 +323,27 @@ def test_rebalance_during_32_streams_changes_no_stream(skewed: Skewed) -> None:
         time.sleep(0.2)
 
 
+def test_prefixes_cached_before_a_rebalance_are_reused_after_it(skewed: Skewed) -> None:
+    """The KV cache does not depend on where experts live: prompts sharing a prefix, run before a rebalance,
+    leave blocks that the same prompts reuse after it (the coordinator on the new map), with greedy tokens equal
+    to the local engine's both times."""
+    from cluster.engine.sampling import SamplingParams
+    from tests.test_prefix_cache import shared_prefix_prompts
+
+    prompts = shared_prefix_prompts(11, 6, prefix_len=40, vocab=870)
+    params = [SamplingParams(max_tokens=12, temperature=0)] * len(prompts)
+    want = expected_tokens(skewed.local, prompts, params)
+    set_placement(skewed, contiguous(skewed))
+    assert expected_tokens(skewed.engine, prompts, params) == want
+    report = set_placement(skewed, [list(reversed(layer)) for layer in contiguous(skewed)])  # workers swap experts
+    assert skewed.engine.describe()["map_version"] == report["map_version"]
+    before = skewed.engine.stats()
+    assert expected_tokens(skewed.engine, prompts, params) == want
+    after = skewed.engine.stats()
+    # Every prompt's full blocks of the shared 40 tokens (5 of 8 tokens) at least were read from the cache.
+    assert after.prefix_cache_hits_total - before.prefix_cache_hits_total >= len(prompts) * 40
+
+
 def test_a_failed_load_keeps_the_old_map(skewed: Skewed) -> None:
     import ray
 

@@ -45,7 +45,7 @@ def unwrap(err: BaseException) -> BaseException:
 
 def start_pool(engine_cfg: EngineConfig, pool_cfg: PoolConfig, name: str | None = None) -> Any:
     """Start an ExpertPool actor (named ``name`` in the moe-cluster namespace, if given) and its workers."""
-    ModelConfig.from_file(engine_cfg.model)  # fail fast on a bad checkpoint, before any actor starts
+    ModelConfig.from_file(engine_cfg.model_dir())  # fail fast on a bad checkpoint, before any actor starts
     gpus = use_gpus(pool_cfg.use_gpus)
     options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 64, "namespace": NAMESPACE}
     if name:
@@ -88,9 +88,9 @@ class ClusterEngine(EngineClient):
         self.cluster_cfg = cluster_cfg
         self.owns_ray = owns_ray
         self.info = info
-        self.model_config = ModelConfig.from_file(engine_cfg.model)
+        self.model_config = ModelConfig.from_file(engine_cfg.model_dir())
         self.max_model_len = resolve_max_model_len(self.model_config, engine_cfg)
-        self.tokenizer = Tokenizer(engine_cfg.model)
+        self.tokenizer = Tokenizer(engine_cfg.model_dir())
         self._closed = False
 
     @classmethod
@@ -99,7 +99,7 @@ class ClusterEngine(EngineClient):
         """Start a coordinator attached to ``pool`` (an ExpertPool actor), or to a new pool of its own."""
         cluster_cfg = cluster_cfg or ClusterConfig()
         pool_cfg = pool_cfg or PoolConfig()
-        model_cfg = ModelConfig.from_file(engine_cfg.model)  # fail fast on a bad checkpoint, before Ray
+        model_cfg = ModelConfig.from_file(engine_cfg.model_dir())  # fail fast on a bad checkpoint, before Ray
         workers = -(-model_cfg.num_experts // pool_cfg.experts_per_worker)
         owns_ray = ensure_ray(cluster_cfg.address, (1 + workers) * pool_cfg.worker_num_cpus)
         owns_pool = pool is None

@@ -74,13 +74,13 @@ class ExpertWorker:
     def _load(self, engine_cfg: EngineConfig, threads: int) -> None:
         torch.set_num_threads(threads)
         started = time.perf_counter()
-        model_cfg = ModelConfig.from_file(engine_cfg.model)
+        model_cfg = ModelConfig.from_file(engine_cfg.model_dir())
         self.model_cfg = model_cfg
         self.num_layers = model_cfg.num_layers
         self.device = actor_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        ckpt = Checkpoint(engine_cfg.model)
+        ckpt = Checkpoint(engine_cfg.model_dir())
         experts = self._load_experts(ckpt, self.layer_experts)
         self.experts = VersionedExperts(self.map_version, experts, model_cfg.num_experts, self.device,
                                         self.worker_index)
@@ -158,7 +158,7 @@ class ExpertWorker:
         reused, only the rest is read from the checkpoint (only its shards). Serving goes on meanwhile."""
         self._loaded.result()
         started = time.perf_counter()
-        ckpt = Checkpoint(self.engine_cfg.model)
+        ckpt = Checkpoint(self.engine_cfg.model_dir())
         current = self.experts.get(self.experts.latest)
         experts = self._load_experts(ckpt, tuple(tuple(ids) for ids in layer_experts), have=current)
         self.experts.add(version, experts)

@@ -66,7 +66,7 @@ class ExpertPool:
         self.engine_cfg = engine_cfg
         self.pool_cfg = pool_cfg
         self.pool_id = pool_id or uuid.uuid4().hex[:8]
-        self.model_cfg = cfg = ModelConfig.from_file(engine_cfg.model)
+        self.model_cfg = cfg = ModelConfig.from_file(engine_cfg.model_dir())
         self.expert_map = ExpertMap.contiguous(cfg.num_experts, pool_cfg.experts_per_worker, cfg.num_layers)
         # Every worker has room for this many experts per layer, whatever the map (until a resize).
         self.capacity = eplb.slots_per_worker(cfg.num_experts, self.expert_map.num_workers,

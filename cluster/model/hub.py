@@ -5,6 +5,7 @@ directory is used as it is."""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ def is_hub_id(spec: str) -> bool:
     return bool(HUB_ID.match(spec)) and not Path(spec).expanduser().exists()
 
 
+@functools.cache  # once per process: later calls (every worker, every map change) ask the Hub nothing
 def resolve_model(spec: str) -> str:
     """The local directory of ``spec``: itself when it is a path, else the Hub snapshot (downloaded if missing and
     not offline). Errors name the id and what went wrong."""
@@ -33,3 +35,18 @@ def resolve_model(spec: str) -> str:
     except Exception as err:  # offline and not cached, unknown repo or revision, gated without HF_TOKEN, ...
         raise ValueError(f"model {spec!r} is not a local directory, and the Hugging Face Hub snapshot could not be "
                          f"had: {type(err).__name__}: {err}") from None
+
+
+def config_file(spec: str) -> str:
+    """The ``config.json`` of ``spec``: in the directory, or the Hub repository's own file alone (what a process
+    that only plans needs, without the weights)."""
+    if not is_hub_id(spec):
+        return str(Path(spec).expanduser())
+    repo_id, _, revision = spec.partition("@")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return str(hf_hub_download(repo_id, "config.json", revision=revision or None))
+    except Exception as err:
+        raise ValueError(f"model {spec!r} is not a local directory, and its config.json could not be had from the "
+                         f"Hugging Face Hub: {type(err).__name__}: {err}") from None

@@ -1,5 +1,6 @@
-"""A Serve instance with two apps: "guarded" (local engine, API key on, a 16 KiB body limit, a 2-deep queue) and
-"pair" (two independent cluster-engine replicas)."""
+"""A Serve instance with three apps: "guarded" (local engine, API key on, a 16 KiB body limit, a 2-deep queue),
+"pair" (two independent cluster-engine replicas) and "affine" (two local-engine replicas behind prefix-aware
+routing)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,10 @@ def apps(demo_dir: Path) -> Iterator[Apps]:
                                        "max_model_len": 512})
     pair = app_args(demo_dir, served_model_name="pair", num_engines=2)
     serve.run(build_app(guarded), name="guarded", route_prefix="/guarded")
+    affine = app_args(demo_dir, engine="local", served_model_name="affine", num_engines=2,
+                      engine_routing="prefix_affinity")
     serve.run(build_app(pair), name="pair", route_prefix="/pair")
+    serve.run(build_app(affine), name="affine", route_prefix="/affine")
     yield Apps(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics",
                key)
     serve.shutdown()
