@@ -218,7 +218,8 @@ def main() -> None:
         + f"Two local-engine replicas (one core each) behind the Serve app; {args.tenants} tenants, each a "
           f"{args.prefix_len}-token system prompt; {args.requests} requests of {args.question_len} more prompt "
           f"tokens and {args.output_len} output tokens, {args.concurrency} closed-loop SSE clients; a fresh "
-          f"app per row (empty caches); medians of {args.repeats} repeat(s), routings alternating who goes first.",
+          f"app per row (empty caches); TTFT and throughput are medians of {args.repeats} repeat(s), routings "
+          "alternating who goes first; the cached share and the split are the last repeat's.",
         "", table(headers, rows), "", *derived])
     print(body)
     if not args.no_write:

@@ -69,6 +69,13 @@ def test_serve_with_a_config_file_prints_urls_answers_and_drains_on_sigterm(demo
         quick = httpx.post(f"{base}/v1/completions", timeout=60, headers=auth,
                            json={"model": "from-config", "prompt": "Hello", "max_tokens": 4})
         assert quick.status_code == 200
+        # A chat request without max_tokens asks for the rest of the context (as with vLLM): the bundled sizing
+        # holds one such sequence, so it is answered, not refused.
+        chat = httpx.post(f"{base}/v1/chat/completions", timeout=300, headers=auth,
+                          json={"model": "from-config", "messages": [{"role": "user", "content": "Hello"}]})
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        assert chat.json()["usage"]["completion_tokens"] >= 1
         in_flight: dict[str, httpx.Response] = {}
         body = {"model": "from-config", "prompt": "Hello", "max_tokens": 300, "ignore_eos": True}
         request = threading.Thread(target=lambda: in_flight.setdefault(
