@@ -65,6 +65,13 @@ def workload_argv(args: argparse.Namespace) -> list[str]:
             "--concurrency", *map(str, args.concurrency)]
 
 
+def command_line(module: str, args: argparse.Namespace) -> str:
+    """How a benchmark was run, for its table: ``python -m module`` with every flag's value (--no-write left out)."""
+    return f"python -m {module} " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items() if k != "no_write")
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench.common import load_average, machine, progress, table, write_section
+from bench.common import command_line, load_average, machine, progress, table, write_section
 from bench.models import bench_model, describe
 from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
@@ -163,8 +163,7 @@ def main() -> None:
                        f"{'equal' if same else 'DIFFER'}")
     headers = ["workload", "prefix caching", "requests", "prompt tokens", "mean TTFT (ms)", "median TTFT (ms)",
                "output tokens/s", "cache hits (tokens)"]
-    command = ("python -m bench.prefix_cache " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_write"))
+    command = command_line("bench.prefix_cache", args)
     body = "\n".join([
         f"Machine: {machine()}. Model {describe(args.size)}. Command: `{command}`.",
         f"Load average (1/5/15 min) before {load_before}, after {load_after}: "

@@ -32,9 +32,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import free_port, load_average, machine, progress, table, write_section
+from bench.common import command_line, free_port, load_average, machine, progress, table, write_section
 from bench.models import bench_model, describe
-from bench.serve import Sample, http_request
+from bench.serve import Sample, http_request, prompt_ids
 
 ROUTINGS = ("power_of_two", "prefix_affinity")
 SCENARIOS = ("ample", "tight", "hot")
@@ -81,7 +81,7 @@ def kv_blocks(scenario: str, args: argparse.Namespace) -> int:
 
 
 def prompt(tenant: int, request: int, args: argparse.Namespace, vocab: int) -> list[int]:
-    system = [3 + (tenant * 7919 + j * 104729) % (vocab - 3) for j in range(args.prefix_len)]
+    system = prompt_ids(tenant, args.prefix_len, vocab)  # the serve bench's prompts, one per tenant
     question = [3 + (request * 15485863 + j * 32452843) % (vocab - 3) for j in range(args.question_len)]
     return system + question
 
@@ -207,9 +207,7 @@ def main() -> None:
                        f"{tput:.2f}x its throughput: it {verdict} here")
     headers = ["scenario", "routing", "KV blocks per replica", "mean TTFT (ms)", "median TTFT (ms)",
                "output tokens/s", "prompt tokens cached", "prompt tokens per replica"]
-    command = "python -m bench.prefix_routing " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if k != "no_write")
+    command = command_line("bench.prefix_routing", args)
     body = "\n".join([
         f"Machine: {machine()}. Model {describe(args.size)}. Command: `{command}`.",
         f"Load average (1/5/15 min) before {load_before}, after {load_after}: "

@@ -53,13 +53,12 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     config = copy.deepcopy(load_serve_config(Path(args.config) if args.config else DEFAULT_CONFIG))
     app = config["applications"][0]
     app_args = app.setdefault("args", {})
-    from cluster.model.hub import is_hub_id, resolve_model
+    from cluster.model.hub import is_hub_id, resolve_model, served_name
 
     if args.model:
         app_args["model"] = str(Path(resolve_model(args.model)).resolve())
         if not args.config:  # a Hub id serves under its id (as vLLM does), a directory under its name
-            app_args["served_model_name"] = (args.model.partition("@")[0] if is_hub_id(args.model)
-                                             else Path(args.model).name)
+            app_args["served_model_name"] = served_name(args.model)
     if not args.model and is_hub_id(str(app_args.get("model", ""))):
         # A Hub id in the config file stays an id: every process of the app resolves it in its own cache (as on a
         # KubeRay cluster, which deploys this same file); fetched here first, so that a bad id fails at start.

@@ -4,7 +4,6 @@ file, which ``moe-cluster serve`` and the Kubernetes manifests share) and passed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cluster.config_fields import known_fields
@@ -84,11 +83,9 @@ class AppSettings:
     def model_name(self) -> str:
         """What clients pass as "model": served_model_name, else a Hub id without its revision (as vLLM serves
         it), else the directory's name."""
-        from cluster.model.hub import is_hub_id
+        from cluster.model.hub import served_name
 
-        if self.served_model_name:
-            return self.served_model_name
-        return self.model.partition("@")[0] if is_hub_id(self.model) else Path(self.model).name
+        return self.served_model_name or served_name(self.model)
 
     @property
     def engine_grace_s(self) -> float:

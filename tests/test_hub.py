@@ -91,7 +91,7 @@ def test_a_serve_config_naming_a_hub_id_is_resolved_by_every_process(demo_dir: P
     finally:
         local.shutdown()
     http = free_port()
-    proc, lines = start("--config", str(path), "--http-port", str(http), "--grpc-port", str(free_port()),
+    proc, _ = start("--config", str(path), "--http-port", str(http), "--grpc-port", str(free_port()),
                         "--metrics-port", str(free_port()),
                         env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
     try:

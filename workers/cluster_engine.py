@@ -88,9 +88,10 @@ class ClusterEngine(EngineClient):
         self.cluster_cfg = cluster_cfg
         self.owns_ray = owns_ray
         self.info = info
-        self.model_config = ModelConfig.from_file(engine_cfg.model_dir())
+        model_dir = engine_cfg.model_dir()
+        self.model_config = ModelConfig.from_file(model_dir)
         self.max_model_len = resolve_max_model_len(self.model_config, engine_cfg)
-        self.tokenizer = Tokenizer(engine_cfg.model_dir())
+        self.tokenizer = Tokenizer(model_dir)
         self._closed = False
 
     @classmethod

@@ -92,15 +92,16 @@ def engine_dtype(model_cfg: ModelConfig, engine_cfg: EngineConfig) -> torch.dtyp
 
 
 def build_engine(engine_cfg: EngineConfig, make_moe: MoEFactory) -> LLMEngine:
-    model_cfg = ModelConfig.from_file(engine_cfg.model_dir())
-    tokenizer = Tokenizer(engine_cfg.model_dir(), engine_cfg.chat_template_text())
+    model_dir = engine_cfg.model_dir()
+    model_cfg = ModelConfig.from_file(model_dir)
+    tokenizer = Tokenizer(model_dir, engine_cfg.chat_template_text())
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{model_cfg.vocab_size}")
     max_model_len = resolve_max_model_len(model_cfg, engine_cfg)
     device = resolve_device(engine_cfg.device)
     dtype = engine_dtype(model_cfg, engine_cfg)
-    ckpt = Checkpoint(engine_cfg.model_dir())
+    ckpt = Checkpoint(model_dir)
     log.info("loading %s (%d layers, %d experts, hidden %d) as %s on %s", engine_cfg.model, model_cfg.num_layers,
              model_cfg.num_experts, model_cfg.hidden_size, str(dtype).removeprefix("torch."), device)
     weights = load_coordinator_weights(ckpt, model_cfg, dtype, device, progress=engine_cfg.progress)

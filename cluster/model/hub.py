@@ -21,6 +21,12 @@ def is_hub_id(spec: str) -> bool:
     return bool(HUB_ID.match(spec)) and not Path(spec).expanduser().exists()
 
 
+def served_name(spec: str) -> str:
+    """The name a model is served under by default: a Hub id without its revision (as vLLM does), else the
+    directory's name."""
+    return spec.partition("@")[0] if is_hub_id(spec) else Path(spec).name
+
+
 @functools.cache  # once per process: later calls (every worker, every map change) ask the Hub nothing
 def resolve_model(spec: str) -> str:
     """The local directory of ``spec``: itself when it is a path, else the Hub snapshot (downloaded if missing and
