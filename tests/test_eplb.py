@@ -340,7 +340,7 @@ def test_prefixes_cached_before_a_rebalance_are_reused_after_it(skewed: Skewed) 
     before = skewed.engine.stats()
     assert expected_tokens(skewed.engine, prompts, params) == want
     after = skewed.engine.stats()
-    # Every prompt's full blocks of the shared 40 tokens (5 of 8 tokens) at least were read from the cache.
+    # Every prompt's full blocks of the shared 40 tokens (5 blocks of 8 tokens) at least were read from the cache.
     assert after.prefix_cache_hits_total - before.prefix_cache_hits_total >= len(prompts) * 40
 
 
