@@ -30,14 +30,13 @@ from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.model.config import ModelConfig
 from cluster.planning.plan import Hardware, Plan, plan_cpus, split_experts, step_ms
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
-from workers.link_calibration import exchange_ms
+from workers.link_calibration import link_costs
 
 PROMPT_LEN = 16
 
 
 def shaped(plan: Plan, workers: int, cores: int) -> Plan:
-    experts = split_experts(plan.sizes.num_experts, workers)
-    return dataclasses.replace(plan, workers=experts, overlaps=cores >= 1 + len(experts))
+    return dataclasses.replace(plan, workers=split_experts(plan.sizes.num_experts, workers))
 
 
 def local_step_ms(plan: Plan, costs: dict[str, Any], tokens: int, prefill: bool = False) -> float:
@@ -73,7 +72,7 @@ def main() -> None:
     torch.set_num_threads(1)
     # Measured again in this run: a cached calibration may come from a busier machine than this measurement's.
     costs = calibrate(cfg, cfg.dtype, "cpu", context=PROMPT_LEN + args.decode_tokens, refresh=True,
-                      also=functools.partial(exchange_ms, cfg.hidden_size, cfg.dtype, tuple(sorted(set(args.workers)))))
+                      also=functools.partial(link_costs, cfg, cfg.dtype, tuple(sorted(set(args.workers)))))
     base = plan_cpus(cfg, Hardware("cpu", cores, 24))
     ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
     engine_cfg = EngineConfig(model=str(model), progress=False, enable_prefix_caching=False,

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-auto-shape", dest="auto_shape", action="store_false",
                        help="with the bundled config and no --experts-per-worker: keep its shape (one expert per "
                             "worker) instead of moe-cluster plan's for this machine (default: the plan's, e.g. on a "
-                            "2-core CPU one coordinator and one worker holding every expert)")
+                            "2-core CPU one coordinator and two workers of 4 experts)")
     serve.add_argument("--redundant-experts", type=non_negative_int, metavar="R",
                        help="with the cluster engine: extra expert slots across the pool, per layer, for replicas of "
                             "the hottest experts, placed by rebalancing (default: from the config, "

@@ -121,11 +121,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
         torch.set_num_threads(plan.threads["worker"])
         also = None
-        if here == "cpu":  # the links' exchange with as many worker processes as the plan has (one node's cores)
-            from workers.link_calibration import exchange_ms
+        if here == "cpu":  # links and expert phases with as many worker processes as the plan has (one node)
+            from workers.link_calibration import link_costs
 
             counts = tuple(sorted({1, 2, len(plan.workers)}))
-            also = functools.partial(exchange_ms, cfg.hidden_size, plan.sizes.dtype, counts)
+            also = functools.partial(link_costs, cfg, plan.sizes.dtype, counts)
         costs = calibrate(cfg, plan.sizes.dtype, "cuda" if here == "gpu" else "cpu", refresh=args.recalibrate,
                           also=also)
         where = f"cached {costs['cached']}" if "cached" in costs else "measured now"

@@ -1,5 +1,5 @@
-"""A served run with the expert cache (issue 23): `moe-cluster serve --expert-cache-size 4` (E/2: on a small
-machine the planned shape is one worker holding every expert) under 32 concurrent streams; every request completes
+"""A served run with the expert cache (issue 23): `moe-cluster serve --experts-per-worker 8 --expert-cache-size 4`
+(one worker holding every expert, half of them resident) under 32 concurrent streams; every request completes
 with the all-resident engine's text, and the metrics port shows hits, misses and prefetches."""
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def test_32_streams_with_half_the_experts_resident_equal_all_resident() -> None:
     finally:
         local.shutdown()
     http, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    proc, _ = start("--model", str(TRAINED_DEMO), "--expert-cache-size", "4", "--http-port", str(http),
+    proc, _ = start("--model", str(TRAINED_DEMO), "--experts-per-worker", "8", "--expert-cache-size", "4",
+                    "--http-port", str(http),
                     "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port))
     try:
         async def run() -> list[tuple[str, str | None]]:

@@ -22,6 +22,8 @@ from cluster.planning.plan import (
     LINK_MS_PER_WORKER,
     Hardware,
     ModelSizes,
+    even_counts,
+    even_workers_ms,
     interpolate,
     plan_cpus,
     plan_gpus,
@@ -30,7 +32,7 @@ from cluster.planning.plan import (
 )
 from router_service.cli import main
 from router_service.settings import AppSettings
-from workers.link_calibration import exchange_ms
+from workers.link_calibration import exchange_ms, expert_phase_ms
 
 MIXTRAL = Path(__file__).parent / "data" / "mixtral-8x7b"
 
@@ -98,16 +100,18 @@ def test_text_output_and_argument_errors(capsys: pytest.CaptureFixture[str]) -> 
     assert "not a multiple of --nodes 3" in capsys.readouterr().err
 
 
-def test_cpu_plan_has_no_more_busy_processes_than_cores() -> None:
+def test_cpu_plan_has_no_more_processes_busy_at_once_than_cores() -> None:
+    """The coordinator and the workers take turns (serial): a worker per core, at most one per expert, and the
+    workers' threads no more than the cores."""
     cfg = ModelConfig.from_file(MIXTRAL).__class__(**{**ModelConfig.from_file(MIXTRAL).__dict__,
                                                       "hidden_size": 64, "intermediate_size": 128,
                                                       "num_heads": 4, "num_kv_heads": 2, "head_dim": 16})
     for cores in (1, 2, 3, 5, 16):
         plan = plan_cpus(cfg, Hardware("cpu", cores, 24))
-        busy = plan.coordinators + len(plan.workers)
-        assert busy <= max(cores, 2) and plan.fits
+        assert plan.workers == split_experts(8, min(cores, 8)) and plan.coordinators == 1 and plan.fits
         assert sorted(e for w in plan.workers for e in w) == list(range(8))
-        assert plan.pool_options["worker_num_cpus"] * len(plan.workers) + 1 <= max(cores, 2)
+        assert plan.pool_options["threads_per_worker"] * len(plan.workers) <= cores
+        assert plan.pool_options["worker_num_cpus"] == plan.pool_options["threads_per_worker"]
 
 
 def test_plan_overlay_is_a_serve_config_the_settings_accept(tmp_path: Path) -> None:
@@ -160,6 +164,34 @@ def test_step_model_shares_a_cpu_nodes_cores_among_its_processes() -> None:
             3.0 - 8 * LINK_MS_PER_WORKER))
 
 
+def test_timed_expert_phases_replace_the_echo_exchange_by_what_the_calls_did_not_explain() -> None:
+    """With whole expert phases timed for W workers, a layer's link cost is the phase less the modelled expert
+    calls of that W at those tokens (every expert its even share, as timed): between timed token counts it is
+    interpolated, past them flat, and between timed worker counts interpolated again; a phase faster than the
+    model costs nothing, never less."""
+    cfg = ModelConfig.from_file(MIXTRAL)
+    costs: dict[str, Any] = {"coordinator_layer": {"1": 1.0, "1024": 1.0}, "expert": {"1": 2.0, "1024": 2.0},
+                             "lm_head": {"1": 0.0, "1024": 0.0}, "exchange_ms": {"1": 0.5, "8": 0.5}}
+    base = plan_cpus(cfg, Hardware("cpu", 2, 512))
+    one, four = (dataclasses.replace(base, workers=split_experts(8, w)) for w in (1, 4))
+    model_8 = {w: even_workers_ms(p, costs, 8) for w, p in ((1, one), (4, four))}
+    model_32 = {w: even_workers_ms(p, costs, 32) for w, p in ((1, one), (4, four))}
+    assert model_8[1] == pytest.approx(8 * 2.0)  # 16 rows: every expert called, 2 rows each
+    costs["expert_phase_ms"] = {"1": {"8": model_8[1] + 1.0, "32": model_32[1] + 3.0},
+                                "4": {"8": model_8[4] + 2.0, "32": model_32[4] - 5.0}}
+
+    def link(plan: Any, tokens: int) -> float:
+        serial = step_ms(plan, costs, tokens, 1, prefill=False)
+        return (serial - step_ms(plan, costs, tokens, 1, prefill=False, link_ms=0.0)) / cfg.num_layers
+
+    assert link(one, 8) == pytest.approx(1.0) and link(one, 32) == pytest.approx(3.0)
+    assert link(one, 20) == pytest.approx(2.0) and link(one, 64) == pytest.approx(3.0)
+    assert link(four, 8) == pytest.approx(2.0) and link(four, 32) == pytest.approx(0.0)
+    two = dataclasses.replace(base, workers=split_experts(8, 2))
+    assert link(two, 8) == pytest.approx(1.0 + (2.0 - 1.0) / 3)
+    assert even_counts(8, 2, 8) == [2] * 8 and even_counts(5, 2, 4) == [3, 3, 2, 2]
+
+
 def test_calibration_times_the_engine_and_the_links_on_this_machine(demo_dir: Path, tmp_path: Path) -> None:
     """A real calibration at the demo's shapes: op costs, the local engine's own decode step (models of 1 and 2
     layers) and the links' exchange with 1 and 2 worker processes; every time positive, cached and read back."""
@@ -170,6 +202,8 @@ def test_calibration_times_the_engine_and_the_links_on_this_machine(demo_dir: Pa
         assert set(costs[kind]) == {"1", "8"}, kind
         assert all(v > 0 for v in costs[kind].values()), (kind, costs[kind])
     assert set(costs["exchange_ms"]) == {"1", "2"} and all(v > 0 for v in costs["exchange_ms"].values())
+    phase = expert_phase_ms(cfg, cfg.dtype, (1, 3), tokens=(8, 32), seconds=0.1)["expert_phase_ms"]
+    assert set(phase) == {"1", "3"} and all(set(by) == {"8", "32"} and min(by.values()) > 0 for by in phase.values())
     again = calibrate(cfg, cfg.dtype, "cpu", context=24, cache=tmp_path, repeats=2, rows=(1, 8))
     assert again["cached"] and again["exchange_ms"] == costs["exchange_ms"]
     assert again["engine_layer"] == costs["engine_layer"]
@@ -199,8 +233,8 @@ def test_serve_without_shape_flags_takes_the_plans_shape_for_this_machine(demo_d
 
     planned = pool()
     workers = -(-8 // planned["experts_per_worker"])
-    if not torch.cuda.is_available():  # no more busy processes (a coordinator and the workers) than cores
-        assert 1 + workers <= max(2, os.cpu_count() or 1)
-        assert planned["threads_per_worker"] * workers + 1 <= max(2, os.cpu_count() or 1)
+    if not torch.cuda.is_available():  # a worker per core, busy while the coordinator waits for them
+        assert workers == len(split_experts(8, min(8, os.cpu_count() or 1)))
+        assert planned["threads_per_worker"] * workers <= (os.cpu_count() or 1)
     assert pool("--no-auto-shape")["experts_per_worker"] == 1  # the bundled config's own
     assert pool("--experts-per-worker", "2")["experts_per_worker"] == 2

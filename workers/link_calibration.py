@@ -1,11 +1,18 @@
 """What one layer's exchange with the workers costs on this machine, beyond the expert calls: measured on the real
-code, for ``moe-cluster plan``'s step model (cluster/planning/plan.py reads ``costs["exchange_ms"]``).
+code, for ``moe-cluster plan``'s step model (cluster/planning/plan.py reads ``costs["exchange_ms"]`` and
+``costs["expert_phase_ms"]``).
 
 W expert loops (workers/expert_loop.py), each in a process of its own as a pool's workers are, serve shared-memory
-links (cluster/links/shm.py) with experts that hand their rows back unchanged; one coordinator end per loop sends
-a layer's rows to all W and waits for all W results, as a coordinator's layer does. The median round of many is
-the exchange time for W workers: packing and unpacking, the sockets, waking W processes and their loops, and the
-cores those processes share.
+links (cluster/links/shm.py); one coordinator end per loop sends a layer's rows to all W and waits for all W
+results, as a coordinator's layer does. The median round of many is the time for W workers.
+
+* ``exchange_ms``: experts that hand their rows back unchanged: packing and unpacking, the sockets, waking W
+  processes and their loops.
+* ``expert_phase_ms``: the model's own expert shapes (weights of no meaning, streamed from memory as a real step
+  reads them: layers cycled), E experts split over the W workers as the pool lays them out, every expert given
+  its even share of a step's rows at a few token counts. This is the whole expert phase of a layer as a
+  coordinator waits for it, so it also holds what the echo cannot: the worker's grouped expert call around the
+  matmuls, and W processes that compute at once sharing the node's cores, caches and memory bandwidth.
 """
 
 from __future__ import annotations
@@ -23,10 +30,18 @@ from torch import Tensor
 
 from cluster.links.protocol import OP_WORK, LinkSpec
 from cluster.links.shm import ShmCoordinatorEnd
+from cluster.model.config import ModelConfig, parse_dtype
+from cluster.model.experts import LocalExperts
+from cluster.planning.plan import even_counts, split_experts
 from workers.expert_loop import ExpertLoop
 
 ROUNDS = 200
 DECODE_ROWS = 16  # rows per worker in a round: a decode step's share at a few dozen sequences
+PHASE_TOKENS = (8, 32, 256, 1024)  # a step's tokens whose expert phase is timed: decode batches, prefill chunks
+PHASE_SECONDS = 1.0  # time each (workers, tokens) point for about this long (at least PHASE_MIN_ROUNDS rounds)
+PHASE_MIN_ROUNDS = 20
+STREAM_BYTES = 256 * 2**20  # expert weights cycled through, all workers together: more than a last-level cache
+PHASE_MAX_LAYER_BYTES = 2**30  # a model whose one layer of experts is larger is not timed (the echo stands in)
 
 
 class _EchoExperts:
@@ -47,32 +62,83 @@ class _EchoExperts:
         pass
 
 
-def _serve(address: str, spec: LinkSpec, listening: Event) -> None:
-    """A worker process: one expert loop until its links close and it is terminated."""
+class _HeldExperts:
+    """One map version of real experts, run as a worker runs them (VersionedExperts.run without the counting)."""
+
+    latest = 0
+
+    def __init__(self, experts: LocalExperts) -> None:
+        self.experts = experts
+
+    def holds(self, version: int) -> bool:
+        return version == 0
+
+    def run(self, version: int, layer: int, rows: Tensor, counts: list[int]) -> Tensor:
+        return self.experts.run_grouped(layer, rows, torch.tensor(counts[:self.experts.n_local_experts(layer)]))
+
+    def in_use(self, oldest: int | None) -> None:
+        pass
+
+    def hint(self, version: int, layer: int, experts: list[int]) -> None:
+        pass
+
+
+def _serve(address: str, spec: LinkSpec, listening: Event, experts: tuple[int, int, int, int] | None = None) -> None:
+    """A worker process: one expert loop until its links close and it is terminated. ``experts``: (local experts,
+    layers, hidden, intermediate) of real shapes to hold, or None for the echo."""
     torch.set_num_threads(1)
-    loop = ExpertLoop(address, spec, _EchoExperts(), num_layers=1, merge_wait_s=0.0)
+    held: Any = _EchoExperts()
+    layers = 1
+    if experts is not None:
+        n_local, layers, hidden, intermediate = experts
+        dtype = spec.torch_dtype
+        held = _HeldExperts(LocalExperts(
+            tuple(tuple(range(n_local)) for _ in range(layers)),
+            [torch.full((n_local, 2 * intermediate, hidden), 0.01, dtype=dtype) for _ in range(layers)],
+            [torch.full((n_local, hidden, intermediate), 0.01, dtype=dtype) for _ in range(layers)]))
+    loop = ExpertLoop(address, spec, held, num_layers=layers, merge_wait_s=0.0)
     listening.set()
     loop.run()
+
+
+def _start_loops(spec: LinkSpec, count: int, experts: list[tuple[int, int, int, int]] | None = None,
+                 ) -> tuple[list[Any], list[ShmCoordinatorEnd]]:
+    """``count`` worker processes (``experts[w]`` for worker w, else echoes) and a coordinator end to each."""
+    context = multiprocessing.get_context("spawn")  # as fresh as a Ray worker; fork would copy this process
+    run_id = uuid.uuid4().hex[:8]
+    procs, ends = [], []
+    try:
+        for w in range(count):
+            address = f"moe-cluster/calibration-{run_id}/worker-{w}/{os.getpid()}"
+            listening = context.Event()
+            proc = context.Process(target=_serve, args=(address, spec, listening, experts[w] if experts else None),
+                                   daemon=True)
+            proc.start()
+            procs.append((proc, listening, address))
+        for proc, listening, address in procs:
+            if not listening.wait(300):
+                raise RuntimeError(f"link calibration: worker process {proc.pid} did not start")
+            ends.append(ShmCoordinatorEnd(address, spec))
+    except BaseException:
+        _stop_loops([p for p, _, _ in procs], ends)
+        raise
+    return [p for p, _, _ in procs], ends
+
+
+def _stop_loops(procs: list[Any], ends: list[ShmCoordinatorEnd]) -> None:
+    for end in ends:
+        end.close()
+    for proc in procs:
+        proc.terminate()
+        proc.join(10)
 
 
 def exchange_ms(hidden: int, dtype: str, workers: tuple[int, ...], rows: int = DECODE_ROWS,
                 rounds: int = ROUNDS) -> dict[str, Any]:
     """{"exchange_ms": {W: ms of one layer's round trip to W workers}} for each W in ``workers``."""
     spec = LinkSpec(hidden=hidden, dtype=dtype, max_local=1)
-    context = multiprocessing.get_context("spawn")  # as fresh as a Ray worker; fork would copy this process
-    run_id = uuid.uuid4().hex[:8]
-    addresses = [f"moe-cluster/calibration-{run_id}/worker-{w}/{os.getpid()}" for w in range(max(workers))]
-    procs, ends = [], []
+    procs, ends = _start_loops(spec, max(workers))
     try:
-        for address in addresses:
-            listening = context.Event()
-            proc = context.Process(target=_serve, args=(address, spec, listening), daemon=True)
-            proc.start()
-            procs.append((proc, listening))
-        for (proc, listening), address in zip(procs, addresses, strict=True):
-            if not listening.wait(120):
-                raise RuntimeError(f"link calibration: worker process {proc.pid} did not start")
-            ends.append(ShmCoordinatorEnd(address, spec))
         x = torch.randn(rows, hidden, dtype=spec.torch_dtype)
         outs = [torch.empty_like(x) for _ in ends]
         measured: dict[str, float] = {}
@@ -90,8 +156,54 @@ def exchange_ms(hidden: int, dtype: str, workers: tuple[int, ...], rows: int = D
             measured[str(count)] = 1000 * statistics.median(samples[rounds // 10:])
         return {"exchange_ms": measured, "exchange_rows": rows}
     finally:
+        _stop_loops(procs, ends)
+
+
+def expert_phase_ms(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], tokens: tuple[int, ...] = PHASE_TOKENS,
+                    seconds: float = PHASE_SECONDS) -> dict[str, Any]:
+    """{"expert_phase_ms": {W: {T: ms}}}: one layer's expert phase (send, the workers' expert calls, results
+    back) with the E experts of ``cfg`` split over W worker processes, at a step of T tokens; {} when one layer
+    of experts is larger than PHASE_MAX_LAYER_BYTES (the echo exchange stands in)."""
+    torch_dtype = parse_dtype(dtype)
+    expert_bytes = 3 * cfg.hidden_size * cfg.intermediate_size * torch_dtype.itemsize
+    layer_bytes = cfg.num_experts * expert_bytes
+    if layer_bytes > PHASE_MAX_LAYER_BYTES:
+        return {}
+    layers = max(2, min(cfg.num_layers, -(-STREAM_BYTES // layer_bytes)))  # weights cycled through
+    measured: dict[str, dict[str, float]] = {}
+    for count in workers:
+        split = split_experts(cfg.num_experts, count)
+        spec = LinkSpec(hidden=cfg.hidden_size, dtype=dtype, max_local=max(len(w) for w in split))
+        procs, ends = _start_loops(spec, len(split), [(len(w), layers, cfg.hidden_size, cfg.intermediate_size)
+                                                      for w in split])
+        try:
+            measured[str(count)] = {str(t): _phase(ends, split, spec, even_counts(t, cfg.experts_per_token,
+                                                                                    cfg.num_experts), layers, seconds)
+                                    for t in tokens}
+        finally:
+            _stop_loops(procs, ends)
+    return {"expert_phase_ms": measured}
+
+
+def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec, counts: list[int],
+           layers: int, seconds: float) -> float:
+    """Median ms of a layer's round: each worker its experts' rows, then every result back."""
+    per_worker = [[counts[e] for e in w] for w in split]
+    xs = [torch.randn(sum(c), spec.hidden, dtype=spec.torch_dtype) for c in per_worker]
+    outs = [torch.empty_like(x) for x in xs]
+    samples: list[float] = []
+    tag, started_all = 0, time.perf_counter()
+    while len(samples) < PHASE_MIN_ROUNDS + layers or time.perf_counter() - started_all < seconds:
+        started = time.perf_counter()
+        for end, c, x, out in zip(ends, per_worker, xs, outs, strict=True):
+            end.send(OP_WORK, layer=tag % layers, tag=tag, counts=c, rows=x, out=out)
         for end in ends:
-            end.close()
-        for proc, _ in procs:
-            proc.terminate()
-            proc.join(10)
+            end.recv_result(tag)
+        samples.append(time.perf_counter() - started)
+        tag += 1
+    return 1000 * statistics.median(samples[layers:])  # the first cycle through the layers warms up
+
+
+def link_costs(cfg: ModelConfig, dtype: str, workers: tuple[int, ...]) -> dict[str, Any]:
+    """Both measurements for ``workers`` worker counts: what calibrate(also=...) caches with the op costs."""
+    return exchange_ms(cfg.hidden_size, dtype, workers) | expert_phase_ms(cfg, dtype, workers)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from cluster.model.config import ModelConfig
@@ -331,14 +331,17 @@ def _gpus_needed(cfg: ModelConfig, sizes: ModelSizes, memory_gib: float, max_len
 
 def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str | None = None,
               max_model_len: int | None = None, max_num_seqs: int = 64) -> Plan:
-    """No more busy processes than cores: one coordinator, then as many workers as cores are left (at most one
-    per expert), experts split contiguously; a core per process, spare cores as threads of the workers."""
+    """No more processes busy at once than cores. Within a layer the coordinator and the workers take turns
+    (attention, then the experts: the serial schedule), so the workers get a core each (at most one worker per
+    expert, experts split contiguously; spare cores become their threads) and the coordinator runs while they
+    wait. Measured on 2 cores (docs/benchmarks.md): two workers of 4 experts decode 32 sequences 1.07x as fast as
+    the local engine; one worker of 8, which leaves a core idle during the experts, 0.85x."""
     assert hw.kind == "cpu"
     sizes = ModelSizes.of(cfg, dtype)
     max_len = max_model_len or cfg.max_position_embeddings
     cores = hw.devices
-    workers = split_experts(cfg.num_experts, max(1, min(cfg.num_experts, cores - 1)))
-    worker_threads = max(1, (cores - 1) // len(workers))
+    workers = split_experts(cfg.num_experts, max(1, min(cfg.num_experts, cores)))
+    worker_threads = max(1, cores // len(workers))
     node = Device(0, 0, "cpu", int(hw.memory_gib * GIB))
     node.roles = ["coordinator 0"] + [f"worker {w}" for w in range(len(workers))]
     node.experts = list(range(cfg.num_experts))
@@ -351,16 +354,17 @@ def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str
     node.memory["kv_cache"] = kv_bytes
     kv_tokens = kv_bytes // sizes.kv_bytes_per_token
     fits = free > 0 and kv_tokens >= min(max_len, 2048)
-    busy = 1 + len(workers)
     plan = Plan(name, hw, sizes, fits, 1, workers, [node], int(kv_tokens), max_len,
                 {"coordinator": 1, "worker": worker_threads}, 1,
                 cluster_options={"use_gpus": False, "coordinator_num_cpus": 1, "coordinator_threads": 1},
                 pool_options={"experts_per_worker": len(workers[0]), "use_gpus": False,
                               "worker_num_cpus": worker_threads, "threads_per_worker": worker_threads},
                 engine_options={"max_num_seqs": max_num_seqs, "kv_cache_gib": round(kv_bytes / GIB, 3)},
-                top_k=cfg.experts_per_token, overlaps=cores >= busy)
-    plan.notes.append(f"{busy} busy process(es) on {cores} core(s): 1 coordinator + {len(workers)} worker(s) of "
-                      f"{'/'.join(str(len(w)) for w in workers)} experts, {worker_threads} thread(s) each")
+                # step_ms shares a node's cores among everything busy at once (micro-batches overlapping)
+                top_k=cfg.experts_per_token, overlaps=True)
+    plan.notes.append(f"1 coordinator + {len(workers)} worker(s) of {'/'.join(str(len(w)) for w in workers)} "
+                      f"experts on {cores} core(s), {worker_threads} thread(s) each; serial, the workers compute "
+                      "while the coordinator waits for them")
     if cores < 2:
         plan.notes.append("one core: the coordinator and the worker take turns; the local engine (--engine local) "
                           "is the better choice here")
@@ -404,6 +408,57 @@ def worker_layer_ms(costs: dict[str, Any], experts: int, num_experts: int, top_k
     return experts * p_called * interpolate(costs["expert"], rows_per_call)
 
 
+def workers_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> tuple[float, list[float]]:
+    """One layer's expert calls at ``tokens`` (one micro-batch's): the time the coordinator waits for the slowest
+    worker, and each worker's own. On a CPU node the workers share its cores: when they are more than the cores
+    they take turns, so the wait is at least their sum over the cores."""
+    per_worker = [worker_layer_ms(costs, len(w), plan.sizes.num_experts, plan.top_k, tokens) for w in plan.workers]
+    worker = max(per_worker)
+    if plan.hardware.kind == "cpu":
+        worker = max(worker, sum(per_worker) / plan.hardware.devices)
+    return worker, per_worker
+
+
+def even_counts(tokens: int, top_k: int, num_experts: int) -> list[int]:
+    """A step's ``tokens * top_k`` rows spread as evenly as they go over the experts (the first ones one more)."""
+    base, extra = divmod(tokens * top_k, num_experts)
+    return [base + (e < extra) for e in range(num_experts)]
+
+
+def even_workers_ms(plan: Plan, costs: dict[str, Any], tokens: int) -> float:
+    """``workers_ms``'s wait when every expert has its even share of the rows (``even_counts``): what the
+    calibration's timed expert phases ran."""
+    counts = even_counts(tokens, plan.top_k, plan.sizes.num_experts)
+    per_worker = [sum(interpolate(costs["expert"], counts[e]) for e in w if counts[e]) for w in plan.workers]
+    worker = max(per_worker)
+    if plan.hardware.kind == "cpu":
+        worker = max(worker, sum(per_worker) / plan.hardware.devices)
+    return worker
+
+
+def exchange_cost_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> float:
+    """One layer's exchange with the plan's workers at ``tokens``, beyond what ``workers_ms`` says their calls cost.
+
+    Where the calibration timed whole expert phases with real expert shapes in W worker processes
+    (workers/link_calibration.py ``expert_phase_ms``, every expert its even share of the rows), this is that
+    phase less what this model says those same calls cost (``even_workers_ms``): the links, the worker's grouped
+    call around the matmuls, W processes sharing the cores, caches and memory bandwidth. Interpolated over the
+    tokens timed (flat beyond), then over W. Else the echo exchange
+    (``exchange_ms``), else LINK_MS_PER_WORKER per worker (GPUs described by flags)."""
+    workers = len(plan.workers)
+    phase = costs.get("expert_phase_ms")
+    if phase:
+        residual: dict[str, float] = {}
+        for count, by_tokens in phase.items():
+            shaped = replace(plan, workers=split_experts(plan.sizes.num_experts, int(count)))
+            over = {t: ms - even_workers_ms(shaped, costs, int(t)) for t, ms in by_tokens.items()}
+            residual[count] = max(0.0, interpolate(over, min(tokens, max(map(int, over)))))
+        return interpolate(residual, min(workers, max(map(int, residual))))
+    if costs.get("exchange_ms"):
+        return interpolate(costs["exchange_ms"], workers)
+    return LINK_MS_PER_WORKER * workers
+
+
 def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, prefill: bool,
             link_ms: float | None = None) -> float:
     """Predicted step time: per layer, the coordinator's part (attention, router, the MoE bookkeeping around the
@@ -411,9 +466,8 @@ def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, 
     workers compute the other's (where they have cores of their own), so a layer costs the larger of the two
     halves' sums plus the smaller once (filling the pipeline).
 
-    On a CPU node the processes share its cores: workers that are more than the cores take turns (a layer's
-    expert work is at least their sum over the cores), and everything busy at once (both halves of ping-pong)
-    is at least its sum over the cores.
+    On a CPU node the processes share its cores: workers that are more than the cores take turns (``workers_ms``),
+    and everything busy at once (both halves of ping-pong) is at least its sum over the cores.
 
     Where the calibration measured the local engine's own decode step (engine_layer, engine_step), a decode step's
     coordinator part is that layer less the experts it ran, and the per-step rest is measured too."""
@@ -430,14 +484,10 @@ def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, 
     if not prefill and costs.get("engine_layer"):  # a real decode step's layer, less the experts it ran in-process
         all_experts = worker_layer_ms(costs, plan.sizes.num_experts, plan.sizes.num_experts, top_k, part)
         coord = max(coord, interpolate(costs["engine_layer"], part) - all_experts)
-    per_worker = [worker_layer_ms(costs, len(w), plan.sizes.num_experts, top_k, part) for w in plan.workers]
-    worker = max(per_worker)
+    worker, per_worker = workers_ms(plan, costs, part)
     cores = plan.hardware.devices if plan.hardware.kind == "cpu" else 0
-    if cores:
-        worker = max(worker, sum(per_worker) / cores)
-    if link_ms is None:  # one layer's exchange with the workers, measured where it could be (by worker count)
-        link_ms = (interpolate(costs["exchange_ms"], len(plan.workers)) if costs.get("exchange_ms")
-                   else LINK_MS_PER_WORKER * len(plan.workers))
+    if link_ms is None:  # one layer's exchange with the workers, measured where it could be
+        link_ms = exchange_cost_ms(plan, costs, part)
     if micro_batches == 1:
         layer = coord + worker + link_ms
     elif plan.overlaps:
