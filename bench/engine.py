@@ -87,6 +87,8 @@ def main() -> None:
     parser.set_defaults(size="bench", prompt_len=64)
     parser.add_argument("--experts-per-worker", type=int, default=None,
                         help="default: the shape `moe-cluster plan` picks for this machine (what `serve` deploys)")
+    parser.add_argument("--also-experts-per-worker", type=int, nargs="*", default=[],
+                        help="one more row per value: the default coordinator on a pool of that shape")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -107,14 +109,18 @@ def main() -> None:
                               num_kv_blocks=64 * ((args.prompt_len + args.output_len) // 16 + 2))
     progress("loading transformers, the local engine, an expert pool and its coordinators")
     pool = start_pool(engine_cfg, PoolConfig(experts_per_worker=args.experts_per_worker, threads_per_worker=1))
+    other_pools = {epw: start_pool(engine_cfg, PoolConfig(experts_per_worker=epw, threads_per_worker=1))
+                   for epw in args.also_experts_per_worker}
     local = EngineLoop.local(engine_cfg)
 
-    def coordinator(micro_batches: int = 0) -> ClusterEngine:
-        return ClusterEngine.start(engine_cfg, ClusterConfig(micro_batches=micro_batches), pool=pool)
+    def coordinator(micro_batches: int = 0, on: Any = pool) -> ClusterEngine:
+        return ClusterEngine.start(engine_cfg, ClusterConfig(micro_batches=micro_batches), pool=on)
 
     coordinators: dict[str, list[ClusterEngine]] = {
         "default": [coordinator()], "serial": [coordinator(1)], "ping-pong": [coordinator(2)],
         "pair": [coordinator(), coordinator()]}
+    for epw, other in other_pools.items():
+        coordinators[f"{epw} per worker"] = [coordinator(on=other)]
     hf = transformers_peer(model, args.output_len)
     peers: dict[str, Generate] = {
         "transformers generate, 1 thread": with_threads(1, hf),
@@ -125,6 +131,9 @@ def main() -> None:
         "cluster, serial (1 micro-batch)": engines_peer(coordinators["serial"], args.output_len),
         "cluster, ping-pong (2 micro-batches)": engines_peer(coordinators["ping-pong"], args.output_len),
         "cluster, 2 coordinators on one pool": engines_peer(coordinators["pair"], args.output_len),
+        **{f"cluster, {epw} experts per worker (default policy)": engines_peer(coordinators[f"{epw} per worker"],
+                                                                               args.output_len)
+           for epw in other_pools},
     }
     vocab = local.model_config.vocab_size
     samples: dict[str, dict[int, list[float]]] = {name: {c: [] for c in args.concurrency} for name in peers}
@@ -145,7 +154,8 @@ def main() -> None:
         for group in coordinators.values():
             for engine in group:
                 engine.shutdown()
-        stop_pool(pool)
+        for each in (pool, *other_pools.values()):
+            stop_pool(each)
     args.load_after = load_average()
     progress(f"load average after: {args.load_after}")
     print(report(args, {name: {c: statistics.median(v) for c, v in by_c.items()} for name, by_c in samples.items()}))
@@ -167,7 +177,8 @@ def report(args: argparse.Namespace, tps: dict[str, dict[int, float]]) -> str:
     summary = [f"- At {top} sequences, best of each kind: " + "; ".join(
         f"{kind} {best(kind, top):,.0f} tok/s ({best(kind, top) / best('transformers', top):.2f}x transformers, "
         f"{best(kind, top) / best('local', top):.2f}x local)"
-        for kind in ("local", "cluster, default", "cluster, serial", "cluster, ping-pong", "cluster, 2 coordinators")
+        for kind in ("local", "cluster, default", "cluster, serial", "cluster, ping-pong", "cluster, 2 coordinators",
+                     *(f"cluster, {epw} experts per worker" for epw in args.also_experts_per_worker))
     ) + "."]
     body = "\n".join([
         f"Machine: {machine()}. Model {describe(args.size)}; {args.experts_per_worker} experts per worker. Load "
@@ -176,7 +187,8 @@ def report(args: argparse.Namespace, tps: dict[str, dict[int, float]]) -> str:
         f"(EOS ignored), all N submitted at once; output tokens/s, median of {args.repeats}; the ratios compare "
         "with the better thread count of transformers and of the local engine. Command: `python -m bench.engine "
         f"--size {args.size} --concurrency {' '.join(map(str, args.concurrency))} --prompt-len {args.prompt_len} "
-        f"--output-len {args.output_len} --experts-per-worker {args.experts_per_worker}`.",
+        f"--output-len {args.output_len} --experts-per-worker {args.experts_per_worker}"
+        + "".join(f" --also-experts-per-worker {e}" for e in args.also_experts_per_worker) + "`.",
         "",
         table(headers, rows),
         "",

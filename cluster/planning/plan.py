@@ -334,8 +334,8 @@ def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str
     """No more processes busy at once than cores. Within a layer the coordinator and the workers take turns
     (attention, then the experts: the serial schedule), so the workers get a core each (at most one worker per
     expert, experts split contiguously; spare cores become their threads) and the coordinator runs while they
-    wait. Measured on 2 cores (docs/benchmarks.md): two workers of 4 experts decode 32 sequences 1.07x as fast as
-    the local engine; one worker of 8, which leaves a core idle during the experts, 0.85x."""
+    wait. Measured on 2 cores, side by side (docs/benchmarks.md): two workers of 4 experts ran 32 sequences 1.11x as
+    fast as the local engine; one worker of 8, which leaves a core idle during the experts, 0.85x."""
     assert hw.kind == "cpu"
     sizes = ModelSizes.of(cfg, dtype)
     max_len = max_model_len or cfg.max_position_embeddings
@@ -413,10 +413,14 @@ def workers_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> tuple[float,
     worker, and each worker's own. On a CPU node the workers share its cores: when they are more than the cores
     they take turns, so the wait is at least their sum over the cores."""
     per_worker = [worker_layer_ms(costs, len(w), plan.sizes.num_experts, plan.top_k, tokens) for w in plan.workers]
-    worker = max(per_worker)
+    return _slowest(plan, per_worker), per_worker
+
+
+def _slowest(plan: Plan, per_worker: list[float]) -> float:
+    """The wait for the last worker; on a CPU node at least their sum over the cores they share."""
     if plan.hardware.kind == "cpu":
-        worker = max(worker, sum(per_worker) / plan.hardware.devices)
-    return worker, per_worker
+        return max(max(per_worker), sum(per_worker) / plan.hardware.devices)
+    return max(per_worker)
 
 
 def even_counts(tokens: int, top_k: int, num_experts: int) -> list[int]:
@@ -429,11 +433,8 @@ def even_workers_ms(plan: Plan, costs: dict[str, Any], tokens: int) -> float:
     """``workers_ms``'s wait when every expert has its even share of the rows (``even_counts``): what the
     calibration's timed expert phases ran."""
     counts = even_counts(tokens, plan.top_k, plan.sizes.num_experts)
-    per_worker = [sum(interpolate(costs["expert"], counts[e]) for e in w if counts[e]) for w in plan.workers]
-    worker = max(per_worker)
-    if plan.hardware.kind == "cpu":
-        worker = max(worker, sum(per_worker) / plan.hardware.devices)
-    return worker
+    return _slowest(plan, [sum(interpolate(costs["expert"], counts[e]) for e in w if counts[e])
+                           for w in plan.workers])
 
 
 def exchange_cost_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> float:
@@ -443,8 +444,8 @@ def exchange_cost_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> float:
     (workers/link_calibration.py ``expert_phase_ms``, every expert its even share of the rows), this is that
     phase less what this model says those same calls cost (``even_workers_ms``): the links, the worker's grouped
     call around the matmuls, W processes sharing the cores, caches and memory bandwidth. Interpolated over the
-    tokens timed (flat beyond), then over W. Else the echo exchange
-    (``exchange_ms``), else LINK_MS_PER_WORKER per worker (GPUs described by flags)."""
+    tokens timed (flat beyond), then over W. Else the echo exchange (``exchange_ms``), else LINK_MS_PER_WORKER
+    per worker (GPUs described by flags)."""
     workers = len(plan.workers)
     phase = costs.get("expert_phase_ms")
     if phase:
