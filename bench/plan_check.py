@@ -35,7 +35,7 @@ from workers.link_calibration import link_costs
 PROMPT_LEN = 16
 
 
-def shaped(plan: Plan, workers: int, cores: int) -> Plan:
+def shaped(plan: Plan, workers: int) -> Plan:
     return dataclasses.replace(plan, workers=split_experts(plan.sizes.num_experts, workers))
 
 
@@ -99,7 +99,7 @@ def main() -> None:
         progress(f"pool of {workers} worker(s) x {epw} experts")
         pool = start_pool(engine_cfg, PoolConfig(experts_per_worker=epw, threads_per_worker=1))
         try:
-            plan = shaped(base, workers, cores)
+            plan = shaped(base, workers)
             for micro in args.micro_batches:
                 engine = ClusterEngine.start(engine_cfg, ClusterConfig(micro_batches=micro), pool=pool)
                 try:

@@ -30,10 +30,11 @@ from torch import Tensor
 
 from cluster.links.protocol import OP_WORK, LinkSpec
 from cluster.links.shm import ShmCoordinatorEnd
-from cluster.model.config import ModelConfig, parse_dtype
+from cluster.model.config import ModelConfig
 from cluster.model.experts import LocalExperts
-from cluster.planning.plan import even_counts, split_experts
+from cluster.planning.plan import ModelSizes, even_counts, split_experts
 from workers.expert_loop import ExpertLoop
+from workers.versioned_experts import VersionedExperts
 
 ROUNDS = 200
 DECODE_ROWS = 16  # rows per worker in a round: a decode step's share at a few dozen sequences
@@ -63,27 +64,6 @@ class _EchoExperts:
         pass
 
 
-class _HeldExperts:
-    """One map version of real experts, run as a worker runs them (VersionedExperts.run without the counting)."""
-
-    latest = 0
-
-    def __init__(self, experts: LocalExperts) -> None:
-        self.experts = experts
-
-    def holds(self, version: int) -> bool:
-        return version == 0
-
-    def run(self, version: int, layer: int, rows: Tensor, counts: list[int]) -> Tensor:
-        return self.experts.run_grouped(layer, rows, torch.tensor(counts[:self.experts.n_local_experts(layer)]))
-
-    def in_use(self, oldest: int | None) -> None:
-        pass
-
-    def hint(self, version: int, layer: int, experts: list[int]) -> None:
-        pass
-
-
 def _serve(address: str, spec: LinkSpec, listening: Event, experts: tuple[int, int, int, int] | None = None) -> None:
     """A worker process: one expert loop until its links close and it is terminated. ``experts``: (local experts,
     layers, hidden, intermediate) of real shapes to hold, or None for the echo."""
@@ -93,10 +73,11 @@ def _serve(address: str, spec: LinkSpec, listening: Event, experts: tuple[int, i
     if experts is not None:
         n_local, layers, hidden, intermediate = experts
         dtype = spec.torch_dtype
-        held = _HeldExperts(LocalExperts(
+        held = VersionedExperts(0, LocalExperts(  # the worker's own class: its expert call, as it runs it
             tuple(tuple(range(n_local)) for _ in range(layers)),
             [torch.full((n_local, 2 * intermediate, hidden), 0.01, dtype=dtype) for _ in range(layers)],
-            [torch.full((n_local, hidden, intermediate), 0.01, dtype=dtype) for _ in range(layers)]))
+            [torch.full((n_local, hidden, intermediate), 0.01, dtype=dtype) for _ in range(layers)]),
+            n_local, torch.device("cpu"), worker_index=0)
     loop = ExpertLoop(address, spec, held, num_layers=layers, merge_wait_s=0.0)
     listening.set()
     loop.run()
@@ -165,9 +146,7 @@ def expert_phase_ms(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], toke
     """{"expert_phase_ms": {W: {T: ms}}}: one layer's expert phase (send, the workers' expert calls, results
     back) with the E experts of ``cfg`` split over W worker processes, at a step of T tokens; {} when one layer
     of experts is larger than PHASE_MAX_LAYER_BYTES (the echo exchange stands in)."""
-    torch_dtype = parse_dtype(dtype)
-    expert_bytes = 3 * cfg.hidden_size * cfg.intermediate_size * torch_dtype.itemsize
-    layer_bytes = cfg.num_experts * expert_bytes
+    layer_bytes = cfg.num_experts * ModelSizes.of(cfg, dtype).expert_bytes // cfg.num_layers
     if layer_bytes > PHASE_MAX_LAYER_BYTES:
         return {}
     layers = max(2, min(cfg.num_layers, -(-STREAM_BYTES // layer_bytes)))  # weights cycled through
