@@ -21,6 +21,7 @@ of one layer's exchange is route+send CPU + wake + back + combine, per layer.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import threading
 import time
@@ -53,6 +54,9 @@ class Peer:
         params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
         if self.threads is not None:
             torch.set_num_threads(self.threads)
+            for engine in self.engines:  # a local engine runs on its own thread, where the count must be set
+                if isinstance(engine, EngineLoop):
+                    engine.call(functools.partial(torch.set_num_threads, self.threads)).result()
         started = time.perf_counter()
         threads = [threading.Thread(target=e.generate, args=(batch, params)) for e in self.engines]
         for thread in threads:

@@ -13,10 +13,11 @@ coordinators split the N sequences between them (N/2 each, at once).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
@@ -73,9 +74,13 @@ def engines_peer(engines: list[Any], output_len: int) -> Generate:
     return generate
 
 
-def with_threads(threads: int, generate: Generate) -> Generate:
+def with_threads(threads: int, generate: Generate, loops: Sequence[EngineLoop] = ()) -> Generate:
+    """``generate`` with ``threads`` intra-op threads: on this thread, and on each of ``loops``' own engine threads
+    (the count is per thread on some builds: OpenMP's is)."""
     def run(batch: list[list[int]]) -> None:
         torch.set_num_threads(threads)
+        for loop in loops:
+            loop.call(functools.partial(torch.set_num_threads, threads)).result()
         generate(batch)
 
     return run
@@ -125,8 +130,8 @@ def main() -> None:
     peers: dict[str, Generate] = {
         "transformers generate, 1 thread": with_threads(1, hf),
         "transformers generate, 2 threads": with_threads(2, hf),
-        "local engine, 1 thread": with_threads(1, engines_peer([local], args.output_len)),
-        "local engine, 2 threads": with_threads(2, engines_peer([local], args.output_len)),
+        "local engine, 1 thread": with_threads(1, engines_peer([local], args.output_len), [local]),
+        "local engine, 2 threads": with_threads(2, engines_peer([local], args.output_len), [local]),
         "cluster, default (auto micro-batches)": engines_peer(coordinators["default"], args.output_len),
         "cluster, serial (1 micro-batch)": engines_peer(coordinators["serial"], args.output_len),
         "cluster, ping-pong (2 micro-batches)": engines_peer(coordinators["ping-pong"], args.output_len),

@@ -3,8 +3,11 @@ cluster/engine/calibrate.py) against the cluster's measured step, for the shapes
 
     python -m bench.plan_check [--size bench] [--workers 1 2 8] [--micro-batches 1 2] [--batch 8 32]
 
-Decode step = (time for 1 + D tokens - time for 1 token) / D over the batch (bench/cluster_step.py's measure),
-median of repeats; prediction = planning/plan.py's step_ms for the same shape (workers, micro-batches, batch) with
+Decode step = (time for 1 + D tokens - time for 1 token) / D over the batch, each time the least disturbed of
+the repeats; every engine and pool is up for the whole run and each repeat measures every shape once, so the
+repeats span the run (a shared host's speed drifts over minutes). The calibration runs at the start and at the
+end, each cost the least disturbed of the two: both sides describe the machine at its least disturbed.
+Prediction = planning/plan.py's step_ms for the same shape (workers, micro-batches, batch) with
 the calibrated costs at 1 thread. Also the local engine (all experts in-process, 1 thread) against its own
 prediction (every layer: the coordinator's part plus every expert that has rows, no link).
 """
@@ -15,13 +18,13 @@ import argparse
 import dataclasses
 import functools
 import os
-import statistics
+from collections import defaultdict
 from typing import Any
 
 import ray
 import torch
 
-from bench.cluster_step import Peer, measure, prompts
+from bench.cluster_step import Peer, prompts
 from bench.common import machine, progress, table, write_section
 from bench.models import bench_model, describe
 from cluster.engine.calibrate import calibrate
@@ -45,11 +48,15 @@ def local_step_ms(plan: Plan, costs: dict[str, Any], tokens: int, prefill: bool 
     return step_ms(local, costs, tokens, 1, prefill=prefill, link_ms=0.0)
 
 
-def prefill_ms(peer: Peer, batch: list[list[int]], repeats: int) -> float:
-    """One step that prefills the whole batch (and samples its first tokens): median wall time of a 1-token
-    generate, after a warm-up."""
-    peer.generate(batch, 1)
-    return 1000 * statistics.median(peer.generate(batch, 1) for _ in range(repeats))
+def least_disturbed(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two calibrations as one: every time the smaller of the two (noise only adds time), the rest from ``a``."""
+    out = dict(a)
+    for key, value in a.items():
+        if isinstance(value, dict) and isinstance(b.get(key), dict):
+            out[key] = least_disturbed(value, b[key])
+        elif isinstance(value, float) and isinstance(b.get(key), float):
+            out[key] = min(value, b[key])
+    return out
 
 
 def main() -> None:
@@ -58,8 +65,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 8])
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--decode-tokens", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--prefill-prompts", type=int, default=8,
                         help="prefill check: this many prompts of --prefill-len tokens in one step")
     parser.add_argument("--prefill-len", type=int, default=128)
@@ -70,56 +77,68 @@ def main() -> None:
     cfg = ModelConfig.from_file(model)
     cores = os.cpu_count() or 1
     torch.set_num_threads(1)
-    # Measured again in this run: a cached calibration may come from a busier machine than this measurement's.
-    costs = calibrate(cfg, cfg.dtype, "cpu", context=PROMPT_LEN + args.decode_tokens, refresh=True,
-                      also=functools.partial(link_costs, cfg, cfg.dtype, tuple(sorted(set(args.workers)))))
+    # Calibrated again in this run, at its start and at its end, and every shape measured once per repeat, the
+    # repeats spread over the whole run: this machine's speed drifts over minutes (a shared host), and each side
+    # keeps its least disturbed time, so that both describe the same machine.
+    calibrate_now = functools.partial(
+        calibrate, cfg, cfg.dtype, "cpu", context=PROMPT_LEN + args.decode_tokens, refresh=True,
+        also=functools.partial(link_costs, cfg, cfg.dtype, tuple(sorted(set(args.workers)))))
+    first_costs = calibrate_now()
     base = plan_cpus(cfg, Hardware("cpu", cores, 24))
-    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=64, include_dashboard=False, log_to_driver=False)
     engine_cfg = EngineConfig(model=str(model), progress=False, enable_prefix_caching=False,
                               max_num_batched_tokens=4096, max_num_seqs=128,
                               num_kv_blocks=max(512, max(args.batch) * 4))
-    rows: list[list[object]] = []
     prefill_batch = prompts(args.prefill_prompts, args.prefill_len, cfg.vocab_size, seed=2)
     prefill_tokens = args.prefill_prompts * args.prefill_len
     prefill_label = f"prefill {args.prefill_prompts} x {args.prefill_len}"
     local = EngineLoop.local(engine_cfg)
+    pools: list[Any] = []
+    engines: list[Any] = [local]
+    # (name, micro-batches, plan or None for the local engine, peer)
+    shapes: list[tuple[str, object, Plan | None, Peer]] = [("local engine, 1 thread", "-", None,
+                                                            Peer("local", [local], threads=1))]
     try:
-        for batch_size in args.batch:
-            batch = prompts(batch_size, PROMPT_LEN, cfg.vocab_size, seed=1)
-            measured = measure([Peer("local", [local], threads=1)], batch, args.decode_tokens, args.repeats)
-            predicted = local_step_ms(base, costs, batch_size)
-            rows.append(_row("local engine, 1 thread", "-", batch_size, predicted, measured["local"]["step_ms"]))
-        local_prefill = prefill_ms(Peer("local", [local], threads=1), prefill_batch, args.repeats)
-        rows.append(_row("local engine, 1 thread", "-", prefill_label, local_step_ms(base, costs, prefill_tokens,
-                                                                                    prefill=True), local_prefill))
-    finally:
-        local.shutdown()
-    for workers in args.workers:
-        epw = -(-cfg.num_experts // workers)
-        progress(f"pool of {workers} worker(s) x {epw} experts")
-        pool = start_pool(engine_cfg, PoolConfig(experts_per_worker=epw, threads_per_worker=1))
-        try:
-            plan = shaped(base, workers)
+        for workers in args.workers:
+            epw = -(-cfg.num_experts // workers)
+            progress(f"pool of {workers} worker(s) x {epw} experts")
+            pool = start_pool(engine_cfg, PoolConfig(experts_per_worker=epw, threads_per_worker=1))
+            pools.append(pool)
             for micro in args.micro_batches:
                 engine = ClusterEngine.start(engine_cfg, ClusterConfig(micro_batches=micro), pool=pool)
-                try:
-                    for batch_size in args.batch:
-                        batch = prompts(batch_size, PROMPT_LEN, cfg.vocab_size, seed=1)
-                        got = measure([Peer("c", [engine], pool=pool)], batch, args.decode_tokens, args.repeats)
-                        predicted = step_ms(plan, costs, batch_size, micro, prefill=False)
-                        rows.append(_row(f"cluster, {len(plan.workers)} worker(s) x {epw}", micro, batch_size,
-                                         predicted, got["c"]["step_ms"]))
-                        progress(f"{rows[-1]}")
-                    got_ms = prefill_ms(Peer("c", [engine], pool=pool), prefill_batch, args.repeats)
-                    predicted = step_ms(plan, costs, prefill_tokens, micro, prefill=True)
-                    rows.append(_row(f"cluster, {len(plan.workers)} worker(s) x {epw}", micro, prefill_label,
-                                     predicted, got_ms))
-                    progress(f"{rows[-1]}")
-                finally:
-                    engine.shutdown()
-        finally:
+                engines.append(engine)
+                shapes.append((f"cluster, {workers} worker(s) x {epw}", micro, shaped(base, workers),
+                               Peer("c", [engine], pool=pool)))
+        batches = {b: prompts(b, PROMPT_LEN, cfg.vocab_size, seed=1) for b in args.batch}
+        runs: dict[tuple[int, object], list[float]] = defaultdict(list)  # (shape, batch or "prefill") -> seconds
+        for _, _, _, peer in shapes:  # warm-up
+            for batch in batches.values():
+                peer.generate(batch, 2)
+            peer.generate(prefill_batch, 1)
+        for rep in range(args.repeats):
+            for i, (_, _, _, peer) in enumerate(shapes):
+                for b, batch in batches.items():
+                    runs[i, (b, 1)].append(peer.generate(batch, 1))
+                    runs[i, (b, 1 + args.decode_tokens)].append(peer.generate(batch, 1 + args.decode_tokens))
+                runs[i, "prefill"].append(peer.generate(prefill_batch, 1))
+            progress(f"repeat {rep + 1}/{args.repeats} of every shape done")
+    finally:
+        for engine in engines:
+            engine.shutdown()
+        for pool in pools:
             stop_pool(pool)
     ray.shutdown()
+    costs = least_disturbed(first_costs, calibrate_now())
+    rows: list[list[object]] = []
+    for i, (name, micro, plan, _) in enumerate(shapes):
+        for b in args.batch:
+            measured = 1000 * (min(runs[i, (b, 1 + args.decode_tokens)]) - min(runs[i, (b, 1)])) / args.decode_tokens
+            predicted = local_step_ms(base, costs, b) if plan is None else step_ms(plan, costs, b, int(str(micro)),
+                                                                                   prefill=False)
+            rows.append(_row(name, micro, b, predicted, measured))
+        predicted = local_step_ms(base, costs, prefill_tokens, prefill=True) if plan is None else \
+            step_ms(plan, costs, prefill_tokens, int(str(micro)), prefill=True)
+        rows.append(_row(name, micro, prefill_label, predicted, 1000 * min(runs[i, "prefill"])))
     load_after = os.getloadavg()
     within = sum(1 for r in rows if abs(float(str(r[5]).rstrip("%"))) <= 15)
     body = "\n".join([
@@ -132,7 +151,9 @@ def main() -> None:
         + "Command: `python -m bench.plan_check --size "
         f"{args.size} --workers {' '.join(map(str, args.workers))} --micro-batches "
         f"{' '.join(map(str, args.micro_batches))} --batch {' '.join(map(str, args.batch))}`.",
-        f"Op costs: {costs.get('cached', 'measured in this run')} ({costs['device']}, {costs['threads']} thread).",
+        f"Op costs: calibrated in this run at its start and at its end, each the least disturbed of the two "
+        f"({costs['device']}, {costs['threads']} thread); every shape measured once per repeat ({args.repeats}), "
+        "the repeats spread over the run, each time the least disturbed.",
         "",
         table(["engine", "micro-batches", "sequences (decode) or prompts", "predicted ms/step", "measured ms/step",
                "error"], rows),

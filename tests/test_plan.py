@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,13 @@ from cluster.planning.plan import (
     LINK_MS_PER_WORKER,
     Hardware,
     ModelSizes,
-    even_counts,
-    even_workers_ms,
     interpolate,
     plan_cpus,
     plan_gpus,
     split_experts,
     step_ms,
+    worker_layer_ms,
+    workers_ms,
 )
 from router_service.cli import main
 from router_service.settings import AppSettings
@@ -164,9 +166,39 @@ def test_step_model_shares_a_cpu_nodes_cores_among_its_processes() -> None:
             3.0 - 8 * LINK_MS_PER_WORKER))
 
 
+def test_expert_calls_are_expected_over_every_routing_not_at_the_mean_rows() -> None:
+    """A worker's expected expert time, against an exact enumeration of every routing of 3 tokens (each picks 2 of
+    4 experts, all choices alike): an expert with no rows costs nothing, and a cost that steps with the rows is
+    averaged over the row counts, not read at their mean."""
+    costs = {"expert": {"1": 1.0, "2": 1.0, "3": 5.0, "4": 5.0}}  # a kernel step between 2 and 3 rows
+    pairs = list(itertools.combinations(range(4), 2))
+    total = Fraction(0)
+    for routing in itertools.product(pairs, repeat=3):
+        rows = [sum(e in pair for pair in routing) for e in range(2)]  # a worker holding experts 0 and 1
+        total += sum(Fraction(int(interpolate(costs["expert"], n))) for n in rows if n)
+    exact = float(total / len(pairs) ** 3)
+    assert worker_layer_ms(costs, 2, 4, 2, 3) == pytest.approx(exact, rel=1e-9)
+    mean_rows = 3 * 2 / 4
+    assert abs(exact - 2 * interpolate(costs["expert"], mean_rows)) > 0.5  # f(mean) would be wrong here
+    assert worker_layer_ms(costs, 2, 4, 2, 0) == 0.0
+
+
+def test_two_micro_batches_fill_the_pipeline_once_a_step() -> None:
+    """Ping-pong with experts slower than attention: the workers run one micro-batch after the other across
+    layers, so a layer costs their two turns and the links, and the step the coordinator's first turn once."""
+    cfg = ModelConfig.from_file(MIXTRAL)
+    costs: dict[str, Any] = {"coordinator_layer": {"1": 1.0, "1024": 1.0}, "expert": {"1": 1.0, "1024": 1.0},
+                             "lm_head": {"1": 0.0, "1024": 0.0}, "exchange_ms": {"1": 0.25, "8": 0.25}}
+    plan = dataclasses.replace(plan_cpus(cfg, Hardware("cpu", 16, 512)), workers=split_experts(8, 1))
+    tokens = 1024  # every expert has rows in both halves: a worker's turn is 8 calls of 1 ms
+    expected = cfg.num_layers * (2 * 8.0 + 2 * 0.25) + 1.0
+    assert step_ms(plan, costs, tokens, 2, prefill=False) == pytest.approx(expected)
+    assert step_ms(plan, costs, tokens, 1, prefill=False) == pytest.approx(cfg.num_layers * (1.0 + 8.0 + 0.25))
+
+
 def test_timed_expert_phases_replace_the_echo_exchange_by_what_the_calls_did_not_explain() -> None:
     """With whole expert phases timed for W workers, a layer's link cost is the phase less the modelled expert
-    calls of that W at those tokens (every expert its even share, as timed): between timed token counts it is
+    calls of that W at those tokens (uniform routing, as timed): between timed token counts it is
     interpolated, past them flat, and between timed worker counts interpolated again; a phase faster than the
     model costs nothing, never less."""
     cfg = ModelConfig.from_file(MIXTRAL)
@@ -174,9 +206,9 @@ def test_timed_expert_phases_replace_the_echo_exchange_by_what_the_calls_did_not
                              "lm_head": {"1": 0.0, "1024": 0.0}, "exchange_ms": {"1": 0.5, "8": 0.5}}
     base = plan_cpus(cfg, Hardware("cpu", 2, 512))
     one, four = (dataclasses.replace(base, workers=split_experts(8, w)) for w in (1, 4))
-    model_8 = {w: even_workers_ms(p, costs, 8) for w, p in ((1, one), (4, four))}
-    model_32 = {w: even_workers_ms(p, costs, 32) for w, p in ((1, one), (4, four))}
-    assert model_8[1] == pytest.approx(8 * 2.0)  # 16 rows: every expert called, 2 rows each
+    model_8 = {w: workers_ms(p, costs, 8)[0] for w, p in ((1, one), (4, four))}
+    model_32 = {w: workers_ms(p, costs, 32)[0] for w, p in ((1, one), (4, four))}
+    assert model_8[1] == pytest.approx(8 * (1 - 0.75 ** 8) * 2.0)  # an expert is called when one of 8 tokens picks it
     costs["expert_phase_ms"] = {"1": {"8": model_8[1] + 1.0, "32": model_32[1] + 3.0},
                                 "4": {"8": model_8[4] + 2.0, "32": model_32[4] - 5.0}}
 
@@ -189,7 +221,6 @@ def test_timed_expert_phases_replace_the_echo_exchange_by_what_the_calls_did_not
     assert link(four, 8) == pytest.approx(2.0) and link(four, 32) == pytest.approx(0.0)
     two = dataclasses.replace(base, workers=split_experts(8, 2))
     assert link(two, 8) == pytest.approx(1.0 + (2.0 - 1.0) / 3)
-    assert even_counts(8, 2, 8) == [2] * 8 and even_counts(5, 2, 4) == [3, 3, 2, 2]
 
 
 def test_calibration_times_the_engine_and_the_links_on_this_machine(demo_dir: Path, tmp_path: Path) -> None:

@@ -9,10 +9,13 @@ results, as a coordinator's layer does. The median round of many is the time for
 * ``exchange_ms``: experts that hand their rows back unchanged: packing and unpacking, the sockets, waking W
   processes and their loops.
 * ``expert_phase_ms``: the model's own expert shapes (weights of no meaning, streamed from memory as a real step
-  reads them: layers cycled), E experts split over the W workers as the pool lays them out, every expert given
-  its even share of a step's rows at a few token counts. This is the whole expert phase of a layer as a
-  coordinator waits for it, so it also holds what the echo cannot: the worker's grouped expert call around the
-  matmuls, and W processes that compute at once sharing the node's cores, caches and memory bandwidth.
+  reads them: layers cycled), E experts split over the W workers as the pool lays them out, a step's tokens at a
+  few counts routed as a router of no preference routes them (each token its top-k of random logits, drawn anew
+  every round: some experts get none, the slowest worker sets the pace), and between two rounds the
+  coordinator's own projections on those tokens (the workers sleep while it computes, as in a step). This is the
+  whole expert phase of a layer as a coordinator waits for it, so it also holds what the echo cannot: the
+  worker's grouped expert call around the matmuls, waking workers that slept, the wait for the slowest, and W
+  processes that compute at once sharing the node's cores, caches and memory bandwidth.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from cluster.links.protocol import OP_WORK, LinkSpec
 from cluster.links.shm import ShmCoordinatorEnd
 from cluster.model.config import ModelConfig
 from cluster.model.experts import LocalExperts
-from cluster.planning.plan import ModelSizes, even_counts, split_experts
+from cluster.planning.plan import ModelSizes, split_experts
 from workers.expert_loop import ExpertLoop
 from workers.versioned_experts import VersionedExperts
 
@@ -144,8 +147,8 @@ def exchange_ms(hidden: int, dtype: str, workers: tuple[int, ...], rows: int = D
 def expert_phase_ms(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], tokens: tuple[int, ...] = PHASE_TOKENS,
                     seconds: float = PHASE_SECONDS) -> dict[str, Any]:
     """{"expert_phase_ms": {W: {T: ms}}}: one layer's expert phase (send, the workers' expert calls, results
-    back) with the E experts of ``cfg`` split over W worker processes, at a step of T tokens; {} when one layer
-    of experts is larger than PHASE_MAX_LAYER_BYTES (the echo exchange stands in)."""
+    back) with the E experts of ``cfg`` split over W worker processes, at a step of T tokens routed at random;
+    {} when one layer of experts is larger than PHASE_MAX_LAYER_BYTES (the echo exchange stands in)."""
     layer_bytes = cfg.num_experts * ModelSizes.of(cfg, dtype).expert_bytes // cfg.num_layers
     if layer_bytes > PHASE_MAX_LAYER_BYTES:
         return {}
@@ -159,31 +162,56 @@ def expert_phase_ms(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], toke
         try:
             # PHASE_PASSES passes over the token counts, the least disturbed kept: a background burst (the kernel
             # compacting the memory just freed, another job) lasting a second inflates every round of one pass.
-            passes = [{t: _phase(ends, split, spec, even_counts(t, cfg.experts_per_token, cfg.num_experts), layers,
-                                 seconds / PHASE_PASSES) for t in tokens} for _ in range(PHASE_PASSES)]
+            # Every pass routes the same tokens (one seed per token count): passes differ only by disturbance.
+            passes = [{t: _phase(ends, split, spec, cfg, t, layers, seconds / PHASE_PASSES) for t in tokens}
+                      for _ in range(PHASE_PASSES)]
             measured[str(count)] = {str(t): min(p[t] for p in passes) for t in tokens}
         finally:
             _stop_loops(procs, ends)
     return {"expert_phase_ms": measured}
 
 
-def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec, counts: list[int],
+def routed_counts(tokens: int, top_k: int, num_experts: int, generator: torch.Generator) -> list[int]:
+    """Rows per expert when ``tokens`` tokens each pick the top ``top_k`` of random logits: a router with no
+    preference, as the plan's step model assumes (cluster/planning/plan.py ``worker_layer_ms``)."""
+    logits = torch.randn(tokens, num_experts, generator=generator)  # (T, E)
+    chosen = logits.topk(top_k, dim=-1).indices.flatten()  # (T * k,)
+    return torch.bincount(chosen, minlength=num_experts).tolist()
+
+
+def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec, cfg: ModelConfig, tokens: int,
            layers: int, seconds: float) -> float:
-    """Median ms of a layer's round (each worker its experts' rows, then every result back), over ``seconds``
-    or PHASE_MIN_ROUNDS rounds after one warm-up cycle through the layers, whichever is longer."""
-    per_worker = [[counts[e] for e in w] for w in split]
-    xs = [torch.randn(sum(c), spec.hidden, dtype=spec.torch_dtype) for c in per_worker]
-    outs = [torch.empty_like(x) for x in xs]
+    """Median ms of a layer's round (each worker that has rows its experts' rows, then every result back), over
+    ``seconds`` or PHASE_MIN_ROUNDS rounds after one warm-up cycle through the layers, whichever is longer. Between
+    rounds, untimed, the coordinator's attention projections on the step's tokens."""
+    generator = torch.Generator().manual_seed(tokens)
+    hidden = torch.randn(tokens, cfg.hidden_size, dtype=spec.torch_dtype)  # (T, H)
+    wqkv = torch.randn((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.hidden_size,
+                       dtype=spec.torch_dtype)
+    wo = torch.randn(cfg.hidden_size, cfg.num_heads * cfg.head_dim, dtype=spec.torch_dtype)
+    rows = torch.randn(tokens * cfg.experts_per_token, spec.hidden, dtype=spec.torch_dtype)  # (T * k, H)
+    out = torch.empty_like(rows)
     samples: list[float] = []
-    tag, started_all = 0, time.perf_counter()
+    tags = [0] * len(ends)  # per link, as a coordinator counts them (cluster/moe/linked_experts.py)
+    layer, started_all = 0, time.perf_counter()
     while len(samples) < PHASE_MIN_ROUNDS + layers or time.perf_counter() - started_all < seconds:
+        counts = routed_counts(tokens, cfg.experts_per_token, cfg.num_experts, generator)
+        _ = (hidden @ wqkv.T)[:, :cfg.num_heads * cfg.head_dim] @ wo.T  # the coordinator's turn: workers sleep
         started = time.perf_counter()
-        for end, c, x, out in zip(ends, per_worker, xs, outs, strict=True):
-            end.send(OP_WORK, layer=tag % layers, tag=tag, counts=c, rows=x, out=out)
-        for end in ends:
-            end.recv_result(tag)
+        sent, first = [], 0
+        for w, (end, experts) in enumerate(zip(ends, split, strict=True)):
+            worker_counts = [counts[e] for e in experts]
+            n = sum(worker_counts)
+            if n:  # as a coordinator does: a worker without rows is sent nothing
+                end.send(OP_WORK, layer=layer, tag=tags[w], counts=worker_counts, rows=rows[first:first + n],
+                         out=out[first:first + n])
+                sent.append(w)
+                first += n
+        for w in sent:
+            ends[w].recv_result(tags[w])
+            tags[w] += 1
         samples.append(time.perf_counter() - started)
-        tag += 1
+        layer = (layer + 1) % layers
     return 1000 * statistics.median(samples[layers:])  # the first cycle through the layers warms up
 
 

@@ -399,13 +399,27 @@ def interpolate(points: dict[str, float], rows: float) -> float:
 
 
 def worker_layer_ms(costs: dict[str, Any], experts: int, num_experts: int, top_k: int, tokens: float) -> float:
-    """Expected time of one worker's expert calls in one layer: an expert is called only when some of the
-    ``tokens`` chose it (uniform routing), on its share of the rows."""
-    p_called = 1.0 - (1.0 - top_k / num_experts) ** tokens
-    if p_called <= 0:
+    """Expected time of one worker's expert calls in one layer under uniform routing: each of the ``tokens``
+    picks a given expert with probability top_k / num_experts, so an expert's rows are Binomial(tokens, that); an
+    expert with none is not called. The expectation is taken over that distribution, not at its mean: a CPU's
+    matmul cost steps with the row count (kernels change at a few rows), so f(mean) misjudges E[f]."""
+    return experts * expected_call_ms(costs["expert"], round(tokens), top_k / num_experts)
+
+
+def expected_call_ms(points: dict[str, float], trials: int, p: float) -> float:
+    """E[cost(n) if n > 0] for n ~ Binomial(trials, p), cost interpolated from ``points`` (rows -> ms). Summed over
+    mean +- 10 standard deviations (the rest weighs nothing)."""
+    if trials <= 0 or p <= 0:
         return 0.0
-    rows_per_call = tokens * top_k / num_experts / p_called
-    return experts * p_called * interpolate(costs["expert"], rows_per_call)
+    if p >= 1:
+        return interpolate(points, trials)
+    mean, spread = trials * p, 10 * math.sqrt(trials * p * (1 - p)) + 1
+    total = 0.0
+    for n in range(max(1, math.floor(mean - spread)), min(trials, math.ceil(mean + spread)) + 1):
+        log_pmf = (math.lgamma(trials + 1) - math.lgamma(n + 1) - math.lgamma(trials - n + 1)
+                   + n * math.log(p) + (trials - n) * math.log1p(-p))
+        total += math.exp(log_pmf) * interpolate(points, n)
+    return total
 
 
 def workers_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> tuple[float, list[float]]:
@@ -423,27 +437,14 @@ def _slowest(plan: Plan, per_worker: list[float]) -> float:
     return max(per_worker)
 
 
-def even_counts(tokens: int, top_k: int, num_experts: int) -> list[int]:
-    """A step's ``tokens * top_k`` rows spread as evenly as they go over the experts (the first ones one more)."""
-    base, extra = divmod(tokens * top_k, num_experts)
-    return [base + (e < extra) for e in range(num_experts)]
-
-
-def even_workers_ms(plan: Plan, costs: dict[str, Any], tokens: int) -> float:
-    """``workers_ms``'s wait when every expert has its even share of the rows (``even_counts``): what the
-    calibration's timed expert phases ran."""
-    counts = even_counts(tokens, plan.top_k, plan.sizes.num_experts)
-    return _slowest(plan, [sum(interpolate(costs["expert"], counts[e]) for e in w if counts[e])
-                           for w in plan.workers])
-
-
 def exchange_cost_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> float:
     """One layer's exchange with the plan's workers at ``tokens``, beyond what ``workers_ms`` says their calls cost.
 
     Where the calibration timed whole expert phases with real expert shapes in W worker processes
-    (workers/link_calibration.py ``expert_phase_ms``, every expert its even share of the rows), this is that
-    phase less what this model says those same calls cost (``even_workers_ms``): the links, the worker's grouped
-    call around the matmuls, W processes sharing the cores, caches and memory bandwidth. Interpolated over the
+    (workers/link_calibration.py ``expert_phase_ms``: tokens routed at random, the coordinator computing between
+    phases), this is that phase less what this model says the calls cost at those tokens (``workers_ms``, the
+    same uniform routing): the links, waking workers that slept, the wait for the slowest worker, the worker's
+    grouped call around the matmuls, W processes sharing the cores, caches and memory bandwidth. Interpolated over the
     tokens timed (flat beyond), then over W. Else the echo exchange (``exchange_ms``), else LINK_MS_PER_WORKER
     per worker (GPUs described by flags)."""
     workers = len(plan.workers)
@@ -452,7 +453,7 @@ def exchange_cost_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> float:
         residual: dict[str, float] = {}
         for count, by_tokens in phase.items():
             shaped = replace(plan, workers=split_experts(plan.sizes.num_experts, int(count)))
-            over = {t: ms - even_workers_ms(shaped, costs, int(t)) for t, ms in by_tokens.items()}
+            over = {t: ms - workers_ms(shaped, costs, int(t))[0] for t, ms in by_tokens.items()}
             residual[count] = max(0.0, interpolate(over, min(tokens, max(map(int, over)))))
         return interpolate(residual, min(workers, max(map(int, residual))))
     if costs.get("exchange_ms"):
@@ -465,7 +466,7 @@ def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, 
     """Predicted step time: per layer, the coordinator's part (attention, router, the MoE bookkeeping around the
     expert calls), then the slowest worker's, then the link; with two micro-batches one's attention runs while the
     workers compute the other's (where they have cores of their own), so a layer costs the larger of the two
-    halves' sums plus the smaller once (filling the pipeline).
+    halves' sums, and a step the smaller once more (filling the pipeline).
 
     On a CPU node the processes share its cores: workers that are more than the cores take turns (``workers_ms``),
     and everything busy at once (both halves of ping-pong) is at least its sum over the cores.
@@ -489,18 +490,22 @@ def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, 
     cores = plan.hardware.devices if plan.hardware.kind == "cpu" else 0
     if link_ms is None:  # one layer's exchange with the workers, measured where it could be
         link_ms = exchange_cost_ms(plan, costs, part)
+    fill = 0.0  # once per step: the pipeline's start (and end), where one side waits for the other's first half
     if micro_batches == 1:
         layer = coord + worker + link_ms
     elif plan.overlaps:
-        layer = max(micro_batches * coord, micro_batches * worker) + min(coord, worker) + micro_batches * link_ms
+        # The pipeline runs on across layers (micro-batch 0's next layer is ready before the busier side is free),
+        # so a layer costs the busier side's turns; the fill is paid once a step, not once a layer.
+        layer = max(micro_batches * coord, micro_batches * worker) + micro_batches * link_ms
+        fill = min(coord, worker)
         if cores:
             layer = max(layer, micro_batches * (coord + sum(per_worker)) / cores + micro_batches * link_ms)
     else:  # no core of its own for each side: the halves take turns
         layer = micro_batches * (coord + worker + link_ms)
     if not prefill and costs.get("engine_step"):  # embeddings, LM head, sampling, scheduling: measured in a real step
-        return cfg_layers * layer + interpolate(costs["engine_step"], tokens)
+        return cfg_layers * layer + fill + interpolate(costs["engine_step"], tokens)
     head_rows = 1 if prefill else tokens
-    return cfg_layers * layer + interpolate(costs["lm_head"], head_rows)
+    return cfg_layers * layer + fill + interpolate(costs["lm_head"], head_rows)
 
 
 def predict(plan: Plan, costs: dict[str, Any], source: str) -> None:
