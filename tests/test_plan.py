@@ -224,14 +224,18 @@ def test_timed_expert_phases_replace_the_echo_exchange_by_what_the_calls_did_not
 
 
 def test_calibration_times_the_engine_and_the_links_on_this_machine(demo_dir: Path, tmp_path: Path) -> None:
-    """A real calibration at the demo's shapes: op costs, the local engine's own decode step (models of 1 and 2
-    layers) and the links' exchange with 1 and 2 worker processes; every time positive, cached and read back."""
+    """A real calibration at the demo's shapes: op costs, the local engine's own decode and prefill steps (models of
+    1 and 3 layers) and the links' exchange with 1 and 2 worker processes; every time positive, cached and read
+    back."""
     cfg = ModelConfig.from_file(demo_dir)
     also = functools.partial(exchange_ms, cfg.hidden_size, cfg.dtype, (1, 2), rounds=20)
     costs = calibrate(cfg, cfg.dtype, "cpu", context=24, cache=tmp_path, repeats=2, rows=(1, 8), also=also)
     for kind in ("coordinator_layer", "expert", "moe_overhead", "lm_head", "engine_layer", "engine_step"):
         assert set(costs[kind]) == {"1", "8"}, kind
         assert all(v > 0 for v in costs[kind].values()), (kind, costs[kind])
+    for kind in ("engine_prefill_layer", "engine_prefill_step"):
+        assert set(costs[kind]) == {"256", "1024"} and all(v > 0 for v in costs[kind].values()), (kind, costs[kind])
+    assert costs["engine_prefill_layer"]["1024"] > costs["engine_layer"]["8"]  # 1024 rows cost more than 8
     assert set(costs["exchange_ms"]) == {"1", "2"} and all(v > 0 for v in costs["exchange_ms"].values())
     phase = expert_phase_ms(cfg, cfg.dtype, (1, 3), tokens=(8, 32), seconds=0.1)["expert_phase_ms"]
     assert set(phase) == {"1", "3"} and all(set(by) == {"8", "32"} and min(by.values()) > 0 for by in phase.values())

@@ -23,6 +23,9 @@ turns; 3 layers rather than 2 halve the noise of the difference that gives one l
   engine_step[rows]        the rest of a real decode step: embeddings, the final norm and LM head, sampling,
                            scheduling and outputs (the step of the 1-layer model less its layer; never less than
                            lm_head, which it contains)
+  engine_prefill_layer[T]  the same for a prefill step of T prompt tokens (prompts of 128): what one more layer
+  engine_prefill_step[T]   adds (its ops at T rows, writing T tokens' keys and values to the paged cache, the
+                           experts), and the rest of that step
 
 ``cluster/planning/plan.py`` interpolates these (linearly in rows, extrapolating from the last two points) to predict
 step times. Cached under ~/.cache/moe-cluster/calibration/ by shapes, dtype, device, threads and torch version.
@@ -60,9 +63,11 @@ CACHE = Path("~/.cache/moe-cluster/calibration").expanduser()
 ENGINE_MAX_LAYER_BYTES = 2**30  # above this a layer's throwaway checkpoint costs more than the calibration is worth
 ENGINE_DECODE_TOKENS = 16
 OP_PASSES = 2
+ENGINE_PREFILL_TOKENS = (256, 1024)  # prefill steps timed: prompts of ENGINE_PREFILL_PROMPT_LEN tokens
+ENGINE_PREFILL_PROMPT_LEN = 128
 ENGINE_LAYERS = (1, 3)  # the two random checkpoints whose difference is ENGINE_LAYERS[1] - ENGINE_LAYERS[0] layers
 STREAM_BYTES = 256 * 2**20  # distinct expert weights cycled through: more than any CPU's last-level cache
-CALIBRATION_VERSION = 5  # bump when what is measured changes: older cached costs are measured again
+CALIBRATION_VERSION = 6  # bump when what is measured changes: older cached costs are measured again
 # The CPU's matmul kernels change at small row counts (on an AVX-512 Xeon an expert on 4 rows costs 1.7x one on 2,
 # on 16 rows less than on 8): points this dense keep the linear interpolation on those steps.
 DECODE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -199,20 +204,44 @@ def _engine_costs(cfg: ModelConfig, dtype: str, device: torch.device, context: i
                                                               "num_heads", "num_kv_heads", "head_dim", "num_experts",
                                                               "experts_per_token", "sliding_window")}
                 path = init_demo(Path(tmp) / f"layers-{layers}", seed=0, shards=1, num_layers=layers, dtype=dtype,
-                                 max_position_embeddings=max(context * 2, 64), **shape)
+                                 max_position_embeddings=max(context * 2, 2 * ENGINE_PREFILL_PROMPT_LEN), **shape)
                 blocks_per_seq = -(-(prompt_len + ENGINE_DECODE_TOKENS + 2) // 16)
                 engines[layers] = EngineLoop.local(EngineConfig(
                     model=str(path), progress=False, enable_prefix_caching=False, dtype=dtype, device=str(device),
                     max_num_seqs=max(rows), max_num_batched_tokens=max(4096, max(rows) * prompt_len),
                     num_kv_blocks=max(rows) * blocks_per_seq + 8))
             steps = {r: _decode_steps_ms(engines, r, prompt_len, cfg.vocab_size, max(3, repeats)) for r in rows}
+            prefills = {t: _prefill_steps_ms(engines, t, cfg.vocab_size, max(3, repeats))
+                        for t in ENGINE_PREFILL_TOKENS}
         finally:
             for engine in engines.values():
                 engine.shutdown()
     few, many = ENGINE_LAYERS
     layer = {r: max(0.0, (steps[r][many] - steps[r][few]) / (many - few)) for r in rows}
+    prefill_layer = {t: max(0.0, (prefills[t][many] - prefills[t][few]) / (many - few)) for t in prefills}
     return {"engine_layer": {str(r): layer[r] for r in rows},
-            "engine_step": {str(r): max(0.0, steps[r][few] - few * layer[r]) for r in rows}}
+            "engine_step": {str(r): max(0.0, steps[r][few] - few * layer[r]) for r in rows},
+            "engine_prefill_layer": {str(t): prefill_layer[t] for t in prefills},
+            "engine_prefill_step": {str(t): max(0.0, prefills[t][few] - few * prefill_layer[t]) for t in prefills}}
+
+
+def _prefill_steps_ms(engines: dict[int, EngineLoop], tokens: int, vocab: int, repeats: int) -> dict[int, float]:
+    """{layers: prefill step ms} of each engine for ``tokens`` prompt tokens in prompts of
+    ENGINE_PREFILL_PROMPT_LEN: the least disturbed 1-token generate (one step: the prefill and the first token),
+    the engines taking turns."""
+    gen = torch.Generator().manual_seed(tokens)
+    prompts = [torch.randint(3, vocab, (ENGINE_PREFILL_PROMPT_LEN,), generator=gen).tolist()
+               for _ in range(max(1, tokens // ENGINE_PREFILL_PROMPT_LEN))]
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    runs: dict[int, list[float]] = defaultdict(list)
+    for engine in engines.values():
+        engine.generate(prompts, params)  # warm-up
+    for _ in range(repeats):
+        for layers, engine in engines.items():
+            started = time.perf_counter()
+            engine.generate(prompts, params)
+            runs[layers].append(time.perf_counter() - started)
+    return {layers: 1000 * min(times) for layers, times in runs.items()}
 
 
 def _decode_steps_ms(engines: dict[int, EngineLoop], rows: int, prompt_len: int, vocab: int, repeats: int

@@ -471,8 +471,9 @@ def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, 
     On a CPU node the processes share its cores: workers that are more than the cores take turns (``workers_ms``),
     and everything busy at once (both halves of ping-pong) is at least its sum over the cores.
 
-    Where the calibration measured the local engine's own decode step (engine_layer, engine_step), a decode step's
-    coordinator part is that layer less the experts it ran, and the per-step rest is measured too."""
+    Where the calibration measured the local engine's own steps (engine_layer, engine_step; engine_prefill_layer,
+    engine_prefill_step), a step's coordinator part is that layer less the experts it ran (at least the ops'
+    sum), and the per-step rest is measured too."""
     cfg_layers, top_k = plan.sizes.num_layers, plan.top_k
     coord_points = costs["coordinator_layer"]
     part = tokens / micro_batches
@@ -483,9 +484,10 @@ def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, 
         coord = interpolate(decode_points or coord_points, part)
     if costs.get("moe_overhead"):
         coord += interpolate(costs["moe_overhead"], part)
-    if not prefill and costs.get("engine_layer"):  # a real decode step's layer, less the experts it ran in-process
+    engine_layer = costs.get("engine_prefill_layer" if prefill else "engine_layer")
+    if engine_layer:  # a real step's layer, less the experts it ran in-process
         all_experts = worker_layer_ms(costs, plan.sizes.num_experts, plan.sizes.num_experts, top_k, part)
-        coord = max(coord, interpolate(costs["engine_layer"], part) - all_experts)
+        coord = max(coord, interpolate(engine_layer, part) - all_experts)
     worker, per_worker = workers_ms(plan, costs, part)
     cores = plan.hardware.devices if plan.hardware.kind == "cpu" else 0
     if link_ms is None:  # one layer's exchange with the workers, measured where it could be
@@ -502,8 +504,9 @@ def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, 
             layer = max(layer, micro_batches * (coord + sum(per_worker)) / cores + micro_batches * link_ms)
     else:  # no core of its own for each side: the halves take turns
         layer = micro_batches * (coord + worker + link_ms)
-    if not prefill and costs.get("engine_step"):  # embeddings, LM head, sampling, scheduling: measured in a real step
-        return cfg_layers * layer + fill + interpolate(costs["engine_step"], tokens)
+    engine_step = costs.get("engine_prefill_step" if prefill else "engine_step")
+    if engine_step:  # embeddings, LM head, sampling, scheduling: measured in a real step
+        return cfg_layers * layer + fill + interpolate(engine_step, tokens)
     head_rows = 1 if prefill else tokens
     return cfg_layers * layer + fill + interpolate(costs["lm_head"], head_rows)
 
