@@ -27,7 +27,7 @@ import torch
 from bench.cluster_step import Peer, prompts
 from bench.common import machine, progress, table, write_section
 from bench.models import bench_model, describe
-from cluster.engine.calibrate import calibrate
+from cluster.engine.calibrate import calibrate, least_disturbed
 from cluster.engine.loop import EngineLoop
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.model.config import ModelConfig
@@ -46,17 +46,6 @@ def local_step_ms(plan: Plan, costs: dict[str, Any], tokens: int, prefill: bool 
     """The local engine: every layer the coordinator's part and every expert that has rows, in one thread."""
     local = dataclasses.replace(plan, workers=[list(range(plan.sizes.num_experts))], overlaps=False)
     return step_ms(local, costs, tokens, 1, prefill=prefill, link_ms=0.0)
-
-
-def least_disturbed(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Two calibrations as one: every time the smaller of the two (noise only adds time), the rest from ``a``."""
-    out = dict(a)
-    for key, value in a.items():
-        if isinstance(value, dict) and isinstance(b.get(key), dict):
-            out[key] = least_disturbed(value, b[key])
-        elif isinstance(value, float) and isinstance(b.get(key), float):
-            out[key] = min(value, b[key])
-    return out
 
 
 def main() -> None:
@@ -96,8 +85,8 @@ def main() -> None:
     pools: list[Any] = []
     engines: list[Any] = [local]
     # (name, micro-batches, plan or None for the local engine, peer)
-    shapes: list[tuple[str, object, Plan | None, Peer]] = [("local engine, 1 thread", "-", None,
-                                                            Peer("local", [local], threads=1))]
+    shapes: list[tuple[str, int, Plan | None, Peer]] = [("local engine, 1 thread", 1, None,
+                                                         Peer("local", [local], threads=1))]
     try:
         for workers in args.workers:
             epw = -(-cfg.num_experts // workers)
@@ -131,14 +120,17 @@ def main() -> None:
     costs = least_disturbed(first_costs, calibrate_now())
     rows: list[list[object]] = []
     for i, (name, micro, plan, _) in enumerate(shapes):
+        def predicted(tokens: int, prefill: bool, plan: Plan | None = plan, micro: int = micro) -> float:
+            if plan is None:
+                return local_step_ms(base, costs, tokens, prefill=prefill)
+            return step_ms(plan, costs, tokens, micro, prefill=prefill)
+
+        shown = "-" if plan is None else micro
         for b in args.batch:
             measured = 1000 * (min(runs[i, (b, 1 + args.decode_tokens)]) - min(runs[i, (b, 1)])) / args.decode_tokens
-            predicted = local_step_ms(base, costs, b) if plan is None else step_ms(plan, costs, b, int(str(micro)),
-                                                                                   prefill=False)
-            rows.append(_row(name, micro, b, predicted, measured))
-        predicted = local_step_ms(base, costs, prefill_tokens, prefill=True) if plan is None else \
-            step_ms(plan, costs, prefill_tokens, int(str(micro)), prefill=True)
-        rows.append(_row(name, micro, prefill_label, predicted, 1000 * min(runs[i, "prefill"])))
+            rows.append(_row(name, shown, b, predicted(b, False), measured))
+        rows.append(_row(name, shown, prefill_label, predicted(prefill_tokens, True),
+                         1000 * min(runs[i, "prefill"])))
     load_after = os.getloadavg()
     within = sum(1 for r in rows if abs(float(str(r[5]).rstrip("%"))) <= 15)
     body = "\n".join([

@@ -98,9 +98,8 @@ def calibrate(cfg: ModelConfig, dtype: str, device: str = "cpu", context: int = 
     # OP_PASSES passes, the least disturbed time of each op kept: memory just allocated (a fresh process, fresh
     # weights) reads slower for a second or two on some machines (a virtual machine's host backing its pages),
     # and a long-running engine does not pay that.
-    passes = [_measure(cfg, parse_dtype(dtype), dev, context, repeats, rows) for _ in range(OP_PASSES)]
-    costs: dict[str, Any] = {kind: {r: min(p[kind][r] for p in passes) for r in by_rows}
-                             for kind, by_rows in passes[0].items()}
+    costs = functools.reduce(least_disturbed, [_measure(cfg, parse_dtype(dtype), dev, context, repeats, rows)
+                                               for _ in range(OP_PASSES)])
     costs |= _engine_costs(cfg, dtype, dev, context, tuple(r for r in rows if r in ENGINE_ROWS), repeats)
     for r, ms in costs.get("engine_step", {}).items():  # the rest of a step holds the LM head
         costs["engine_step"][r] = max(ms, costs["lm_head"].get(r, 0.0))
@@ -113,6 +112,18 @@ def calibrate(cfg: ModelConfig, dtype: str, device: str = "cpu", context: int = 
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(costs, indent=1))
     return costs
+
+
+def least_disturbed(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two measurements of the same costs as one: every time the smaller of the two (noise only adds time), nested
+    dicts alike; anything else from ``a``."""
+    out = dict(a)
+    for key, value in a.items():
+        if isinstance(value, dict) and isinstance(b.get(key), dict):
+            out[key] = least_disturbed(value, b[key])
+        elif isinstance(value, float) and isinstance(b.get(key), float):
+            out[key] = min(value, b[key])
+    return out
 
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -196,13 +207,13 @@ def _engine_costs(cfg: ModelConfig, dtype: str, device: torch.device, context: i
         return {"engine": f"not measured: one layer is {layer_bytes / 2**30:.1f} GiB (the limit is "
                           f"{ENGINE_MAX_LAYER_BYTES / 2**30:g} GiB); steps are sums of op costs"}
     prompt_len = max(1, context - ENGINE_DECODE_TOKENS)
+    shape = {name: getattr(cfg, name) for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads",
+                                                  "num_kv_heads", "head_dim", "num_experts", "experts_per_token",
+                                                  "sliding_window")}
     engines: dict[int, EngineLoop] = {}
     with tempfile.TemporaryDirectory(prefix="moe-cluster-calibration-") as tmp:
         try:
             for layers in ENGINE_LAYERS:
-                shape = {name: getattr(cfg, name) for name in ("vocab_size", "hidden_size", "intermediate_size",
-                                                              "num_heads", "num_kv_heads", "head_dim", "num_experts",
-                                                              "experts_per_token", "sliding_window")}
                 path = init_demo(Path(tmp) / f"layers-{layers}", seed=0, shards=1, num_layers=layers, dtype=dtype,
                                  max_position_embeddings=max(context * 2, 2 * ENGINE_PREFILL_PROMPT_LEN), **shape)
                 blocks_per_seq = -(-(prompt_len + ENGINE_DECODE_TOKENS + 2) // 16)
@@ -210,9 +221,18 @@ def _engine_costs(cfg: ModelConfig, dtype: str, device: torch.device, context: i
                     model=str(path), progress=False, enable_prefix_caching=False, dtype=dtype, device=str(device),
                     max_num_seqs=max(rows), max_num_batched_tokens=max(4096, max(rows) * prompt_len),
                     num_kv_blocks=max(rows) * blocks_per_seq + 8))
-            steps = {r: _decode_steps_ms(engines, r, prompt_len, cfg.vocab_size, max(3, repeats)) for r in rows}
-            prefills = {t: _prefill_steps_ms(engines, t, cfg.vocab_size, max(3, repeats))
-                        for t in ENGINE_PREFILL_TOKENS}
+            decode_tokens = 1 + ENGINE_DECODE_TOKENS
+            steps: dict[int, dict[int, float]] = {}
+            for r in rows:  # a decode step: (the run of 1 + D tokens - the run of 1 token) / D
+                ms = _least_runs_ms(engines, _random_prompts(r, prompt_len, cfg.vocab_size), (1, decode_tokens),
+                                    max(3, repeats))
+                steps[r] = {n: (ms[n, decode_tokens] - ms[n, 1]) / ENGINE_DECODE_TOKENS for n in engines}
+            prefills: dict[int, dict[int, float]] = {}
+            for t in ENGINE_PREFILL_TOKENS:  # a prefill step: the run of 1 token (the prefill and its first token)
+                prompts = _random_prompts(max(1, t // ENGINE_PREFILL_PROMPT_LEN), ENGINE_PREFILL_PROMPT_LEN,
+                                          cfg.vocab_size)
+                ms = _least_runs_ms(engines, prompts, (1,), max(3, repeats))
+                prefills[t] = {n: ms[n, 1] for n in engines}
         finally:
             for engine in engines.values():
                 engine.shutdown()
@@ -225,46 +245,29 @@ def _engine_costs(cfg: ModelConfig, dtype: str, device: torch.device, context: i
             "engine_prefill_step": {str(t): max(0.0, prefills[t][few] - few * prefill_layer[t]) for t in prefills}}
 
 
-def _prefill_steps_ms(engines: dict[int, EngineLoop], tokens: int, vocab: int, repeats: int) -> dict[int, float]:
-    """{layers: prefill step ms} of each engine for ``tokens`` prompt tokens in prompts of
-    ENGINE_PREFILL_PROMPT_LEN: the least disturbed 1-token generate (one step: the prefill and the first token),
-    the engines taking turns."""
-    gen = torch.Generator().manual_seed(tokens)
-    prompts = [torch.randint(3, vocab, (ENGINE_PREFILL_PROMPT_LEN,), generator=gen).tolist()
-               for _ in range(max(1, tokens // ENGINE_PREFILL_PROMPT_LEN))]
-    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    runs: dict[int, list[float]] = defaultdict(list)
-    for engine in engines.values():
-        engine.generate(prompts, params)  # warm-up
-    for _ in range(repeats):
-        for layers, engine in engines.items():
-            started = time.perf_counter()
-            engine.generate(prompts, params)
-            runs[layers].append(time.perf_counter() - started)
-    return {layers: 1000 * min(times) for layers, times in runs.items()}
+def _random_prompts(count: int, length: int, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(count * length)
+    return [torch.randint(3, vocab, (length,), generator=gen).tolist() for _ in range(count)]
 
 
-def _decode_steps_ms(engines: dict[int, EngineLoop], rows: int, prompt_len: int, vocab: int, repeats: int
-                     ) -> dict[int, float]:
-    """{layers: decode step ms} of each engine at ``rows`` sequences: (the least disturbed run of 1 + D tokens -
-    the least disturbed run of 1 token) / D, the engines taking turns so that a burst of load hits them alike."""
-    gen = torch.Generator().manual_seed(rows)
-    prompts = [torch.randint(3, vocab, (prompt_len,), generator=gen).tolist() for _ in range(rows)]
-
+def _least_runs_ms(engines: dict[int, EngineLoop], prompts: list[list[int]], token_counts: tuple[int, ...],
+                   repeats: int) -> dict[tuple[int, int], float]:
+    """{(layers, tokens): ms} of generating ``tokens`` tokens for ``prompts`` on each engine: the least disturbed
+    of ``repeats`` runs after a warm-up, the engines and token counts taking turns so that a burst of load hits
+    them alike."""
     def run(engine: EngineLoop, tokens: int) -> float:
         started = time.perf_counter()
         engine.generate(prompts, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
         return time.perf_counter() - started
 
-    runs: dict[tuple[int, int], list[float]] = defaultdict(list)
     for engine in engines.values():
-        run(engine, 2)  # warm-up
+        run(engine, max(token_counts))  # warm-up
+    runs: dict[tuple[int, int], list[float]] = defaultdict(list)
     for _ in range(repeats):
         for layers, engine in engines.items():
-            for tokens in (1, 1 + ENGINE_DECODE_TOKENS):
+            for tokens in token_counts:
                 runs[layers, tokens].append(run(engine, tokens))
-    return {layers: 1000 * (min(runs[layers, 1 + ENGINE_DECODE_TOKENS]) - min(runs[layers, 1]))
-            / ENGINE_DECODE_TOKENS for layers in engines}
+    return {key: 1000 * min(times) for key, times in runs.items()}
 
 
 class _NoExperts:
