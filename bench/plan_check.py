@@ -3,13 +3,17 @@ cluster/engine/calibrate.py) against the cluster's measured step, for the shapes
 
     python -m bench.plan_check [--size bench] [--workers 1 2 8] [--micro-batches 1 2] [--batch 8 32]
 
-Decode step = (time for 1 + D tokens - time for 1 token) / D over the batch, each time the least disturbed of
-the repeats; every engine and pool is up for the whole run and each repeat measures every shape once, so the
-repeats span the run (a shared host's speed drifts over minutes). The calibration runs at the start and at the
-end, each cost the least disturbed of the two: both sides describe the machine at its least disturbed.
-Prediction = planning/plan.py's step_ms for the same shape (workers, micro-batches, batch) with
-the calibrated costs at 1 thread. Also the local engine (all experts in-process, 1 thread) against its own
-prediction (every layer: the coordinator's part plus every expert that has rows, no link).
+Decode step = the D decode steps' own times (the engine's stats) while the batch generates 1 + D tokens, over
+every repeat, their least disturbed (calibrate.py least_disturbed_ms: the 20th percentile); prefill step = the
+prefill step's own time, the same way. The median of the same steps is shown beside it.
+One pool is up at a time, with its coordinators (one per micro-batch count), as a deployment runs; the local
+engine takes turns with each pool's shapes, its steps pooled over the whole run (a shared host's speed drifts over
+minutes, and between a fast and a slow state within seconds). The
+calibration runs at the start and at the end, each cost the least disturbed of the two: both sides describe the
+machine at its least disturbed. Prediction = planning/plan.py's step_ms for the same shape (workers,
+micro-batches, batch) with the calibrated costs at 1 thread. Also the local engine (all experts in-process,
+1 thread) against its own prediction (every layer: the coordinator's part plus every expert that has rows, no
+link).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import dataclasses
 import functools
 import os
+import statistics
 from collections import defaultdict
 from typing import Any
 
@@ -27,7 +32,7 @@ import torch
 from bench.cluster_step import Peer, prompts
 from bench.common import machine, progress, table, write_section
 from bench.models import bench_model, describe
-from cluster.engine.calibrate import calibrate, least_disturbed
+from cluster.engine.calibrate import calibrate, least_disturbed, least_disturbed_ms, step_times_ms
 from cluster.engine.loop import EngineLoop
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.model.config import ModelConfig
@@ -66,9 +71,9 @@ def main() -> None:
     cfg = ModelConfig.from_file(model)
     cores = os.cpu_count() or 1
     torch.set_num_threads(1)
-    # Calibrated again in this run, at its start and at its end, and every shape measured once per repeat, the
-    # repeats spread over the whole run: this machine's speed drifts over minutes (a shared host), and each side
-    # keeps its least disturbed time, so that both describe the same machine.
+    # Calibrated again in this run, at its start and at its end, and every shape measured in turns with others:
+    # this machine's speed drifts over minutes (a shared host), and each side keeps its least disturbed time, so
+    # that both describe the same machine.
     calibrate_now = functools.partial(
         calibrate, cfg, cfg.dtype, "cpu", context=PROMPT_LEN + args.decode_tokens, refresh=True,
         also=functools.partial(link_costs, cfg, cfg.dtype, tuple(sorted(set(args.workers)))))
@@ -82,40 +87,49 @@ def main() -> None:
     prefill_tokens = args.prefill_prompts * args.prefill_len
     prefill_label = f"prefill {args.prefill_prompts} x {args.prefill_len}"
     local = EngineLoop.local(engine_cfg)
-    pools: list[Any] = []
-    engines: list[Any] = [local]
     # (name, micro-batches, plan or None for the local engine, peer)
     shapes: list[tuple[str, int, Plan | None, Peer]] = [("local engine, 1 thread", 1, None,
                                                          Peer("local", [local], threads=1))]
+    batches = {b: prompts(b, PROMPT_LEN, cfg.vocab_size, seed=1) for b in args.batch}
+    runs: dict[tuple[int, object], list[float]] = defaultdict(list)  # (shape, batch or "prefill") -> step ms
+
+    def measure(indices: list[int], label: str) -> None:
+        """Every shape of ``indices`` once per repeat, taking turns (warmed up first)."""
+        for i in indices:
+            for batch in batches.values():
+                shapes[i][3].generate(batch, 2)
+            shapes[i][3].generate(prefill_batch, 1)
+        for rep in range(args.repeats):
+            for i in indices:
+                peer = shapes[i][3]
+                for b, batch in batches.items():
+                    runs[i, b] += step_times_ms(peer.engines[0], functools.partial(
+                        peer.generate, batch, 1 + args.decode_tokens), b)
+                runs[i, "prefill"] += step_times_ms(peer.engines[0], functools.partial(
+                    peer.generate, prefill_batch, 1), prefill_tokens)
+            progress(f"{label}: repeat {rep + 1}/{args.repeats} done")
+
     try:
+        # One deployment up at a time, as the model predicts it (idle pools and coordinators beside it are other
+        # processes on the same 2 cores); the local engine takes turns with each, its steps pooled over all.
         for workers in args.workers:
             epw = -(-cfg.num_experts // workers)
             progress(f"pool of {workers} worker(s) x {epw} experts")
             pool = start_pool(engine_cfg, PoolConfig(experts_per_worker=epw, threads_per_worker=1))
-            pools.append(pool)
-            for micro in args.micro_batches:
-                engine = ClusterEngine.start(engine_cfg, ClusterConfig(micro_batches=micro), pool=pool)
-                engines.append(engine)
-                shapes.append((f"cluster, {workers} worker(s) x {epw}", micro, shaped(base, workers),
-                               Peer("c", [engine], pool=pool)))
-        batches = {b: prompts(b, PROMPT_LEN, cfg.vocab_size, seed=1) for b in args.batch}
-        runs: dict[tuple[int, object], list[float]] = defaultdict(list)  # (shape, batch or "prefill") -> seconds
-        for _, _, _, peer in shapes:  # warm-up
-            for batch in batches.values():
-                peer.generate(batch, 2)
-            peer.generate(prefill_batch, 1)
-        for rep in range(args.repeats):
-            for i, (_, _, _, peer) in enumerate(shapes):
-                for b, batch in batches.items():
-                    runs[i, (b, 1)].append(peer.generate(batch, 1))
-                    runs[i, (b, 1 + args.decode_tokens)].append(peer.generate(batch, 1 + args.decode_tokens))
-                runs[i, "prefill"].append(peer.generate(prefill_batch, 1))
-            progress(f"repeat {rep + 1}/{args.repeats} of every shape done")
+            engines: list[Any] = []
+            try:
+                for micro in args.micro_batches:
+                    engine = ClusterEngine.start(engine_cfg, ClusterConfig(micro_batches=micro), pool=pool)
+                    engines.append(engine)
+                    shapes.append((f"cluster, {workers} worker(s) x {epw}", micro, shaped(base, workers),
+                                   Peer("c", [engine], pool=pool)))
+                measure([0, *range(len(shapes) - len(engines), len(shapes))], f"pool of {workers}")
+            finally:
+                for engine in engines:
+                    engine.shutdown()
+                stop_pool(pool)
     finally:
-        for engine in engines:
-            engine.shutdown()
-        for pool in pools:
-            stop_pool(pool)
+        local.shutdown()
     ray.shutdown()
     costs = least_disturbed(first_costs, calibrate_now())
     rows: list[list[object]] = []
@@ -127,10 +141,10 @@ def main() -> None:
 
         shown = "-" if plan is None else micro
         for b in args.batch:
-            measured = 1000 * (min(runs[i, (b, 1 + args.decode_tokens)]) - min(runs[i, (b, 1)])) / args.decode_tokens
-            rows.append(_row(name, shown, b, predicted(b, False), measured))
+            rows.append(_row(name, shown, b, predicted(b, False), least_disturbed_ms(runs[i, b]),
+                             statistics.median(runs[i, b])))
         rows.append(_row(name, shown, prefill_label, predicted(prefill_tokens, True),
-                         1000 * min(runs[i, "prefill"])))
+                         least_disturbed_ms(runs[i, "prefill"]), statistics.median(runs[i, "prefill"])))
     load_after = os.getloadavg()
     within = sum(1 for r in rows if abs(float(str(r[5]).rstrip("%"))) <= 15)
     body = "\n".join([
@@ -144,11 +158,13 @@ def main() -> None:
         f"{args.size} --workers {' '.join(map(str, args.workers))} --micro-batches "
         f"{' '.join(map(str, args.micro_batches))} --batch {' '.join(map(str, args.batch))}`.",
         f"Op costs: calibrated in this run at its start and at its end, each the least disturbed of the two "
-        f"({costs['device']}, {costs['threads']} thread); every shape measured once per repeat ({args.repeats}), "
-        "the repeats spread over the run, each time the least disturbed.",
+        f"({costs['device']}, {costs['threads']} thread); one pool up at a time with its coordinators, each of its "
+        f"shapes and the local engine measured once per repeat ({args.repeats}); measured = the 20th percentile "
+        "of every repeat's steps (a step's own time from the engine's stats): this machine switches between a "
+        "fast and a slow state within seconds.",
         "",
         table(["engine", "micro-batches", "sequences (decode) or prompts", "predicted ms/step", "measured ms/step",
-               "error"], rows),
+               "error", "median step ms"], rows),
         "",
         f"- {within} of {len(rows)} shapes (decode steps and the prefill step) predicted within 15% of the measured "
         "time.",
@@ -158,8 +174,9 @@ def main() -> None:
         write_section("plan_check", "Predicted vs measured decode step (moe-cluster plan's cost model)", body)
 
 
-def _row(name: str, micro: object, batch: object, predicted: float, measured: float) -> list[object]:
-    return [name, micro, batch, round(predicted, 2), round(measured, 2), f"{(predicted - measured) / measured:+.0%}"]
+def _row(name: str, micro: object, batch: object, predicted: float, measured: float, median: float) -> list[object]:
+    return [name, micro, batch, round(predicted, 2), round(measured, 2), f"{(predicted - measured) / measured:+.0%}",
+            round(median, 2)]
 
 
 if __name__ == "__main__":

@@ -16,8 +16,11 @@ import pytest
 import torch
 import yaml
 
-from cluster.engine.calibrate import calibrate
-from cluster.engine_config import ClusterConfig, PoolConfig
+from cluster.engine.api import RECENT_STEPS
+from cluster.engine.calibrate import calibrate, least_disturbed_ms, step_times_ms
+from cluster.engine.loop import EngineLoop
+from cluster.engine.sampling import SamplingParams
+from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.model.config import ModelConfig
 from cluster.planning.plan import (
     GIB,
@@ -242,6 +245,37 @@ def test_calibration_times_the_engine_and_the_links_on_this_machine(demo_dir: Pa
     again = calibrate(cfg, cfg.dtype, "cpu", context=24, cache=tmp_path, repeats=2, rows=(1, 8))
     assert again["cached"] and again["exchange_ms"] == costs["exchange_ms"]
     assert again["engine_layer"] == costs["engine_layer"]
+
+
+def test_step_times_are_each_steps_own(demo_dir: Path) -> None:
+    """The engine keeps its last steps' (tokens, seconds); step_times_ms takes a run's steps of the tokens asked
+    for, and says so when the run made none; least_disturbed_ms is their 20th percentile."""
+    engine = EngineLoop.local(EngineConfig(model=str(demo_dir), progress=False, enable_prefix_caching=False))
+    try:
+        prompts = [[5 + i] * 12 for i in range(3)]
+        before = engine.stats().num_steps
+        ms = step_times_ms(engine, functools.partial(
+            engine.generate, prompts, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)), 3)
+        stats = engine.stats()
+        made = stats.recent_steps[before - stats.num_steps:]
+        assert [tokens for tokens, _ in made] == [36, 3, 3, 3, 3]  # the prefill, then 4 decode steps of 3 sequences
+        assert all(seconds > 0 for _, seconds in made)
+        assert ms == pytest.approx([1000 * seconds for _, seconds in made[1:]])
+        with pytest.raises(RuntimeError, match="no step computed 7 tokens"):
+            step_times_ms(engine, functools.partial(engine.generate, prompts, SamplingParams(max_tokens=2)), 7)
+        engine.generate([[5] * 4], SamplingParams(max_tokens=RECENT_STEPS + 5, ignore_eos=True))
+        assert len(engine.stats().recent_steps) == RECENT_STEPS  # bounded: the oldest go
+        assert engine.stats().recent_steps[-1][0] == 1
+    finally:
+        engine.shutdown()
+
+
+def test_least_disturbed_is_the_lowest_fifths_boundary() -> None:
+    """Half the samples from a fast state (10 ms, a lucky 7 among them), half from a slow one (14 ms): the estimate
+    is the fast state's time, neither the median (between the states) nor the lucky minimum."""
+    samples = [7.0] + [10.0] * 9 + [14.0] * 10
+    assert least_disturbed_ms(samples) == 10.0
+    assert least_disturbed_ms([3.0]) == 3.0 and least_disturbed_ms([4.0, 2.0]) == pytest.approx(2.4)
 
 
 def test_plans_fit_or_say_why_across_gpu_counts() -> None:

@@ -15,6 +15,9 @@ def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex[:16]}"
 
 
+RECENT_STEPS = 64  # steps whose times EngineStats.recent_steps keeps
+
+
 @dataclass
 class EngineStats:
     num_running: int = 0
@@ -38,6 +41,9 @@ class EngineStats:
     tokens_per_expert: list[list[int]] = field(default_factory=list)  # [layer][global expert]
     backend: dict[str, Any] = field(default_factory=dict)  # MoE backend timings (cluster: exchange time)
     step_seconds: dict[str, float] = field(default_factory=dict)  # schedule / forward / sample_and_report, summed
+    # The last RECENT_STEPS steps, oldest first: (tokens computed, seconds). Per-step times for benchmarks and the
+    # cost model's calibration: a step's own time, without a request's admission and output around it.
+    recent_steps: list[tuple[int, float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))

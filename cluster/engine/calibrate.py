@@ -14,8 +14,8 @@ a few row counts, each in milliseconds (median of a few runs, torch's threads as
   lm_head[rows]            the final norm and the LM head
 
 and, where a layer's weights are small enough to write a throwaway checkpoint of them (``ENGINE_MAX_LAYER_BYTES``),
-the local engine's own decode step on random checkpoints of the model's shapes with 1 and 3 layers (a step =
-(time of 1 + D tokens - time of 1 token) / D, each time the least disturbed of a few runs, the two models taking
+the local engine's own decode step on random checkpoints of the model's shapes with 1 and 3 layers (a step's own
+time from the engine's stats, ``least_disturbed_ms`` of the D decode steps of a few runs, the two models taking
 turns; 3 layers rather than 2 halve the noise of the difference that gives one layer):
 
   engine_layer[rows]       what one more layer adds to a real decode step: its ops, the paged KV cache, the MoE
@@ -67,11 +67,15 @@ ENGINE_PREFILL_TOKENS = (256, 1024)  # prefill steps timed: prompts of ENGINE_PR
 ENGINE_PREFILL_PROMPT_LEN = 128
 ENGINE_LAYERS = (1, 3)  # the two random checkpoints whose difference is ENGINE_LAYERS[1] - ENGINE_LAYERS[0] layers
 STREAM_BYTES = 256 * 2**20  # distinct expert weights cycled through: more than any CPU's last-level cache
-CALIBRATION_VERSION = 6  # bump when what is measured changes: older cached costs are measured again
+LEAST_DISTURBED_FIFTHS = 5  # least_disturbed_ms: the first of the quantiles cutting samples into fifths
+CALIBRATION_VERSION = 7  # bump when what is measured changes: older cached costs are measured again
 # The CPU's matmul kernels change at small row counts (on an AVX-512 Xeon an expert on 4 rows costs 1.7x one on 2,
 # on 16 rows less than on 8): points this dense keep the linear interpolation on those steps.
 DECODE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-ENGINE_ROWS = (1, 8, 32, 64)  # the decode batches the plan predicts for (plan.py DECODE_BATCHES)
+# The decode batches plan.py predicts for (DECODE_BATCHES) and their halves (two micro-batches): a half's
+# coordinator part is the engine layer less the experts' ops, and the experts' cost steps at 4 rows where a line
+# between 1 and 8 would not.
+ENGINE_ROWS = (1, 4, 8, 16, 32, 64)
 PREFILL_ROWS = (256,)
 
 
@@ -216,23 +220,24 @@ def _engine_costs(cfg: ModelConfig, dtype: str, device: torch.device, context: i
             for layers in ENGINE_LAYERS:
                 path = init_demo(Path(tmp) / f"layers-{layers}", seed=0, shards=1, num_layers=layers, dtype=dtype,
                                  max_position_embeddings=max(context * 2, 2 * ENGINE_PREFILL_PROMPT_LEN), **shape)
-                blocks_per_seq = -(-(prompt_len + ENGINE_DECODE_TOKENS + 2) // 16)
+                # Room for every decode batch and for the largest prefill in one step (its prompts all at once).
+                prefill_prompts = max(ENGINE_PREFILL_TOKENS) // ENGINE_PREFILL_PROMPT_LEN
+                blocks = max(max(rows) * -(-(prompt_len + ENGINE_DECODE_TOKENS + 2) // 16),
+                             prefill_prompts * -(-(ENGINE_PREFILL_PROMPT_LEN + 2) // 16))
                 engines[layers] = EngineLoop.local(EngineConfig(
                     model=str(path), progress=False, enable_prefix_caching=False, dtype=dtype, device=str(device),
-                    max_num_seqs=max(rows), max_num_batched_tokens=max(4096, max(rows) * prompt_len),
-                    num_kv_blocks=max(rows) * blocks_per_seq + 8))
-            decode_tokens = 1 + ENGINE_DECODE_TOKENS
+                    max_num_seqs=max(max(rows), prefill_prompts),
+                    max_num_batched_tokens=max(4096, max(rows) * prompt_len, max(ENGINE_PREFILL_TOKENS)),
+                    num_kv_blocks=blocks + 8))
             steps: dict[int, dict[int, float]] = {}
-            for r in rows:  # a decode step: (the run of 1 + D tokens - the run of 1 token) / D
-                ms = _least_runs_ms(engines, _random_prompts(r, prompt_len, cfg.vocab_size), (1, decode_tokens),
-                                    max(3, repeats))
-                steps[r] = {n: (ms[n, decode_tokens] - ms[n, 1]) / ENGINE_DECODE_TOKENS for n in engines}
+            for r in rows:  # a decode step of r sequences
+                steps[r] = _least_steps_ms(engines, _random_prompts(r, prompt_len, cfg.vocab_size),
+                                           1 + ENGINE_DECODE_TOKENS, r, max(3, repeats))
             prefills: dict[int, dict[int, float]] = {}
-            for t in ENGINE_PREFILL_TOKENS:  # a prefill step: the run of 1 token (the prefill and its first token)
+            for t in ENGINE_PREFILL_TOKENS:  # a prefill step of t prompt tokens (and the first token's sampling)
                 prompts = _random_prompts(max(1, t // ENGINE_PREFILL_PROMPT_LEN), ENGINE_PREFILL_PROMPT_LEN,
                                           cfg.vocab_size)
-                ms = _least_runs_ms(engines, prompts, (1,), max(3, repeats))
-                prefills[t] = {n: ms[n, 1] for n in engines}
+                prefills[t] = _least_steps_ms(engines, prompts, 1, sum(map(len, prompts)), max(3, repeats))
         finally:
             for engine in engines.values():
                 engine.shutdown()
@@ -250,24 +255,44 @@ def _random_prompts(count: int, length: int, vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (length,), generator=gen).tolist() for _ in range(count)]
 
 
-def _least_runs_ms(engines: dict[int, EngineLoop], prompts: list[list[int]], token_counts: tuple[int, ...],
-                   repeats: int) -> dict[tuple[int, int], float]:
-    """{(layers, tokens): ms} of generating ``tokens`` tokens for ``prompts`` on each engine: the least disturbed
-    of ``repeats`` runs after a warm-up, the engines and token counts taking turns so that a burst of load hits
-    them alike."""
-    def run(engine: EngineLoop, tokens: int) -> float:
-        started = time.perf_counter()
-        engine.generate(prompts, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
-        return time.perf_counter() - started
-
+def _least_steps_ms(engines: dict[int, EngineLoop], prompts: list[list[int]], max_tokens: int, step_tokens: int,
+                    repeats: int) -> dict[int, float]:
+    """{layers: ms} of one step computing ``step_tokens`` tokens, while each engine generates ``max_tokens`` tokens
+    for ``prompts``: ``least_disturbed_ms`` of those steps' own times over ``repeats`` runs after a warm-up, the
+    engines taking turns so that a burst of load hits them alike."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     for engine in engines.values():
-        run(engine, max(token_counts))  # warm-up
-    runs: dict[tuple[int, int], list[float]] = defaultdict(list)
+        engine.generate(prompts, params)  # warm-up
+    runs: dict[int, list[float]] = defaultdict(list)
     for _ in range(repeats):
         for layers, engine in engines.items():
-            for tokens in token_counts:
-                runs[layers, tokens].append(run(engine, tokens))
-    return {key: 1000 * min(times) for key, times in runs.items()}
+            runs[layers] += step_times_ms(engine, functools.partial(engine.generate, prompts, params), step_tokens)
+    return {layers: least_disturbed_ms(times) for layers, times in runs.items()}
+
+
+def least_disturbed_ms(samples: list[float]) -> float:
+    """The time of an operation on this machine at its least disturbed, from many samples: their lowest fifth's
+    boundary (the 20th percentile). A shared host switches between a fast and a slow state within seconds (1.4x
+    apart on the Intel Xeon VM this was tuned on); a median mixes the two as the run happened to, a minimum
+    keeps one lucky sample."""
+    if len(samples) < 2:
+        return samples[0]
+    return statistics.quantiles(samples, n=LEAST_DISTURBED_FIFTHS, method="inclusive")[0]
+
+
+def step_times_ms(engine: Any, run: Callable[[], object], step_tokens: int) -> list[float]:
+    """Call ``run`` (which drives ``engine``, a local or a cluster engine) and return the times in ms of the steps
+    it made that computed ``step_tokens`` tokens: each step's own time, from the engine's stats, without the
+    requests' admission and outputs around them."""
+    before = engine.stats().num_steps
+    run()
+    stats = engine.stats()
+    made = stats.num_steps - before
+    assert 0 < made <= len(stats.recent_steps), f"{made} steps made, {len(stats.recent_steps)} kept"
+    times = [1000 * seconds for tokens, seconds in stats.recent_steps[-made:] if tokens == step_tokens]
+    if not times:
+        raise RuntimeError(f"no step computed {step_tokens} tokens: {stats.recent_steps[-made:]}")
+    return times
 
 
 class _NoExperts:

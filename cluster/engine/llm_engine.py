@@ -8,6 +8,7 @@ The jobs around it each have their own home: tokenizing and validating requests 
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from cluster.engine.api import EngineStats
+from cluster.engine.api import RECENT_STEPS, EngineStats
 from cluster.engine.input_processor import EngineRequest, InputProcessor
 from cluster.engine.output_processor import OutputProcessor
 from cluster.engine.sampling import (
@@ -68,6 +69,7 @@ class LLMEngine:
                                               self.block_size, self.grammars)
         self._seq_ids = itertools.count()
         self._stats = EngineStats(kv_blocks_total=num_blocks, kv_block_size=self.block_size)
+        self._recent_steps: collections.deque[tuple[int, float]] = collections.deque(maxlen=RECENT_STEPS)
         self._last_micro_batches = 0  # of the last forward pass
 
     # ----------------------------------------------------------------------------------------- requests
@@ -176,6 +178,7 @@ class LLMEngine:
         stats.last_step_tokens = scheduled.num_tokens
         stats.last_step_seconds = done - started
         stats.last_step_micro_batches = self._last_micro_batches
+        self._recent_steps.append((scheduled.num_tokens, done - started))
         stats.micro_batch_steps[self._last_micro_batches] = stats.micro_batch_steps.get(self._last_micro_batches, 0) + 1
         # Where steps go: scheduling and layout, the forward pass (MoE included), sampling and reports.
         for phase, seconds in (("schedule", forward_started - started), ("forward", sample_started - forward_started),
@@ -353,4 +356,5 @@ class LLMEngine:
         s.tokens_per_expert = self.moe.routing_counts()
         s.backend = self.moe.timings()
         return EngineStats(**(vars(s) | {"step_seconds": dict(s.step_seconds),
-                                         "micro_batch_steps": dict(s.micro_batch_steps)}))
+                                         "micro_batch_steps": dict(s.micro_batch_steps),
+                                         "recent_steps": list(self._recent_steps)}))
