@@ -1,6 +1,7 @@
 """Offline throughput: transformers' batched ``generate``, our local engine, and the cluster (coordinators on one
-expert pool: serial, ping-pong micro-batches, the default policy, two coordinators sharing the pool), with the same
-weights, prompts and output lengths, at several concurrencies, side by side in one run.
+expert pool of the shape, threads and wait policy `moe-cluster plan` picks for this machine: its default, serial,
+ping-pong micro-batches, two coordinators sharing the pool; ``--also-experts-per-worker``: pools of 1-thread
+processes), with the same weights, prompts and output lengths, at several concurrencies, side by side in one run.
 
     python -m bench.engine [--size bench] [--concurrency 1 8 32] [--prompt-len 64] [--output-len 64]
 
@@ -86,6 +87,16 @@ def with_threads(threads: int, generate: Generate, loops: Sequence[EngineLoop] =
     return run
 
 
+def shape_text(pool_options: dict[str, Any], coordinator_options: dict[str, Any]) -> str:
+    """The pool and coordinator options the bench runs, in words."""
+    policy = pool_options.get("worker_omp_wait_policy")
+    return (f"{pool_options['experts_per_worker']} experts per worker on {pool_options.get('threads_per_worker', 1)}"
+            f" thread(s), coordinators on {coordinator_options.get('coordinator_threads', 1)}"
+            + (f", OpenMP wait policy {policy}" if policy else "")
+            + (f", {coordinator_options['micro_batches']} micro-batch(es) by default"
+               if coordinator_options.get("micro_batches") else ", auto micro-batches"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_flags(parser)
@@ -99,45 +110,52 @@ def main() -> None:
     args = parser.parse_args()
 
     model = str(bench_model(args.size))
-    if args.experts_per_worker is None:
-        from cluster.model.config import ModelConfig
-        from cluster.planning.hardware import local_hardware
-        from cluster.planning.plan import plan_cpus
+    from cluster.model.config import ModelConfig
+    from cluster.planning.hardware import local_hardware
+    from cluster.planning.plan import plan_cpus
 
-        args.experts_per_worker = plan_cpus(ModelConfig.from_file(model), local_hardware()).pool_options[
-            "experts_per_worker"]
+    plan = plan_cpus(ModelConfig.from_file(model), local_hardware())
+    if args.experts_per_worker is None:  # the plan's shape, threads and wait policy: what `serve` deploys
+        args.experts_per_worker = plan.pool_options["experts_per_worker"]
+        pool_options, coordinator_options = dict(plan.pool_options), dict(plan.cluster_options)
+    else:
+        pool_options, coordinator_options = {"experts_per_worker": args.experts_per_worker, "threads_per_worker": 1}, {}
+    args.shape = shape_text(pool_options, coordinator_options)
     args.load_before = load_average()
     progress(f"load average before (1/5/15 min): {args.load_before}")
     ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
     engine_cfg = EngineConfig(model=model, progress=False, enable_prefix_caching=False,
                               max_num_seqs=64, max_num_batched_tokens=2048,
                               num_kv_blocks=64 * ((args.prompt_len + args.output_len) // 16 + 2))
-    progress("loading transformers, the local engine, an expert pool and its coordinators")
-    pool = start_pool(engine_cfg, PoolConfig(experts_per_worker=args.experts_per_worker, threads_per_worker=1))
-    other_pools = {epw: start_pool(engine_cfg, PoolConfig(experts_per_worker=epw, threads_per_worker=1))
+    progress(f"loading transformers, the local engine, an expert pool ({args.shape}) and its coordinators")
+    pool = start_pool(engine_cfg, PoolConfig(**pool_options))
+    one_thread = {"experts_per_worker": 1, "threads_per_worker": 1}
+    other_pools = {epw: start_pool(engine_cfg, PoolConfig(**(one_thread | {"experts_per_worker": epw})))
                    for epw in args.also_experts_per_worker}
     local = EngineLoop.local(engine_cfg)
 
-    def coordinator(micro_batches: int = 0, on: Any = pool) -> ClusterEngine:
-        return ClusterEngine.start(engine_cfg, ClusterConfig(micro_batches=micro_batches), pool=on)
+    def coordinator(micro_batches: int | None = None, on: Any = pool,
+                    options: dict[str, Any] = coordinator_options) -> ClusterEngine:
+        chosen = options | ({} if micro_batches is None else {"micro_batches": micro_batches})
+        return ClusterEngine.start(engine_cfg, ClusterConfig(**chosen), pool=on)
 
     coordinators: dict[str, list[ClusterEngine]] = {
         "default": [coordinator()], "serial": [coordinator(1)], "ping-pong": [coordinator(2)],
         "pair": [coordinator(), coordinator()]}
-    for epw, other in other_pools.items():
-        coordinators[f"{epw} per worker"] = [coordinator(on=other)]
+    for epw, other in other_pools.items():  # 1-thread processes, auto micro-batches
+        coordinators[f"{epw} per worker"] = [coordinator(0, on=other, options={})]
     hf = transformers_peer(model, args.output_len)
     peers: dict[str, Generate] = {
         "transformers generate, 1 thread": with_threads(1, hf),
         "transformers generate, 2 threads": with_threads(2, hf),
         "local engine, 1 thread": with_threads(1, engines_peer([local], args.output_len), [local]),
         "local engine, 2 threads": with_threads(2, engines_peer([local], args.output_len), [local]),
-        "cluster, default (auto micro-batches)": engines_peer(coordinators["default"], args.output_len),
+        "cluster, default (the plan's shape)": engines_peer(coordinators["default"], args.output_len),
         "cluster, serial (1 micro-batch)": engines_peer(coordinators["serial"], args.output_len),
         "cluster, ping-pong (2 micro-batches)": engines_peer(coordinators["ping-pong"], args.output_len),
         "cluster, 2 coordinators on one pool": engines_peer(coordinators["pair"], args.output_len),
-        **{f"cluster, {epw} experts per worker (default policy)": engines_peer(coordinators[f"{epw} per worker"],
-                                                                               args.output_len)
+        **{f"cluster, {epw} experts per worker, 1 thread each": engines_peer(coordinators[f"{epw} per worker"],
+                                                                             args.output_len)
            for epw in other_pools},
     }
     vocab = local.model_config.vocab_size
@@ -186,7 +204,7 @@ def report(args: argparse.Namespace, tps: dict[str, dict[int, float]]) -> str:
                      *(f"cluster, {epw} experts per worker" for epw in args.also_experts_per_worker))
     ) + "."]
     body = "\n".join([
-        f"Machine: {machine()}. Model {describe(args.size)}; {args.experts_per_worker} experts per worker. Load "
+        f"Machine: {machine()}. Model {describe(args.size)}; the pool: {args.shape}. Load "
         f"average (1/5/15 min) before {args.load_before}, after {args.load_after}.",
         f"Each of N sequences: {args.prompt_len}-token prompt, exactly {args.output_len} greedy output tokens "
         f"(EOS ignored), all N submitted at once; output tokens/s, median of {args.repeats}; the ratios compare "

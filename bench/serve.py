@@ -159,7 +159,9 @@ def describe_server(app_args: dict[str, Any]) -> str:
     pool, cluster = app_args.get("pool_options") or {}, app_args.get("cluster_options") or {}
     return (f"{app_args.get('engine', 'cluster')} engine, {app_args.get('num_engines', 1)} engine replica(s), "
             f"{pool.get('experts_per_worker', 1)} experts per worker, {pool.get('threads_per_worker', 1)} thread(s) "
-            f"per worker, micro-batches {cluster.get('micro_batches', 'auto')}")
+            f"per worker, {cluster.get('coordinator_threads', 1)} per coordinator"
+            + (f", OpenMP wait policy {pool['worker_omp_wait_policy']}" if pool.get("worker_omp_wait_policy") else "")
+            + f", micro-batches {cluster.get('micro_batches') or 'auto'}")
 
 
 def run_server(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:

@@ -24,6 +24,25 @@ def _check_positive(name: str, value: Any, integer: bool = True) -> None:
         raise ValueError(f"{name} must be a positive {kind}, got {value!r}")
 
 
+# OpenMP's wait policy for a process's torch intra-op threads (OMP_WAIT_POLICY, read once as torch loads, so it is
+# set in the process's environment through its Ray runtime_env). By default an idle thread spins for a while
+# before it sleeps: harmless in a process alone on its cores, but a coordinator and workers taking turns on the same
+# cores then spin on the cores the other needs (measured on 2 cores, docs/architecture.md "Threads").
+# "passive" makes them sleep at once; None leaves OpenMP's default.
+OMP_WAIT_POLICIES = (None, "active", "passive")
+
+
+def _check_omp_wait_policy(name: str, value: Any) -> None:
+    if value not in OMP_WAIT_POLICIES:
+        raise ValueError(f"{name} must be 'passive', 'active' or null (OpenMP's default), got {value!r}")
+
+
+def omp_runtime_env(policy: str | None) -> dict[str, Any]:
+    """The Ray runtime_env that sets a process's OpenMP wait policy ({} for OpenMP's default); Ray merges its
+    env_vars with the job's."""
+    return {"env_vars": {"OMP_WAIT_POLICY": policy.upper()}} if policy else {}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # checkpoint directory, or a Hugging Face Hub id org/name[@revision] (see model_dir)
@@ -115,6 +134,7 @@ class ClusterConfig:
     coordinator_num_gpus: float = 1.0
     coordinator_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources it needs too
     coordinator_threads: int = 1  # torch intra-op threads of the coordinator's engine
+    coordinator_omp_wait_policy: str | None = None  # its threads' OpenMP wait policy (OMP_WAIT_POLICIES)
     link: str = "auto"  # "auto" (shared memory with workers on its node when tensors are on CPU, else "pg"),
     #                     "shm", or "pg" (a process group of two per worker)
     backend: str = "auto"  # pg links: "auto" (nccl when both ends use CUDA, else gloo), "gloo", "nccl"
@@ -132,6 +152,7 @@ class ClusterConfig:
         for name in ("coordinator_num_cpus", "heartbeat_s", "start_timeout_s"):
             _check_positive(name, getattr(self, name), integer=False)
         _check_positive("coordinator_threads", self.coordinator_threads)
+        _check_omp_wait_policy("coordinator_omp_wait_policy", self.coordinator_omp_wait_policy)
         _check_gpu_share("coordinator_num_gpus", self.coordinator_num_gpus)
         _check_positive("micro_batch_min_tokens", self.micro_batch_min_tokens)
         if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) \
@@ -161,6 +182,7 @@ class PoolConfig:
     worker_num_gpus: float = 1.0  # share of a GPU per worker when the pool uses GPUs (below 1: workers share one)
     worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each worker needs too
     threads_per_worker: int | None = None  # torch intra-op threads per worker; None: max(1, worker_num_cpus)
+    worker_omp_wait_policy: str | None = None  # their threads' OpenMP wait policy (OMP_WAIT_POLICIES)
     placement_strategy: str = "PACK"  # Ray placement group strategy for the workers' bundles
     placement_timeout_s: float = 60.0  # give up gang scheduling after this long
     start_timeout_s: float = 300.0  # a worker must load its experts within this
@@ -224,6 +246,7 @@ class PoolConfig:
             raise ValueError(f"merge_wait_ms must be in [0, 1000], got {self.merge_wait_ms!r}")
         if self.threads_per_worker is not None:
             _check_positive("threads_per_worker", self.threads_per_worker)
+        _check_omp_wait_policy("worker_omp_wait_policy", self.worker_omp_wait_policy)
         if isinstance(self.expert_cache_size, bool) or not isinstance(self.expert_cache_size, int) \
                 or self.expert_cache_size < 0:
             raise ValueError(f"expert_cache_size must be an integer >= 0 (experts per layer; 0: all resident), "

@@ -26,6 +26,7 @@ from cluster.engine.coordinator import new_coordinator_id
 from cluster.engine.loader import build_engine, distributed_moe
 from cluster.engine.loop import EngineLoop
 from cluster.engine.sequence import RequestOutput, merge_outputs
+from cluster.engine_config import omp_runtime_env
 from cluster.errors import EngineDeadError, QueueFullError, RequestError, first_line
 from router_service.engine_api import Accepted, GenerateRequest
 from router_service.metrics import EngineMetrics
@@ -58,7 +59,8 @@ class EngineDeployment:
             # (the pool learns this replica's actor too, to tell at shutdown whether it is still there)
             serve_pool = ServePool(pool, cluster_cfg.start_timeout_s, ray.get_runtime_context().current_actor)
             moe = distributed_moe(serve_pool, self.engine_id, cluster_cfg)
-            self.engine = EngineLoop(lambda: build_engine(engine_cfg, moe), cluster_cfg.heartbeat_s)
+            threads = cluster_cfg.coordinator_threads
+            self.engine = EngineLoop(lambda: build_engine(engine_cfg, moe, threads), cluster_cfg.heartbeat_s)
         self.tokenizer = self.engine.tokenizer
         self.metrics = EngineMetrics(settings.model_name, self.engine_id)
         self._sampler: asyncio.Task[None] | None = None  # started by the first async call, on Serve's loop
@@ -296,7 +298,8 @@ def engine_deployment_options(settings: AppSettings) -> dict[str, Any]:
     gpus = use_gpus(cluster_cfg.use_gpus) if ray.is_initialized() else bool(cluster_cfg.use_gpus)
     options["ray_actor_options"] = {"num_cpus": cluster_cfg.coordinator_num_cpus,
                                     "num_gpus": cluster_cfg.coordinator_num_gpus if gpus else 0,
-                                    "resources": dict(cluster_cfg.coordinator_resources)}
+                                    "resources": dict(cluster_cfg.coordinator_resources),
+                                    "runtime_env": omp_runtime_env(cluster_cfg.coordinator_omp_wait_policy)}
     return options
 
 

@@ -126,8 +126,10 @@ def check_kv_budget(app_args: dict[str, Any]) -> None:
     model_cfg = ModelConfig.from_file(cfg.model_dir())
     kv_cache_blocks(model_cfg, cfg, engine_dtype(model_cfg, cfg), None, resolve_max_model_len(model_cfg, cfg))
 # The pool and coordinator fields a plan sets when ``serve`` runs the bundled config without shape flags.
-PLANNED_POOL_FIELDS = ("experts_per_worker", "worker_num_cpus", "threads_per_worker", "use_gpus", "worker_num_gpus")
-PLANNED_CLUSTER_FIELDS = ("coordinator_threads", "use_gpus", "coordinator_num_gpus", "link")
+PLANNED_POOL_FIELDS = ("experts_per_worker", "worker_num_cpus", "threads_per_worker", "worker_omp_wait_policy",
+                       "use_gpus", "worker_num_gpus")
+PLANNED_CLUSTER_FIELDS = ("coordinator_threads", "coordinator_omp_wait_policy", "micro_batches", "use_gpus",
+                          "coordinator_num_gpus", "link")
 
 
 def apply_planned_shape(app_args: dict[str, Any], model_dir: Path) -> None:
@@ -144,6 +146,8 @@ def apply_planned_shape(app_args: dict[str, Any], model_dir: Path) -> None:
     cluster = app_args.setdefault("cluster_options", {})
     pool.update({k: v for k, v in plan.pool_options.items() if k in PLANNED_POOL_FIELDS})
     cluster.update({k: v for k, v in plan.cluster_options.items() if k in PLANNED_CLUSTER_FIELDS})
-    log.info("shape from moe-cluster plan for %s: %d expert worker(s) x %s experts, %s thread(s) each "
-             "(--experts-per-worker or --config to choose another; --no-auto-shape for the config's own)",
-             hardware.describe(), len(plan.workers), pool["experts_per_worker"], plan.threads["worker"])
+    log.info("shape from moe-cluster plan for %s: %d expert worker(s) x %s experts, %s thread(s) each, a "
+             "coordinator of %s thread(s)%s (--experts-per-worker or --config to choose another; --no-auto-shape for "
+             "the config's own)", hardware.describe(), len(plan.workers), pool["experts_per_worker"],
+             plan.threads["worker"], plan.threads["coordinator"],
+             ", idle threads passive" if pool.get("worker_omp_wait_policy") == "passive" else "")

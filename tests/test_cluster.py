@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,8 @@ from cluster.engine.sampling import SamplingParams
 from cluster.engine.sequence import Continuation, RequestOutput, RequestResult
 from cluster.engine_config import EngineConfig
 from cluster.errors import ClusterStartError, RequestFailedError
+from cluster.model.config import ModelConfig
+from cluster.planning.plan import Hardware, plan_cpus
 from tests.conftest import HFCheckpoint, cluster_config, make_hf_checkpoint, pool_config
 from tests.test_parity_hf import PARITY_CONFIGS, prompt_ids
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
@@ -260,6 +263,29 @@ def test_workers_hosting_unequal_numbers_of_experts(parity_models: dict[str, tup
         assert_same_outputs(uneven, local, ckpt.config["vocab_size"])
     finally:
         uneven.shutdown()
+
+
+def test_the_cpu_plans_shape_runs_with_its_wait_policy_and_the_local_engines_outputs(
+        parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]]) -> None:
+    """`moe-cluster plan`'s shape for a 2-core CPU node, started from its options as serve starts it: one worker of
+    every expert, both sides on 2 threads whose idle threads sleep (OMP_WAIT_POLICY=PASSIVE in the environment of
+    the coordinator's and the worker's processes, set through their Ray runtime_env), serial; the local
+    engine's outputs."""
+    ckpt, local = parity_models[E8]
+    plan = plan_cpus(ModelConfig.from_file(ckpt.path), Hardware("cpu", 2, 24))
+    assert [len(w) for w in plan.workers] == [8] and plan.threads == {"coordinator": 2, "worker": 2}
+    cluster = ClusterEngine.start(local.engine.engine_cfg, cluster_config(**plan.cluster_options),
+                                  pool_config(**plan.pool_options))
+    try:
+        info = cluster.describe()
+        pids = [info["pid"]] + [w["pid"] for w in info["pool"]["workers"]]
+        for pid in pids:
+            environ = dict(item.split("=", 1) for item in
+                           Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item)
+            assert environ.get("OMP_WAIT_POLICY") == "PASSIVE", pid
+        assert_same_outputs(cluster, local, ckpt.config["vocab_size"])
+    finally:
+        cluster.shutdown()
 
 
 def test_workers_read_only_their_experts_shards(parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]],

@@ -97,6 +97,9 @@ def test_config_is_frozen() -> None:
     (ClusterConfig, {"backend": "mpi"}, "backend must be"),
     (ClusterConfig, {"link": "tcp"}, "link must be 'auto', 'shm' or 'pg', got 'tcp'"),
     (ClusterConfig, {"heartbeat_s": 0}, "heartbeat_s must be a positive number, got 0"),
+    (ClusterConfig, {"coordinator_omp_wait_policy": "sleepy"}, "coordinator_omp_wait_policy must be 'passive', "
+                                                                 "'active' or null .*got 'sleepy'"),
+    (PoolConfig, {"worker_omp_wait_policy": "PASSIVE"}, "worker_omp_wait_policy must be .*got 'PASSIVE'"),
 ])
 def test_serving_config_errors(cls: type, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -23,6 +23,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.model.config import ModelConfig
 from cluster.planning.plan import (
+    CPU_WORKER_CORES,
     GIB,
     LINK_MS_PER_WORKER,
     Hardware,
@@ -105,18 +106,27 @@ def test_text_output_and_argument_errors(capsys: pytest.CaptureFixture[str]) -> 
     assert "not a multiple of --nodes 3" in capsys.readouterr().err
 
 
-def test_cpu_plan_has_no_more_processes_busy_at_once_than_cores() -> None:
-    """The coordinator and the workers take turns (serial): a worker per core, at most one per expert, and the
-    workers' threads no more than the cores."""
+def test_cpu_plan_gives_each_side_of_the_serial_schedule_every_core() -> None:
+    """The coordinator and the workers take turns (serial): a worker per CPU_WORKER_CORES cores (at least one, at
+    most one per expert), the workers' threads together no more than the cores, the coordinator as many threads as
+    a worker; where threads share cores with the other side's they wait passively, and micro-batches are off."""
     cfg = ModelConfig.from_file(MIXTRAL).__class__(**{**ModelConfig.from_file(MIXTRAL).__dict__,
                                                       "hidden_size": 64, "intermediate_size": 128,
                                                       "num_heads": 4, "num_kv_heads": 2, "head_dim": 16})
-    for cores in (1, 2, 3, 5, 16):
+    for cores in (1, 2, 3, 5, 16, 64):
         plan = plan_cpus(cfg, Hardware("cpu", cores, 24))
-        assert plan.workers == split_experts(8, min(cores, 8)) and plan.coordinators == 1 and plan.fits
+        workers = min(8, max(1, cores // CPU_WORKER_CORES))
+        assert plan.workers == split_experts(8, workers) and plan.coordinators == 1 and plan.fits
         assert sorted(e for w in plan.workers for e in w) == list(range(8))
-        assert plan.pool_options["threads_per_worker"] * len(plan.workers) <= cores
-        assert plan.pool_options["worker_num_cpus"] == plan.pool_options["threads_per_worker"]
+        threads = plan.pool_options["threads_per_worker"]
+        assert threads * len(plan.workers) <= cores < (threads + 1) * len(plan.workers)
+        assert plan.pool_options["worker_num_cpus"] == threads == plan.cluster_options["coordinator_threads"]
+        passive = "passive" if threads > 1 else None
+        assert plan.pool_options["worker_omp_wait_policy"] == plan.cluster_options["coordinator_omp_wait_policy"] \
+            == passive
+        assert plan.cluster_options["micro_batches"] == 1 and plan.overlaps == (threads == 1)
+        ClusterConfig.from_dict(plan.cluster_options)  # what serve and the KubeRay render take
+        PoolConfig.from_dict(plan.pool_options)
 
 
 def test_plan_overlay_is_a_serve_config_the_settings_accept(tmp_path: Path) -> None:
@@ -192,7 +202,8 @@ def test_two_micro_batches_fill_the_pipeline_once_a_step() -> None:
     cfg = ModelConfig.from_file(MIXTRAL)
     costs: dict[str, Any] = {"coordinator_layer": {"1": 1.0, "1024": 1.0}, "expert": {"1": 1.0, "1024": 1.0},
                              "lm_head": {"1": 0.0, "1024": 0.0}, "exchange_ms": {"1": 0.25, "8": 0.25}}
-    plan = dataclasses.replace(plan_cpus(cfg, Hardware("cpu", 16, 512)), workers=split_experts(8, 1))
+    plan = dataclasses.replace(plan_cpus(cfg, Hardware("cpu", 16, 512)), workers=split_experts(8, 1),
+                               overlaps=True)  # each side on cores of its own
     tokens = 1024  # every expert has rows in both halves: a worker's turn is 8 calls of 1 ms
     expected = cfg.num_layers * (2 * 8.0 + 2 * 0.25) + 1.0
     assert step_ms(plan, costs, tokens, 2, prefill=False) == pytest.approx(expected)
@@ -291,19 +302,30 @@ def test_plans_fit_or_say_why_across_gpu_counts() -> None:
 
 
 def test_serve_without_shape_flags_takes_the_plans_shape_for_this_machine(demo_dir: Path) -> None:
-    import os
-
+    from cluster.planning.hardware import local_hardware
     from router_service.cli import build_parser
+    from router_service.engine_deployment import engine_deployment_options
     from router_service.serve_config import resolve_config
 
-    def pool(*flags: str) -> dict[str, Any]:
+    def app(*flags: str) -> dict[str, Any]:
         args = build_parser().parse_args(["serve", "--model", str(demo_dir), *flags])
-        return dict(resolve_config(args)["applications"][0]["args"]["pool_options"])
+        return dict(resolve_config(args)["applications"][0]["args"])
 
-    planned = pool()
-    workers = -(-8 // planned["experts_per_worker"])
-    if not torch.cuda.is_available():  # a worker per core, busy while the coordinator waits for them
-        assert workers == len(split_experts(8, min(8, os.cpu_count() or 1)))
-        assert planned["threads_per_worker"] * workers <= (os.cpu_count() or 1)
+    def pool(*flags: str) -> dict[str, Any]:
+        return dict(app(*flags)["pool_options"])
+
+    planned = app()
+    if not torch.cuda.is_available():  # the CPU plan for this machine, both sides on the threads it gives them
+        plan = plan_cpus(ModelConfig.from_file(demo_dir), local_hardware())
+        assert planned["pool_options"]["experts_per_worker"] == len(plan.workers[0])
+        for key in ("threads_per_worker", "worker_omp_wait_policy"):
+            assert planned["pool_options"][key] == plan.pool_options[key]
+        for key in ("coordinator_threads", "coordinator_omp_wait_policy", "micro_batches"):
+            assert planned["cluster_options"][key] == plan.cluster_options[key]
+        # the Serve replica that is the coordinator starts with the wait policy in its environment
+        actor = engine_deployment_options(AppSettings.from_args(planned))["ray_actor_options"]
+        policy = plan.cluster_options["coordinator_omp_wait_policy"]
+        assert actor.get("runtime_env", {}).get("env_vars", {}).get("OMP_WAIT_POLICY") == (
+            policy.upper() if policy else None)
     assert pool("--no-auto-shape")["experts_per_worker"] == 1  # the bundled config's own
     assert pool("--experts-per-worker", "2")["experts_per_worker"] == 2

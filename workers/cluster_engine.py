@@ -25,7 +25,7 @@ from cluster.engine.coordinator import Coordinator
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.sequence import Continuation, RequestOutput, RequestResult
 from cluster.engine.validation import resolve_max_model_len
-from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
+from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig, omp_runtime_env
 from cluster.errors import ClusterStartError, EngineDeadError, first_line, root_cause
 from cluster.model.config import ModelConfig
 from cluster.model.tokenizer import Tokenizer
@@ -110,6 +110,7 @@ class ClusterEngine(EngineClient):
         coordinator: Any = ray.remote(Coordinator).options(
             num_cpus=cluster_cfg.coordinator_num_cpus, num_gpus=cluster_cfg.coordinator_num_gpus if gpus else 0,
             resources=dict(cluster_cfg.coordinator_resources), max_restarts=0, max_concurrency=1000,
+            runtime_env=omp_runtime_env(cluster_cfg.coordinator_omp_wait_policy),
         ).remote(engine_cfg, cluster_cfg, pool)
         try:
             info: dict[str, Any] = ray.get(coordinator.start.remote())

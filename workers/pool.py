@@ -42,7 +42,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from cluster.engine.loader import engine_dtype
-from cluster.engine_config import EngineConfig, PoolConfig
+from cluster.engine_config import EngineConfig, PoolConfig, omp_runtime_env
 from cluster.errors import ClusterStartError, PoolBusyError, PoolSizeError, describe_failure, first_line
 from cluster.links.protocol import LinkSpec
 from cluster.model.config import ModelConfig
@@ -143,7 +143,8 @@ class ExpertPool:
         options: dict[str, Any] = {"num_cpus": self.pool_cfg.worker_num_cpus,
                                    "num_gpus": self.pool_cfg.worker_num_gpus if self.gpus else 0,
                                    "resources": dict(self.pool_cfg.worker_resources), "max_restarts": 0,
-                                   "max_concurrency": 8}
+                                   "max_concurrency": 8,
+                                   "runtime_env": omp_runtime_env(self.pool_cfg.worker_omp_wait_policy)}
         if pg is not None:
             options["scheduling_strategy"] = bundle_strategy(pg, bundle_index)
         return ray.remote(ExpertWorker).options(**options).remote(
@@ -519,7 +520,8 @@ class ExpertPool:
         """A worker holding no experts (index -1 until taken; ``label`` keeps its address unique)."""
         options: dict[str, Any] = {"num_cpus": self.pool_cfg.worker_num_cpus, "num_gpus": int(self.gpus),
                                    "resources": dict(self.pool_cfg.worker_resources), "max_restarts": 0,
-                                   "max_concurrency": 8}
+                                   "max_concurrency": 8,
+                                   "runtime_env": omp_runtime_env(self.pool_cfg.worker_omp_wait_policy)}
         if pg is not None:
             options["scheduling_strategy"] = bundle_strategy(pg, 0)
         nothing = tuple(() for _ in range(self.expert_map.num_layers))

@@ -17,8 +17,7 @@ import ray
 import torch
 
 from cluster.engine.api import EngineStats, Prompt
-from cluster.engine.llm_engine import LLMEngine
-from cluster.engine.loader import MoEFactory, build_engine, distributed_moe
+from cluster.engine.loader import build_engine, distributed_moe
 from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.sequence import Continuation, RequestOutput, RequestResult
@@ -46,16 +45,11 @@ class Coordinator:
     async def start(self) -> dict[str, Any]:
         def build() -> EngineLoop:
             factory = distributed_moe(self.pool, self.coordinator_id, self.cluster_cfg)
-            return EngineLoop(lambda: self._build_engine(factory), self.cluster_cfg.heartbeat_s)
+            threads = self.cluster_cfg.coordinator_threads
+            return EngineLoop(lambda: build_engine(self.engine_cfg, factory, threads), self.cluster_cfg.heartbeat_s)
 
         self.loop = await asyncio.to_thread(build)
         return self.describe()
-
-    def _build_engine(self, factory: MoEFactory) -> LLMEngine:
-        """On the engine's own thread: the thread count is per thread on some builds (OpenMP's is), and a thread
-        started after the actor set it may still run every op on all the node's cores."""
-        torch.set_num_threads(self.cluster_cfg.coordinator_threads)
-        return build_engine(self.engine_cfg, factory)
 
     def _engine(self) -> EngineLoop:
         if self.loop is None:

@@ -91,7 +91,12 @@ def engine_dtype(model_cfg: ModelConfig, engine_cfg: EngineConfig) -> torch.dtyp
     return parse_dtype(engine_cfg.dtype or model_cfg.dtype)
 
 
-def build_engine(engine_cfg: EngineConfig, make_moe: MoEFactory) -> LLMEngine:
+def build_engine(engine_cfg: EngineConfig, make_moe: MoEFactory, threads: int | None = None) -> LLMEngine:
+    """The engine, built on the thread that will run it. ``threads``: torch intra-op threads set first, on this
+    thread (OpenMP's count is per thread on some builds: a thread started after its process set the count may still
+    run every op on all the node's cores); None leaves the count as it is."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     model_dir = engine_cfg.model_dir()
     model_cfg = ModelConfig.from_file(model_dir)
     tokenizer = Tokenizer(model_dir, engine_cfg.chat_template_text())

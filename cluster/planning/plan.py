@@ -27,6 +27,9 @@ DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
 QUANTIZED_BYTES = {"int8": 1.0 + 2 / 128, "int4": 0.5 + 2 / 128}
 GPU_RUNTIME_BYTES = int(1.5 * GIB)  # per process on a GPU: CUDA context, allocator slack, activations at 4k tokens
 CPU_RUNTIME_BYTES = int(0.6 * GIB)  # per process on a CPU node: Python, torch, Ray worker
+# Cores per expert worker on a CPU node: its intra-op threads. A second thread speeds a decode step's streamed expert
+# matmuls up 1.8x (memory bandwidth per core; DEVELOPERS.md, docs/benchmarks.md); more per worker is unmeasured.
+CPU_WORKER_CORES = 2
 GPU_MEMORY_UTILIZATION = 0.92  # of a GPU's memory the plan hands out (as vLLM's default 0.9)
 HOST_LINK_GBS = 25.0  # host-to-GPU copy bandwidth the expert cache estimate assumes (PCIe 4 x16, effective)
 
@@ -331,18 +334,24 @@ def _gpus_needed(cfg: ModelConfig, sizes: ModelSizes, memory_gib: float, max_len
 
 def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str | None = None,
               max_model_len: int | None = None, max_num_seqs: int = 64) -> Plan:
-    """No more processes busy at once than cores. Within a layer the coordinator and the workers take turns
-    (attention, then the experts: the serial schedule), so the workers get a core each (at most one worker per
-    expert, experts split contiguously; spare cores become their threads) and the coordinator runs while they
-    wait. Measured on 2 cores, side by side (docs/benchmarks.md): two workers of 4 experts ran 32 sequences 1.11x as
-    fast as the local engine on an AMD EPYC, one worker of 8, which leaves a core idle during the experts, 0.85x; on
-    an Intel Xeon VM, where a second thread speeds the local engine up 1.7x, the two workers reach 0.84x of it."""
-    assert hw.kind == "cpu"
+    """Within a layer the coordinator and the workers take turns (attention, then the experts: the serial
+    schedule), so each side gets every core while it runs: a worker per CPU_WORKER_CORES cores (at most one per
+    expert, experts split contiguously), the cores its threads, and the coordinator as many threads as a worker.
+    Idle OpenMP threads sleep at once (the passive wait policy) instead of spinning on the cores the other side
+    needs. Micro-batches would only make the two sides share the same cores: serial.
+
+    Measured on 2 cores, side by side (docs/benchmarks.md, docs/architecture.md "Threads"): on an Intel Xeon VM,
+    where a second thread speeds the local engine up 1.7x, one worker of 8 experts on 2 threads and a 2-thread
+    coordinator, passive, reach 0.88x the local engine at 32 sequences; two 1-thread workers of 4 and a 1-thread
+    coordinator 0.82x (one thread each cannot use the second core during attention, and two workers wait for the
+    busier one's routing); on an AMD EPYC the latter reached 1.11x."""
     sizes = ModelSizes.of(cfg, dtype)
     max_len = max_model_len or cfg.max_position_embeddings
     cores = hw.devices
-    workers = split_experts(cfg.num_experts, max(1, min(cfg.num_experts, cores)))
+    workers = split_experts(cfg.num_experts, max(1, min(cfg.num_experts, cores // CPU_WORKER_CORES)))
     worker_threads = max(1, cores // len(workers))
+    shared_cores = worker_threads > 1  # threads of both sides on the same cores: they must not spin
+    wait_policy = "passive" if shared_cores else None
     node = Device(0, 0, "cpu", int(hw.memory_gib * GIB))
     node.roles = ["coordinator 0"] + [f"worker {w}" for w in range(len(workers))]
     node.experts = list(range(cfg.num_experts))
@@ -356,16 +365,19 @@ def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str
     kv_tokens = kv_bytes // sizes.kv_bytes_per_token
     fits = free > 0 and kv_tokens >= min(max_len, 2048)
     plan = Plan(name, hw, sizes, fits, 1, workers, [node], int(kv_tokens), max_len,
-                {"coordinator": 1, "worker": worker_threads}, 1,
-                cluster_options={"use_gpus": False, "coordinator_num_cpus": 1, "coordinator_threads": 1},
+                {"coordinator": worker_threads, "worker": worker_threads}, 1,
+                cluster_options={"use_gpus": False, "coordinator_num_cpus": 1, "coordinator_threads": worker_threads,
+                                 "coordinator_omp_wait_policy": wait_policy, "micro_batches": 1},
                 pool_options={"experts_per_worker": len(workers[0]), "use_gpus": False,
-                              "worker_num_cpus": worker_threads, "threads_per_worker": worker_threads},
+                              "worker_num_cpus": worker_threads, "threads_per_worker": worker_threads,
+                              "worker_omp_wait_policy": wait_policy},
                 engine_options={"max_num_seqs": max_num_seqs, "kv_cache_gib": round(kv_bytes / GIB, 3)},
-                # step_ms shares a node's cores among everything busy at once (micro-batches overlapping)
-                top_k=cfg.experts_per_token, overlaps=True)
+                # both sides on every core: micro-batches cannot overlap them (step_ms: the halves take turns)
+                top_k=cfg.experts_per_token, overlaps=not shared_cores)
     plan.notes.append(f"1 coordinator + {len(workers)} worker(s) of {'/'.join(str(len(w)) for w in workers)} "
                       f"experts on {cores} core(s), {worker_threads} thread(s) each; serial, the workers compute "
-                      "while the coordinator waits for them")
+                      "while the coordinator waits for them"
+                      + ("; idle threads sleep (OpenMP passive wait policy)" if wait_policy else ""))
     if cores < 2:
         plan.notes.append("one core: the coordinator and the worker take turns; the local engine (--engine local) "
                           "is the better choice here")
