@@ -14,6 +14,10 @@ machine at its least disturbed. Prediction = planning/plan.py's step_ms for the 
 micro-batches, batch) with the calibrated costs at 1 thread. Also the local engine (all experts in-process,
 1 thread) against its own prediction (every layer: the coordinator's part plus every expert that has rows, no
 link).
+
+``--threads T`` (T > 1): every process - calibration, local engine, coordinators, workers - on T intra-op
+threads, idle threads passive, as `moe-cluster plan` deploys a CPU node (the default shape on 2 cores: ``--threads 2
+--workers 1 --micro-batches 1``); its table is a section of its own.
 """
 
 from __future__ import annotations
@@ -64,13 +68,15 @@ def main() -> None:
     parser.add_argument("--prefill-prompts", type=int, default=8,
                         help="prefill check: this many prompts of --prefill-len tokens in one step")
     parser.add_argument("--prefill-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of every process (see above)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    policy = "passive" if args.threads > 1 else None
     load_before = os.getloadavg()
     model = bench_model(args.size)
     cfg = ModelConfig.from_file(model)
     cores = os.cpu_count() or 1
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     # Calibrated again in this run, at its start and at its end, and every shape measured in turns with others:
     # this machine's speed drifts over minutes (a shared host), and each side keeps its least disturbed time, so
     # that both describe the same machine.
@@ -78,9 +84,10 @@ def main() -> None:
         calibrate, cfg, cfg.dtype, "cpu", context=PROMPT_LEN + args.decode_tokens, refresh=True,
         also=functools.partial(link_costs, cfg, cfg.dtype, tuple(sorted(set(args.workers)))))
     first_costs = calibrate_now()
-    # The shapes checked here run every process on 1 thread, so that each side has a core of its own and two
-    # micro-batches can overlap them (the default plan gives both sides every core, and never overlaps).
-    base = dataclasses.replace(plan_cpus(cfg, Hardware("cpu", cores, 24)), overlaps=True)
+    # With 1 thread per process each side has a core of its own and two micro-batches can overlap them; with more,
+    # both sides use every core (the default plan), and micro-batches only take turns.
+    base = dataclasses.replace(plan_cpus(cfg, Hardware("cpu", cores, 24)), overlaps=args.threads == 1,
+                               threads={"coordinator": args.threads, "worker": args.threads})
     ray.init(address="local", num_cpus=64, include_dashboard=False, log_to_driver=False)
     engine_cfg = EngineConfig(model=str(model), progress=False, enable_prefix_caching=False,
                               max_num_batched_tokens=4096, max_num_seqs=128,
@@ -90,8 +97,8 @@ def main() -> None:
     prefill_label = f"prefill {args.prefill_prompts} x {args.prefill_len}"
     local = EngineLoop.local(engine_cfg)
     # (name, micro-batches, plan or None for the local engine, peer)
-    shapes: list[tuple[str, int, Plan | None, Peer]] = [("local engine, 1 thread", 1, None,
-                                                         Peer("local", [local], threads=1))]
+    shapes: list[tuple[str, int, Plan | None, Peer]] = [(f"local engine, {args.threads} thread(s)", 1, None,
+                                                         Peer("local", [local], threads=args.threads))]
     batches = {b: prompts(b, PROMPT_LEN, cfg.vocab_size, seed=1) for b in args.batch}
     runs: dict[tuple[int, object], list[float]] = defaultdict(list)  # (shape, batch or "prefill") -> step ms
 
@@ -117,11 +124,14 @@ def main() -> None:
         for workers in args.workers:
             epw = -(-cfg.num_experts // workers)
             progress(f"pool of {workers} worker(s) x {epw} experts")
-            pool = start_pool(engine_cfg, PoolConfig(experts_per_worker=epw, threads_per_worker=1))
+            pool = start_pool(engine_cfg, PoolConfig(experts_per_worker=epw, threads_per_worker=args.threads,
+                                                     worker_omp_wait_policy=policy))
             engines: list[Any] = []
             try:
                 for micro in args.micro_batches:
-                    engine = ClusterEngine.start(engine_cfg, ClusterConfig(micro_batches=micro), pool=pool)
+                    engine = ClusterEngine.start(engine_cfg, ClusterConfig(
+                        micro_batches=micro, coordinator_threads=args.threads, coordinator_omp_wait_policy=policy),
+                        pool=pool)
                     engines.append(engine)
                     shapes.append((f"cluster, {workers} worker(s) x {epw}", micro, shaped(base, workers),
                                    Peer("c", [engine], pool=pool)))
@@ -158,9 +168,12 @@ def main() -> None:
            ": the machine was shared with other jobs while this ran, so the measured times carry their noise. ")
         + "Command: `python -m bench.plan_check --size "
         f"{args.size} --workers {' '.join(map(str, args.workers))} --micro-batches "
-        f"{' '.join(map(str, args.micro_batches))} --batch {' '.join(map(str, args.batch))}`.",
+        f"{' '.join(map(str, args.micro_batches))} --batch {' '.join(map(str, args.batch))}"
+        + (f" --threads {args.threads}" if args.threads > 1 else "") + "`.",
         f"Op costs: calibrated in this run at its start and at its end, each the least disturbed of the two "
-        f"({costs['device']}, {costs['threads']} thread); one pool up at a time with its coordinators, each of its "
+        f"({costs['device']}, {costs['threads']} thread(s)"
+        + (", idle threads of the deployed processes passive" if policy else "")
+        + "); one pool up at a time with its coordinators, each of its "
         f"shapes and the local engine measured once per repeat ({args.repeats}); measured = the 20th percentile "
         "of every repeat's steps (a step's own time from the engine's stats): this machine switches between a "
         "fast and a slow state within seconds.",
@@ -173,7 +186,11 @@ def main() -> None:
     ])
     print(body)
     if not args.no_write:
-        write_section("plan_check", "Predicted vs measured decode step (moe-cluster plan's cost model)", body)
+        if args.threads == 1:
+            write_section("plan_check", "Predicted vs measured decode step (moe-cluster plan's cost model)", body)
+        else:
+            write_section(f"plan_check_threads{args.threads}", "Predicted vs measured decode step, every process "
+                          f"on {args.threads} threads (moe-cluster plan's default shape on a CPU node)", body)
 
 
 def _row(name: str, micro: object, batch: object, predicted: float, measured: float, median: float) -> list[object]:

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -161,17 +162,19 @@ def test_split_and_interpolate() -> None:
 
 
 def test_step_model_shares_a_cpu_nodes_cores_among_its_processes() -> None:
-    """Eight one-expert workers on a 2-core node take turns for the cores: a layer's expert work is their sum over
-    the cores, not the slowest worker's; on 16 cores it is the slowest one's. The measured exchange replaces the
-    assumed link cost."""
+    """Eight one-expert workers of one thread on a 2-core node take turns for the cores: a layer's expert work is
+    their sum over the cores, not the slowest worker's; on 16 cores it is the slowest one's; workers of 2 threads
+    (costs measured on 2) take one core pair at a time. The measured exchange replaces the assumed link cost."""
     cfg = ModelConfig.from_file(MIXTRAL)
     flat = {"1": 1.0, "1024": 1.0}
     costs: dict[str, Any] = {"coordinator_layer": flat, "expert": {"1": 2.0, "1024": 2.0},
                              "lm_head": {"1": 0.0, "1024": 0.0}}
     tokens = 512  # every expert has rows
-    for cores, worker_ms in ((2, 8 * 2.0 / 2), (16, 2.0)):
+    for cores, threads, worker_ms in ((2, 1, 8 * 2.0 / 2), (16, 1, 2.0), (2, 2, 8 * 2.0), (16, 2, 2.0),
+                                      (8, 2, 8 * 2.0 / 4)):
         base = plan_cpus(cfg, Hardware("cpu", cores, 512))
-        plan = dataclasses.replace(base, workers=split_experts(8, 8))
+        plan = dataclasses.replace(base, workers=split_experts(8, 8),
+                                   threads={"coordinator": threads, "worker": threads})
         expected = cfg.num_layers * (1.0 + worker_ms + 8 * LINK_MS_PER_WORKER)
         assert step_ms(plan, costs, tokens, 1, prefill=False) == pytest.approx(expected)
         measured = costs | {"exchange_ms": {"1": 0.5, "8": 3.0}}
@@ -235,6 +238,31 @@ def test_timed_expert_phases_replace_the_echo_exchange_by_what_the_calls_did_not
     assert link(four, 8) == pytest.approx(2.0) and link(four, 32) == pytest.approx(0.0)
     two = dataclasses.replace(base, workers=split_experts(8, 2))
     assert link(two, 8) == pytest.approx(1.0 + (2.0 - 1.0) / 3)
+
+
+def test_link_calibration_workers_run_as_the_plan_deploys_them() -> None:
+    """The exchange is timed with worker processes of the calibration's thread count, idle threads passive where
+    they are several (as the plan deploys them): the policy is in the spawned worker's environment, this
+    process's environment is left as it was, and the worker answers over its link."""
+    from cluster.links.protocol import OP_WORK, LinkSpec
+    from workers.link_calibration import _start_loops, _stop_loops
+
+    before = dict(os.environ)
+    spec = LinkSpec(hidden=8, dtype="float32", max_local=1)
+    for threads, policy in ((1, None), (2, "PASSIVE")):
+        procs, ends = _start_loops(spec, 1, threads=threads)
+        try:
+            environ = dict(item.split("=", 1) for item in
+                           Path(f"/proc/{procs[0].pid}/environ").read_bytes().decode().split("\0") if "=" in item)
+            assert environ.get("OMP_WAIT_POLICY") == (policy or before.get("OMP_WAIT_POLICY"))
+            rows = torch.arange(16, dtype=torch.float32).reshape(2, 8)
+            out = torch.empty_like(rows)
+            ends[0].send(OP_WORK, layer=0, tag=0, counts=[2], rows=rows, out=out)
+            ends[0].recv_result(0)
+            assert torch.equal(out, rows)  # the echo experts hand the rows back
+        finally:
+            _stop_loops(procs, ends)
+        assert dict(os.environ) == before
 
 
 def test_calibration_times_the_engine_and_the_links_on_this_machine(demo_dir: Path, tmp_path: Path) -> None:

@@ -20,17 +20,20 @@ results, as a coordinator's layer does. The median round of many is the time for
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import statistics
 import time
 import uuid
+from collections.abc import Iterator
 from multiprocessing.synchronize import Event
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from cluster.engine_config import omp_runtime_env
 from cluster.links.protocol import OP_WORK, LinkSpec
 from cluster.links.shm import ShmCoordinatorEnd
 from cluster.model.config import ModelConfig
@@ -67,10 +70,11 @@ class _EchoExperts:
         pass
 
 
-def _serve(address: str, spec: LinkSpec, listening: Event, experts: tuple[int, int, int, int] | None = None) -> None:
+def _serve(address: str, spec: LinkSpec, listening: Event, experts: tuple[int, int, int, int] | None = None,
+           threads: int = 1) -> None:
     """A worker process: one expert loop until its links close and it is terminated. ``experts``: (local experts,
-    layers, hidden, intermediate) of real shapes to hold, or None for the echo."""
-    torch.set_num_threads(1)
+    layers, hidden, intermediate) of real shapes to hold, or None for the echo; ``threads``: its intra-op threads."""
+    torch.set_num_threads(threads)
     held: Any = _EchoExperts()
     layers = 1
     if experts is not None:
@@ -83,23 +87,42 @@ def _serve(address: str, spec: LinkSpec, listening: Event, experts: tuple[int, i
             n_local, torch.device("cpu"), worker_index=0)
     loop = ExpertLoop(address, spec, held, num_layers=layers, merge_wait_s=0.0)
     listening.set()
-    loop.run()
+    loop.run()  # on this thread, whose intra-op thread count is set above
+
+
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """``variables`` set in this process's environment for the block (what a process spawned in it inherits)."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _start_loops(spec: LinkSpec, count: int, experts: list[tuple[int, int, int, int]] | None = None,
-                 ) -> tuple[list[Any], list[ShmCoordinatorEnd]]:
-    """``count`` worker processes (``experts[w]`` for worker w, else echoes) and a coordinator end to each."""
+                 threads: int = 1) -> tuple[list[Any], list[ShmCoordinatorEnd]]:
+    """``count`` worker processes (``experts[w]`` for worker w, else echoes) of ``threads`` intra-op threads and a
+    coordinator end to each. Workers of several threads get the passive OpenMP wait policy, as the plan gives them
+    (docs/architecture.md "Threads"): a spawned process starts with this one's environment, before it loads torch."""
     context = multiprocessing.get_context("spawn")  # as fresh as a Ray worker; fork would copy this process
     run_id = uuid.uuid4().hex[:8]
+    policy = omp_runtime_env("passive" if threads > 1 else None).get("env_vars", {})
     procs, ends = [], []
     try:
-        for w in range(count):
-            address = f"moe-cluster/calibration-{run_id}/worker-{w}/{os.getpid()}"
-            listening = context.Event()
-            proc = context.Process(target=_serve, args=(address, spec, listening, experts[w] if experts else None),
-                                   daemon=True)
-            proc.start()
-            procs.append((proc, listening, address))
+        with _environment(policy):
+            for w in range(count):
+                address = f"moe-cluster/calibration-{run_id}/worker-{w}/{os.getpid()}"
+                listening = context.Event()
+                proc = context.Process(target=_serve, daemon=True, args=(
+                    address, spec, listening, experts[w] if experts else None, threads))
+                proc.start()
+                procs.append((proc, listening, address))
         for proc, listening, address in procs:
             if not listening.wait(300):
                 raise RuntimeError(f"link calibration: worker process {proc.pid} did not start")
@@ -145,10 +168,11 @@ def exchange_ms(hidden: int, dtype: str, workers: tuple[int, ...], rows: int = D
 
 
 def expert_phase_ms(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], tokens: tuple[int, ...] = PHASE_TOKENS,
-                    seconds: float = PHASE_SECONDS) -> dict[str, Any]:
+                    seconds: float = PHASE_SECONDS, threads: int = 1) -> dict[str, Any]:
     """{"expert_phase_ms": {W: {T: ms}}}: one layer's expert phase (send, the workers' expert calls, results
-    back) with the E experts of ``cfg`` split over W worker processes, at a step of T tokens routed at random;
-    {} when one layer of experts is larger than PHASE_MAX_LAYER_BYTES (the echo exchange stands in)."""
+    back) with the E experts of ``cfg`` split over W worker processes of ``threads`` intra-op threads, at a step
+    of T tokens routed at random; {} when one layer of experts is larger than PHASE_MAX_LAYER_BYTES (the echo
+    exchange stands in)."""
     layer_bytes = cfg.num_experts * ModelSizes.of(cfg, dtype).expert_bytes // cfg.num_layers
     if layer_bytes > PHASE_MAX_LAYER_BYTES:
         return {}
@@ -158,13 +182,20 @@ def expert_phase_ms(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], toke
         split = split_experts(cfg.num_experts, count)
         spec = LinkSpec(hidden=cfg.hidden_size, dtype=dtype, max_local=max(len(w) for w in split))
         procs, ends = _start_loops(spec, len(split), [(len(w), layers, cfg.hidden_size, cfg.intermediate_size)
-                                                      for w in split])
+                                                      for w in split], threads)
         try:
             # PHASE_PASSES passes over the token counts, the least disturbed kept: a background burst (the kernel
             # compacting the memory just freed, another job) lasting a second inflates every round of one pass.
             # Every pass routes the same tokens (one seed per token count): passes differ only by disturbance.
-            passes = [{t: _phase(ends, split, spec, cfg, t, layers, seconds / PHASE_PASSES) for t in tokens}
-                      for _ in range(PHASE_PASSES)]
+            # The coordinator's turn on 1 thread: no idle thread of this process then spins (OpenMP's default
+            # policy here) on the cores the workers need, as a deployed coordinator's passive threads do not.
+            threads_here = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                passes = [{t: _phase(ends, split, spec, cfg, t, layers, seconds / PHASE_PASSES) for t in tokens}
+                          for _ in range(PHASE_PASSES)]
+            finally:
+                torch.set_num_threads(threads_here)
             measured[str(count)] = {str(t): min(p[t] for p in passes) for t in tokens}
         finally:
             _stop_loops(procs, ends)
@@ -216,5 +247,8 @@ def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec
 
 
 def link_costs(cfg: ModelConfig, dtype: str, workers: tuple[int, ...]) -> dict[str, Any]:
-    """Both measurements for ``workers`` worker counts: what calibrate(also=...) caches with the op costs."""
-    return exchange_ms(cfg.hidden_size, dtype, workers) | expert_phase_ms(cfg, dtype, workers)
+    """Both measurements for ``workers`` worker counts: what calibrate(also=...) caches with the op costs. The
+    workers have this process's intra-op thread count (the calibration's, keyed with its costs: `moe-cluster plan`
+    sets it to the plan's worker threads)."""
+    threads = torch.get_num_threads()
+    return exchange_ms(cfg.hidden_size, dtype, workers) | expert_phase_ms(cfg, dtype, workers, threads=threads)

@@ -444,9 +444,11 @@ def workers_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> tuple[float,
 
 
 def _slowest(plan: Plan, per_worker: list[float]) -> float:
-    """The wait for the last worker; on a CPU node at least their sum over the cores they share."""
+    """The wait for the last worker; on a CPU node at least their sum over the cores they share (a worker's
+    cost measured on its threads: as many workers at once as the cores hold their threads)."""
     if plan.hardware.kind == "cpu":
-        return max(max(per_worker), sum(per_worker) / plan.hardware.devices)
+        at_once = max(1.0, plan.hardware.devices / plan.threads.get("worker", 1))
+        return max(max(per_worker), sum(per_worker) / at_once)
     return max(per_worker)
 
 
