@@ -129,8 +129,7 @@ def main() -> None:
                               num_kv_blocks=64 * ((args.prompt_len + args.output_len) // 16 + 2))
     progress(f"loading transformers, the local engine, an expert pool ({args.shape}) and its coordinators")
     pool = start_pool(engine_cfg, PoolConfig(**pool_options))
-    one_thread = {"experts_per_worker": 1, "threads_per_worker": 1}
-    other_pools = {epw: start_pool(engine_cfg, PoolConfig(**(one_thread | {"experts_per_worker": epw})))
+    other_pools = {epw: start_pool(engine_cfg, PoolConfig(experts_per_worker=epw, threads_per_worker=1))
                    for epw in args.also_experts_per_worker}
     local = EngineLoop.local(engine_cfg)
 

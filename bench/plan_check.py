@@ -11,9 +11,9 @@ engine takes turns with each pool's shapes, its steps pooled over the whole run 
 minutes, and between a fast and a slow state within seconds). The
 calibration runs at the start and at the end, each cost the least disturbed of the two: both sides describe the
 machine at its least disturbed. Prediction = planning/plan.py's step_ms for the same shape (workers,
-micro-batches, batch) with the calibrated costs at 1 thread. Also the local engine (all experts in-process,
-1 thread) against its own prediction (every layer: the coordinator's part plus every expert that has rows, no
-link).
+micro-batches, batch) with the costs calibrated at the run's thread count (1 unless ``--threads``). Also the local
+engine (all experts in-process, the same threads) against its own prediction (every layer: the coordinator's part
+plus every expert that has rows, no link).
 
 ``--threads T`` (T > 1): every process - calibration, local engine, coordinators, workers - on T intra-op
 threads, idle threads passive, as `moe-cluster plan` deploys a CPU node (the default shape on 2 cores: ``--threads 2
@@ -40,7 +40,7 @@ from cluster.engine.calibrate import calibrate, least_disturbed, least_disturbed
 from cluster.engine.loop import EngineLoop
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.model.config import ModelConfig
-from cluster.planning.plan import Hardware, Plan, plan_cpus, split_experts, step_ms
+from cluster.planning.plan import Hardware, Plan, cpu_wait_policy, plan_cpus, split_experts, step_ms
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 from workers.link_calibration import link_costs
 
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of every process (see above)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    policy = "passive" if args.threads > 1 else None
+    policy = cpu_wait_policy(args.threads)
     load_before = os.getloadavg()
     model = bench_model(args.size)
     cfg = ModelConfig.from_file(model)

@@ -122,6 +122,12 @@ def ray_local() -> Iterator[None]:
     ray.shutdown()
 
 
+def process_environ(pid: int) -> dict[str, str]:
+    """The environment process ``pid`` (on this machine) started with."""
+    items = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
 def cluster_config(**overrides: Any) -> Any:
     """Test coordinator defaults: short timeouts so failures surface fast, one thread."""
     from cluster.engine_config import ClusterConfig

@@ -10,7 +10,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +23,7 @@ from cluster.engine_config import EngineConfig
 from cluster.errors import ClusterStartError, RequestFailedError
 from cluster.model.config import ModelConfig
 from cluster.planning.plan import Hardware, plan_cpus
-from tests.conftest import HFCheckpoint, cluster_config, make_hf_checkpoint, pool_config
+from tests.conftest import HFCheckpoint, cluster_config, make_hf_checkpoint, pool_config, process_environ
 from tests.test_parity_hf import PARITY_CONFIGS, prompt_ids
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
 
@@ -280,9 +279,7 @@ def test_the_cpu_plans_shape_runs_with_its_wait_policy_and_the_local_engines_out
         info = cluster.describe()
         pids = [info["pid"]] + [w["pid"] for w in info["pool"]["workers"]]
         for pid in pids:
-            environ = dict(item.split("=", 1) for item in
-                           Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item)
-            assert environ.get("OMP_WAIT_POLICY") == "PASSIVE", pid
+            assert process_environ(pid).get("OMP_WAIT_POLICY") == "PASSIVE", pid
         assert_same_outputs(cluster, local, ckpt.config["vocab_size"])
     finally:
         cluster.shutdown()

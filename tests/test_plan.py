@@ -39,6 +39,7 @@ from cluster.planning.plan import (
 )
 from router_service.cli import main
 from router_service.settings import AppSettings
+from tests.conftest import process_environ
 from workers.link_calibration import exchange_ms, expert_phase_ms
 
 MIXTRAL = Path(__file__).parent / "data" / "mixtral-8x7b"
@@ -252,9 +253,7 @@ def test_link_calibration_workers_run_as_the_plan_deploys_them() -> None:
     for threads, policy in ((1, None), (2, "PASSIVE")):
         procs, ends = _start_loops(spec, 1, threads=threads)
         try:
-            environ = dict(item.split("=", 1) for item in
-                           Path(f"/proc/{procs[0].pid}/environ").read_bytes().decode().split("\0") if "=" in item)
-            assert environ.get("OMP_WAIT_POLICY") == (policy or before.get("OMP_WAIT_POLICY"))
+            assert process_environ(procs[0].pid).get("OMP_WAIT_POLICY") == (policy or before.get("OMP_WAIT_POLICY"))
             rows = torch.arange(16, dtype=torch.float32).reshape(2, 8)
             out = torch.empty_like(rows)
             ends[0].send(OP_WORK, layer=0, tag=0, counts=[2], rows=rows, out=out)

@@ -38,7 +38,7 @@ from cluster.links.protocol import OP_WORK, LinkSpec
 from cluster.links.shm import ShmCoordinatorEnd
 from cluster.model.config import ModelConfig
 from cluster.model.experts import LocalExperts
-from cluster.planning.plan import ModelSizes, split_experts
+from cluster.planning.plan import ModelSizes, cpu_wait_policy, split_experts
 from workers.expert_loop import ExpertLoop
 from workers.versioned_experts import VersionedExperts
 
@@ -112,7 +112,7 @@ def _start_loops(spec: LinkSpec, count: int, experts: list[tuple[int, int, int, 
     (docs/architecture.md "Threads"): a spawned process starts with this one's environment, before it loads torch."""
     context = multiprocessing.get_context("spawn")  # as fresh as a Ray worker; fork would copy this process
     run_id = uuid.uuid4().hex[:8]
-    policy = omp_runtime_env("passive" if threads > 1 else None).get("env_vars", {})
+    policy = omp_runtime_env(cpu_wait_policy(threads)).get("env_vars", {})
     procs, ends = [], []
     try:
         with _environment(policy):

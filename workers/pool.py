@@ -135,16 +135,18 @@ class ExpertPool:
             self._autoscaler = asyncio.get_running_loop().create_task(self._autoscale_periodically(policy))
         return await self.describe()
 
+    def _worker_actor_options(self, num_gpus: float) -> dict[str, Any]:
+        """Ray options of an ExpertWorker actor (a worker or a spare), less its placement."""
+        return {"num_cpus": self.pool_cfg.worker_num_cpus, "num_gpus": num_gpus,
+                "resources": dict(self.pool_cfg.worker_resources), "max_restarts": 0, "max_concurrency": 8,
+                "runtime_env": omp_runtime_env(self.pool_cfg.worker_omp_wait_policy)}
+
     def _spawn(self, index: int, generation: int, expert_map: ExpertMap | None = None,
                bundle: tuple[PlacementGroup | None, int] | None = None) -> Any:
         """A worker for ``index`` of ``expert_map`` (default: the current map), in its bundle."""
         expert_map = expert_map or self.expert_map
         pg, bundle_index = bundle or self.bundles[index]
-        options: dict[str, Any] = {"num_cpus": self.pool_cfg.worker_num_cpus,
-                                   "num_gpus": self.pool_cfg.worker_num_gpus if self.gpus else 0,
-                                   "resources": dict(self.pool_cfg.worker_resources), "max_restarts": 0,
-                                   "max_concurrency": 8,
-                                   "runtime_env": omp_runtime_env(self.pool_cfg.worker_omp_wait_policy)}
+        options = self._worker_actor_options(self.pool_cfg.worker_num_gpus if self.gpus else 0)
         if pg is not None:
             options["scheduling_strategy"] = bundle_strategy(pg, bundle_index)
         return ray.remote(ExpertWorker).options(**options).remote(
@@ -518,10 +520,7 @@ class ExpertPool:
 
     def _spawn_spare(self, label: int, version: int, pg: PlacementGroup | None) -> Any:
         """A worker holding no experts (index -1 until taken; ``label`` keeps its address unique)."""
-        options: dict[str, Any] = {"num_cpus": self.pool_cfg.worker_num_cpus, "num_gpus": int(self.gpus),
-                                   "resources": dict(self.pool_cfg.worker_resources), "max_restarts": 0,
-                                   "max_concurrency": 8,
-                                   "runtime_env": omp_runtime_env(self.pool_cfg.worker_omp_wait_policy)}
+        options = self._worker_actor_options(int(self.gpus))
         if pg is not None:
             options["scheduling_strategy"] = bundle_strategy(pg, 0)
         nothing = tuple(() for _ in range(self.expert_map.num_layers))

@@ -332,6 +332,13 @@ def _gpus_needed(cfg: ModelConfig, sizes: ModelSizes, memory_gib: float, max_len
     return 4 * cfg.num_experts
 
 
+def cpu_wait_policy(threads: int) -> str | None:
+    """The OpenMP wait policy of a process of ``threads`` intra-op threads on a CPU node where the coordinator and
+    the workers take turns on the same cores: "passive" (idle threads sleep instead of spinning on the cores the
+    other side needs; docs/architecture.md "Threads") where it has several, else OpenMP's default."""
+    return "passive" if threads > 1 else None
+
+
 def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str | None = None,
               max_model_len: int | None = None, max_num_seqs: int = 64) -> Plan:
     """Within a layer the coordinator and the workers take turns (attention, then the experts: the serial
@@ -345,13 +352,14 @@ def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str
     coordinator, passive, reach 0.88x the local engine at 32 sequences; two 1-thread workers of 4 and a 1-thread
     coordinator 0.82x (one thread each cannot use the second core during attention, and two workers wait for the
     busier one's routing); on an AMD EPYC the latter reached 1.11x."""
+    assert hw.kind == "cpu"
     sizes = ModelSizes.of(cfg, dtype)
     max_len = max_model_len or cfg.max_position_embeddings
     cores = hw.devices
     workers = split_experts(cfg.num_experts, max(1, min(cfg.num_experts, cores // CPU_WORKER_CORES)))
     worker_threads = max(1, cores // len(workers))
-    shared_cores = worker_threads > 1  # threads of both sides on the same cores: they must not spin
-    wait_policy = "passive" if shared_cores else None
+    shared_cores = worker_threads > 1  # threads of both sides on the same cores
+    wait_policy = cpu_wait_policy(worker_threads)
     node = Device(0, 0, "cpu", int(hw.memory_gib * GIB))
     node.roles = ["coordinator 0"] + [f"worker {w}" for w in range(len(workers))]
     node.experts = list(range(cfg.num_experts))
