@@ -22,6 +22,10 @@ class GenerateRequest:
     deadline: float | None = None  # wall-clock time (time.time()) after which the request is aborted
     # Set when the ingress resumes the request on another engine replica: what the client has received so far.
     continuation: Continuation | None = None
+    # False when the client takes the answer whole (a non-streamed completion, gRPC Generate): after Accepted the
+    # engine replica sends one item, the finished output, instead of one per stream interval. Each item costs
+    # CPU in both replicas, and on a small node that CPU is the engine's.
+    stream: bool = True
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):

@@ -96,7 +96,8 @@ class EngineDeployment:
             raise TimeoutError(f"request {request.request_id} reached its deadline before it started")
         resumed_at = 0 if request.continuation is None else sum(len(s.token_ids) for s in request.continuation.samples)
         stream = self.engine.stream_batches(prompt, request.params, request.request_id,
-                                            interval_s=self._stream_interval_s, continuation=request.continuation)
+                                            interval_s=self._stream_interval_s if request.stream else None,
+                                            continuation=request.continuation, whole=not request.stream)
         async with contextlib.aclosing(stream):
             try:
                 batch: list[RequestOutput] | None = await self._next(stream, remaining)  # raises request errors
@@ -107,6 +108,15 @@ class EngineDeployment:
             first = batch[0]
             yield Accepted(request.request_id, first.num_prompt_tokens, self.engine_id,
                            first.seed if first.seed is not None else request.params.seed)
+            if not request.stream:  # the answer whole: the first report and the rest (whole=True), as one item
+                if not batch[-1].finished:
+                    rest = await self._next(stream, request.remaining())
+                    assert rest is not None and rest[-1].finished, "a whole stream ends with its finished report"
+                    batch += rest
+                last = merge_outputs(batch)
+                yield [last]
+                self._finished(request.request_id, last, last.num_generated_tokens - resumed_at)
+                return
             self._open_streams += 1
             try:
                 while batch is not None:

@@ -134,7 +134,7 @@ class GrpcApi:
             raise ApiError(401, "missing or invalid API key (metadata 'authorization: Bearer <key>')",
                            "authentication_error", code="invalid_api_key")
 
-    def generate_request(self, request: pb.GenerateRequest) -> GenerateRequest:
+    def generate_request(self, request: pb.GenerateRequest, stream: bool) -> GenerateRequest:
         if request.model:  # empty: the one model this server serves
             self.gateway.check_model(request.model)
         params = sampling_params(request)
@@ -145,12 +145,12 @@ class GrpcApi:
         if not prompt:
             raise ApiError(400, f"{which} must not be empty", param=which)
         rid = request.request_id or new_id("grpc")
-        return GenerateRequest(rid, params, prompt=prompt, deadline=self.gateway.deadline(None))
+        return GenerateRequest(rid, params, prompt=prompt, deadline=self.gateway.deadline(None), stream=stream)
 
     async def generate(self, request: pb.GenerateRequest, context: RayServegRPCContext) -> pb.GenerateResponse:
         try:
             self.authorize(context)
-            streams = await self.gateway.open_all([self.generate_request(request)])
+            streams = await self.gateway.open_all([self.generate_request(request, stream=False)])
             merged = merge_outputs([chunk async for _, chunk in self.gateway.iterate(streams)])
         except ApiError as err:
             fail(context, err)
@@ -163,7 +163,7 @@ class GrpcApi:
                               context: RayServegRPCContext) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
         try:
             self.authorize(context)
-            gen_request = self.generate_request(request)
+            gen_request = self.generate_request(request, stream=True)
             streams = await self.gateway.open_all([gen_request])
             async with contextlib.aclosing(self.gateway.iterate(streams)) as chunks:
                 async for _, chunk in chunks:

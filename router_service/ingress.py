@@ -186,7 +186,8 @@ class Ingress:
         prompts = body.prompts()
         rid = new_id("cmpl")
         deadline = self.gateway.deadline(body.timeout)
-        requests = [GenerateRequest(f"{rid}-{i}", params, prompt=p, deadline=deadline) for i, p in enumerate(prompts)]
+        requests = [GenerateRequest(f"{rid}-{i}", params, prompt=p, deadline=deadline, stream=body.stream)
+                    for i, p in enumerate(prompts)]
         n = params.n
         with_logprobs = params.logprobs is not None
         streams = await self.gateway.open_all(requests)
@@ -244,7 +245,7 @@ class Ingress:
         rid = new_id("chatcmpl")
         deadline = self.gateway.deadline(body.timeout)
         request = GenerateRequest(rid, params, messages=body.to_messages(), chat_options=body.chat_options(),
-                                  deadline=deadline)
+                                  deadline=deadline, stream=body.stream)
         try:
             streams = await self.gateway.open_all([request])
         except ApiError as err:

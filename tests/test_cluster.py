@@ -311,8 +311,9 @@ def test_cluster_stream_takes_the_pace_and_the_continuation_of_the_serve_path(
         parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]], pool2: Any) -> None:
     """ClusterEngine.stream_batches with interval_s and continuation, as a Serve replica calls an engine: paced by
     an interval longer than the whole generation, the first batch comes at once and the rest in one final batch
-    without waiting for the interval; a seeded n=2 request the local engine started, cut after its 4th report and
-    continued on the cluster, ends exactly as the uninterrupted request on the local engine."""
+    without waiting for the interval; taken whole (``whole=True``, through the Coordinator actor) it is two
+    batches; a seeded n=2 request the local engine started, cut after its 4th report and continued on the cluster,
+    ends exactly as the uninterrupted request on the local engine."""
     from tests.test_continuation import received
 
     ckpt, local = parity_models[E8]
@@ -322,11 +323,12 @@ def test_cluster_stream_takes_the_pace_and_the_continuation_of_the_serve_path(
     cluster = ClusterEngine.start(local.engine.engine_cfg, cluster_config(), pool=pool2)
 
     async def batches(engine: EngineClient, interval_s: Callable[[], float] | None = None,
-                      continuation: Continuation | None = None) -> tuple[list[list[RequestOutput]], float]:
+                      continuation: Continuation | None = None, whole: bool = False,
+                      ) -> tuple[list[list[RequestOutput]], float]:
         loop = asyncio.get_running_loop()
         started = loop.time()
         got = [b async for b in engine.stream_batches(prompt, params, interval_s=interval_s,
-                                                         continuation=continuation)]
+                                                         continuation=continuation, whole=whole)]
         return got, loop.time() - started
 
     try:
@@ -336,6 +338,10 @@ def test_cluster_stream_takes_the_pace_and_the_continuation_of_the_serve_path(
         assert len(whole) > 4
         want = RequestResult.fold(whole)
         assert [c.token_ids for c in RequestResult.fold([o for b in paced for o in b]).completions] == \
+            [c.token_ids for c in want.completions]
+        taken_whole, _ = asyncio.run(batches(cluster, whole=True))
+        assert len(taken_whole) == 2 and taken_whole[-1][-1].finished
+        assert [c.token_ids for c in RequestResult.fold([o for b in taken_whole for o in b]).completions] == \
             [c.token_ids for c in want.completions]
         after, _ = asyncio.run(batches(cluster, continuation=received(whole[:4], params.n)))
         joined = RequestResult.fold(whole[:4] + [out for batch in after for out in batch])

@@ -197,6 +197,26 @@ def test_paced_stream_batches_tokens_and_sends_the_last_at_once(engine: EngineLo
     assert [t for b in batches for o in b for d in o.outputs for t in d.token_ids] == full.token_ids
 
 
+def test_a_whole_stream_is_the_first_report_then_all_the_rest_at_once(engine: EngineLoop) -> None:
+    """``whole=True`` (a consumer that takes the answer whole): the engine delivers the first report at once and
+    holds the others until the request finishes, so its consumer gets two batches where a plain stream gets one
+    per step; nothing is lost or reordered, and a request that finishes in its first report is one batch."""
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def batches(whole: bool, p: SamplingParams = params) -> list[list[RequestOutput]]:
+        return [batch async for batch in engine.stream_batches(PROMPT, p, whole=whole)]
+
+    plain, whole = asyncio.run(batches(False)), asyncio.run(batches(True))
+    assert len(plain) > 2  # (each step's report reaches a plain stream's consumer on its own)
+    assert [len(b) for b in whole[:1]] == [1] and len(whole) == 2
+    assert [o.finished for b in whole for o in b] == [False] * (sum(map(len, whole)) - 1) + [True]
+    full = engine.generate([PROMPT], params)[0]
+    assert RequestResult.fold([o for b in whole for o in b]).completions == full.completions
+    one = asyncio.run(batches(True, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)))
+    assert len(one) == 1 and one[0][-1].finished
+    assert one[0][-1].outputs[0].token_ids == full.completions[0].token_ids[:1]
+
+
 def test_leaving_a_stream_aborts_and_frees_blocks(engine: EngineLoop) -> None:
     async def run() -> int:
         seen = 0

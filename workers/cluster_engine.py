@@ -138,9 +138,9 @@ class ClusterEngine(EngineClient):
 
     async def stream_batches(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
                              interval_s: IntervalS | None = None, continuation: Continuation | None = None,
-                             ) -> AsyncGenerator[list[RequestOutput], None]:
+                             whole: bool = False) -> AsyncGenerator[list[RequestOutput], None]:
         rid = request_id or new_request_id()
-        refs: Any = self.coordinator.stream.remote(prompt, params, rid, continuation)
+        refs: Any = self.coordinator.stream.remote(prompt, params, rid, continuation, whole)
         reports: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         pump = asyncio.get_running_loop().create_task(self._pump(refs, reports))
         finished = False

@@ -43,10 +43,12 @@ class EngineClient(ABC):
     @abstractmethod
     def stream_batches(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
                        interval_s: IntervalS | None = None, continuation: Continuation | None = None,
-                       ) -> AsyncGenerator[list[RequestOutput], None]:
+                       whole: bool = False) -> AsyncGenerator[list[RequestOutput], None]:
         """Reports of one request as they come, coalesced (see ``paced``). A bad request raises at the first
         item; leaving the iteration early aborts the request. With ``continuation``, the rest of a request
-        another engine started (sequence.Continuation)."""
+        another engine started (sequence.Continuation). With ``whole`` (a consumer that wants the answer whole),
+        two items: the first report, then all the others together once the request finishes; the engine holds
+        them meanwhile, so its consumer is not woken at every step."""
 
     def stream(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
                continuation: Continuation | None = None) -> AsyncGenerator[RequestOutput, None]:

@@ -61,8 +61,10 @@ class Coordinator:
         return await asyncio.to_thread(self._engine().generate, prompts, params)
 
     async def stream(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
-                     continuation: Continuation | None = None) -> AsyncIterator[list[RequestOutput]]:
-        async for batch in self._engine().stream_batches(prompt, params, request_id, continuation=continuation):
+                     continuation: Continuation | None = None, whole: bool = False
+                     ) -> AsyncIterator[list[RequestOutput]]:
+        async for batch in self._engine().stream_batches(prompt, params, request_id, continuation=continuation,
+                                                         whole=whole):
             yield batch
 
     def abort(self, request_id: str) -> None:

@@ -210,14 +210,27 @@ class EngineLoop(EngineClient):
 
     async def stream_batches(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
                              interval_s: IntervalS | None = None, continuation: Continuation | None = None,
-                             ) -> AsyncGenerator[list[RequestOutput], None]:
+                             whole: bool = False) -> AsyncGenerator[list[RequestOutput], None]:
         loop = asyncio.get_running_loop()
         reports: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         rid = request_id or new_request_id()
+        held: list[RequestOutput] = []  # whole: the reports after the first, on the engine's thread until the last
+        delivered_first = False
 
-        def sink(out: RequestOutput) -> None:
+        def put_all(outputs: list[RequestOutput]) -> None:  # on the consumer's loop: one wake-up, one batch (paced)
+            for out in outputs:
+                reports.put_nowait(out)
+
+        def sink(out: RequestOutput) -> None:  # on the engine's thread, at every step of the request
+            nonlocal delivered_first
+            if whole and delivered_first and not out.finished and out.error is None:
+                held.append(out)
+                return
+            delivered_first = True
+            outputs = [*held, out]
+            held.clear()
             if not loop.is_closed():  # the consumer may be gone; its request is being aborted
-                loop.call_soon_threadsafe(reports.put_nowait, out)
+                loop.call_soon_threadsafe(put_all, outputs)
 
         await asyncio.wrap_future(self.submit([prompt], [params], [sink], [rid], [continuation]))
         finished = False

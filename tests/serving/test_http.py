@@ -28,6 +28,28 @@ def expected(served: Served, prompt: str | list[int], **kwargs: Any) -> RequestR
     return served.reference.generate([prompt], SamplingParams(**kwargs))[0]
 
 
+def test_a_request_taken_whole_is_one_item_from_its_engine_replica(served: Served) -> None:
+    """A non-streamed request (GenerateRequest.stream False, as the ingress sends a non-streamed completion or a
+    gRPC Generate) costs its engine replica one Ray item after Accepted, the whole answer, where a streamed one
+    sends an item per stream interval; both answers equal the reference engine's."""
+    from ray import serve
+
+    from router_service.engine_api import Accepted, GenerateRequest
+
+    handle = serve.get_deployment_handle("EngineDeployment", app_name="moe-cluster").options(stream=True)
+    params = SamplingParams(max_tokens=160, temperature=0, ignore_eos=True)
+    reference = expected(served, PROMPT, max_tokens=160, temperature=0, ignore_eos=True).completions
+    for stream in (True, False):
+        response: Any = handle.generate.remote(GenerateRequest(f"whole-{stream}", params, prompt=PROMPT, stream=stream))
+        items = list(response)  # (a DeploymentResponseGenerator: the handle streams)
+        assert isinstance(items[0], Accepted) and items[-1][-1].finished
+        assert RequestResult.fold([out for batch in items[1:] for out in batch]).completions == reference
+        if stream:
+            assert len(items) > 2, "a streamed request of 160 tokens came in one item: nothing to compare with"
+        else:
+            assert len(items) == 2 and len(items[1]) == 1
+
+
 def test_models_and_health(served: Served, client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [served.model]
     health = httpx.get(f"{served.http}/health")
