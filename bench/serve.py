@@ -5,8 +5,9 @@ batched ``generate`` on the same weights: output tokens/s, TTFT and TPOT p50/p99
 
 The app (cluster engine) is started on a local Ray with loopback-only ports. Each concurrency level is a
 closed loop: that many clients, each sending its next request when the previous one ends, ``--rounds``
-requests per client. transformers runs in a fresh subprocess: one batched ``generate`` of the same size,
-its TTFT being the time of a 1-token ``generate`` (prefill) on the same batch.
+requests per client. transformers runs in a fresh subprocess before the server starts and again after it
+stops (the ratios are to the mean of the two): one batched ``generate`` of the same size, its TTFT being the
+time of a 1-token ``generate`` (prefill) on the same batch.
 """
 
 from __future__ import annotations
@@ -140,6 +141,17 @@ def run_transformers(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return out
 
 
+def run_transformers_process(args: argparse.Namespace, when: str) -> dict[str, dict[str, float]]:
+    """``run_transformers`` in a fresh process (no Ray, no server beside it)."""
+    progress(f"transformers batched generate, in its own process ({when} the server)")
+    cmd = [sys.executable, "-m", "bench.serve", "--hf-peer", *workload_argv(args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"transformers peer failed:\n{done.stderr[-3000:]}")
+    result: dict[str, dict[str, float]] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
 def app_arguments(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     """The app's arguments: with ``--defaults`` exactly what ``moe-cluster serve --model M`` deploys (the bundled
     serve.yaml with the shape ``moe-cluster plan`` picks for this machine), else the shape the flags give."""
@@ -161,7 +173,9 @@ def describe_server(app_args: dict[str, Any]) -> str:
             f"{pool.get('experts_per_worker', 1)} experts per worker, {pool.get('threads_per_worker', 1)} thread(s) "
             f"per worker, {cluster.get('coordinator_threads', 1)} per coordinator"
             + (f", OpenMP wait policy {pool['worker_omp_wait_policy']}" if pool.get("worker_omp_wait_policy") else "")
-            + f", micro-batches {cluster.get('micro_batches') or 'auto'}")
+            + f", micro-batches {cluster.get('micro_batches') or 'auto'}"
+            + (f", streams at most {app_args['stream_chunks_per_s']:g} chunks/s per engine replica"
+               if "stream_chunks_per_s" in app_args else ""))
 
 
 def run_server(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
@@ -235,23 +249,24 @@ def main() -> None:
     bench_model(args.size)
     load_before = load_average()
     progress(f"load average before (1/5/15 min): {load_before}")
-    progress("transformers batched generate, in its own process")
-    cmd = [sys.executable, "-m", "bench.serve", "--hf-peer", *workload_argv(args)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"transformers peer failed:\n{done.stderr[-3000:]}")
-    hf = json.loads(done.stdout.strip().splitlines()[-1])
+    hf_before = run_transformers_process(args, "before")
     server = describe_server(app_arguments(args, bench_model(args.size)))
     progress(f"server ({server}): HTTP and gRPC")
     ours = run_server(args)
+    hf_after = run_transformers_process(args, "after")
     load_after = load_average()
     progress(f"load average after: {load_after}")
+    # The peer's throughput: the mean of its runs before and after the server's, so that a machine whose speed
+    # drifts during the run (this one does) is charged to both sides alike.
+    hf = {c: {k: (hf_before[c][k] + hf_after[c][k]) / 2 for k in hf_before[c]} for c in hf_before}
 
     rows = []
     top = max(args.concurrency)
     for c in map(str, args.concurrency):
-        for name, r in (("transformers generate (batched)", hf[c]), ("ours, HTTP (SSE)", ours["http"][c]),
-                        ("ours, HTTP (non-streamed)", ours["http-unary"][c]), ("ours, gRPC (stream)", ours["grpc"][c])):
+        for name, r in (("transformers generate (batched), before the server", hf_before[c]),
+                        ("transformers generate (batched), after the server", hf_after[c]),
+                        ("ours, HTTP (SSE)", ours["http"][c]), ("ours, HTTP (non-streamed)", ours["http-unary"][c]),
+                        ("ours, gRPC (stream)", ours["grpc"][c])):
             rows.append([c, name, r["tps"], f"{r['tps'] / hf[c]['tps']:.2f}x", 1000 * r["ttft50"], 1000 * r["ttft99"],
                          1000 * r["tpot50"], 1000 * r["tpot99"]])
     body = "\n".join([
@@ -269,9 +284,10 @@ def main() -> None:
         table(["concurrency", "peer", "output tok/s", "vs transformers", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
                "TPOT p99 ms"], rows),
         "",
-        "transformers' TTFT is its prefill of the whole batch and its TPOT the batch's mean step, the same for "
-        "every sequence (it has no per-request streaming server); ours are measured per request at the client; a "
-        "non-streamed request's TTFT is its whole latency.",
+        "transformers runs in a fresh process before the server starts and again after it stops; every ratio is "
+        "to the mean of its two runs. Its TTFT is its prefill of the whole batch and its TPOT the batch's mean "
+        "step, the same for every sequence (it has no per-request streaming server); ours are measured per "
+        "request at the client; a non-streamed request's TTFT is its whole latency.",
         "",
         f"- At {top} concurrent requests: " + "; ".join(
             f"{name} {ours[proto][str(top)]['tps'] / hf[str(top)]['tps']:.2f}x transformers' offline throughput"

@@ -130,6 +130,7 @@ PLANNED_POOL_FIELDS = ("experts_per_worker", "worker_num_cpus", "threads_per_wor
                        "use_gpus", "worker_num_gpus")
 PLANNED_CLUSTER_FIELDS = ("coordinator_threads", "coordinator_omp_wait_policy", "micro_batches", "use_gpus",
                           "coordinator_num_gpus", "link")
+PLANNED_APP_FIELDS = ("stream_chunks_per_s",)
 
 
 def apply_planned_shape(app_args: dict[str, Any], model_dir: Path) -> None:
@@ -146,8 +147,13 @@ def apply_planned_shape(app_args: dict[str, Any], model_dir: Path) -> None:
     cluster = app_args.setdefault("cluster_options", {})
     pool.update({k: v for k, v in plan.pool_options.items() if k in PLANNED_POOL_FIELDS})
     cluster.update({k: v for k, v in plan.cluster_options.items() if k in PLANNED_CLUSTER_FIELDS})
+    for key, value in plan.app_options.items():
+        if key in PLANNED_APP_FIELDS:
+            app_args.setdefault(key, value)
     log.info("shape from moe-cluster plan for %s: %d expert worker(s) x %s experts, %s thread(s) each, a "
-             "coordinator of %s thread(s)%s (--experts-per-worker or --config to choose another; --no-auto-shape for "
-             "the config's own)", hardware.describe(), len(plan.workers), pool["experts_per_worker"],
+             "coordinator of %s thread(s)%s%s (--experts-per-worker or --config to choose another; --no-auto-shape "
+             "for the config's own)", hardware.describe(), len(plan.workers), pool["experts_per_worker"],
              plan.threads["worker"], plan.threads["coordinator"],
-             ", idle threads passive" if pool.get("worker_omp_wait_policy") == "passive" else "")
+             ", idle threads passive" if pool.get("worker_omp_wait_policy") == "passive" else "",
+             f", streams at most {app_args['stream_chunks_per_s']:g} chunks/s" if "stream_chunks_per_s" in app_args
+             else "")

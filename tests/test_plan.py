@@ -24,6 +24,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.model.config import ModelConfig
 from cluster.planning.plan import (
+    CPU_STREAM_CHUNKS_PER_CORE,
     CPU_WORKER_CORES,
     GIB,
     LINK_MS_PER_WORKER,
@@ -111,7 +112,8 @@ def test_text_output_and_argument_errors(capsys: pytest.CaptureFixture[str]) -> 
 def test_cpu_plan_gives_each_side_of_the_serial_schedule_every_core() -> None:
     """The coordinator and the workers take turns (serial): a worker per CPU_WORKER_CORES cores (at least one, at
     most one per expert), the workers' threads together no more than the cores, the coordinator as many threads as
-    a worker; where threads share cores with the other side's they wait passively, and micro-batches are off."""
+    a worker; where threads share cores with the other side's they wait passively, and micro-batches are off. The
+    overlay caps streamed chunks in proportion to the cores, and the app's settings take it."""
     cfg = ModelConfig.from_file(MIXTRAL).__class__(**{**ModelConfig.from_file(MIXTRAL).__dict__,
                                                       "hidden_size": 64, "intermediate_size": 128,
                                                       "num_heads": 4, "num_kv_heads": 2, "head_dim": 16})
@@ -129,6 +131,11 @@ def test_cpu_plan_gives_each_side_of_the_serial_schedule_every_core() -> None:
         assert plan.cluster_options["micro_batches"] == 1 and plan.overlaps == (threads == 1)
         ClusterConfig.from_dict(plan.cluster_options)  # what serve and the KubeRay render take
         PoolConfig.from_dict(plan.pool_options)
+        # streamed chunks cost the Serve tier CPU the engine needs: their cap grows with the cores
+        assert plan.app_options == {"stream_chunks_per_s": CPU_STREAM_CHUNKS_PER_CORE * cores}
+        args = plan.overlay()["applications"]["moe-cluster"]["args"]
+        settings = AppSettings.from_args({"model": str(MIXTRAL), **args})
+        assert settings.stream_chunks_per_s == CPU_STREAM_CHUNKS_PER_CORE * cores
 
 
 def test_plan_overlay_is_a_serve_config_the_settings_accept(tmp_path: Path) -> None:
@@ -349,10 +356,12 @@ def test_serve_without_shape_flags_takes_the_plans_shape_for_this_machine(demo_d
             assert planned["pool_options"][key] == plan.pool_options[key]
         for key in ("coordinator_threads", "coordinator_omp_wait_policy", "micro_batches"):
             assert planned["cluster_options"][key] == plan.cluster_options[key]
+        assert planned["stream_chunks_per_s"] == plan.app_options["stream_chunks_per_s"]
         # the Serve replica that is the coordinator starts with the wait policy in its environment
         actor = engine_deployment_options(AppSettings.from_args(planned))["ray_actor_options"]
         policy = plan.cluster_options["coordinator_omp_wait_policy"]
         assert actor.get("runtime_env", {}).get("env_vars", {}).get("OMP_WAIT_POLICY") == (
             policy.upper() if policy else None)
     assert pool("--no-auto-shape")["experts_per_worker"] == 1  # the bundled config's own
+    assert "stream_chunks_per_s" not in app("--no-auto-shape")  # (AppSettings' default)
     assert pool("--experts-per-worker", "2")["experts_per_worker"] == 2

@@ -30,6 +30,12 @@ CPU_RUNTIME_BYTES = int(0.6 * GIB)  # per process on a CPU node: Python, torch, 
 # Cores per expert worker on a CPU node: its intra-op threads. A second thread speeds a decode step's streamed expert
 # matmuls up 1.8x (memory bandwidth per core; DEVELOPERS.md, docs/benchmarks.md); more per worker is unmeasured.
 CPU_WORKER_CORES = 2
+# A streamed chunk costs the Serve tier (the engine replica's stream, the ingress, the proxy) about 1.7 ms of CPU,
+# measured on 2 cores at 32 streams (docs/observability.md "Streaming cadence"); on a CPU node that CPU is the
+# engine's. 25 chunks/s per core keeps streaming to ~4% of the node: on 2 cores 50/s gave 1.16x the output
+# tokens/s of 200/s at 32 SSE clients (side by side in one Ray session), each stream still sending a chunk every
+# 50 ms (stream_interval_ms) up to 2-3 open streams per core.
+CPU_STREAM_CHUNKS_PER_CORE = 25
 GPU_MEMORY_UTILIZATION = 0.92  # of a GPU's memory the plan hands out (as vLLM's default 0.9)
 HOST_LINK_GBS = 25.0  # host-to-GPU copy bandwidth the expert cache estimate assumes (PCIe 4 x16, effective)
 
@@ -147,6 +153,7 @@ class Plan:
     cluster_options: dict[str, Any] = field(default_factory=dict)
     pool_options: dict[str, Any] = field(default_factory=dict)
     engine_options: dict[str, Any] = field(default_factory=dict)
+    app_options: dict[str, Any] = field(default_factory=dict)  # the Serve app's own (router_service AppSettings)
     top_k: int = 2
     overlaps: bool = True  # coordinator and workers have compute of their own (micro-batches can overlap them)
 
@@ -157,7 +164,7 @@ class Plan:
     def overlay(self, app_name: str = "moe-cluster") -> dict[str, Any]:
         """The serve.yaml overlay of this plan (merged over router_service/configs/serve.yaml)."""
         return {"applications": {app_name: {"args": {
-            "engine": "cluster", "num_engines": self.coordinators,
+            **self.app_options, "engine": "cluster", "num_engines": self.coordinators,
             "engine_options": dict(self.engine_options),
             "cluster_options": dict(self.cluster_options),
             "pool_options": dict(self.pool_options)}}}}
@@ -380,12 +387,15 @@ def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str
                               "worker_num_cpus": worker_threads, "threads_per_worker": worker_threads,
                               "worker_omp_wait_policy": wait_policy},
                 engine_options={"max_num_seqs": max_num_seqs, "kv_cache_gib": round(kv_bytes / GIB, 3)},
+                app_options={"stream_chunks_per_s": CPU_STREAM_CHUNKS_PER_CORE * cores},
                 # both sides on every core: micro-batches cannot overlap them (step_ms: the halves take turns)
                 top_k=cfg.experts_per_token, overlaps=not shared_cores)
     plan.notes.append(f"1 coordinator + {len(workers)} worker(s) of {'/'.join(str(len(w)) for w in workers)} "
                       f"experts on {cores} core(s), {worker_threads} thread(s) each; serial, the workers compute "
                       "while the coordinator waits for them"
                       + ("; idle threads sleep (OpenMP passive wait policy)" if wait_policy else ""))
+    plan.notes.append(f"streams: at most {CPU_STREAM_CHUNKS_PER_CORE * cores} chunks/s per engine replica "
+                      f"({CPU_STREAM_CHUNKS_PER_CORE} per core: each costs the Serve tier ~1.7 ms of CPU)")
     if cores < 2:
         plan.notes.append("one core: the coordinator and the worker take turns; the local engine (--engine local) "
                           "is the better choice here")
