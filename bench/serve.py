@@ -152,6 +152,17 @@ def run_transformers_process(args: argparse.Namespace, when: str) -> dict[str, d
     return result
 
 
+def offline_summary(ours: dict[str, dict[str, dict[str, float]]], hf: dict[str, dict[str, float]], c: str) -> str:
+    """Where the gap to transformers lies: in the engine (offline) or in the server (served over offline)."""
+    if "offline" not in ours:
+        return ""
+    offline = ours["offline"][c]["tps"]
+    return (f" The same engine offline, in the same Ray session: {offline / hf[c]['tps']:.2f}x transformers; the "
+            f"server reaches {ours['http-unary'][c]['tps'] / offline:.2f}x of it non-streamed, "
+            f"{ours['http'][c]['tps'] / offline:.2f}x streamed over HTTP and {ours['grpc'][c]['tps'] / offline:.2f}x "
+            "over gRPC.")
+
+
 def app_arguments(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     """The app's arguments: with ``--defaults`` exactly what ``moe-cluster serve --model M`` deploys (the bundled
     serve.yaml with the shape ``moe-cluster plan`` picks for this machine), else the shape the flags give."""
@@ -224,10 +235,45 @@ def run_server(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]
 
     try:
         asyncio.run(levels())
+        serve.delete("bench")  # its pool's workers go; the Ray session and Serve's own processes stay
+        if args.engine == "cluster":
+            results["offline"] = run_offline(args, model, vocab)
     finally:
         serve.shutdown()
         ray.shutdown()
     return results
+
+
+def run_offline(args: argparse.Namespace, model: Any, vocab: int) -> dict[str, dict[str, float]]:
+    """The server's engine without the server: a ClusterEngine of the app's shape in the same Ray session (Serve
+    still up, idle), all N prompts submitted at once, ``--rounds`` times per level. What the server adds to it is
+    the Serve tier's cost; what it lacks against transformers is the engine's."""
+    from cluster.engine.sampling import SamplingParams
+    from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
+    from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
+
+    app_args = app_arguments(args, model)
+    engine_cfg = EngineConfig.from_dict({"model": str(model), "progress": False} | app_args["engine_options"])
+    pool = start_pool(engine_cfg, PoolConfig.from_dict(app_args.get("pool_options") or {}))
+    engine = ClusterEngine.start(engine_cfg, ClusterConfig.from_dict(app_args.get("cluster_options") or {}),
+                                 pool=pool)
+    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    out: dict[str, dict[str, float]] = {}
+    try:
+        engine.generate([prompt_ids(0, args.prompt_len, vocab)], params)  # warm-up
+        for c in args.concurrency:
+            batch = [prompt_ids(i, args.prompt_len, vocab) for i in range(c)]
+            runs = []
+            for _ in range(max(1, args.rounds)):
+                started = time.perf_counter()
+                engine.generate(batch, params)
+                runs.append(c * args.output_len / (time.perf_counter() - started))
+            out[str(c)] = {"tps": statistics.median(runs)}
+            progress(f"offline c={c}: {out[str(c)]['tps']:,.0f} tok/s")
+    finally:
+        engine.shutdown()
+        stop_pool(pool)
+    return out
 
 
 def main() -> None:
@@ -269,6 +315,9 @@ def main() -> None:
                         ("ours, gRPC (stream)", ours["grpc"][c])):
             rows.append([c, name, r["tps"], f"{r['tps'] / hf[c]['tps']:.2f}x", 1000 * r["ttft50"], 1000 * r["ttft99"],
                          1000 * r["tpot50"], 1000 * r["tpot99"]])
+        if "offline" in ours:
+            rows.append([c, "ours, the same engine offline (no server)", ours["offline"][c]["tps"],
+                         f"{ours['offline'][c]['tps'] / hf[c]['tps']:.2f}x", "-", "-", "-", "-"])
     body = "\n".join([
         f"Machine: {machine()}. Model {describe(args.size)}. Server: "
         + ("`moe-cluster serve`'s defaults (the bundled serve.yaml, shape from `moe-cluster plan`): " if args.defaults
@@ -285,14 +334,17 @@ def main() -> None:
                "TPOT p99 ms"], rows),
         "",
         "transformers runs in a fresh process before the server starts and again after it stops; every ratio is "
-        "to the mean of its two runs. Its TTFT is its prefill of the whole batch and its TPOT the batch's mean "
+        "to the mean of its two runs. The offline row is the server's engine (a ClusterEngine of the same shape) "
+        "without the server, after it, in the same Ray session: N prompts at once, median of the rounds. "
+        "transformers' TTFT is its prefill of the whole batch and its TPOT the batch's mean "
         "step, the same for every sequence (it has no per-request streaming server); ours are measured per "
         "request at the client; a non-streamed request's TTFT is its whole latency.",
         "",
         f"- At {top} concurrent requests: " + "; ".join(
             f"{name} {ours[proto][str(top)]['tps'] / hf[str(top)]['tps']:.2f}x transformers' offline throughput"
             for name, proto in (("HTTP streamed", "http"), ("HTTP non-streamed", "http-unary"),
-                                ("gRPC streamed", "grpc"))) + ".",
+                                ("gRPC streamed", "grpc"))) + "."
+        + offline_summary(ours, hf, str(top)),
     ])
     print(body)
     if not args.no_write:
