@@ -281,16 +281,20 @@ def ctrl_c_drains_a_shared_pool(demo_dir: Path, num_engines: int) -> None:
         listeners = listeners_of({p.pid for p in tree})
         assert {http_port, grpc_port, metrics_port} <= {port for _, port, _ in listeners}, listeners
         assert all(loopback(address) for address, _, _ in listeners), [x for x in listeners if not loopback(x[0])]
-        # A second server on any of these ports refuses to start, naming it (before it starts anything).
+        # A second server on any of these ports refuses to start, naming it (before it starts anything); the
+        # three tries run at once (each is a fresh interpreter importing torch and Ray).
+        seconds = {}
         for what, port in ports.items():
             others = {name: free_port() for name in ports} | {what: port}
-            second = subprocess.run([sys.executable, "-m", "router_service.cli", "serve", "--model", str(demo_dir),
-                                     "--http-port", str(others["HTTP (--http-port)"]),
-                                     "--grpc-port", str(others["gRPC (--grpc-port)"]),
-                                     "--metrics-port", str(others["metrics (--metrics-port)"])],
-                                    capture_output=True, text=True, timeout=120)
-            assert second.returncode == 1, second.stderr
-            assert f"{what} port {port} on 127.0.0.1 is in use" in second.stderr, second.stderr
+            seconds[what] = subprocess.Popen([sys.executable, "-m", "router_service.cli", "serve", "--model",
+                                              str(demo_dir), "--http-port", str(others["HTTP (--http-port)"]),
+                                              "--grpc-port", str(others["gRPC (--grpc-port)"]),
+                                              "--metrics-port", str(others["metrics (--metrics-port)"])],
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for what, second in seconds.items():
+            _, stderr = second.communicate(timeout=120)
+            assert second.returncode == 1, stderr
+            assert f"{what} port {ports[what]} on 127.0.0.1 is in use" in stderr, stderr
 
         for client in clients:
             client.start()

@@ -37,15 +37,15 @@ def test_a_request_taken_whole_is_one_item_from_its_engine_replica(served: Serve
     from router_service.engine_api import Accepted, GenerateRequest
 
     handle = serve.get_deployment_handle("EngineDeployment", app_name="moe-cluster").options(stream=True)
-    params = SamplingParams(max_tokens=160, temperature=0, ignore_eos=True)
-    reference = expected(served, PROMPT, max_tokens=160, temperature=0, ignore_eos=True).completions
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    reference = expected(served, PROMPT, max_tokens=48, temperature=0, ignore_eos=True).completions
     for stream in (True, False):
         response: Any = handle.generate.remote(GenerateRequest(f"whole-{stream}", params, prompt=PROMPT, stream=stream))
         items = list(response)  # (a DeploymentResponseGenerator: the handle streams)
         assert isinstance(items[0], Accepted) and items[-1][-1].finished
         assert RequestResult.fold([out for batch in items[1:] for out in batch]).completions == reference
         if stream:
-            assert len(items) > 2, "a streamed request of 160 tokens came in one item: nothing to compare with"
+            assert len(items) > 2, "a streamed request of 48 tokens came in one item: nothing to compare with"
         else:
             assert len(items) == 2 and len(items[1]) == 1
 
