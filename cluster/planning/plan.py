@@ -394,7 +394,7 @@ def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str
                       f"experts on {cores} core(s), {worker_threads} thread(s) each; serial, the workers compute "
                       "while the coordinator waits for them"
                       + ("; idle threads sleep (OpenMP passive wait policy)" if wait_policy else ""))
-    plan.notes.append(f"streams: at most {CPU_STREAM_CHUNKS_PER_CORE * cores} chunks/s per engine replica "
+    plan.notes.append(f"streams: at most {plan.app_options['stream_chunks_per_s']} chunks/s per engine replica "
                       f"({CPU_STREAM_CHUNKS_PER_CORE} per core: each costs the Serve tier ~1.7 ms of CPU)")
     if cores < 2:
         plan.notes.append("one core: the coordinator and the worker take turns; the local engine (--engine local) "
