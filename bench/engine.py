@@ -105,6 +105,9 @@ def main() -> None:
                         help="default: the shape `moe-cluster plan` picks for this machine (what `serve` deploys)")
     parser.add_argument("--also-experts-per-worker", type=int, nargs="*", default=[],
                         help="one more row per value: the default coordinator on a pool of that shape")
+    parser.add_argument("--also-every-core", action="store_true",
+                        help="one more row: one worker of every expert and a coordinator, both on every core's "
+                             "threads, idle threads passive (the CPU plan's rule before the current one)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -114,7 +117,9 @@ def main() -> None:
     from cluster.planning.hardware import local_hardware
     from cluster.planning.plan import plan_cpus
 
-    plan = plan_cpus(ModelConfig.from_file(model), local_hardware())
+    model_cfg = ModelConfig.from_file(model)
+    hardware = local_hardware()
+    plan = plan_cpus(model_cfg, hardware)
     if args.experts_per_worker is None:  # the plan's shape, threads and wait policy: what `serve` deploys
         args.experts_per_worker = plan.pool_options["experts_per_worker"]
         pool_options, coordinator_options = dict(plan.pool_options), dict(plan.cluster_options)
@@ -129,8 +134,13 @@ def main() -> None:
                               num_kv_blocks=64 * ((args.prompt_len + args.output_len) // 16 + 2))
     progress(f"loading transformers, the local engine, an expert pool ({args.shape}) and its coordinators")
     pool = start_pool(engine_cfg, PoolConfig(**pool_options))
-    other_pools = {epw: start_pool(engine_cfg, PoolConfig(experts_per_worker=epw, threads_per_worker=1))
+    other_pools: dict[int | str, Any] = {epw: start_pool(engine_cfg, PoolConfig(experts_per_worker=epw,
+                                                                                threads_per_worker=1))
                    for epw in args.also_experts_per_worker}
+    if args.also_every_core:  # both sides on every core, taking turns; their idle threads sleep
+        every_core = PoolConfig(experts_per_worker=model_cfg.num_experts, threads_per_worker=hardware.devices,
+                                worker_num_cpus=hardware.devices, worker_omp_wait_policy="passive")
+        other_pools["every core"] = start_pool(engine_cfg, every_core)
     local = EngineLoop.local(engine_cfg)
 
     def coordinator(micro_batches: int | None = None, on: Any = pool,
@@ -142,7 +152,11 @@ def main() -> None:
         "default": [coordinator()], "serial": [coordinator(1)], "ping-pong": [coordinator(2)],
         "pair": [coordinator(), coordinator()]}
     for epw, other in other_pools.items():  # 1-thread processes, auto micro-batches
-        coordinators[f"{epw} per worker"] = [coordinator(0, on=other, options={})]
+        if epw == "every core":
+            coordinators[epw] = [coordinator(1, on=other, options={"coordinator_threads": hardware.devices,
+                                                                  "coordinator_omp_wait_policy": "passive"})]
+        else:
+            coordinators[f"{epw} per worker"] = [coordinator(0, on=other, options={})]
     hf = transformers_peer(model, args.output_len)
     peers: dict[str, Generate] = {
         "transformers generate, 1 thread": with_threads(1, hf),
@@ -155,7 +169,9 @@ def main() -> None:
         "cluster, 2 coordinators on one pool": engines_peer(coordinators["pair"], args.output_len),
         **{f"cluster, {epw} experts per worker, 1 thread each": engines_peer(coordinators[f"{epw} per worker"],
                                                                              args.output_len)
-           for epw in other_pools},
+           for epw in other_pools if epw != "every core"},
+        **({"cluster, every core: 1 worker of all experts and the coordinator on all threads, passive":
+            engines_peer(coordinators["every core"], args.output_len)} if args.also_every_core else {}),
     }
     vocab = local.model_config.vocab_size
     samples: dict[str, dict[int, list[float]]] = {name: {c: [] for c in args.concurrency} for name in peers}
@@ -200,7 +216,8 @@ def report(args: argparse.Namespace, tps: dict[str, dict[int, float]]) -> str:
         f"{kind} {best(kind, top):,.0f} tok/s ({best(kind, top) / best('transformers', top):.2f}x transformers, "
         f"{best(kind, top) / best('local', top):.2f}x local)"
         for kind in ("local", "cluster, default", "cluster, serial", "cluster, ping-pong", "cluster, 2 coordinators",
-                     *(f"cluster, {epw} experts per worker" for epw in args.also_experts_per_worker))
+                     *(f"cluster, {epw} experts per worker" for epw in args.also_experts_per_worker),
+                     *(["cluster, every core"] if args.also_every_core else []))
     ) + "."]
     body = "\n".join([
         f"Machine: {machine()}. Model {describe(args.size)}; the pool: {args.shape}. Load "
@@ -210,7 +227,8 @@ def report(args: argparse.Namespace, tps: dict[str, dict[int, float]]) -> str:
         "with the better thread count of transformers and of the local engine. Command: `python -m bench.engine "
         f"--size {args.size} --concurrency {' '.join(map(str, args.concurrency))} --prompt-len {args.prompt_len} "
         f"--output-len {args.output_len} --experts-per-worker {args.experts_per_worker}"
-        + "".join(f" --also-experts-per-worker {e}" for e in args.also_experts_per_worker) + "`.",
+        + "".join(f" --also-experts-per-worker {e}" for e in args.also_experts_per_worker)
+        + (" --also-every-core" if args.also_every_core else "") + "`.",
         "",
         table(headers, rows),
         "",

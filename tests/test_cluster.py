@@ -266,18 +266,26 @@ def test_workers_hosting_unequal_numbers_of_experts(parity_models: dict[str, tup
 
 def test_the_cpu_plans_shape_runs_with_its_wait_policy_and_the_local_engines_outputs(
         parity_models: dict[str, tuple[HFCheckpoint, EngineLoop]]) -> None:
-    """`moe-cluster plan`'s shape for a 2-core CPU node, started from its options as serve starts it: one worker of
-    every expert, both sides on 2 threads whose idle threads sleep (OMP_WAIT_POLICY=PASSIVE in the environment of
-    the coordinator's and the worker's processes, set through their Ray runtime_env), serial; the local
-    engine's outputs."""
+    """`moe-cluster plan`'s shape for a 2-core CPU node, started from its options as serve starts it: two 1-thread
+    workers of 4 experts and a 1-thread coordinator, micro-batches from CPU_MICRO_BATCH_MIN_TOKENS tokens; the
+    local engine's outputs. Started with the wait policy the plan gives processes of several threads (16 cores: 2
+    each, passive), OMP_WAIT_POLICY=PASSIVE is in the environment of the coordinator's and the workers' processes,
+    set through their Ray runtime_env."""
     ckpt, local = parity_models[E8]
-    plan = plan_cpus(ModelConfig.from_file(ckpt.path), Hardware("cpu", 2, 24))
-    assert [len(w) for w in plan.workers] == [8] and plan.threads == {"coordinator": 2, "worker": 2}
-    cluster = ClusterEngine.start(local.engine.engine_cfg, cluster_config(**plan.cluster_options),
-                                  pool_config(**plan.pool_options))
+    cfg = ModelConfig.from_file(ckpt.path)
+    plan = plan_cpus(cfg, Hardware("cpu", 2, 24))
+    assert [len(w) for w in plan.workers] == [4, 4] and plan.threads == {"coordinator": 1, "worker": 1}
+    assert plan.cluster_options["coordinator_omp_wait_policy"] is None and plan.cluster_options["micro_batches"] == 0
+    wide = plan_cpus(cfg, Hardware("cpu", 16, 24))
+    policy = wide.cluster_options["coordinator_omp_wait_policy"]
+    assert policy == wide.pool_options["worker_omp_wait_policy"] == "passive"
+    cluster = ClusterEngine.start(local.engine.engine_cfg,
+                                  cluster_config(**plan.cluster_options | {"coordinator_omp_wait_policy": policy}),
+                                  pool_config(**plan.pool_options | {"worker_omp_wait_policy": policy}))
     try:
         info = cluster.describe()
         pids = [info["pid"]] + [w["pid"] for w in info["pool"]["workers"]]
+        assert len(pids) == 3
         for pid in pids:
             assert process_environ(pid).get("OMP_WAIT_POLICY") == "PASSIVE", pid
         assert_same_outputs(cluster, local, ckpt.config["vocab_size"])

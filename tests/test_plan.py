@@ -24,6 +24,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.model.config import ModelConfig
 from cluster.planning.plan import (
+    CPU_MICRO_BATCH_MIN_TOKENS,
     CPU_STREAM_CHUNKS_PER_CORE,
     CPU_WORKER_CORES,
     GIB,
@@ -110,13 +111,15 @@ def test_text_output_and_argument_errors(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_cpu_plan_gives_each_side_of_the_serial_schedule_every_core() -> None:
-    """The coordinator and the workers take turns (serial): a worker per CPU_WORKER_CORES cores (at least one, at
-    most one per expert), the workers' threads together no more than the cores, the coordinator as many threads as
-    a worker; where threads share cores with the other side's they wait passively, and micro-batches are off. The
-    overlay caps streamed chunks in proportion to the cores, and the app's settings take it."""
+    """The coordinator and the workers take turns: a worker per CPU_WORKER_CORES core (at least one, at most one per
+    expert), the workers' threads together no more than the cores, the coordinator as many threads as a worker;
+    where threads share cores with the other side's they wait passively and micro-batches are off; 1-thread
+    processes on several cores split steps from CPU_MICRO_BATCH_MIN_TOKENS tokens. The overlay caps streamed chunks
+    in proportion to the cores, and the app's settings take it."""
     cfg = ModelConfig.from_file(MIXTRAL).__class__(**{**ModelConfig.from_file(MIXTRAL).__dict__,
                                                       "hidden_size": 64, "intermediate_size": 128,
                                                       "num_heads": 4, "num_kv_heads": 2, "head_dim": 16})
+    assert [len(w) for w in plan_cpus(cfg, Hardware("cpu", 2, 24)).workers] == [4, 4]  # this machine's shape
     for cores in (1, 2, 3, 5, 16, 64):
         plan = plan_cpus(cfg, Hardware("cpu", cores, 24))
         workers = min(8, max(1, cores // CPU_WORKER_CORES))
@@ -128,7 +131,12 @@ def test_cpu_plan_gives_each_side_of_the_serial_schedule_every_core() -> None:
         passive = "passive" if threads > 1 else None
         assert plan.pool_options["worker_omp_wait_policy"] == plan.cluster_options["coordinator_omp_wait_policy"] \
             == passive
-        assert plan.cluster_options["micro_batches"] == 1 and plan.overlaps == (threads == 1)
+        assert plan.overlaps == (threads == 1 and cores > 1)
+        if plan.overlaps:
+            assert plan.cluster_options["micro_batches"] == plan.micro_batches == 0
+            assert plan.cluster_options["micro_batch_min_tokens"] == CPU_MICRO_BATCH_MIN_TOKENS
+        else:
+            assert plan.cluster_options["micro_batches"] == plan.micro_batches == 1
         ClusterConfig.from_dict(plan.cluster_options)  # what serve and the KubeRay render take
         PoolConfig.from_dict(plan.pool_options)
         # streamed chunks cost the Serve tier CPU the engine needs: their cap grows with the cores

@@ -27,9 +27,16 @@ DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
 QUANTIZED_BYTES = {"int8": 1.0 + 2 / 128, "int4": 0.5 + 2 / 128}
 GPU_RUNTIME_BYTES = int(1.5 * GIB)  # per process on a GPU: CUDA context, allocator slack, activations at 4k tokens
 CPU_RUNTIME_BYTES = int(0.6 * GIB)  # per process on a CPU node: Python, torch, Ray worker
-# Cores per expert worker on a CPU node: its intra-op threads. A second thread speeds a decode step's streamed expert
-# matmuls up 1.8x (memory bandwidth per core; DEVELOPERS.md, docs/benchmarks.md); more per worker is unmeasured.
-CPU_WORKER_CORES = 2
+# Cores per expert worker on a CPU node: its intra-op threads. One: on 2 cores, two 1-thread workers and a 1-thread
+# coordinator taking turns with them beat one 2-thread worker and a 2-thread coordinator on both CPUs measured (an
+# AMD EPYC VM: 1.03-1.13x the local engine against 0.79-0.82x; an Intel Xeon VM: 0.82x against 0.88x). The
+# second thread of a process gains what a second process gains on streamed expert matmuls (1.4x on the EPYC,
+# memory bandwidth), but its idle threads must sleep (passive wait) or spin on the cores the other side needs, and
+# waking them costs every parallel region. Workers get a second thread only where cores outnumber experts.
+CPU_WORKER_CORES = 1
+# Tokens per step from which a CPU node's plan (1-thread processes) splits a step into two micro-batches without a
+# calibration: ClusterConfig.micro_batch_min_tokens' measured crossover on 2 cores.
+CPU_MICRO_BATCH_MIN_TOKENS = 512
 # A streamed chunk costs the Serve tier (the engine replica's stream, the ingress, the proxy) about 1.7 ms of CPU,
 # measured on 2 cores at 32 streams (docs/observability.md "Streaming cadence"); on a CPU node that CPU is the
 # engine's. 25 chunks/s per core keeps streaming to ~4% of the node: on 2 cores 50/s gave 1.16x the output
@@ -348,25 +355,33 @@ def cpu_wait_policy(threads: int) -> str | None:
 
 def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str | None = None,
               max_model_len: int | None = None, max_num_seqs: int = 64) -> Plan:
-    """Within a layer the coordinator and the workers take turns (attention, then the experts: the serial
-    schedule), so each side gets every core while it runs: a worker per CPU_WORKER_CORES cores (at most one per
-    expert, experts split contiguously), the cores its threads, and the coordinator as many threads as a worker.
-    Idle OpenMP threads sleep at once (the passive wait policy) instead of spinning on the cores the other side
-    needs. Micro-batches would only make the two sides share the same cores: serial.
+    """Within a layer the coordinator and the workers take turns (attention, then the experts): a worker per
+    CPU_WORKER_CORES core (at most one per expert, experts split contiguously), so the experts' calls of a layer run
+    on every core at once, each process on one thread; where cores outnumber the experts a worker gets several and
+    the coordinator as many. Processes of one thread leave no idle OpenMP thread to spin on the cores the other
+    side needs; those of several sleep at once (the passive wait policy: docs/architecture.md "Threads").
 
-    Measured on 2 cores, side by side (docs/benchmarks.md, docs/architecture.md "Threads"): on an Intel Xeon VM,
-    where a second thread speeds the local engine up 1.7x, one worker of 8 experts on 2 threads and a 2-thread
-    coordinator, passive, reach 0.88x the local engine at 32 sequences; two 1-thread workers of 4 and a 1-thread
-    coordinator 0.82x (one thread each cannot use the second core during attention, and two workers wait for the
-    busier one's routing); on an AMD EPYC the latter reached 1.11x."""
+    Micro-batches: with 1-thread processes the coordinator's attention on one micro-batch can run while the workers
+    compute the other's, on the cores the coordinator leaves them: from CPU_MICRO_BATCH_MIN_TOKENS tokens a step
+    (prefills; a decode step's expert calls are too small to split), where ``predict`` does not say otherwise. Where
+    every side has every core, they would only share the same cores: serial.
+
+    Measured on 2 cores, side by side (docs/benchmarks.md, docs/architecture.md "Threads"), two 1-thread workers of
+    4 experts and a 1-thread coordinator against one 2-thread worker of 8 and a 2-thread coordinator (passive),
+    at 32 sequences: on an AMD EPYC VM 1.03-1.13x the local engine against 0.79-0.82x; on an Intel Xeon VM, where
+    a second thread speeds the local engine up 1.7x, 0.82x against 0.88x."""
     assert hw.kind == "cpu"
     sizes = ModelSizes.of(cfg, dtype)
     max_len = max_model_len or cfg.max_position_embeddings
     cores = hw.devices
     workers = split_experts(cfg.num_experts, max(1, min(cfg.num_experts, cores // CPU_WORKER_CORES)))
     worker_threads = max(1, cores // len(workers))
-    shared_cores = worker_threads > 1  # threads of both sides on the same cores
+    # Ping-pong overlaps the coordinator's thread with the workers' where it leaves them cores of their own: 1-thread
+    # processes on more than one core. Workers of several threads (and the coordinator as many) use every core.
+    overlaps = worker_threads == 1 and cores > 1
     wait_policy = cpu_wait_policy(worker_threads)
+    micro_batches = {"micro_batches": 0, "micro_batch_min_tokens": CPU_MICRO_BATCH_MIN_TOKENS} if overlaps \
+        else {"micro_batches": 1}
     node = Device(0, 0, "cpu", int(hw.memory_gib * GIB))
     node.roles = ["coordinator 0"] + [f"worker {w}" for w in range(len(workers))]
     node.experts = list(range(cfg.num_experts))
@@ -380,18 +395,19 @@ def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str
     kv_tokens = kv_bytes // sizes.kv_bytes_per_token
     fits = free > 0 and kv_tokens >= min(max_len, 2048)
     plan = Plan(name, hw, sizes, fits, 1, workers, [node], int(kv_tokens), max_len,
-                {"coordinator": worker_threads, "worker": worker_threads}, 1,
+                {"coordinator": worker_threads, "worker": worker_threads}, micro_batches["micro_batches"],
                 cluster_options={"use_gpus": False, "coordinator_num_cpus": 1, "coordinator_threads": worker_threads,
-                                 "coordinator_omp_wait_policy": wait_policy, "micro_batches": 1},
+                                 "coordinator_omp_wait_policy": wait_policy, **micro_batches},
                 pool_options={"experts_per_worker": len(workers[0]), "use_gpus": False,
                               "worker_num_cpus": worker_threads, "threads_per_worker": worker_threads,
                               "worker_omp_wait_policy": wait_policy},
                 engine_options={"max_num_seqs": max_num_seqs, "kv_cache_gib": round(kv_bytes / GIB, 3)},
                 app_options={"stream_chunks_per_s": CPU_STREAM_CHUNKS_PER_CORE * cores},
-                # both sides on every core: micro-batches cannot overlap them (step_ms: the halves take turns)
-                top_k=cfg.experts_per_token, overlaps=not shared_cores)
+                top_k=cfg.experts_per_token, overlaps=overlaps)
+    schedule = (f"serial, 2 micro-batches from {CPU_MICRO_BATCH_MIN_TOKENS} tokens a step (prefills)" if overlaps
+                else "serial")
     plan.notes.append(f"1 coordinator + {len(workers)} worker(s) of {'/'.join(str(len(w)) for w in workers)} "
-                      f"experts on {cores} core(s), {worker_threads} thread(s) each; serial, the workers compute "
+                      f"experts on {cores} core(s), {worker_threads} thread(s) each; {schedule}: the workers compute "
                       "while the coordinator waits for them"
                       + ("; idle threads sleep (OpenMP passive wait policy)" if wait_policy else ""))
     plan.notes.append(f"streams: at most {plan.app_options['stream_chunks_per_s']} chunks/s per engine replica "
