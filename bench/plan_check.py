@@ -16,8 +16,9 @@ engine (all experts in-process, the same threads) against its own prediction (ev
 plus every expert that has rows, no link).
 
 ``--threads T`` (T > 1): every process - calibration, local engine, coordinators, workers - on T intra-op
-threads, idle threads passive, as `moe-cluster plan` deploys a CPU node (the default shape on 2 cores: ``--threads 2
---workers 1 --micro-batches 1``); its table is a section of its own.
+threads, idle threads passive, as `moe-cluster plan` deploys workers of several threads (where a node's cores
+outnumber the experts; on 2 cores ``--threads 2 --workers 1 --micro-batches 1`` is the plan's rule before the
+current one); its table is a section of its own.
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ def main() -> None:
             write_section("plan_check", "Predicted vs measured decode step (moe-cluster plan's cost model)", body)
         else:
             write_section(f"plan_check_threads{args.threads}", "Predicted vs measured decode step, every process "
-                          f"on {args.threads} threads (moe-cluster plan's default shape on a CPU node)", body)
+                          f"on {args.threads} threads (passive; the CPU plan's shape where cores outnumber experts)",
+                          body)
 
 
 def _row(name: str, micro: object, batch: object, predicted: float, measured: float, median: float) -> list[object]:

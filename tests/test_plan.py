@@ -227,6 +227,9 @@ def test_two_micro_batches_fill_the_pipeline_once_a_step() -> None:
     expected = cfg.num_layers * (2 * 8.0 + 2 * 0.25) + 1.0
     assert step_ms(plan, costs, tokens, 2, prefill=False) == pytest.approx(expected)
     assert step_ms(plan, costs, tokens, 1, prefill=False) == pytest.approx(cfg.num_layers * (1.0 + 8.0 + 0.25))
+    # a step splits between sequences: one sequence's decode step is serial whatever the micro-batches asked
+    assert step_ms(plan, costs, 1, 2, prefill=False) == step_ms(plan, costs, 1, 1, prefill=False)
+    assert step_ms(plan, costs, 2, 2, prefill=False) != step_ms(plan, costs, 2, 1, prefill=False)
 
 
 def test_timed_expert_phases_replace_the_echo_exchange_by_what_the_calls_did_not_explain() -> None:

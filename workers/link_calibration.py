@@ -44,7 +44,9 @@ from workers.versioned_experts import VersionedExperts
 
 ROUNDS = 200
 DECODE_ROWS = 16  # rows per worker in a round: a decode step's share at a few dozen sequences
-PHASE_TOKENS = (8, 32, 256, 1024)  # a step's tokens whose expert phase is timed: decode batches, prefill chunks
+# A step's tokens whose expert phase is timed: decode batches, prefill chunks. 1 as well: a one-sequence step engages
+# at most top-k workers, and the exchange measured at 8 tokens overstated it by 30-40% with 2 and 8 workers.
+PHASE_TOKENS = (1, 8, 32, 256, 1024)
 PHASE_SECONDS = 1.0  # time each (workers, tokens) point for about this long over all its passes
 PHASE_MIN_ROUNDS = 10  # per pass
 PHASE_PASSES = 3

@@ -520,10 +520,15 @@ def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, 
     On a CPU node the processes share its cores: workers that are more than the cores take turns (``workers_ms``),
     and everything busy at once (both halves of ping-pong) is at least its sum over the cores.
 
+    A decode step splits between sequences, never within one: ``tokens`` sequences take at most that many
+    micro-batches, as the engine does.
+
     Where the calibration measured the local engine's own steps (engine_layer, engine_step; engine_prefill_layer,
     engine_prefill_step), a step's coordinator part is that layer less the experts it ran (at least the ops'
     sum), and the per-step rest is measured too."""
     cfg_layers, top_k = plan.sizes.num_layers, plan.top_k
+    if not prefill:  # a step splits between sequences, never within one (cluster/moe/layer.py micro_batches)
+        micro_batches = max(1, min(micro_batches, tokens))
     coord_points = costs["coordinator_layer"]
     part = tokens / micro_batches
     if prefill:  # one prompt: attention over its own tokens, measured at PREFILL_TOKENS, scaled by rows
