@@ -134,13 +134,13 @@ def main() -> None:
                               num_kv_blocks=64 * ((args.prompt_len + args.output_len) // 16 + 2))
     progress(f"loading transformers, the local engine, an expert pool ({args.shape}) and its coordinators")
     pool = start_pool(engine_cfg, PoolConfig(**pool_options))
-    other_pools: dict[int | str, Any] = {epw: start_pool(engine_cfg, PoolConfig(experts_per_worker=epw,
-                                                                                threads_per_worker=1))
+    other_pools = {epw: start_pool(engine_cfg, PoolConfig(experts_per_worker=epw, threads_per_worker=1))
                    for epw in args.also_experts_per_worker}
-    if args.also_every_core:  # both sides on every core, taking turns; their idle threads sleep
-        every_core = PoolConfig(experts_per_worker=model_cfg.num_experts, threads_per_worker=hardware.devices,
-                                worker_num_cpus=hardware.devices, worker_omp_wait_policy="passive")
-        other_pools["every core"] = start_pool(engine_cfg, every_core)
+    every_core_pool = None  # --also-every-core: both sides on every core, taking turns; their idle threads sleep
+    if args.also_every_core:
+        every_core_pool = start_pool(engine_cfg, PoolConfig(
+            experts_per_worker=model_cfg.num_experts, threads_per_worker=hardware.devices,
+            worker_num_cpus=hardware.devices, worker_omp_wait_policy="passive"))
     local = EngineLoop.local(engine_cfg)
 
     def coordinator(micro_batches: int | None = None, on: Any = pool,
@@ -152,11 +152,10 @@ def main() -> None:
         "default": [coordinator()], "serial": [coordinator(1)], "ping-pong": [coordinator(2)],
         "pair": [coordinator(), coordinator()]}
     for epw, other in other_pools.items():  # 1-thread processes, auto micro-batches
-        if epw == "every core":
-            coordinators[epw] = [coordinator(1, on=other, options={"coordinator_threads": hardware.devices,
-                                                                  "coordinator_omp_wait_policy": "passive"})]
-        else:
-            coordinators[f"{epw} per worker"] = [coordinator(0, on=other, options={})]
+        coordinators[f"{epw} per worker"] = [coordinator(0, on=other, options={})]
+    if every_core_pool is not None:
+        coordinators["every core"] = [coordinator(1, on=every_core_pool, options={
+            "coordinator_threads": hardware.devices, "coordinator_omp_wait_policy": "passive"})]
     hf = transformers_peer(model, args.output_len)
     peers: dict[str, Generate] = {
         "transformers generate, 1 thread": with_threads(1, hf),
@@ -169,9 +168,9 @@ def main() -> None:
         "cluster, 2 coordinators on one pool": engines_peer(coordinators["pair"], args.output_len),
         **{f"cluster, {epw} experts per worker, 1 thread each": engines_peer(coordinators[f"{epw} per worker"],
                                                                              args.output_len)
-           for epw in other_pools if epw != "every core"},
+           for epw in other_pools},
         **({"cluster, every core: 1 worker of all experts and the coordinator on all threads, passive":
-            engines_peer(coordinators["every core"], args.output_len)} if args.also_every_core else {}),
+            engines_peer(coordinators["every core"], args.output_len)} if every_core_pool is not None else {}),
     }
     vocab = local.model_config.vocab_size
     samples: dict[str, dict[int, list[float]]] = {name: {c: [] for c in args.concurrency} for name in peers}
@@ -192,7 +191,7 @@ def main() -> None:
         for group in coordinators.values():
             for engine in group:
                 engine.shutdown()
-        for each in (pool, *other_pools.values()):
+        for each in (pool, *other_pools.values(), *([every_core_pool] if every_core_pool is not None else [])):
             stop_pool(each)
     args.load_after = load_average()
     progress(f"load average after: {args.load_after}")

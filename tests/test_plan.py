@@ -120,6 +120,7 @@ def test_cpu_plan_gives_each_side_of_the_serial_schedule_every_core() -> None:
                                                       "hidden_size": 64, "intermediate_size": 128,
                                                       "num_heads": 4, "num_kv_heads": 2, "head_dim": 16})
     assert [len(w) for w in plan_cpus(cfg, Hardware("cpu", 2, 24)).workers] == [4, 4]  # this machine's shape
+    assert ClusterConfig().micro_batch_min_tokens == CPU_MICRO_BATCH_MIN_TOKENS  # the engine's own crossover
     for cores in (1, 2, 3, 5, 16, 64):
         plan = plan_cpus(cfg, Hardware("cpu", cores, 24))
         workers = min(8, max(1, cores // CPU_WORKER_CORES))

@@ -135,12 +135,10 @@ class ExpertPool:
             self._autoscaler = asyncio.get_running_loop().create_task(self._autoscale_periodically(policy))
         return await self.describe()
 
-    def _worker_gpus(self) -> float:
-        """A worker's share of a GPU (0 on CPUs): what its bundle reserves (worker_bundle), so the actor fits."""
-        return self.pool_cfg.worker_num_gpus if self.gpus else 0
-
-    def _worker_actor_options(self, num_gpus: float) -> dict[str, Any]:
-        """Ray options of an ExpertWorker actor (a worker or a spare), less its placement."""
+    def _worker_actor_options(self) -> dict[str, Any]:
+        """Ray options of an ExpertWorker actor (a worker or a spare), less its placement: what its bundle reserves
+        (worker_bundle), so that it fits there; a GPU share only where the pool uses GPUs."""
+        num_gpus = self.pool_cfg.worker_num_gpus if self.gpus else 0
         return {"num_cpus": self.pool_cfg.worker_num_cpus, "num_gpus": num_gpus,
                 "resources": dict(self.pool_cfg.worker_resources), "max_restarts": 0, "max_concurrency": 8,
                 "runtime_env": omp_runtime_env(self.pool_cfg.worker_omp_wait_policy)}
@@ -150,7 +148,7 @@ class ExpertPool:
         """A worker for ``index`` of ``expert_map`` (default: the current map), in its bundle."""
         expert_map = expert_map or self.expert_map
         pg, bundle_index = bundle or self.bundles[index]
-        options = self._worker_actor_options(self._worker_gpus())
+        options = self._worker_actor_options()
         if pg is not None:
             options["scheduling_strategy"] = bundle_strategy(pg, bundle_index)
         return ray.remote(ExpertWorker).options(**options).remote(
@@ -524,7 +522,7 @@ class ExpertPool:
 
     def _spawn_spare(self, label: int, version: int, pg: PlacementGroup | None) -> Any:
         """A worker holding no experts (index -1 until taken; ``label`` keeps its address unique)."""
-        options = self._worker_actor_options(self._worker_gpus())  # as a worker's, to fit its bundle
+        options = self._worker_actor_options()
         if pg is not None:
             options["scheduling_strategy"] = bundle_strategy(pg, 0)
         nothing = tuple(() for _ in range(self.expert_map.num_layers))

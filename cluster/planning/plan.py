@@ -28,14 +28,16 @@ QUANTIZED_BYTES = {"int8": 1.0 + 2 / 128, "int4": 0.5 + 2 / 128}
 GPU_RUNTIME_BYTES = int(1.5 * GIB)  # per process on a GPU: CUDA context, allocator slack, activations at 4k tokens
 CPU_RUNTIME_BYTES = int(0.6 * GIB)  # per process on a CPU node: Python, torch, Ray worker
 # Cores per expert worker on a CPU node: its intra-op threads. One: on 2 cores, two 1-thread workers and a 1-thread
-# coordinator taking turns with them beat one 2-thread worker and a 2-thread coordinator on both CPUs measured (an
-# AMD EPYC VM: 1.03-1.13x the local engine against 0.79-0.82x; an Intel Xeon VM: 0.82x against 0.88x). The
-# second thread of a process gains what a second process gains on streamed expert matmuls (1.4x on the EPYC,
-# memory bandwidth), but its idle threads must sleep (passive wait) or spin on the cores the other side needs, and
-# waking them costs every parallel region. Workers get a second thread only where cores outnumber experts.
+# coordinator taking turns with them, against one 2-thread worker and a 2-thread coordinator, reached 1.03-1.13x
+# the local engine against 0.79-0.82x on an AMD EPYC VM, and 0.82x against 0.88x on an Intel Xeon VM: a 5% loss on
+# one host rather than 30% on the other. On the EPYC a second thread of one process gained streamed expert matmuls
+# what a second process gained (1.4x, memory bandwidth; a probe, not a bench), but idle threads must sleep (passive
+# wait) or spin on the cores the other side needs, and waking them costs every parallel region. Workers get a
+# second thread only where cores outnumber experts.
 CPU_WORKER_CORES = 1
 # Tokens per step from which a CPU node's plan (1-thread processes) splits a step into two micro-batches without a
-# calibration: ClusterConfig.micro_batch_min_tokens' measured crossover on 2 cores.
+# calibration: ClusterConfig.micro_batch_min_tokens' default, the measured crossover on 2 cores (a twin, since this
+# module imports no engine config; tests/test_plan.py keeps them equal).
 CPU_MICRO_BATCH_MIN_TOKENS = 512
 # A streamed chunk costs the Serve tier (the engine replica's stream, the ingress, the proxy) about 1.7 ms of CPU,
 # measured on 2 cores at 32 streams (docs/observability.md "Streaming cadence"); on a CPU node that CPU is the
