@@ -55,7 +55,7 @@ def shaped(plan: Plan, workers: int) -> Plan:
 def local_step_ms(plan: Plan, costs: dict[str, Any], tokens: int, prefill: bool = False) -> float:
     """The local engine: every layer the coordinator's part and every expert that has rows, in one thread."""
     local = dataclasses.replace(plan, workers=[list(range(plan.sizes.num_experts))], overlaps=False)
-    return step_ms(local, costs, tokens, 1, prefill=prefill, link_ms=0.0)
+    return step_ms(local, costs, tokens, 1, prefill=prefill, link_ms=0.0, resume_ms=0.0)
 
 
 def main() -> None:
@@ -83,7 +83,8 @@ def main() -> None:
     # that both describe the same machine.
     calibrate_now = functools.partial(
         calibrate, cfg, cfg.dtype, "cpu", context=PROMPT_LEN + args.decode_tokens, refresh=True,
-        also=functools.partial(link_costs, cfg, cfg.dtype, tuple(sorted(set(args.workers)))))
+        also=functools.partial(link_costs, cfg, cfg.dtype, tuple(sorted(set(args.workers))),
+                               context=PROMPT_LEN + args.decode_tokens))
     first_costs = calibrate_now()
     # With 1 thread per process each side has a core of its own and two micro-batches can overlap them; with more,
     # both sides use every core (the default plan), and micro-batches only take turns.

@@ -260,6 +260,29 @@ def test_timed_expert_phases_replace_the_echo_exchange_by_what_the_calls_did_not
     assert link(two, 8) == pytest.approx(1.0 + (2.0 - 1.0) / 3)
 
 
+def test_a_coordinator_turn_after_a_wait_costs_what_the_calibration_timed() -> None:
+    """Where the calibration timed the coordinator's turn right after an expert phase (coordinator_resume_ms), each
+    layer of a cluster step costs that much more; interpolated over tokens (flat past the last timed) and over
+    worker counts; none where it was not timed, and none for an engine that passes resume_ms=0 (the local one)."""
+    cfg = ModelConfig.from_file(MIXTRAL)
+    costs: dict[str, Any] = {"coordinator_layer": {"1": 1.0, "1024": 1.0}, "expert": {"1": 2.0, "1024": 2.0},
+                             "lm_head": {"1": 0.0, "1024": 0.0}, "exchange_ms": {"1": 0.5, "8": 0.5}}
+    base = plan_cpus(cfg, Hardware("cpu", 2, 512))
+    one, two, eight = (dataclasses.replace(base, workers=split_experts(8, w)) for w in (1, 2, 8))
+    timed = costs | {"coordinator_resume_ms": {"1": {"1": 0.5, "8": 1.0, "32": 0.0}, "8": {"1": 0.25, "8": 2.0}}}
+
+    def resume(plan: Any, tokens: int) -> float:
+        return (step_ms(plan, timed, tokens, 1, prefill=False)
+                - step_ms(plan, costs, tokens, 1, prefill=False)) / cfg.num_layers
+
+    assert resume(one, 1) == pytest.approx(0.5) and resume(one, 8) == pytest.approx(1.0)
+    assert resume(one, 20) == pytest.approx(0.5) and resume(one, 64) == pytest.approx(0.0)
+    assert resume(eight, 8) == pytest.approx(2.0) and resume(eight, 64) == pytest.approx(2.0)
+    assert resume(two, 8) == pytest.approx(1.0 + (2.0 - 1.0) / 7)
+    for plan in (one, eight):
+        assert step_ms(plan, timed, 8, 1, prefill=False, resume_ms=0.0) == step_ms(plan, costs, 8, 1, prefill=False)
+
+
 def test_link_calibration_workers_run_as_the_plan_deploys_them() -> None:
     """The exchange is timed with worker processes of the calibration's thread count, idle threads passive where
     they are several (as the plan deploys them): the policy is in the spawned worker's environment, this
@@ -297,8 +320,11 @@ def test_calibration_times_the_engine_and_the_links_on_this_machine(demo_dir: Pa
         assert set(costs[kind]) == {"256", "1024"} and all(v > 0 for v in costs[kind].values()), (kind, costs[kind])
     assert costs["engine_prefill_layer"]["1024"] > costs["engine_layer"]["8"]  # 1024 rows cost more than 8
     assert set(costs["exchange_ms"]) == {"1", "2"} and all(v > 0 for v in costs["exchange_ms"].values())
-    phase = expert_phase_ms(cfg, cfg.dtype, (1, 3), tokens=(8, 32), seconds=0.1)["expert_phase_ms"]
+    timed = expert_phase_ms(cfg, cfg.dtype, (1, 3), tokens=(8, 32), seconds=0.1, context=24)
+    phase, resume = timed["expert_phase_ms"], timed["coordinator_resume_ms"]
     assert set(phase) == {"1", "3"} and all(set(by) == {"8", "32"} and min(by.values()) > 0 for by in phase.values())
+    assert set(resume) == {"1", "3"} and all(set(by) == {"8", "32"} and min(by.values()) >= 0
+                                             for by in resume.values())
     again = calibrate(cfg, cfg.dtype, "cpu", context=24, cache=tmp_path, repeats=2, rows=(1, 8))
     assert again["cached"] and again["exchange_ms"] == costs["exchange_ms"]
     assert again["engine_layer"] == costs["engine_layer"]

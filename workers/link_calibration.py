@@ -1,6 +1,6 @@
 """What one layer's exchange with the workers costs on this machine, beyond the expert calls: measured on the real
-code, for ``moe-cluster plan``'s step model (cluster/planning/plan.py reads ``costs["exchange_ms"]`` and
-``costs["expert_phase_ms"]``).
+code, for ``moe-cluster plan``'s step model (cluster/planning/plan.py reads ``costs["exchange_ms"]``,
+``costs["expert_phase_ms"]`` and ``costs["coordinator_resume_ms"]``).
 
 W expert loops (workers/expert_loop.py), each in a process of its own as a pool's workers are, serve shared-memory
 links (cluster/links/shm.py); one coordinator end per loop sends a layer's rows to all W and waits for all W
@@ -12,10 +12,14 @@ results, as a coordinator's layer does. The median round of many is the time for
   reads them: layers cycled), E experts split over the W workers as the pool lays them out, a step's tokens at a
   few counts routed as a router of no preference routes them (each token its top-k of random logits, drawn anew
   every round: some experts get none, the slowest worker sets the pace), and between two rounds the
-  coordinator's own projections on those tokens (the workers sleep while it computes, as in a step). This is the
-  whole expert phase of a layer as a coordinator waits for it, so it also holds what the echo cannot: the
-  worker's grouped expert call around the matmuls, waking workers that slept, the wait for the slowest, and W
-  processes that compute at once sharing the node's cores, caches and memory bandwidth.
+  coordinator's own turn of the layer on those tokens (its attention and MoE bookkeeping, as long as a real one:
+  the workers sleep while it computes, as in a step). This is the whole expert phase of a layer as a coordinator
+  waits for it, so it also holds what the echo cannot: the worker's grouped expert call around the matmuls,
+  waking workers that slept, the wait for the slowest, and W processes that compute at once sharing the node's
+  cores, caches and memory bandwidth.
+* ``coordinator_resume_ms``: what that turn costs more right after a round than back to back. The coordinator's
+  core sleeps while it waits, and the turn after runs slower (measured on this project's VMs: 0.3-0.9 ms a layer
+  at 1-32 tokens, 1.2-2x a short turn); the local engine never waits, so its costs miss this.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ import os
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.synchronize import Event
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from cluster.engine.calibrate import DECODE_ROWS as OP_DECODE_ROWS
+from cluster.engine.calibrate import CoordinatorWeights, coordinator_ops
 from cluster.engine_config import omp_runtime_env
 from cluster.links.protocol import OP_WORK, LinkSpec
 from cluster.links.shm import ShmCoordinatorEnd
@@ -43,7 +49,7 @@ from workers.expert_loop import ExpertLoop
 from workers.versioned_experts import VersionedExperts
 
 ROUNDS = 200
-DECODE_ROWS = 16  # rows per worker in a round: a decode step's share at a few dozen sequences
+ECHO_ROWS = 16  # rows per worker in a round: a decode step's share at a few dozen sequences
 # A step's tokens whose expert phase is timed: decode batches, prefill chunks. 1 as well: a one-sequence step engages
 # at most top-k workers, and the exchange measured at 8 tokens overstated it by 30-40% with 2 and 8 workers.
 PHASE_TOKENS = (1, 8, 32, 256, 1024)
@@ -52,6 +58,8 @@ PHASE_MIN_ROUNDS = 10  # per pass
 PHASE_PASSES = 3
 STREAM_BYTES = 256 * 2**20  # expert weights cycled through, all workers together: more than a last-level cache
 PHASE_MAX_LAYER_BYTES = 2**30  # a model whose one layer of experts is larger is not timed (the echo stands in)
+PHASE_CONTEXT = 128  # keys per sequence in the coordinator's decode attention, as calibrate()'s default
+TURN_HOT_REPEATS = 20  # the coordinator's turn timed back to back, against which a turn after a round is compared
 
 
 class _EchoExperts:
@@ -143,7 +151,7 @@ def _stop_loops(procs: list[Any], ends: list[ShmCoordinatorEnd]) -> None:
         proc.join(10)
 
 
-def exchange_ms(hidden: int, dtype: str, workers: tuple[int, ...], rows: int = DECODE_ROWS,
+def exchange_ms(hidden: int, dtype: str, workers: tuple[int, ...], rows: int = ECHO_ROWS,
                 rounds: int = ROUNDS) -> dict[str, Any]:
     """{"exchange_ms": {W: ms of one layer's round trip to W workers}} for each W in ``workers``."""
     spec = LinkSpec(hidden=hidden, dtype=dtype, max_local=1)
@@ -170,38 +178,46 @@ def exchange_ms(hidden: int, dtype: str, workers: tuple[int, ...], rows: int = D
 
 
 def expert_phase_ms(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], tokens: tuple[int, ...] = PHASE_TOKENS,
-                    seconds: float = PHASE_SECONDS, threads: int = 1) -> dict[str, Any]:
-    """{"expert_phase_ms": {W: {T: ms}}}: one layer's expert phase (send, the workers' expert calls, results
-    back) with the E experts of ``cfg`` split over W worker processes of ``threads`` intra-op threads, at a step
-    of T tokens routed at random; {} when one layer of experts is larger than PHASE_MAX_LAYER_BYTES (the echo
-    exchange stands in)."""
+                    seconds: float = PHASE_SECONDS, threads: int = 1, context: int = PHASE_CONTEXT) -> dict[str, Any]:
+    """{"expert_phase_ms": {W: {T: ms}}, "coordinator_resume_ms": {W: {T: ms}}}: one layer's expert phase (send,
+    the workers' expert calls, results back) with the E experts of ``cfg`` split over W worker processes of
+    ``threads`` intra-op threads, at a step of T tokens routed at random; and what the coordinator's own turn of
+    that layer costs more right after such a phase than back to back (``_phase``); {} when one layer of experts is
+    larger than PHASE_MAX_LAYER_BYTES (the echo exchange stands in). ``context``: keys per sequence in the
+    coordinator's decode attention."""
     layer_bytes = cfg.num_experts * ModelSizes.of(cfg, dtype).expert_bytes // cfg.num_layers
     if layer_bytes > PHASE_MAX_LAYER_BYTES:
         return {}
     layers = max(2, min(cfg.num_layers, -(-STREAM_BYTES // layer_bytes)))  # weights cycled through
     measured: dict[str, dict[str, float]] = {}
+    resume: dict[str, dict[str, float]] = {}
     for count in workers:
         split = split_experts(cfg.num_experts, count)
         spec = LinkSpec(hidden=cfg.hidden_size, dtype=dtype, max_local=max(len(w) for w in split))
         procs, ends = _start_loops(spec, len(split), [(len(w), layers, cfg.hidden_size, cfg.intermediate_size)
                                                       for w in split], threads)
         try:
-            # PHASE_PASSES passes over the token counts, the least disturbed kept: a background burst (the kernel
-            # compacting the memory just freed, another job) lasting a second inflates every round of one pass.
-            # Every pass routes the same tokens (one seed per token count): passes differ only by disturbance.
+            # PHASE_PASSES passes over the token counts, their median kept: a background burst (the kernel
+            # compacting the memory just freed, another job) lasting a second inflates every round of one pass, and
+            # the fastest pass is a lucky one (with 2 workers at 8 tokens, passes spread 6.9-8.4 ms here; a
+            # minimum of 5.8 under-predicted that shape's step by 22%). Every pass routes the same tokens (one
+            # seed per token count): passes differ only by disturbance.
             # The coordinator's turn on 1 thread: no idle thread of this process then spins (OpenMP's default
             # policy here) on the cores the workers need, as a deployed coordinator's passive threads do not.
             threads_here = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                passes = [{t: _phase(ends, split, spec, cfg, t, layers, seconds / PHASE_PASSES) for t in tokens}
-                          for _ in range(PHASE_PASSES)]
+                coordinator = CoordinatorWeights.random(cfg, spec.torch_dtype, torch.device("cpu"))
+                passes = [{t: _phase(ends, split, spec, cfg, t, layers, seconds / PHASE_PASSES,
+                                     coordinator_ops(cfg, coordinator, t, context, decode=t in OP_DECODE_ROWS))
+                           for t in tokens} for _ in range(PHASE_PASSES)]
             finally:
                 torch.set_num_threads(threads_here)
-            measured[str(count)] = {str(t): min(p[t] for p in passes) for t in tokens}
+            measured[str(count)] = {str(t): statistics.median(p[t][0] for p in passes) for t in tokens}
+            resume[str(count)] = {str(t): statistics.median(p[t][1] for p in passes) for t in tokens}
         finally:
             _stop_loops(procs, ends)
-    return {"expert_phase_ms": measured}
+    return {"expert_phase_ms": measured, "coordinator_resume_ms": resume}
 
 
 def routed_counts(tokens: int, top_k: int, num_experts: int, generator: torch.Generator) -> list[int]:
@@ -213,23 +229,37 @@ def routed_counts(tokens: int, top_k: int, num_experts: int, generator: torch.Ge
 
 
 def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec, cfg: ModelConfig, tokens: int,
-           layers: int, seconds: float) -> float:
-    """Median ms of a layer's round (each worker that has rows its experts' rows, then every result back), over
-    ``seconds`` or PHASE_MIN_ROUNDS rounds after one warm-up cycle through the layers, whichever is longer. Between
-    rounds, untimed, the coordinator's attention projections on the step's tokens."""
+           layers: int, seconds: float, turn: tuple[Callable[[], None], Callable[[], None]]) -> tuple[float, float]:
+    """(median ms of a layer's round, ms the coordinator's turn costs more after a round than back to back).
+
+    A round: each worker that has rows gets its experts' rows, then every result comes back; over ``seconds`` or
+    PHASE_MIN_ROUNDS rounds after one warm-up cycle through the layers, whichever is longer. Between rounds the
+    coordinator takes its turn of the layer (``turn``: its ops and the MoE bookkeeping at these tokens,
+    calibrate.coordinator_ops), as long as a real one: the workers sleep through it and wake to compute, as in a
+    step. The turn is timed too. Right after a round it is slower than back to back (``TURN_HOT_REPEATS`` times
+    before the rounds), more so the shorter it is: on the virtual machines measured it cost 0.3-0.9 ms more per
+    layer at 1-32 tokens (caches that other tenants filled while this core slept, a clock that slowed); a
+    coordinator pays that every layer of a step, which the local engine's costs (measured back to back) miss."""
+    layer_op, bookkeeping = turn
+    hot = []
+    for _ in range(TURN_HOT_REPEATS + 1):  # the first warms up
+        started = time.perf_counter()
+        layer_op()
+        bookkeeping()
+        hot.append(time.perf_counter() - started)
     generator = torch.Generator().manual_seed(tokens)
-    hidden = torch.randn(tokens, cfg.hidden_size, dtype=spec.torch_dtype)  # (T, H)
-    wqkv = torch.randn((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.hidden_size,
-                       dtype=spec.torch_dtype)
-    wo = torch.randn(cfg.hidden_size, cfg.num_heads * cfg.head_dim, dtype=spec.torch_dtype)
     rows = torch.randn(tokens * cfg.experts_per_token, spec.hidden, dtype=spec.torch_dtype)  # (T * k, H)
     out = torch.empty_like(rows)
     samples: list[float] = []
+    turns: list[float] = []
     tags = [0] * len(ends)  # per link, as a coordinator counts them (cluster/moe/linked_experts.py)
     layer, started_all = 0, time.perf_counter()
     while len(samples) < PHASE_MIN_ROUNDS + layers or time.perf_counter() - started_all < seconds:
         counts = routed_counts(tokens, cfg.experts_per_token, cfg.num_experts, generator)
-        _ = (hidden @ wqkv.T)[:, :cfg.num_heads * cfg.head_dim] @ wo.T  # the coordinator's turn: workers sleep
+        started = time.perf_counter()
+        layer_op()  # the coordinator's turn: workers sleep
+        bookkeeping()
+        turns.append(time.perf_counter() - started)
         started = time.perf_counter()
         sent, first = [], 0
         for w, (end, experts) in enumerate(zip(ends, split, strict=True)):
@@ -245,12 +275,15 @@ def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec
             tags[w] += 1
         samples.append(time.perf_counter() - started)
         layer = (layer + 1) % layers
-    return 1000 * statistics.median(samples[layers:])  # the first cycle through the layers warms up
+    # the first cycle through the layers warms up; a turn follows the round before it (the first, none)
+    resumed = statistics.median(turns[layers + 1:]) - statistics.median(hot[1:])
+    return 1000 * statistics.median(samples[layers:]), 1000 * max(0.0, resumed)
 
 
-def link_costs(cfg: ModelConfig, dtype: str, workers: tuple[int, ...]) -> dict[str, Any]:
+def link_costs(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], context: int = PHASE_CONTEXT) -> dict[str, Any]:
     """Both measurements for ``workers`` worker counts: what calibrate(also=...) caches with the op costs. The
     workers have this process's intra-op thread count (the calibration's, keyed with its costs: `moe-cluster plan`
-    sets it to the plan's worker threads)."""
+    sets it to the plan's worker threads). ``context``: as calibrate's, keys per sequence in decode attention."""
     threads = torch.get_num_threads()
-    return exchange_ms(cfg.hidden_size, dtype, workers) | expert_phase_ms(cfg, dtype, workers, threads=threads)
+    return exchange_ms(cfg.hidden_size, dtype, workers) | expert_phase_ms(cfg, dtype, workers, threads=threads,
+                                                                          context=context)

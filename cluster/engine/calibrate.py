@@ -25,7 +25,7 @@ turns; 3 layers rather than 2 halve the noise of the difference that gives one l
                            lm_head, which it contains)
   engine_prefill_layer[T]  the same for a prefill step of T prompt tokens (prompts of 128): what one more layer
   engine_prefill_step[T]   adds (its ops at T rows, writing T tokens' keys and values to the paged cache, the
-                           experts), and the rest of that step
+                           experts), and the rest of that step (never less than lm_head on a row per prompt)
 
 ``cluster/planning/plan.py`` interpolates these (linearly in rows, extrapolating from the last two points) to predict
 step times. Cached under ~/.cache/moe-cluster/calibration/ by shapes, dtype, device, threads and torch version.
@@ -44,6 +44,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ from cluster.model.demo import init_demo
 from cluster.model.ops import apply_rope, attention, expert_swiglu, rms_norm, rope_cos_sin, rope_inv_freq, route
 from cluster.moe.expert_map import ExpertMap
 from cluster.moe.layer import MoELayer
+from cluster.planning.plan import interpolate
 
 CACHE = Path("~/.cache/moe-cluster/calibration").expanduser()
 ENGINE_MAX_LAYER_BYTES = 2**30  # above this a layer's throwaway checkpoint costs more than the calibration is worth
@@ -68,7 +70,7 @@ ENGINE_PREFILL_PROMPT_LEN = 128
 ENGINE_LAYERS = (1, 3)  # the two random checkpoints whose difference is ENGINE_LAYERS[1] - ENGINE_LAYERS[0] layers
 STREAM_BYTES = 256 * 2**20  # distinct expert weights cycled through: more than any CPU's last-level cache
 LEAST_DISTURBED_FIFTHS = 5  # least_disturbed_ms: the first of the quantiles cutting samples into fifths
-CALIBRATION_VERSION = 8  # bump when what is measured changes: older cached costs are measured again
+CALIBRATION_VERSION = 9  # bump when what is measured changes: older cached costs are measured again
 # The CPU's matmul kernels change at small row counts (on an AVX-512 Xeon an expert on 4 rows costs 1.7x one on 2,
 # on 16 rows less than on 8): points this dense keep the linear interpolation on those steps.
 DECODE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -107,6 +109,9 @@ def calibrate(cfg: ModelConfig, dtype: str, device: str = "cpu", context: int = 
     costs |= _engine_costs(cfg, dtype, dev, context, tuple(r for r in rows if r in ENGINE_ROWS), repeats)
     for r, ms in costs.get("engine_step", {}).items():  # the rest of a step holds the LM head
         costs["engine_step"][r] = max(ms, costs["lm_head"].get(r, 0.0))
+    for t, ms in costs.get("engine_prefill_step", {}).items():  # ... on one row per prompt: a difference of two
+        prompts = max(1, int(t) // ENGINE_PREFILL_PROMPT_LEN)  # noisy steps must not make it less than that
+        costs["engine_prefill_step"][t] = max(ms, interpolate(costs["lm_head"], prompts))
     if also is not None:
         costs |= also()
     costs |= {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": dtype,
@@ -144,60 +149,91 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> floa
     return statistics.median(samples)
 
 
+@dataclass(frozen=True)
+class CoordinatorWeights:
+    """One layer's weights on the coordinator, random (only their shapes matter), and RoPE's frequencies."""
+
+    norm: torch.Tensor  # (H,)
+    wqkv: torch.Tensor  # ((Q + 2 KV) * D, H)
+    wo: torch.Tensor  # (H, Q * D)
+    gate: torch.Tensor  # (E, H)
+    inv_freq: torch.Tensor  # (D / 2,)
+
+    @classmethod
+    def random(cls, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> CoordinatorWeights:
+        h, q_heads, kv_heads, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        return cls(torch.ones(h, dtype=dtype, device=device),
+                   _random_weight(dtype, device, (q_heads + 2 * kv_heads) * d, h),
+                   _random_weight(dtype, device, h, q_heads * d), _random_weight(dtype, device, cfg.num_experts, h),
+                   rope_inv_freq(d, cfg.rope_theta).to(device))
+
+
+def _random_weight(dtype: torch.dtype, device: torch.device, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype, device=device) * shape[-1] ** -0.5
+
+
+def coordinator_ops(cfg: ModelConfig, w: CoordinatorWeights, rows: int, context: int,
+                    decode: bool) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The coordinator's share of one layer at ``rows`` rows, as two calls: the layer's ops (RMSNorms, q/k/v/o
+    projections, RoPE, attention, the router) and the MoE bookkeeping around the expert calls (cluster/moe/layer.py's
+    own code, experts that give their rows back). ``decode``: ``rows`` sequences of one query over ``context``
+    keys each; else one prompt of ``rows`` tokens attending causally to itself."""
+    dtype, device = w.wqkv.dtype, w.wqkv.device
+    h, q_heads, kv_heads, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    x = torch.randn(rows, h, dtype=dtype, device=device)  # (R, H)
+    seqs, q_len, keys = (rows, 1, context) if decode else (1, rows, rows)
+    k_cache = torch.randn(seqs, kv_heads, keys, d, dtype=dtype, device=device)  # (S, KV, keys, D)
+    mask = torch.ones(seqs, 1, q_len, keys, dtype=torch.bool, device=device)
+    if not decode:
+        mask = torch.ones(q_len, keys, dtype=torch.bool, device=device).tril().expand(1, 1, q_len, keys)
+    cos, sin = rope_cos_sin(torch.arange(q_len, device=device).repeat(seqs), w.inv_freq, dtype)
+    moe = MoELayer(_NoExperts(cfg.num_experts), 1, cfg.num_experts, cfg.experts_per_token)
+
+    @torch.inference_mode()
+    def layer() -> None:
+        y = rms_norm(x, w.norm, cfg.rms_norm_eps)
+        qkv = y @ w.wqkv.T  # (R, (Q + 2 KV) * D)
+        q = qkv[:, :q_heads * d].view(-1, q_heads, d)
+        k = qkv[:, q_heads * d:(q_heads + kv_heads) * d].view(-1, kv_heads, d)
+        q, _ = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = attention(q.view(seqs, q_len, q_heads, d).transpose(1, 2), k_cache, k_cache, mask)  # (S, Q, q_len, D)
+        x2 = x + o.transpose(1, 2).reshape(-1, q_heads * d) @ w.wo.T  # (R, H)
+        route(rms_norm(x2, w.norm, cfg.rms_norm_eps), w.gate, cfg.experts_per_token)
+
+    @torch.inference_mode()
+    def bookkeeping() -> None:
+        moe.collect(moe.dispatch(0, x, w.gate))
+
+    return layer, bookkeeping
+
+
 @torch.inference_mode()
 def _measure(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, context: int, repeats: int,
              rows: tuple[int, ...]) -> dict[str, Any]:
-    h, q_heads, kv_heads, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-
-    def weight(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, dtype=dtype, device=device) * shape[-1] ** -0.5
-
-    norm = torch.ones(h, dtype=dtype, device=device)
-    wqkv, wo, gate = weight((q_heads + 2 * kv_heads) * d, h), weight(h, q_heads * d), weight(cfg.num_experts, h)
+    h = cfg.hidden_size
+    coordinator = CoordinatorWeights.random(cfg, dtype, device)
     expert_bytes = 3 * h * cfg.intermediate_size * torch.finfo(dtype).bits // 8
     copies = max(2, -(-STREAM_BYTES // expert_bytes))  # distinct experts cycled through (streamed weights)
-    w13s = [weight(2 * cfg.intermediate_size, h) for _ in range(copies)]
-    w2s = [weight(h, cfg.intermediate_size) for _ in range(copies)]
+    w13s = [_random_weight(dtype, device, 2 * cfg.intermediate_size, h) for _ in range(copies)]
+    w2s = [_random_weight(dtype, device, h, cfg.intermediate_size) for _ in range(copies)]
     turn = itertools.count()
-    moe = MoELayer(_NoExperts(cfg.num_experts), 1, cfg.num_experts, cfg.experts_per_token)
-    head = weight(cfg.vocab_size, h)
-    inv_freq = rope_inv_freq(d, cfg.rope_theta).to(device)
+    head = _random_weight(dtype, device, cfg.vocab_size, h)
     out: dict[str, Any] = {"coordinator_layer": {}, "expert": {}, "moe_overhead": {}, "lm_head": {}}
     for r in rows:
         x = torch.randn(r, h, dtype=dtype, device=device)
-        decode = r in DECODE_ROWS
-        seqs, q_len, keys = (r, 1, context) if decode else (1, r, r)  # decode: r sequences; prefill: one prompt
-        k_cache = torch.randn(seqs, kv_heads, keys, d, dtype=dtype, device=device)
-        mask = torch.ones(seqs, 1, q_len, keys, dtype=torch.bool, device=device)
-        if not decode:
-            mask = torch.ones(q_len, keys, dtype=torch.bool, device=device).tril().expand(1, 1, q_len, keys)
-        positions = torch.arange(q_len, device=device).repeat(seqs)
-        cos, sin = rope_cos_sin(positions, inv_freq, dtype)
-
-        def layer(x: torch.Tensor = x, k_cache: torch.Tensor = k_cache, mask: torch.Tensor = mask,
-                  cos: torch.Tensor = cos, sin: torch.Tensor = sin, seqs: int = seqs, q_len: int = q_len) -> None:
-            y = rms_norm(x, norm, cfg.rms_norm_eps)
-            qkv = y @ wqkv.T
-            q = qkv[:, :q_heads * d].view(-1, q_heads, d)
-            k = qkv[:, q_heads * d:(q_heads + kv_heads) * d].view(-1, kv_heads, d)
-            q, _ = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            o = attention(q.view(seqs, q_len, q_heads, d).transpose(1, 2), k_cache, k_cache, mask)
-            x2 = x + o.transpose(1, 2).reshape(-1, q_heads * d) @ wo.T
-            route(rms_norm(x2, norm, cfg.rms_norm_eps), gate, cfg.experts_per_token)
-
+        decode = r in DECODE_ROWS  # decode: r sequences; prefill: one prompt
+        layer, moe_bookkeeping = coordinator_ops(cfg, coordinator, r, context, decode)
         out["coordinator_layer"][str(r)] = _timed(layer, device, repeats)
+
         def streamed_expert(x: torch.Tensor = x) -> None:
             i = next(turn) % copies
             expert_swiglu(x, w13s[i], w2s[i])
 
-        def moe_bookkeeping(x: torch.Tensor = x) -> None:
-            moe.collect(moe.dispatch(0, x, gate))
-
         out["expert"][str(r)] = _timed(streamed_expert, device, max(repeats, copies))
         out["moe_overhead"][str(r)] = _timed(moe_bookkeeping, device, repeats)
         if decode:
-            out["lm_head"][str(r)] = _timed(functools.partial(_lm_head, x, norm, head, cfg.rms_norm_eps), device,
-                                            repeats)
+            out["lm_head"][str(r)] = _timed(functools.partial(_lm_head, x, coordinator.norm, head,
+                                                              cfg.rms_norm_eps), device, repeats)
     return out
 
 

@@ -512,8 +512,21 @@ def exchange_cost_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> float:
     return LINK_MS_PER_WORKER * workers
 
 
+def coordinator_resume_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> float:
+    """What the coordinator's turn of a layer costs more in the cluster than in the local engine: the turn follows
+    a wait for the workers, during which its core slept (workers/link_calibration.py ``_phase``: a turn timed right
+    after an expert phase less the same turn back to back). Interpolated over the tokens timed (flat beyond), then
+    over W; 0 where the calibration did not time it."""
+    resume = costs.get("coordinator_resume_ms")
+    if not resume:
+        return 0.0
+    by_workers = {count: interpolate(by_tokens, min(tokens, max(map(int, by_tokens))))
+                  for count, by_tokens in resume.items()}
+    return max(0.0, interpolate(by_workers, min(len(plan.workers), max(map(int, by_workers)))))
+
+
 def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, prefill: bool,
-            link_ms: float | None = None) -> float:
+            link_ms: float | None = None, resume_ms: float | None = None) -> float:
     """Predicted step time: per layer, the coordinator's part (attention, router, the MoE bookkeeping around the
     expert calls), then the slowest worker's, then the link; with two micro-batches one's attention runs while the
     workers compute the other's (where they have cores of their own), so a layer costs the larger of the two
@@ -527,7 +540,9 @@ def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, 
 
     Where the calibration measured the local engine's own steps (engine_layer, engine_step; engine_prefill_layer,
     engine_prefill_step), a step's coordinator part is that layer less the experts it ran (at least the ops'
-    sum), and the per-step rest is measured too."""
+    sum), and the per-step rest is measured too. Those are measured back to back; a coordinator's turn comes after
+    a wait for the workers and costs ``resume_ms`` more (None: ``coordinator_resume_ms``; 0 for the local
+    engine, which never waits)."""
     cfg_layers, top_k = plan.sizes.num_layers, plan.top_k
     if not prefill:  # a step splits between sequences, never within one (cluster/moe/layer.py micro_batches)
         micro_batches = max(1, min(micro_batches, tokens))
@@ -544,6 +559,7 @@ def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, 
     if engine_layer:  # a real step's layer, less the experts it ran in-process
         all_experts = worker_layer_ms(costs, plan.sizes.num_experts, plan.sizes.num_experts, top_k, part)
         coord = max(coord, interpolate(engine_layer, part) - all_experts)
+    coord += coordinator_resume_ms(plan, costs, part) if resume_ms is None else resume_ms
     worker, per_worker = workers_ms(plan, costs, part)
     cores = plan.hardware.devices if plan.hardware.kind == "cpu" else 0
     if link_ms is None:  # one layer's exchange with the workers, measured where it could be
