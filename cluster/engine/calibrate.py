@@ -65,7 +65,9 @@ CACHE = Path("~/.cache/moe-cluster/calibration").expanduser()
 ENGINE_MAX_LAYER_BYTES = 2**30  # above this a layer's throwaway checkpoint costs more than the calibration is worth
 ENGINE_DECODE_TOKENS = 16
 OP_PASSES = 2
-ENGINE_PREFILL_TOKENS = (256, 1024)  # prefill steps timed: prompts of ENGINE_PREFILL_PROMPT_LEN tokens
+# Prefill steps timed (prompts of ENGINE_PREFILL_PROMPT_LEN tokens): the plan's PREFILL_TOKENS, its half (each of two
+# micro-batches: below the first point a half would read the whole step's layer) and a large one.
+ENGINE_PREFILL_TOKENS = (128, 256, 1024)
 ENGINE_PREFILL_PROMPT_LEN = 128
 ENGINE_LAYERS = (1, 3)  # the two random checkpoints whose difference is ENGINE_LAYERS[1] - ENGINE_LAYERS[0] layers
 STREAM_BYTES = 256 * 2**20  # distinct expert weights cycled through: more than any CPU's last-level cache

@@ -604,11 +604,15 @@ def predict(plan: Plan, costs: dict[str, Any], source: str) -> None:
     if not wins and not prefill_wins:
         plan.micro_batches = 1
         plan.cluster_options["micro_batches"] = 1
+        plan.cluster_options.pop("micro_batch_min_tokens", None)
+        chosen = "serial at every batch and prefill predicted (micro-batches 1)"
     else:
         plan.micro_batches = 0
         first = min(wins) if wins else PREFILL_TOKENS
         plan.cluster_options["micro_batches"] = 0
         plan.cluster_options["micro_batch_min_tokens"] = first
+        chosen = f"2 micro-batches from {first} tokens a step, where they are predicted faster"
+    plan.notes.append(f"schedule from the predicted step times: {chosen}")
 
 
 def roofline_costs(cfg: ModelConfig, dtype: str, bandwidth_gbs: float, tflops: float, context: int = 128,
