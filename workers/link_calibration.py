@@ -18,7 +18,7 @@ results, as a coordinator's layer does. The median round of many is the time for
   waking workers that slept, the wait for the slowest, and W processes that compute at once sharing the node's
   cores, caches and memory bandwidth.
 * ``coordinator_resume_ms``: what that turn costs more right after a round than back to back. The coordinator's
-  core sleeps while it waits, and the turn after runs slower (measured on this project's VMs: 0.3-0.9 ms a layer
+  core sleeps while it waits, and the turn after runs slower (measured on this project's VMs: 0.1-0.9 ms a layer
   at 1-32 tokens, 1.2-2x a short turn); the local engine never waits, so its costs miss this.
 """
 
@@ -237,7 +237,7 @@ def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec
     coordinator takes its turn of the layer (``turn``: its ops and the MoE bookkeeping at these tokens,
     calibrate.coordinator_ops), as long as a real one: the workers sleep through it and wake to compute, as in a
     step. The turn is timed too. Right after a round it is slower than back to back (``TURN_HOT_REPEATS`` times
-    before the rounds), more so the shorter it is: on the virtual machines measured it cost 0.3-0.9 ms more per
+    before the rounds), more so the shorter it is: on the virtual machines measured it cost 0.1-0.9 ms more per
     layer at 1-32 tokens (caches that other tenants filled while this core slept, a clock that slowed); a
     coordinator pays that every layer of a step, which the local engine's costs (measured back to back) miss."""
     layer_op, bookkeeping = turn
