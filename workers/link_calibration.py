@@ -208,8 +208,9 @@ def expert_phase_ms(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], toke
             torch.set_num_threads(1)
             try:
                 coordinator = CoordinatorWeights.random(cfg, spec.torch_dtype, torch.device("cpu"))
-                passes = [{t: _phase(ends, split, spec, cfg, t, layers, seconds / PHASE_PASSES,
-                                     coordinator_ops(cfg, coordinator, t, context, decode=t in OP_DECODE_ROWS))
+                turns = {t: _whole_turn(*coordinator_ops(cfg, coordinator, t, context, decode=t in OP_DECODE_ROWS))
+                         for t in tokens}
+                passes = [{t: _phase(ends, split, spec, cfg, t, layers, seconds / PHASE_PASSES, turns[t])
                            for t in tokens} for _ in range(PHASE_PASSES)]
             finally:
                 torch.set_num_threads(threads_here)
@@ -228,8 +229,16 @@ def routed_counts(tokens: int, top_k: int, num_experts: int, generator: torch.Ge
     return torch.bincount(chosen, minlength=num_experts).tolist()
 
 
+def _whole_turn(layer: Callable[[], None], bookkeeping: Callable[[], None]) -> Callable[[], None]:
+    """The coordinator's whole turn of a layer: its ops, then the MoE bookkeeping (calibrate.coordinator_ops)."""
+    def turn() -> None:
+        layer()
+        bookkeeping()
+    return turn
+
+
 def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec, cfg: ModelConfig, tokens: int,
-           layers: int, seconds: float, turn: tuple[Callable[[], None], Callable[[], None]]) -> tuple[float, float]:
+           layers: int, seconds: float, turn: Callable[[], None]) -> tuple[float, float]:
     """(median ms of a layer's round, ms the coordinator's turn costs more after a round than back to back).
 
     A round: each worker that has rows gets its experts' rows, then every result comes back; over ``seconds`` or
@@ -240,12 +249,10 @@ def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec
     before the rounds), more so the shorter it is: on the virtual machines measured it cost 0.1-0.9 ms more per
     layer at 1-32 tokens (caches that other tenants filled while this core slept, a clock that slowed); a
     coordinator pays that every layer of a step, which the local engine's costs (measured back to back) miss."""
-    layer_op, bookkeeping = turn
     hot = []
     for _ in range(TURN_HOT_REPEATS + 1):  # the first warms up
         started = time.perf_counter()
-        layer_op()
-        bookkeeping()
+        turn()
         hot.append(time.perf_counter() - started)
     generator = torch.Generator().manual_seed(tokens)
     rows = torch.randn(tokens * cfg.experts_per_token, spec.hidden, dtype=spec.torch_dtype)  # (T * k, H)
@@ -257,8 +264,7 @@ def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec
     while len(samples) < PHASE_MIN_ROUNDS + layers or time.perf_counter() - started_all < seconds:
         counts = routed_counts(tokens, cfg.experts_per_token, cfg.num_experts, generator)
         started = time.perf_counter()
-        layer_op()  # the coordinator's turn: workers sleep
-        bookkeeping()
+        turn()  # the coordinator's turn: workers sleep
         turns.append(time.perf_counter() - started)
         started = time.perf_counter()
         sent, first = [], 0

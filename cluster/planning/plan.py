@@ -447,6 +447,12 @@ def interpolate(points: dict[str, float], rows: float) -> float:
     return max(y1, y1 + (y1 - y0) * (rows - x1) / (x1 - x0))
 
 
+def interpolate_flat(points: dict[str, float], rows: float) -> float:
+    """``interpolate``, but flat past the last point instead of extended: for residuals (a phase less a model of
+    it, a resumed turn less a back-to-back one), whose trend between two points says nothing beyond them."""
+    return interpolate(points, min(rows, max(map(int, points))))
+
+
 def worker_layer_ms(costs: dict[str, Any], experts: int, num_experts: int, top_k: int, tokens: float) -> float:
     """Expected time of one worker's expert calls in one layer under uniform routing: each of the ``tokens``
     picks a given expert with probability top_k / num_experts, so an expert's rows are Binomial(tokens, that); an
@@ -505,8 +511,8 @@ def exchange_cost_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> float:
         for count, by_tokens in phase.items():
             shaped = replace(plan, workers=split_experts(plan.sizes.num_experts, int(count)))
             over = {t: ms - workers_ms(shaped, costs, int(t))[0] for t, ms in by_tokens.items()}
-            residual[count] = max(0.0, interpolate(over, min(tokens, max(map(int, over)))))
-        return interpolate(residual, min(workers, max(map(int, residual))))
+            residual[count] = max(0.0, interpolate_flat(over, tokens))
+        return interpolate_flat(residual, workers)
     if costs.get("exchange_ms"):
         return interpolate(costs["exchange_ms"], workers)
     return LINK_MS_PER_WORKER * workers
@@ -520,9 +526,8 @@ def coordinator_resume_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> f
     resume = costs.get("coordinator_resume_ms")
     if not resume:
         return 0.0
-    by_workers = {count: interpolate(by_tokens, min(tokens, max(map(int, by_tokens))))
-                  for count, by_tokens in resume.items()}
-    return max(0.0, interpolate(by_workers, min(len(plan.workers), max(map(int, by_workers)))))
+    by_workers = {count: interpolate_flat(by_tokens, tokens) for count, by_tokens in resume.items()}
+    return max(0.0, interpolate_flat(by_workers, len(plan.workers)))
 
 
 def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, prefill: bool,
