@@ -28,6 +28,7 @@ from cluster.planning.plan import (
     CPU_STREAM_CHUNKS_PER_CORE,
     CPU_WORKER_CORES,
     DECODE_BATCHES,
+    EXCESS_DRAWS,
     GIB,
     LINK_MS_PER_WORKER,
     PREFILL_TOKENS,
@@ -217,6 +218,31 @@ def test_expert_calls_are_expected_over_every_routing_not_at_the_mean_rows() -> 
     mean_rows = 3 * 2 / 4
     assert abs(exact - 2 * interpolate(costs["expert"], mean_rows)) > 0.5  # f(mean) would be wrong here
     assert worker_layer_ms(costs, 2, 4, 2, 0) == 0.0
+
+
+def test_the_wait_is_the_slowest_workers_expected_time_over_routings() -> None:
+    """One token on 2 workers of 4 experts: the coordinator waits for the slower worker, and on average that is
+    longer than the slower worker's average. Against an exact enumeration of every routing of the same model (each
+    expert called with chance top_k / E, independently), within the draws' sampling error; the slowest average
+    worker alone is far off."""
+    cfg = ModelConfig.from_file(MIXTRAL)
+    costs = {"expert": {"1": 1.0, "2": 1.5}}
+    plan = dataclasses.replace(plan_cpus(cfg, Hardware("cpu", 16, 512)), workers=split_experts(8, 2),
+                               threads={"coordinator": 1, "worker": 1})  # 16 cores: no turns, the slower one
+    p = Fraction(2, 8)
+    exact, square = Fraction(0), Fraction(0)
+    for called in itertools.product((0, 1), repeat=8):
+        chance = Fraction(1)
+        for c in called:
+            chance *= p if c else 1 - p
+        slower = max(sum(called[:4]), sum(called[4:]))  # each call of one row costs 1.0
+        exact += chance * slower
+        square += chance * slower ** 2
+    wait, per_worker = workers_ms(plan, costs, 1)
+    assert per_worker == pytest.approx([4 * 0.25, 4 * 0.25])
+    sampling_error = 4 * float(square - exact ** 2) ** 0.5 / EXCESS_DRAWS ** 0.5  # 4 standard errors
+    assert wait == pytest.approx(float(exact), abs=sampling_error)
+    assert float(exact) - max(per_worker) > 2 * sampling_error
 
 
 def test_two_micro_batches_fill_the_pipeline_once_a_step() -> None:

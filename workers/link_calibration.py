@@ -17,9 +17,10 @@ results, as a coordinator's layer does. The median round of many is the time for
   waits for it, so it also holds what the echo cannot: the worker's grouped expert call around the matmuls,
   waking workers that slept, the wait for the slowest, and W processes that compute at once sharing the node's
   cores, caches and memory bandwidth.
-* ``coordinator_resume_ms``: what that turn costs more right after a round than back to back. The coordinator's
-  core sleeps while it waits, and the turn after runs slower (measured on this project's VMs: 0.1-0.9 ms a layer
-  at 1-32 tokens, 1.2-2x a short turn); the local engine never waits, so its costs miss this.
+* ``coordinator_resume_ms``: what that turn costs more right after a round than right after the same tokens' expert
+  calls run in the coordinator's own process, as a local engine runs them. The coordinator's core sleeps while it
+  waits, and the turn after runs slower; the local engine never waits, so its costs miss this. Its turn is cold too
+  (its own expert calls stream weights through the caches), and that part its costs already hold.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from cluster.links.protocol import OP_WORK, LinkSpec
 from cluster.links.shm import ShmCoordinatorEnd
 from cluster.model.config import ModelConfig
 from cluster.model.experts import LocalExperts
+from cluster.model.ops import expert_swiglu
 from cluster.planning.plan import ModelSizes, cpu_wait_policy, split_experts
 from workers.expert_loop import ExpertLoop
 from workers.versioned_experts import VersionedExperts
@@ -59,7 +61,9 @@ PHASE_PASSES = 3
 STREAM_BYTES = 256 * 2**20  # expert weights cycled through, all workers together: more than a last-level cache
 PHASE_MAX_LAYER_BYTES = 2**30  # a model whose one layer of experts is larger is not timed (the echo stands in)
 PHASE_CONTEXT = 128  # keys per sequence in the coordinator's decode attention, as calibrate()'s default
-TURN_HOT_REPEATS = 20  # the coordinator's turn timed back to back, against which a turn after a round is compared
+# The coordinator's turn timed this many times right after expert calls in its own process, as a local engine's turn
+# follows its experts: the baseline against which a turn after a round (a wait for the workers) is compared.
+TURN_LOCAL_REPEATS = 20
 
 
 class _EchoExperts:
@@ -208,9 +212,10 @@ def expert_phase_ms(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], toke
             torch.set_num_threads(1)
             try:
                 coordinator = CoordinatorWeights.random(cfg, spec.torch_dtype, torch.device("cpu"))
+                in_process = _InProcessExperts(cfg, spec.torch_dtype)
                 turns = {t: _whole_turn(*coordinator_ops(cfg, coordinator, t, context, decode=t in OP_DECODE_ROWS))
                          for t in tokens}
-                passes = [{t: _phase(ends, split, spec, cfg, t, layers, seconds / PHASE_PASSES, turns[t])
+                passes = [{t: _phase(ends, split, spec, cfg, t, layers, seconds / PHASE_PASSES, turns[t], in_process)
                            for t in tokens} for _ in range(PHASE_PASSES)]
             finally:
                 torch.set_num_threads(threads_here)
@@ -238,24 +243,32 @@ def _whole_turn(layer: Callable[[], None], bookkeeping: Callable[[], None]) -> C
 
 
 def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec, cfg: ModelConfig, tokens: int,
-           layers: int, seconds: float, turn: Callable[[], None]) -> tuple[float, float]:
-    """(median ms of a layer's round, ms the coordinator's turn costs more after a round than back to back).
+           layers: int, seconds: float, turn: Callable[[], None], in_process: _InProcessExperts) -> tuple[
+               float, float]:
+    """(median ms of a layer's round, ms the coordinator's turn costs more after a round than after the same
+    tokens' expert calls in its own process).
 
     A round: each worker that has rows gets its experts' rows, then every result comes back; over ``seconds`` or
     PHASE_MIN_ROUNDS rounds after one warm-up cycle through the layers, whichever is longer. Between rounds the
     coordinator takes its turn of the layer (``turn``: its ops and the MoE bookkeeping at these tokens,
     calibrate.coordinator_ops), as long as a real one: the workers sleep through it and wake to compute, as in a
-    step. The turn is timed too. Right after a round it is slower than back to back (``TURN_HOT_REPEATS`` times
-    before the rounds), more so the shorter it is: on the virtual machines measured it cost 0.1-0.9 ms more per
-    layer at 1-32 tokens (caches that other tenants filled while this core slept, a clock that slowed); a
-    coordinator pays that every layer of a step, which the local engine's costs (measured back to back) miss."""
-    hot = []
-    for _ in range(TURN_HOT_REPEATS + 1):  # the first warms up
-        started = time.perf_counter()
-        turn()
-        hot.append(time.perf_counter() - started)
+    step. The turn is timed too, and so is the same turn right after ``in_process`` ran this many tokens' expert
+    calls (``TURN_LOCAL_REPEATS`` times before the rounds), as a local engine's turn follows its own experts.
+
+    Both are cold: expert weights streamed through the caches evict the turn's. The local engine's costs hold that
+    much. After a round the core has also slept, and that costs more: on the AMD EPYC VM a turn at 1, 8 and 32
+    tokens took 0.74, 0.77-0.85 and 1.54-1.56 ms back to back, 0.86-1.00, 1.52-1.56 and 2.22-2.23 ms after
+    in-process expert calls, and 1.14-1.23, 1.60-1.74 and 2.31-2.38 ms after them and a 1.5 ms sleep (a probe, not
+    kept). Measured against back-to-back turns, the resume counted the caches twice and over-predicted one
+    sequence on 2 workers by 17-24%."""
     generator = torch.Generator().manual_seed(tokens)
     rows = torch.randn(tokens * cfg.experts_per_token, spec.hidden, dtype=spec.torch_dtype)  # (T * k, H)
+    local = []
+    for _ in range(TURN_LOCAL_REPEATS + 1):  # the first warms up
+        in_process.run(rows, routed_counts(tokens, cfg.experts_per_token, cfg.num_experts, generator))
+        started = time.perf_counter()
+        turn()
+        local.append(time.perf_counter() - started)
     out = torch.empty_like(rows)
     samples: list[float] = []
     turns: list[float] = []
@@ -282,8 +295,31 @@ def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec
         samples.append(time.perf_counter() - started)
         layer = (layer + 1) % layers
     # the first cycle through the layers warms up; a turn follows the round before it (the first, none)
-    resumed = statistics.median(turns[layers + 1:]) - statistics.median(hot[1:])
+    resumed = statistics.median(turns[layers + 1:]) - statistics.median(local[1:])
     return 1000 * statistics.median(samples[layers:]), 1000 * max(0.0, resumed)
+
+
+class _InProcessExperts:
+    """Experts of the model's shapes in the calibrating process, as a local engine holds them: each call takes the
+    next of enough weight sets to stream STREAM_BYTES through the caches, as a step reads every layer's experts."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        expert_bytes = 3 * h * i * torch.finfo(dtype).bits // 8
+        sets = max(2, -(-STREAM_BYTES // expert_bytes))
+        self.weights = [(torch.randn(2 * i, h, dtype=dtype) * h ** -0.5, torch.randn(h, i, dtype=dtype) * i ** -0.5)
+                        for _ in range(sets)]  # (2I, H) = [w1; w3], (H, I)
+        self.next = 0
+
+    def run(self, rows: Tensor, counts: list[int]) -> None:
+        """``rows`` (R, H) grouped by expert, ``counts[e]`` rows each."""
+        first = 0
+        for n in counts:
+            if n:
+                w13, w2 = self.weights[self.next]
+                self.next = (self.next + 1) % len(self.weights)
+                expert_swiglu(rows[first:first + n], w13, w2)
+                first += n
 
 
 def link_costs(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], context: int = PHASE_CONTEXT) -> dict[str, Any]:

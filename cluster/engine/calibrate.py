@@ -72,7 +72,7 @@ ENGINE_PREFILL_PROMPT_LEN = 128
 ENGINE_LAYERS = (1, 3)  # the two random checkpoints whose difference is ENGINE_LAYERS[1] - ENGINE_LAYERS[0] layers
 STREAM_BYTES = 256 * 2**20  # distinct expert weights cycled through: more than any CPU's last-level cache
 LEAST_DISTURBED_FIFTHS = 5  # least_disturbed_ms: the first of the quantiles cutting samples into fifths
-CALIBRATION_VERSION = 9  # bump when what is measured changes: older cached costs are measured again
+CALIBRATION_VERSION = 10  # bump when what is measured changes: older cached costs are measured again
 # The CPU's matmul kernels change at small row counts (on an AVX-512 Xeon an expert on 4 rows costs 1.7x one on 2,
 # on 16 rows less than on 8): points this dense keep the linear interpolation on those steps.
 DECODE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)

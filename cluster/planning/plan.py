@@ -12,8 +12,11 @@ coordinator; the KV cache 2 x L x KV x D values per token.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import math
+import random
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -478,18 +481,73 @@ def expected_call_ms(points: dict[str, float], trials: int, p: float) -> float:
 
 
 def workers_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> tuple[float, list[float]]:
-    """One layer's expert calls at ``tokens`` (one micro-batch's): the time the coordinator waits for the slowest
-    worker, and each worker's own. On a CPU node the workers share its cores: when they are more than the cores
-    they take turns, so the wait is at least their sum over the cores."""
+    """One layer's expert calls at ``tokens`` (one micro-batch's) under uniform routing: the time the coordinator
+    waits for the slowest worker, expected over routings, and each worker's own expected time. On a CPU node the
+    workers share its cores: when they are more than the cores they take turns, so the wait is at least their sum
+    over the cores.
+
+    The wait is the expectation of the slowest, not the slowest expectation: with a few tokens the rows fall
+    unevenly (one token's two experts on one worker, or on two that run at once), and the slowest of several
+    uneven workers waits longer on average than the slowest average worker (``slowest_excess_ms``)."""
     per_worker = [worker_layer_ms(costs, len(w), plan.sizes.num_experts, plan.top_k, tokens) for w in plan.workers]
-    return _slowest(plan, per_worker), per_worker
+    return _slowest(plan, per_worker) + slowest_excess_ms(plan, costs["expert"], round(tokens)), per_worker
+
+
+# Routings drawn to find the slowest worker's expected excess (``slowest_excess_ms``), from a fixed seed so that a
+# plan is reproducible and every estimate uses the same draws; and the step size above which the workers' rows are
+# even enough (a few percent apart) that the excess is left out.
+EXCESS_DRAWS = 400
+EXCESS_MAX_TOKENS = 256
+
+
+def slowest_excess_ms(plan: Plan, points: dict[str, float], tokens: int) -> float:
+    """E[wait for the slowest worker] less the wait for the slowest expected worker, at ``tokens`` routed
+    uniformly, from EXCESS_DRAWS routings: each expert's rows drawn Binomial(tokens, top_k / E) independently of
+    the others' (a top-k router ties them a little: a token's k experts are distinct), each worker's time the sum
+    of its experts' calls. 0 with one worker (the wait is its time) and past EXCESS_MAX_TOKENS tokens."""
+    if len(plan.workers) < 2 or tokens <= 0 or tokens > EXCESS_MAX_TOKENS:
+        return 0.0
+    return _slowest_excess(tuple(tuple(w) for w in plan.workers), _cpu_at_once(plan),
+                           tuple(sorted((int(k), float(v)) for k, v in points.items())), tokens,
+                           plan.top_k / plan.sizes.num_experts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _slowest_excess(workers: tuple[tuple[int, ...], ...], at_once: float | None,
+                    points: tuple[tuple[int, float], ...], tokens: int, p: float) -> float:
+    table = {str(rows): ms for rows, ms in points}
+    # every expert alike: the cumulative chance of each row count, and that count's call cost (none for 0 rows)
+    cumulative, cost, total = [], [], 0.0
+    for n in range(tokens + 1):
+        total += math.comb(tokens, n) * p ** n * (1 - p) ** (tokens - n)
+        cumulative.append(total)
+        cost.append(interpolate(table, n) if n else 0.0)
+    rng = random.Random(0)
+    waits, sums = 0.0, [0.0] * len(workers)
+    for _ in range(EXCESS_DRAWS):
+        times = [sum(cost[min(tokens, bisect.bisect_left(cumulative, rng.random() * total))] for _ in w)
+                 for w in workers]
+        waits += _wait(times, at_once)
+        sums = [a + b for a, b in zip(sums, times, strict=True)]
+    # the draws' own mean worker stands in for the exact one, so that their sampling error cancels
+    return max(0.0, waits / EXCESS_DRAWS - _wait([t / EXCESS_DRAWS for t in sums], at_once))
 
 
 def _slowest(plan: Plan, per_worker: list[float]) -> float:
     """The wait for the last worker; on a CPU node at least their sum over the cores they share (a worker's
     cost measured on its threads: as many workers at once as the cores hold their threads)."""
+    return _wait(per_worker, _cpu_at_once(plan))
+
+
+def _cpu_at_once(plan: Plan) -> float | None:
+    """How many workers a CPU node runs at once (its cores over a worker's threads); None on GPUs."""
     if plan.hardware.kind == "cpu":
-        at_once = max(1.0, plan.hardware.devices / plan.threads.get("worker", 1))
+        return max(1.0, plan.hardware.devices / plan.threads.get("worker", 1))
+    return None
+
+
+def _wait(per_worker: list[float], at_once: float | None) -> float:
+    if at_once is not None:
         return max(max(per_worker), sum(per_worker) / at_once)
     return max(per_worker)
 
@@ -521,8 +579,9 @@ def exchange_cost_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> float:
 def coordinator_resume_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> float:
     """What the coordinator's turn of a layer costs more in the cluster than in the local engine: the turn follows
     a wait for the workers, during which its core slept (workers/link_calibration.py ``_phase``: a turn timed right
-    after an expert phase less the same turn back to back). Interpolated over the tokens timed (flat beyond), then
-    over W; 0 where the calibration did not time it."""
+    after an expert phase less the same turn right after the same tokens' expert calls in-process, as the local
+    engine's turn follows them). Interpolated over the tokens timed (flat beyond), then over W; 0 where the
+    calibration did not time it."""
     resume = costs.get("coordinator_resume_ms")
     if not resume:
         return 0.0
