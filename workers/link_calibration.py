@@ -39,13 +39,12 @@ import torch
 from torch import Tensor
 
 from cluster.engine.calibrate import DECODE_ROWS as OP_DECODE_ROWS
-from cluster.engine.calibrate import CoordinatorWeights, coordinator_ops
+from cluster.engine.calibrate import CoordinatorWeights, StreamedExperts, coordinator_ops
 from cluster.engine_config import omp_runtime_env
 from cluster.links.protocol import OP_WORK, LinkSpec
 from cluster.links.shm import ShmCoordinatorEnd
-from cluster.model.config import ModelConfig
+from cluster.model.config import ModelConfig, parse_dtype
 from cluster.model.experts import LocalExperts
-from cluster.model.ops import expert_swiglu
 from cluster.planning.plan import ModelSizes, cpu_wait_policy, split_experts
 from workers.expert_loop import ExpertLoop
 from workers.versioned_experts import VersionedExperts
@@ -186,7 +185,8 @@ def expert_phase_ms(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], toke
     """{"expert_phase_ms": {W: {T: ms}}, "coordinator_resume_ms": {W: {T: ms}}}: one layer's expert phase (send,
     the workers' expert calls, results back) with the E experts of ``cfg`` split over W worker processes of
     ``threads`` intra-op threads, at a step of T tokens routed at random; and what the coordinator's own turn of
-    that layer costs more right after such a phase than back to back (``_phase``); {} when one layer of experts is
+    that layer costs more right after such a phase than right after the same expert calls in-process (``_phase``);
+    {} when one layer of experts is
     larger than PHASE_MAX_LAYER_BYTES (the echo exchange stands in). ``context``: keys per sequence in the
     coordinator's decode attention."""
     layer_bytes = cfg.num_experts * ModelSizes.of(cfg, dtype).expert_bytes // cfg.num_layers
@@ -195,6 +195,7 @@ def expert_phase_ms(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], toke
     layers = max(2, min(cfg.num_layers, -(-STREAM_BYTES // layer_bytes)))  # weights cycled through
     measured: dict[str, dict[str, float]] = {}
     resume: dict[str, dict[str, float]] = {}
+    in_process = StreamedExperts(cfg, parse_dtype(dtype), torch.device("cpu"))  # the resume's baseline, every W
     for count in workers:
         split = split_experts(cfg.num_experts, count)
         spec = LinkSpec(hidden=cfg.hidden_size, dtype=dtype, max_local=max(len(w) for w in split))
@@ -212,7 +213,6 @@ def expert_phase_ms(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], toke
             torch.set_num_threads(1)
             try:
                 coordinator = CoordinatorWeights.random(cfg, spec.torch_dtype, torch.device("cpu"))
-                in_process = _InProcessExperts(cfg, spec.torch_dtype)
                 turns = {t: _whole_turn(*coordinator_ops(cfg, coordinator, t, context, decode=t in OP_DECODE_ROWS))
                          for t in tokens}
                 passes = [{t: _phase(ends, split, spec, cfg, t, layers, seconds / PHASE_PASSES, turns[t], in_process)
@@ -243,7 +243,7 @@ def _whole_turn(layer: Callable[[], None], bookkeeping: Callable[[], None]) -> C
 
 
 def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec, cfg: ModelConfig, tokens: int,
-           layers: int, seconds: float, turn: Callable[[], None], in_process: _InProcessExperts) -> tuple[
+           layers: int, seconds: float, turn: Callable[[], None], in_process: StreamedExperts) -> tuple[
                float, float]:
     """(median ms of a layer's round, ms the coordinator's turn costs more after a round than after the same
     tokens' expert calls in its own process).
@@ -265,7 +265,9 @@ def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec
     rows = torch.randn(tokens * cfg.experts_per_token, spec.hidden, dtype=spec.torch_dtype)  # (T * k, H)
     local = []
     for _ in range(TURN_LOCAL_REPEATS + 1):  # the first warms up
-        in_process.run(rows, routed_counts(tokens, cfg.experts_per_token, cfg.num_experts, generator))
+        for expert_rows in rows.split(routed_counts(tokens, cfg.experts_per_token, cfg.num_experts, generator)):
+            if len(expert_rows):  # an expert with no rows is not called
+                in_process(expert_rows)
         started = time.perf_counter()
         turn()
         local.append(time.perf_counter() - started)
@@ -297,29 +299,6 @@ def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec
     # the first cycle through the layers warms up; a turn follows the round before it (the first, none)
     resumed = statistics.median(turns[layers + 1:]) - statistics.median(local[1:])
     return 1000 * statistics.median(samples[layers:]), 1000 * max(0.0, resumed)
-
-
-class _InProcessExperts:
-    """Experts of the model's shapes in the calibrating process, as a local engine holds them: each call takes the
-    next of enough weight sets to stream STREAM_BYTES through the caches, as a step reads every layer's experts."""
-
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
-        h, i = cfg.hidden_size, cfg.intermediate_size
-        expert_bytes = 3 * h * i * torch.finfo(dtype).bits // 8
-        sets = max(2, -(-STREAM_BYTES // expert_bytes))
-        self.weights = [(torch.randn(2 * i, h, dtype=dtype) * h ** -0.5, torch.randn(h, i, dtype=dtype) * i ** -0.5)
-                        for _ in range(sets)]  # (2I, H) = [w1; w3], (H, I)
-        self.next = 0
-
-    def run(self, rows: Tensor, counts: list[int]) -> None:
-        """``rows`` (R, H) grouped by expert, ``counts[e]`` rows each."""
-        first = 0
-        for n in counts:
-            if n:
-                w13, w2 = self.weights[self.next]
-                self.next = (self.next + 1) % len(self.weights)
-                expert_swiglu(rows[first:first + n], w13, w2)
-                first += n
 
 
 def link_costs(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], context: int = PHASE_CONTEXT) -> dict[str, Any]:

@@ -174,6 +174,24 @@ def _random_weight(dtype: torch.dtype, device: torch.device, *shape: int) -> tor
     return torch.randn(*shape, dtype=dtype, device=device) * shape[-1] ** -0.5
 
 
+class StreamedExperts:
+    """Random experts of the model's shapes, enough distinct copies to stream STREAM_BYTES through the caches (as a
+    step reads every layer's experts from memory); each call runs the next copy."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        expert_bytes = 3 * h * i * torch.finfo(dtype).bits // 8
+        self.copies = max(2, -(-STREAM_BYTES // expert_bytes))
+        self.w13s = [_random_weight(dtype, device, 2 * i, h) for _ in range(self.copies)]  # (2I, H) = [w1; w3]
+        self.w2s = [_random_weight(dtype, device, h, i) for _ in range(self.copies)]  # (H, I)
+        self._turn = itertools.count()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (R, H) -> (R, H) through the next copy."""
+        copy = next(self._turn) % self.copies
+        return expert_swiglu(x, self.w13s[copy], self.w2s[copy])
+
+
 def coordinator_ops(cfg: ModelConfig, w: CoordinatorWeights, rows: int, context: int,
                     decode: bool) -> tuple[Callable[[], None], Callable[[], None]]:
     """The coordinator's share of one layer at ``rows`` rows, as two calls: the layer's ops (RMSNorms, q/k/v/o
@@ -214,11 +232,7 @@ def _measure(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, context
              rows: tuple[int, ...]) -> dict[str, Any]:
     h = cfg.hidden_size
     coordinator = CoordinatorWeights.random(cfg, dtype, device)
-    expert_bytes = 3 * h * cfg.intermediate_size * torch.finfo(dtype).bits // 8
-    copies = max(2, -(-STREAM_BYTES // expert_bytes))  # distinct experts cycled through (streamed weights)
-    w13s = [_random_weight(dtype, device, 2 * cfg.intermediate_size, h) for _ in range(copies)]
-    w2s = [_random_weight(dtype, device, h, cfg.intermediate_size) for _ in range(copies)]
-    turn = itertools.count()
+    experts = StreamedExperts(cfg, dtype, device)
     head = _random_weight(dtype, device, cfg.vocab_size, h)
     out: dict[str, Any] = {"coordinator_layer": {}, "expert": {}, "moe_overhead": {}, "lm_head": {}}
     for r in rows:
@@ -227,11 +241,7 @@ def _measure(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, context
         layer, moe_bookkeeping = coordinator_ops(cfg, coordinator, r, context, decode)
         out["coordinator_layer"][str(r)] = _timed(layer, device, repeats)
 
-        def streamed_expert(x: torch.Tensor = x) -> None:
-            i = next(turn) % copies
-            expert_swiglu(x, w13s[i], w2s[i])
-
-        out["expert"][str(r)] = _timed(streamed_expert, device, max(repeats, copies))
+        out["expert"][str(r)] = _timed(functools.partial(experts, x), device, max(repeats, experts.copies))
         out["moe_overhead"][str(r)] = _timed(moe_bookkeeping, device, repeats)
         if decode:
             out["lm_head"][str(r)] = _timed(functools.partial(_lm_head, x, coordinator.norm, head,
