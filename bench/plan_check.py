@@ -48,7 +48,7 @@ from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.model.config import ModelConfig
 from cluster.planning.plan import Hardware, Plan, cpu_wait_policy, plan_cpus, split_experts, step_ms
 from workers.cluster_engine import ClusterEngine, start_pool, stop_pool
-from workers.link_calibration import exchange_ms, expert_phase_ms
+from workers.link_calibration import cores_busy, exchange_ms, expert_phase_ms
 
 PROMPT_LEN = 16
 
@@ -91,9 +91,11 @@ def main() -> None:
         calibrate, cfg, cfg.dtype, "cpu", context=context, cache=None,
         also=functools.partial(exchange_ms, cfg.hidden_size, cfg.dtype, tuple(sorted(set(args.workers)))))
     first_costs = calibrate_now()
-    # With 1 thread per process each side has a core of its own and two micro-batches can overlap them; with more,
-    # both sides use every core (the default plan), and micro-batches only take turns.
-    base = dataclasses.replace(plan_cpus(cfg, Hardware("cpu", cores, 24)), overlaps=args.threads == 1,
+    # measured once: disturbance lowers a ratio of CPU time to time, so the least of two would be the most disturbed
+    busy = cores_busy(cfg, cfg.dtype, args.threads, context=context)
+    # The plan for this machine, its processes on --threads threads: with 1 each side has a core of its own and two
+    # micro-batches overlap them; with more, only their one-thread stretches overlap (plan.py parallel_share).
+    base = dataclasses.replace(plan_cpus(cfg, Hardware("cpu", cores, 24)),
                                threads={"coordinator": args.threads, "worker": args.threads})
     ray.init(address="local", num_cpus=64, include_dashboard=False, log_to_driver=False)
     engine_cfg = EngineConfig(model=str(model), progress=False, enable_prefix_caching=False,
@@ -163,7 +165,7 @@ def main() -> None:
     finally:
         local.shutdown()
     ray.shutdown()
-    costs = least_disturbed(first_costs, calibrate_now())
+    costs = least_disturbed(first_costs, calibrate_now()) | busy
     for (key, workers, tokens), samples in phase_samples.items():
         costs.setdefault(key, {}).setdefault(workers, {})[tokens] = least_disturbed_ms(samples)
     rows: list[list[object]] = []

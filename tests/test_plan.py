@@ -34,6 +34,7 @@ from cluster.planning.plan import (
     PREFILL_TOKENS,
     Hardware,
     ModelSizes,
+    Plan,
     interpolate,
     plan_cpus,
     plan_gpus,
@@ -46,7 +47,7 @@ from cluster.planning.plan import (
 from router_service.cli import main
 from router_service.settings import AppSettings
 from tests.conftest import process_environ
-from workers.link_calibration import exchange_ms, expert_phase_ms
+from workers.link_calibration import cores_busy, exchange_ms, expert_phase_ms
 
 MIXTRAL = Path(__file__).parent / "data" / "mixtral-8x7b"
 
@@ -136,8 +137,8 @@ def test_cpu_plan_gives_each_side_of_the_serial_schedule_every_core() -> None:
         passive = "passive" if threads > 1 else None
         assert plan.pool_options["worker_omp_wait_policy"] == plan.cluster_options["coordinator_omp_wait_policy"] \
             == passive
-        assert plan.overlaps == (threads == 1 and cores > 1)
-        if plan.overlaps:
+        assert plan.overlaps == (cores > 1)  # both sides can compute at once (step_ms: as the cores hold them)
+        if threads == 1 and cores > 1:  # ping-pong where each side has a core of its own
             assert plan.cluster_options["micro_batches"] == plan.micro_batches == 0
             assert plan.cluster_options["micro_batch_min_tokens"] == CPU_MICRO_BATCH_MIN_TOKENS
         else:
@@ -262,6 +263,35 @@ def test_two_micro_batches_fill_the_pipeline_once_a_step() -> None:
     assert step_ms(plan, costs, 2, 2, prefill=False) != step_ms(plan, costs, 2, 1, prefill=False)
 
 
+def test_processes_of_several_threads_overlap_only_their_one_thread_stretches() -> None:
+    """Two micro-batches on a 2-core node, every process on 2 threads: where the calls kept one core busy (CPU time
+    = time) the halves overlap as 1-thread processes do; where they kept both (twice), they take turns; halfway,
+    half of each side runs alone and the rest overlaps. One thread: CPU times change nothing."""
+    cfg = ModelConfig.from_file(MIXTRAL)
+    wall: dict[str, Any] = {"coordinator_layer": {"1": 1.0, "1024": 1.0}, "expert": {"1": 2.0, "1024": 2.0},
+                            "lm_head": {"1": 0.0, "1024": 0.0}}
+    link, layers, tokens = LINK_MS_PER_WORKER, cfg.num_layers, 1024  # every expert has rows in both halves
+
+    def with_cpu(busy: float) -> dict[str, Any]:
+        return wall | {f"{k}_cores": {"1": busy, "1024": busy} for k in ("coordinator_layer", "expert")}
+
+    def plan(threads: int) -> Plan:
+        return dataclasses.replace(plan_cpus(cfg, Hardware("cpu", 2, 512)), workers=split_experts(8, 1),
+                                   threads={"coordinator": threads, "worker": threads})
+
+    coord, worker = 1.0, 8 * 2.0  # a layer's turns: the coordinator's, the worker's 8 calls
+    overlapped = layers * 2 * (worker + link) + coord  # the busier side's two turns; the fill once
+    assert step_ms(plan(2), with_cpu(1.0), tokens, 2, prefill=False) == pytest.approx(overlapped)
+    assert step_ms(plan(1), with_cpu(2.0), tokens, 2, prefill=False) == pytest.approx(overlapped)
+    assert step_ms(plan(2), with_cpu(2.0), tokens, 2, prefill=False) == pytest.approx(
+        layers * 2 * (coord + worker + link))  # taking turns: no fill
+    half = layers * 2 * (coord / 2 + worker / 2 + max(coord, worker) / 2 + link) + min(coord, worker) / 2
+    assert step_ms(plan(2), with_cpu(1.5), tokens, 2, prefill=False) == pytest.approx(half)
+    for busy in (1.0, 1.5, 2.0):  # serial: nothing to overlap
+        assert step_ms(plan(2), with_cpu(busy), tokens, 1, prefill=False) == pytest.approx(
+            layers * (coord + worker + link))
+
+
 def test_predictions_choose_the_schedule_and_say_so() -> None:
     """Calibrated costs choose the micro-batches: two from the smallest predicted batch where they beat serial,
     else serial with no threshold left in the overlay; a note says which, beside plan_cpus' default."""
@@ -381,6 +411,13 @@ def test_calibration_times_the_engine_and_the_links_on_this_machine(demo_dir: Pa
     again = calibrate(cfg, cfg.dtype, "cpu", context=24, cache=tmp_path, repeats=2, rows=(1, 8))
     assert again["cached"] and again["exchange_ms"] == costs["exchange_ms"]
     assert again["engine_layer"] == costs["engine_layer"]
+    # the cores a call keeps busy, where it has several threads (one thread: one core, nothing to measure), in a
+    # process of those threads
+    assert cores_busy(cfg, cfg.dtype, 1) == {}
+    busy = cores_busy(cfg, cfg.dtype, 2, rows=(1, 8, 256), context=24, repeats=2)
+    for kind in ("coordinator_layer_cores", "expert_cores"):
+        assert set(busy[kind]) == {"1", "8", "256"}, busy
+        assert all(0 < cores <= 2 for cores in busy[kind].values()), busy
 
 
 def test_step_times_are_each_steps_own(demo_dir: Path) -> None:

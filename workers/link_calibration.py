@@ -21,11 +21,16 @@ results, as a coordinator's layer does. The median round of many is the time for
   calls run in the coordinator's own process, as a local engine runs them. The coordinator's core sleeps while it
   waits, and the turn after runs slower; the local engine never waits, so its costs miss this. Its turn is cold too
   (its own expert calls stream weights through the caches), and that part its costs already hold.
+* ``coordinator_layer_cores``, ``expert_cores`` (processes of several threads): how many cores the coordinator's
+  layer and one expert call keep busy on average at a few row counts, in a process of those threads with the wait
+  policy the plan deploys it with: where a call keeps one, the coordinator and a worker fit on two cores at once.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import multiprocessing
 import os
 import statistics
@@ -39,7 +44,8 @@ import torch
 from torch import Tensor
 
 from cluster.engine.calibrate import DECODE_ROWS as OP_DECODE_ROWS
-from cluster.engine.calibrate import CoordinatorWeights, StreamedExperts, coordinator_ops
+from cluster.engine.calibrate import PREFILL_ROWS as OP_PREFILL_ROWS
+from cluster.engine.calibrate import CoordinatorWeights, StreamedExperts, coordinator_ops, timed_with_cores
 from cluster.engine_config import omp_runtime_env
 from cluster.links.protocol import OP_WORK, LinkSpec
 from cluster.links.shm import ShmCoordinatorEnd
@@ -301,10 +307,49 @@ def _phase(ends: list[ShmCoordinatorEnd], split: list[list[int]], spec: LinkSpec
     return 1000 * statistics.median(samples[layers:]), 1000 * max(0.0, resumed)
 
 
+def cores_busy(cfg: ModelConfig, dtype: str, threads: int, rows: tuple[int, ...] = OP_DECODE_ROWS + OP_PREFILL_ROWS,
+               context: int = PHASE_CONTEXT, repeats: int = 5) -> dict[str, Any]:
+    """{"coordinator_layer_cores": {R: cores}, "expert_cores": {R: cores}}: the cores the coordinator's layer ops
+    (calibrate.coordinator_ops: decode at DECODE_ROWS, else one prompt) and one expert call (weights streamed)
+    keep busy on average at R rows, each its process's CPU time over its time, in a process of ``threads``
+    intra-op threads with the wait policy the plan gives such processes (passive: an idle thread sleeps; under
+    OpenMP's default it would spin, and count, as it holds the core). {} with one thread: one core.
+
+    A call that keeps one core busy runs beside the other side's on a second core; one that keeps them all runs
+    alone (cluster/planning/plan.py ``parallel_share``). On the AMD EPYC VM, 2 threads, passive: an expert on 1-4
+    rows kept 1.0 busy (a small matmul runs on one thread), on 6-64 rows 1.6-1.75, 1.84 on 256; the coordinator's
+    layer 0.95-1.15 at 1-16 sequences, 1.5 on a 256-token prompt."""
+    if threads <= 1:
+        return {}
+    context_spawn = multiprocessing.get_context("spawn")  # a fresh process reads the wait policy as it starts
+    with _environment(omp_runtime_env(cpu_wait_policy(threads)).get("env_vars", {})), \
+            concurrent.futures.ProcessPoolExecutor(1, mp_context=context_spawn) as process:
+        return process.submit(_cores_busy_here, cfg, dtype, threads, rows, context, repeats).result()
+
+
+def _cores_busy_here(cfg: ModelConfig, dtype: str, threads: int, rows: tuple[int, ...], context: int,
+                     repeats: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    device, torch_dtype = torch.device("cpu"), parse_dtype(dtype)
+    coordinator = CoordinatorWeights.random(cfg, torch_dtype, device)
+    experts = StreamedExperts(cfg, torch_dtype, device)
+    out: dict[str, dict[str, float]] = {"coordinator_layer_cores": {}, "expert_cores": {}}
+    with torch.inference_mode():
+        for r in rows:
+            layer, _ = coordinator_ops(cfg, coordinator, r, context, decode=r in OP_DECODE_ROWS)
+            x = torch.randn(r, cfg.hidden_size, dtype=torch_dtype)  # (R, H)
+            out["coordinator_layer_cores"][str(r)] = timed_with_cores(layer, device, repeats)[1]
+            out["expert_cores"][str(r)] = timed_with_cores(functools.partial(experts, x), device,
+                                                           max(repeats, experts.copies))[1]
+    return out
+
+
 def link_costs(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], context: int = PHASE_CONTEXT) -> dict[str, Any]:
-    """Both measurements for ``workers`` worker counts: what calibrate(also=...) caches with the op costs. The
+    """The measurements for ``workers`` worker counts, and the cores busy: what calibrate(also=...) caches with
+    the op costs. The
     workers have this process's intra-op thread count (the calibration's, keyed with its costs: `moe-cluster plan`
     sets it to the plan's worker threads). ``context``: as calibrate's, keys per sequence in decode attention."""
     threads = torch.get_num_threads()
-    return exchange_ms(cfg.hidden_size, dtype, workers) | expert_phase_ms(cfg, dtype, workers, threads=threads,
-                                                                          context=context)
+    return (exchange_ms(cfg.hidden_size, dtype, workers)
+            | expert_phase_ms(cfg, dtype, workers, threads=threads, context=context)
+            | cores_busy(cfg, dtype, threads, context=context))

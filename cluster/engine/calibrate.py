@@ -72,7 +72,7 @@ ENGINE_PREFILL_PROMPT_LEN = 128
 ENGINE_LAYERS = (1, 3)  # the two random checkpoints whose difference is ENGINE_LAYERS[1] - ENGINE_LAYERS[0] layers
 STREAM_BYTES = 256 * 2**20  # distinct expert weights cycled through: more than any CPU's last-level cache
 LEAST_DISTURBED_FIFTHS = 5  # least_disturbed_ms: the first of the quantiles cutting samples into fifths
-CALIBRATION_VERSION = 10  # bump when what is measured changes: older cached costs are measured again
+CALIBRATION_VERSION = 11  # bump when what is measured changes: older cached costs are measured again
 # The CPU's matmul kernels change at small row counts (on an AVX-512 Xeon an expert on 4 rows costs 1.7x one on 2,
 # on 16 rows less than on 8): points this dense keep the linear interpolation on those steps.
 DECODE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -138,17 +138,25 @@ def least_disturbed(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    return timed_with_cores(fn, device, repeats)[0]
+
+
+def timed_with_cores(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
+    """(median ms of ``fn``, the cores it kept busy on average: this process's CPU time over the same calls per
+    their time, every thread counted)."""
     fn()  # warm-up
-    samples = []
+    samples, wall, cpu = [], 0.0, 0.0
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        samples.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(samples)
+        cpu += time.process_time() - cpu_started
+        samples.append(time.perf_counter() - started)
+        wall += samples[-1]
+    return statistics.median(samples) * 1e3, cpu / wall if wall > 0 else 1.0
 
 
 @dataclass(frozen=True)

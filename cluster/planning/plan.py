@@ -167,7 +167,8 @@ class Plan:
     engine_options: dict[str, Any] = field(default_factory=dict)
     app_options: dict[str, Any] = field(default_factory=dict)  # the Serve app's own (router_service AppSettings)
     top_k: int = 2
-    overlaps: bool = True  # coordinator and workers have compute of their own (micro-batches can overlap them)
+    # coordinator and workers can compute at once (micro-batches can overlap them): a GPU each, or several cores
+    overlaps: bool = True
 
     @property
     def gpus_used(self) -> int:
@@ -382,10 +383,13 @@ def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str
     workers = split_experts(cfg.num_experts, max(1, min(cfg.num_experts, cores // CPU_WORKER_CORES)))
     worker_threads = max(1, cores // len(workers))
     # Ping-pong overlaps the coordinator's thread with the workers' where it leaves them cores of their own: 1-thread
-    # processes on more than one core. Workers of several threads (and the coordinator as many) use every core.
-    overlaps = worker_threads == 1 and cores > 1
+    # processes on more than one core. Workers of several threads (and the coordinator as many) use every core at
+    # prefill sizes, so they start serial. Either way the two sides can run at once on a node of several cores, as
+    # far as the cores hold what their calls keep busy (step_ms): a decode-size call of several threads keeps
+    # about one core busy (calibrate.py's *_cpu).
+    ping_pong = worker_threads == 1 and cores > 1
     wait_policy = cpu_wait_policy(worker_threads)
-    micro_batches = {"micro_batches": 0, "micro_batch_min_tokens": CPU_MICRO_BATCH_MIN_TOKENS} if overlaps \
+    micro_batches = {"micro_batches": 0, "micro_batch_min_tokens": CPU_MICRO_BATCH_MIN_TOKENS} if ping_pong \
         else {"micro_batches": 1}
     node = Device(0, 0, "cpu", int(hw.memory_gib * GIB))
     node.roles = ["coordinator 0"] + [f"worker {w}" for w in range(len(workers))]
@@ -408,8 +412,8 @@ def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str
                               "worker_omp_wait_policy": wait_policy},
                 engine_options={"max_num_seqs": max_num_seqs, "kv_cache_gib": round(kv_bytes / GIB, 3)},
                 app_options={"stream_chunks_per_s": CPU_STREAM_CHUNKS_PER_CORE * cores},
-                top_k=cfg.experts_per_token, overlaps=overlaps)
-    schedule = (f"serial, 2 micro-batches from {CPU_MICRO_BATCH_MIN_TOKENS} tokens a step (prefills)" if overlaps
+                top_k=cfg.experts_per_token, overlaps=cores > 1)
+    schedule = (f"serial, 2 micro-batches from {CPU_MICRO_BATCH_MIN_TOKENS} tokens a step (prefills)" if ping_pong
                 else "serial")
     plan.notes.append(f"1 coordinator + {len(workers)} worker(s) of {'/'.join(str(len(w)) for w in workers)} "
                       f"experts on {cores} core(s), {worker_threads} thread(s) each; {schedule}: the workers compute "
@@ -552,6 +556,24 @@ def _wait(per_worker: list[float], at_once: float | None) -> float:
     return max(per_worker)
 
 
+def parallel_share(costs: dict[str, Any], key: str, rows: float, threads: int, plan: Plan | None = None) -> float:
+    """The share of a call's time spent on all its ``threads`` at once rather than on one, for ``key``
+    (coordinator_layer, or expert: a worker's calls at ``rows`` tokens a layer under ``plan``'s uniform routing,
+    each weighted by its time), from the cores it kept busy on average (workers/link_calibration.py ``cores_busy``):
+    1 core is none of it, ``threads`` cores all. 0 with one thread or where they were not measured."""
+    cores = costs.get(f"{key}_cores")
+    if threads <= 1 or not cores:
+        return 0.0
+    if key == "expert" and plan is not None:  # each call's cores weighted by its time, over the rows it gets
+        trials, p = round(rows), plan.top_k / plan.sizes.num_experts
+        busy_ms = {r: ms * interpolate(cores, int(r)) for r, ms in costs[key].items()}
+        wall, busy = expected_call_ms(costs[key], trials, p), expected_call_ms(busy_ms, trials, p)
+        busy = busy / wall if wall > 0 else 1.0
+    else:
+        busy = interpolate(cores, rows)
+    return min(1.0, max(0.0, (busy - 1) / (threads - 1)))
+
+
 def exchange_cost_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> float:
     """One layer's exchange with the plan's workers at ``tokens``, beyond what ``workers_ms`` says their calls cost.
 
@@ -593,11 +615,13 @@ def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, 
             link_ms: float | None = None, resume_ms: float | None = None) -> float:
     """Predicted step time: per layer, the coordinator's part (attention, router, the MoE bookkeeping around the
     expert calls), then the slowest worker's, then the link; with two micro-batches one's attention runs while the
-    workers compute the other's (where they have cores of their own), so a layer costs the larger of the two
-    halves' sums, and a step the smaller once more (filling the pipeline).
+    workers compute the other's (where both can compute at once: ``plan.overlaps``), so a layer costs the larger of
+    the two halves' sums, and a step the smaller once more (filling the pipeline).
 
     On a CPU node the processes share its cores: workers that are more than the cores take turns (``workers_ms``),
-    and everything busy at once (both halves of ping-pong) is at least its sum over the cores.
+    and everything busy at once (both halves of ping-pong) is at least its sum over the cores. Processes of several
+    threads overlap only their one-thread stretches (``parallel_share``): at decode sizes most of their time (a
+    small matmul runs on one thread), at prefill sizes little.
 
     A decode step splits between sequences, never within one: ``tokens`` sequences take at most that many
     micro-batches, as the engine does.
@@ -634,10 +658,17 @@ def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, 
     elif plan.overlaps:
         # The pipeline runs on across layers (micro-batch 0's next layer is ready before the busier side is free),
         # so a layer costs the busier side's turns; the fill is paid once a step, not once a layer.
-        layer = max(micro_batches * coord, micro_batches * worker) + micro_batches * link_ms
-        fill = min(coord, worker)
-        if cores:
-            layer = max(layer, micro_batches * (coord + sum(per_worker)) / cores + micro_batches * link_ms)
+        # On a CPU, a call's stretches on several threads run alone: each needs all its threads at once, and a
+        # thread the other side holds a core from keeps the rest at its barrier. What runs on one thread overlaps.
+        alone_coord = coord * parallel_share(costs, "coordinator_layer", part, plan.threads.get("coordinator", 1))
+        alone_worker = worker * parallel_share(costs, "expert", part, plan.threads.get("worker", 1), plan)
+        coord_1, worker_1 = coord - alone_coord, worker - alone_worker  # their one-thread stretches
+        layer = micro_batches * (alone_coord + alone_worker + max(coord_1, worker_1) + link_ms)
+        fill = min(coord_1, worker_1)
+        if cores:  # the one-thread stretches at once are at least their sum over the cores
+            workers_1 = sum(per_worker) * (1 - alone_worker / worker) if worker > 0 else 0.0
+            layer = max(layer, micro_batches * (alone_coord + alone_worker + (coord_1 + workers_1) / cores
+                                                + link_ms))
     else:  # no core of its own for each side: the halves take turns
         layer = micro_batches * (coord + worker + link_ms)
     engine_step = costs.get("engine_prefill_step" if prefill else "engine_step")
