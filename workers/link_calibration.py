@@ -317,8 +317,8 @@ def cores_busy(cfg: ModelConfig, dtype: str, threads: int, rows: tuple[int, ...]
 
     A call that keeps one core busy runs beside the other side's on a second core; one that keeps them all runs
     alone (cluster/planning/plan.py ``parallel_share``). On the AMD EPYC VM, 2 threads, passive: an expert on 1-4
-    rows kept 1.0 busy (a small matmul runs on one thread), on 6-64 rows 1.6-1.75, 1.84 on 256; the coordinator's
-    layer 0.95-1.15 at 1-16 sequences, 1.5 on a 256-token prompt."""
+    rows kept 0.99-1.0 busy (a small matmul runs on one thread), on 6-64 rows 1.65-1.78, 1.87 on 256; the
+    coordinator's layer 0.86-1.17 at 1-16 sequences, 1.57 on a 256-token prompt."""
     if threads <= 1:
         return {}
     context_spawn = multiprocessing.get_context("spawn")  # a fresh process reads the wait policy as it starts
@@ -345,10 +345,10 @@ def _cores_busy_here(cfg: ModelConfig, dtype: str, threads: int, rows: tuple[int
 
 
 def link_costs(cfg: ModelConfig, dtype: str, workers: tuple[int, ...], context: int = PHASE_CONTEXT) -> dict[str, Any]:
-    """The measurements for ``workers`` worker counts, and the cores busy: what calibrate(also=...) caches with
-    the op costs. The
-    workers have this process's intra-op thread count (the calibration's, keyed with its costs: `moe-cluster plan`
-    sets it to the plan's worker threads). ``context``: as calibrate's, keys per sequence in decode attention."""
+    """The exchange and the expert phases for ``workers`` worker counts, and the cores busy: what
+    calibrate(also=...) caches with the op costs. The workers have this process's intra-op thread count (the
+    calibration's, keyed with its costs: `moe-cluster plan` sets it to the plan's worker threads). ``context``: as
+    calibrate's, keys per sequence in decode attention."""
     threads = torch.get_num_threads()
     return (exchange_ms(cfg.hidden_size, dtype, workers)
             | expert_phase_ms(cfg, dtype, workers, threads=threads, context=context)

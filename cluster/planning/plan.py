@@ -386,7 +386,7 @@ def plan_cpus(cfg: ModelConfig, hw: Hardware, *, name: str = "model", dtype: str
     # processes on more than one core. Workers of several threads (and the coordinator as many) use every core at
     # prefill sizes, so they start serial. Either way the two sides can run at once on a node of several cores, as
     # far as the cores hold what their calls keep busy (step_ms): a decode-size call of several threads keeps
-    # about one core busy (calibrate.py's *_cpu).
+    # about one core busy (workers/link_calibration.py cores_busy).
     ping_pong = worker_threads == 1 and cores > 1
     wait_policy = cpu_wait_policy(worker_threads)
     micro_batches = {"micro_batches": 0, "micro_batch_min_tokens": CPU_MICRO_BATCH_MIN_TOKENS} if ping_pong \
