@@ -23,6 +23,7 @@ from cluster.engine.loop import EngineLoop
 from cluster.engine.sampling import SamplingParams
 from cluster.engine_config import ClusterConfig, EngineConfig, PoolConfig
 from cluster.model.config import ModelConfig
+from cluster.model.quant import expert_quantization, quantize_weight
 from cluster.planning.plan import (
     CPU_MICRO_BATCH_MIN_TOKENS,
     CPU_STREAM_CHUNKS_PER_CORE,
@@ -32,6 +33,7 @@ from cluster.planning.plan import (
     GIB,
     LINK_MS_PER_WORKER,
     PREFILL_TOKENS,
+    QUANTIZED_BYTES,
     Hardware,
     ModelSizes,
     Plan,
@@ -100,6 +102,16 @@ def test_mixtral_on_two_40_gib_gpus_says_what_does_not_fit_and_what_would(
     assert kinds["experts int4"]["kv_cache_tokens"] > kinds["experts int8"]["kv_cache_tokens"] > 32768
     cache = kinds["expert cache"]
     assert 0 < cache["resident_expert_layers"] < cache["of"] == 256 and cache["host_gib"] > 0
+    # what it names is what serve takes: K of each worker's 4 experts per layer (2 workers, 32 layers)
+    assert 0 < cache["expert_cache_size"] < 4 and cache["resident_expert_layers"] == cache["expert_cache_size"] * 64
+    assert f"--expert-cache-size {cache['expert_cache_size']}" in cache["summary"]
+    assert "--quantize-experts int8" in kinds["experts int8"]["summary"]
+    # the sizes are those of moe-cluster's own quantized weights (cluster/model/quant.py), one expert matrix of each
+    for quant, method in (("int8", expert_quantization("int8")), ("int4", expert_quantization("int4"))):
+        assert method is not None
+        w = torch.empty(14336, 4096)  # Mixtral-8x7B's w1: (intermediate, hidden)
+        held = quantize_weight(w, method).nbytes
+        assert held / w.numel() == pytest.approx(QUANTIZED_BYTES[quant], rel=1e-3), quant
     assert kinds["3 GPUs"]["fits"]  # and the plan it names does fit:
     code, three = run_plan(capsys, "--gpus", "3", "--gpu-memory-gib", "40")
     assert code == 0 and three["experts_per_worker"] == [3, 3, 2]

@@ -21,13 +21,15 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from cluster.model.config import ModelConfig
+from cluster.model.quant import DEFAULT_INT4_GROUP_SIZE
 
 GIB = 2**30
 GB = 10**9
 DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
-# Quantized expert weights (not served by moe-cluster yet; the plan says what they would save): bytes per
-# parameter with one bf16 scale per group of 128 weights.
-QUANTIZED_BYTES = {"int8": 1.0 + 2 / 128, "int4": 0.5 + 2 / 128}
+# Quantized expert weights as moe-cluster holds them (`serve --quantize-experts`, cluster/model/quant.py): bytes per
+# parameter. int8: a byte and a float32 scale per output channel (a row of 4096 inputs in Mixtral-8x7B's smallest
+# expert matrix); int4: half a byte and a float32 scale per group of the default size.
+QUANTIZED_BYTES = {"int8": 1.0 + 4 / 4096, "int4": 0.5 + 4 / DEFAULT_INT4_GROUP_SIZE}
 GPU_RUNTIME_BYTES = int(1.5 * GIB)  # per process on a GPU: CUDA context, allocator slack, activations at 4k tokens
 CPU_RUNTIME_BYTES = int(0.6 * GIB)  # per process on a CPU node: Python, torch, Ray worker
 # Cores per expert worker on a CPU node: its intra-op threads. One: on 2 cores, two 1-thread workers and a 1-thread
@@ -290,11 +292,10 @@ def _spread_index(worker: int, workers: int, hw: Hardware) -> int:
 
 
 def gpu_alternatives(cfg: ModelConfig, hw: Hardware, sizes: ModelSizes, max_len: int) -> list[dict[str, Any]]:
-    """What would fit on this hardware: quantized experts, and an expert cache (some experts resident per layer,
-    the others streamed from host memory), with numbers."""
+    """What would fit on this hardware, with numbers and the serve flag that does it: quantized experts, and an
+    expert cache (some experts resident per layer, the others streamed from host memory)."""
     capacity = int(hw.memory_gib * GIB * GPU_MEMORY_UTILIZATION)
     workers = min(cfg.num_experts, hw.devices)
-    runtimes = GPU_RUNTIME_BYTES * (workers + 1)
     kv_min = max_len * sizes.kv_bytes_per_token
     out = []
     for quant in ("int8", "int4"):
@@ -305,26 +306,31 @@ def gpu_alternatives(cfg: ModelConfig, hw: Hardware, sizes: ModelSizes, max_len:
                     "kv_cache_gib": round(max(0, free) / GIB, 2),
                     "kv_cache_tokens": max(0, free) // sizes.kv_bytes_per_token,
                     "summary": f"experts in {quant} ({expert / GIB:.2f} GiB each, {cfg.num_experts * expert / GB:.1f} "
-                               f"GB in all; quantization is not implemented in moe-cluster yet): "
+                               f"GB in all; moe-cluster serve --quantize-experts {quant}): "
                                + (f"{max(0, free) / GIB:.1f} GiB = {max(0, free) // sizes.kv_bytes_per_token:,} "
                                   f"tokens of KV cache left" if free >= kv_min else
                                   f"still {(kv_min - free) / GIB:.1f} GiB short")})
-    # Expert cache: the coordinator and a KV cache of one full sequence first, then as many expert-layers as fit.
-    room = hw.devices * capacity - runtimes - sizes.coordinator_bytes - kv_min
-    per_expert_layer = sizes.expert_bytes / cfg.num_layers
-    resident = max(0, int(room // per_expert_layer))
+    # Expert cache (`serve --expert-cache-size K`): each worker keeps K of its experts per layer on its GPU, the
+    # rest in host memory. The coordinator and a KV cache of one full sequence come first on its GPU; K is what
+    # the fullest GPU holds, an expert (every layer) taking one expert's bytes.
+    split = split_experts(cfg.num_experts, workers)
+    home_free = capacity - 2 * GPU_RUNTIME_BYTES - sizes.coordinator_bytes - kv_min  # a worker and the coordinator
+    other_free = capacity - GPU_RUNTIME_BYTES
+    k = max(0, min(min(len(w) for w in split) - 1,
+                   int(min(home_free, other_free if workers > 1 else home_free) // sizes.expert_bytes)))
     total = cfg.num_experts * cfg.num_layers
-    missing = max(0, total - resident)
-    streamed = missing * per_expert_layer
+    resident = k * workers * cfg.num_layers
+    streamed = (total - resident) * sizes.expert_bytes / cfg.num_layers
     step_ms = streamed / (HOST_LINK_GBS * GB) * 1e3
-    out.append({"kind": "expert cache", "fits": resident > 0, "resident_expert_layers": min(resident, total),
+    out.append({"kind": "expert cache", "fits": k > 0, "expert_cache_size": k, "resident_expert_layers": resident,
                 "of": total, "host_gib": round(streamed / GIB, 1), "decode_stream_ms": round(step_ms, 1),
-                "summary": f"an expert cache ({sizes.dtype}; not implemented in moe-cluster yet): "
-                           f"{min(resident, total)} of {total} expert-layers ({min(resident, total) / total:.0%}) "
-                           "resident on the GPUs, "
-                           f"{streamed / GIB:.1f} GiB in host memory; a decode step whose batch touches every "
-                           f"expert streams that much, about {step_ms:,.0f} ms at {HOST_LINK_GBS:g} GB/s (batches "
-                           f"that touch fewer, or int8 experts in the cache, stream less)"})
+                "summary": (f"an expert cache ({sizes.dtype}; moe-cluster serve --expert-cache-size {k}): {k} of "
+                            f"each worker's {min(len(w) for w in split)} experts per layer resident on its GPU, "
+                            f"{resident} of {total} expert-layers ({resident / total:.0%}), "
+                            f"{streamed / GIB:.1f} GiB in host memory; a decode step whose batch touches every "
+                            f"expert streams that much, about {step_ms:,.0f} ms at {HOST_LINK_GBS:g} GB/s (batches "
+                            "that touch fewer stream less; not with --quantize-experts yet)") if k > 0
+                else "an expert cache: not even one expert per worker fits beside the coordinator"})
     gpus_needed = _gpus_needed(cfg, sizes, hw.memory_gib, max_len)
     out.append({"kind": f"{gpus_needed} GPUs", "fits": True, "gpus": gpus_needed,
                 "summary": f"{gpus_needed} GPUs of {hw.memory_gib:g} GiB in {sizes.dtype} (moe-cluster plan --gpus "
