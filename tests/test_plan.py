@@ -284,7 +284,7 @@ def test_processes_of_several_threads_overlap_only_their_one_thread_stretches() 
                             "lm_head": {"1": 0.0, "1024": 0.0}}
     link, layers, tokens = LINK_MS_PER_WORKER, cfg.num_layers, 1024  # every expert has rows in both halves
 
-    def with_cpu(busy: float) -> dict[str, Any]:
+    def with_cores(busy: float) -> dict[str, Any]:
         return wall | {f"{k}_cores": {"1": busy, "1024": busy} for k in ("coordinator_layer", "expert")}
 
     def plan(threads: int) -> Plan:
@@ -293,14 +293,14 @@ def test_processes_of_several_threads_overlap_only_their_one_thread_stretches() 
 
     coord, worker = 1.0, 8 * 2.0  # a layer's turns: the coordinator's, the worker's 8 calls
     overlapped = layers * 2 * (worker + link) + coord  # the busier side's two turns; the fill once
-    assert step_ms(plan(2), with_cpu(1.0), tokens, 2, prefill=False) == pytest.approx(overlapped)
-    assert step_ms(plan(1), with_cpu(2.0), tokens, 2, prefill=False) == pytest.approx(overlapped)
-    assert step_ms(plan(2), with_cpu(2.0), tokens, 2, prefill=False) == pytest.approx(
+    assert step_ms(plan(2), with_cores(1.0), tokens, 2, prefill=False) == pytest.approx(overlapped)
+    assert step_ms(plan(1), with_cores(2.0), tokens, 2, prefill=False) == pytest.approx(overlapped)
+    assert step_ms(plan(2), with_cores(2.0), tokens, 2, prefill=False) == pytest.approx(
         layers * 2 * (coord + worker + link))  # taking turns: no fill
     half = layers * 2 * (coord / 2 + worker / 2 + max(coord, worker) / 2 + link) + min(coord, worker) / 2
-    assert step_ms(plan(2), with_cpu(1.5), tokens, 2, prefill=False) == pytest.approx(half)
+    assert step_ms(plan(2), with_cores(1.5), tokens, 2, prefill=False) == pytest.approx(half)
     for busy in (1.0, 1.5, 2.0):  # serial: nothing to overlap
-        assert step_ms(plan(2), with_cpu(busy), tokens, 1, prefill=False) == pytest.approx(
+        assert step_ms(plan(2), with_cores(busy), tokens, 1, prefill=False) == pytest.approx(
             layers * (coord + worker + link))
 
 

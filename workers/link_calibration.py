@@ -109,6 +109,11 @@ def _serve(address: str, spec: LinkSpec, listening: Event, experts: tuple[int, i
     loop.run()  # on this thread, whose intra-op thread count is set above
 
 
+def _wait_policy_env(threads: int) -> dict[str, str]:
+    """The environment variables that give a process of ``threads`` intra-op threads the plan's wait policy."""
+    return dict(omp_runtime_env(cpu_wait_policy(threads)).get("env_vars", {}))
+
+
 @contextlib.contextmanager
 def _environment(variables: dict[str, str]) -> Iterator[None]:
     """``variables`` set in this process's environment for the block (what a process spawned in it inherits)."""
@@ -131,7 +136,7 @@ def _start_loops(spec: LinkSpec, count: int, experts: list[tuple[int, int, int, 
     (docs/architecture.md "Threads"): a spawned process starts with this one's environment, before it loads torch."""
     context = multiprocessing.get_context("spawn")  # as fresh as a Ray worker; fork would copy this process
     run_id = uuid.uuid4().hex[:8]
-    policy = omp_runtime_env(cpu_wait_policy(threads)).get("env_vars", {})
+    policy = _wait_policy_env(threads)
     procs, ends = [], []
     try:
         with _environment(policy):
@@ -322,7 +327,7 @@ def cores_busy(cfg: ModelConfig, dtype: str, threads: int, rows: tuple[int, ...]
     if threads <= 1:
         return {}
     context_spawn = multiprocessing.get_context("spawn")  # a fresh process reads the wait policy as it starts
-    with _environment(omp_runtime_env(cpu_wait_policy(threads)).get("env_vars", {})), \
+    with _environment(_wait_policy_env(threads)), \
             concurrent.futures.ProcessPoolExecutor(1, mp_context=context_spawn) as process:
         return process.submit(_cores_busy_here, cfg, dtype, threads, rows, context, repeats).result()
 

@@ -313,11 +313,9 @@ def gpu_alternatives(cfg: ModelConfig, hw: Hardware, sizes: ModelSizes, max_len:
     # Expert cache (`serve --expert-cache-size K`): each worker keeps K of its experts per layer on its GPU, the
     # rest in host memory. The coordinator and a KV cache of one full sequence come first on its GPU; K is what
     # the fullest GPU holds, an expert (every layer) taking one expert's bytes.
-    split = split_experts(cfg.num_experts, workers)
-    home_free = capacity - 2 * GPU_RUNTIME_BYTES - sizes.coordinator_bytes - kv_min  # a worker and the coordinator
-    other_free = capacity - GPU_RUNTIME_BYTES
-    k = max(0, min(min(len(w) for w in split) - 1,
-                   int(min(home_free, other_free if workers > 1 else home_free) // sizes.expert_bytes)))
+    fewest = min(len(w) for w in split_experts(cfg.num_experts, workers))  # experts of the smallest worker
+    fullest_free = capacity - 2 * GPU_RUNTIME_BYTES - sizes.coordinator_bytes - kv_min  # a worker + the coordinator
+    k = max(0, min(fewest - 1, int(fullest_free // sizes.expert_bytes)))
     total = cfg.num_experts * cfg.num_layers
     resident = k * workers * cfg.num_layers
     streamed = (total - resident) * sizes.expert_bytes / cfg.num_layers
@@ -325,7 +323,7 @@ def gpu_alternatives(cfg: ModelConfig, hw: Hardware, sizes: ModelSizes, max_len:
     out.append({"kind": "expert cache", "fits": k > 0, "expert_cache_size": k, "resident_expert_layers": resident,
                 "of": total, "host_gib": round(streamed / GIB, 1), "decode_stream_ms": round(step_ms, 1),
                 "summary": (f"an expert cache ({sizes.dtype}; moe-cluster serve --expert-cache-size {k}): {k} of "
-                            f"each worker's {min(len(w) for w in split)} experts per layer resident on its GPU, "
+                            f"each worker's {fewest} experts per layer resident on its GPU, "
                             f"{resident} of {total} expert-layers ({resident / total:.0%}), "
                             f"{streamed / GIB:.1f} GiB in host memory; a decode step whose batch touches every "
                             f"expert streams that much, about {step_ms:,.0f} ms at {HOST_LINK_GBS:g} GB/s (batches "
@@ -562,22 +560,30 @@ def _wait(per_worker: list[float], at_once: float | None) -> float:
     return max(per_worker)
 
 
-def parallel_share(costs: dict[str, Any], key: str, rows: float, threads: int, plan: Plan | None = None) -> float:
-    """The share of a call's time spent on all its ``threads`` at once rather than on one, for ``key``
-    (coordinator_layer, or expert: a worker's calls at ``rows`` tokens a layer under ``plan``'s uniform routing,
-    each weighted by its time), from the cores it kept busy on average (workers/link_calibration.py ``cores_busy``):
-    1 core is none of it, ``threads`` cores all. 0 with one thread or where they were not measured."""
-    cores = costs.get(f"{key}_cores")
-    if threads <= 1 or not cores:
+def parallel_share(cores_busy: float, threads: int) -> float:
+    """The share of a call's time spent on all its ``threads`` at once rather than on one, from the cores it kept
+    busy on average (``call_cores``, ``expert_calls_cores``): 1 core is none of it, ``threads`` cores all."""
+    if threads <= 1:
         return 0.0
-    if key == "expert" and plan is not None:  # each call's cores weighted by its time, over the rows it gets
-        trials, p = round(rows), plan.top_k / plan.sizes.num_experts
-        busy_ms = {r: ms * interpolate(cores, int(r)) for r, ms in costs[key].items()}
-        wall, busy = expected_call_ms(costs[key], trials, p), expected_call_ms(busy_ms, trials, p)
-        busy = busy / wall if wall > 0 else 1.0
-    else:
-        busy = interpolate(cores, rows)
-    return min(1.0, max(0.0, (busy - 1) / (threads - 1)))
+    return min(1.0, max(0.0, (cores_busy - 1) / (threads - 1)))
+
+
+def call_cores(costs: dict[str, Any], key: str, rows: float) -> float:
+    """The cores one ``key`` call (coordinator_layer, expert) kept busy at ``rows`` rows, where the calibration
+    measured them (workers/link_calibration.py ``cores_busy``: processes of several threads), else 1."""
+    cores = costs.get(f"{key}_cores")
+    return interpolate(cores, rows) if cores else 1.0
+
+
+def expert_calls_cores(plan: Plan, costs: dict[str, Any], tokens: float) -> float:
+    """``call_cores`` of a worker's expert calls at ``tokens`` a layer, over the rows its experts get under uniform
+    routing (as ``worker_layer_ms``), each call weighted by its time."""
+    if not costs.get("expert_cores"):
+        return 1.0
+    trials, p = round(tokens), plan.top_k / plan.sizes.num_experts
+    busy_ms = {r: ms * call_cores(costs, "expert", int(r)) for r, ms in costs["expert"].items()}
+    wall = expected_call_ms(costs["expert"], trials, p)
+    return expected_call_ms(busy_ms, trials, p) / wall if wall > 0 else 1.0
 
 
 def exchange_cost_ms(plan: Plan, costs: dict[str, Any], tokens: float) -> float:
@@ -666,15 +672,15 @@ def step_ms(plan: Plan, costs: dict[str, Any], tokens: int, micro_batches: int, 
         # so a layer costs the busier side's turns; the fill is paid once a step, not once a layer.
         # On a CPU, a call's stretches on several threads run alone: each needs all its threads at once, and a
         # thread the other side holds a core from keeps the rest at its barrier. What runs on one thread overlaps.
-        alone_coord = coord * parallel_share(costs, "coordinator_layer", part, plan.threads.get("coordinator", 1))
-        alone_worker = worker * parallel_share(costs, "expert", part, plan.threads.get("worker", 1), plan)
-        coord_1, worker_1 = coord - alone_coord, worker - alone_worker  # their one-thread stretches
-        layer = micro_batches * (alone_coord + alone_worker + max(coord_1, worker_1) + link_ms)
+        coord_share = parallel_share(call_cores(costs, "coordinator_layer", part), plan.threads.get("coordinator", 1))
+        worker_share = parallel_share(expert_calls_cores(plan, costs, part), plan.threads.get("worker", 1))
+        alone = coord * coord_share + worker * worker_share
+        coord_1, worker_1 = coord * (1 - coord_share), worker * (1 - worker_share)  # their one-thread stretches
+        layer = micro_batches * (alone + max(coord_1, worker_1) + link_ms)
         fill = min(coord_1, worker_1)
         if cores:  # the one-thread stretches at once are at least their sum over the cores
-            workers_1 = sum(per_worker) * (1 - alone_worker / worker) if worker > 0 else 0.0
-            layer = max(layer, micro_batches * (alone_coord + alone_worker + (coord_1 + workers_1) / cores
-                                                + link_ms))
+            workers_1 = sum(per_worker) * (1 - worker_share)
+            layer = max(layer, micro_batches * (alone + (coord_1 + workers_1) / cores + link_ms))
     else:  # no core of its own for each side: the halves take turns
         layer = micro_batches * (coord + worker + link_ms)
     engine_step = costs.get("engine_prefill_step" if prefill else "engine_step")
